@@ -1,0 +1,88 @@
+/*
+ * qg_match.h - location normalisation and the fused QAConv correlation + two-way max.
+ *
+ * Layout: a feature map is [C, S] row-major (S = H*W, s = h*W + w), a batch is [M, C, S].
+ * Z[s, r] = sum_c P[c, s] * G[c, r] for a probe map P and a gallery map G.
+ *   mp[s] = max_r Z[s, r]  (probe-direction maxima), ap[s] = first argmax r
+ *   mg[r] = max_s Z[s, r]  (gallery-direction maxima), ag[r] = first argmax s
+ * The S x S block Z is never stored beyond a cache-sized tile.
+ * Argmax indices are uint16 (S <= QG_MAX_LOCATIONS, else QG_EINVAL).
+ * All kernels: inputs never modified, outputs must not alias inputs unless stated,
+ * bit-identical for any thread count, float32 storage.
+ */
+#ifndef QG_MATCH_H
+#define QG_MATCH_H
+#include "qg_common.h"
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- location normalisation: y[m, :, s] = x[m, :, s] / max(||x[m, :, s]||, 1e-12) ---- */
+#define QG_NORM_EPS 1e-12f
+
+/* x: [M, C, S]; y: [M, C, S] out; norm: [M, S] out (the raw norms ||x[m, :, s]||). */
+int qg_norm_forward_f32(const float *x, int64_t M, int64_t C, int64_t S,
+                        float *y, float *norm, const qg_ctx *ctx);
+/* gy: [M, C, S] gradient w.r.t. y; y, norm from the forward; gx: [M, C, S] out (may alias gy).
+ * gx = (gy - y * <y, gy>) / norm where norm >= eps, gy / eps otherwise. */
+int qg_norm_backward_f32(const float *gy, const float *y, const float *norm,
+                         int64_t M, int64_t C, int64_t S, float *gx, const qg_ctx *ctx);
+
+/* ---- pair maxima forward ---- */
+
+/* All pairs: P [nP, C, S], G [nG, C, S] -> mp, mg [nP, nG, S]; ap, ag [nP, nG, S] or NULL. */
+int qg_match_maxima_f32(const float *P, int64_t nP, const float *G, int64_t nG,
+                        int64_t C, int64_t S, float *mp, float *mg,
+                        uint16_t *ap, uint16_t *ag, const qg_ctx *ctx);
+
+/* Restricted: X [B, C, S] probes, E [N, C, S] gallery table, cand [B, K] int64 rows of E.
+ * Pair (b, j) is X[b] vs E[cand[b, j]]. Outputs [B, K, S]; ap, ag may be NULL.
+ * QG_ERANGE if a candidate is outside [0, N). */
+int qg_match_maxima_restricted_f32(const float *X, int64_t B, const float *E, int64_t N,
+                                   const int64_t *cand, int64_t K, int64_t C, int64_t S,
+                                   float *mp, float *mg, uint16_t *ap, uint16_t *ag,
+                                   const qg_ctx *ctx);
+
+/* Fused eval scores: out[p, g] = sum_s w[s]*mp[p,g,s] + sum_r w[S+r]*mg[p,g,r] + bias.
+ * w: [2S]. Memory O(nP*nG + tiles). */
+int qg_match_scores_f32(const float *P, int64_t nP, const float *G, int64_t nG,
+                        int64_t C, int64_t S, const float *w, float bias,
+                        float *out, const qg_ctx *ctx);
+
+/* ---- pair maxima backward (through the recorded argmax; deterministic, no atomics) ---- */
+
+/* All pairs: gmp, gmg [nP, nG, S] upstream gradients; ap, ag from the forward.
+ * gP [nP, C, S] and gG [nG, C, S] are overwritten (not accumulated). */
+int qg_match_backward_f32(const float *P, int64_t nP, const float *G, int64_t nG,
+                          int64_t C, int64_t S, const float *gmp, const float *gmg,
+                          const uint16_t *ap, const uint16_t *ag,
+                          float *gP, float *gG, const qg_ctx *ctx);
+
+/* Restricted: as the restricted forward. gX [B, C, S] and gE [N, C, S] are overwritten
+ * (rows of E that are no candidate get 0). Contributions to one row are summed in
+ * (b, j) order whatever the thread count. */
+int qg_match_backward_restricted_f32(const float *X, int64_t B, const float *E, int64_t N,
+                                     const int64_t *cand, int64_t K, int64_t C, int64_t S,
+                                     const float *gmp, const float *gmg,
+                                     const uint16_t *ap, const uint16_t *ag,
+                                     float *gX, float *gE, const qg_ctx *ctx);
+
+/* ---- scalar reference versions (fallback and test oracle): same contracts ---- */
+int qg_norm_forward_ref_f32(const float *x, int64_t M, int64_t C, int64_t S,
+                            float *y, float *norm, const qg_ctx *ctx);
+int qg_norm_backward_ref_f32(const float *gy, const float *y, const float *norm,
+                             int64_t M, int64_t C, int64_t S, float *gx, const qg_ctx *ctx);
+int qg_match_maxima_restricted_ref_f32(const float *X, int64_t B, const float *E, int64_t N,
+                                       const int64_t *cand, int64_t K, int64_t C, int64_t S,
+                                       float *mp, float *mg, uint16_t *ap, uint16_t *ag,
+                                       const qg_ctx *ctx);
+int qg_match_backward_restricted_ref_f32(const float *X, int64_t B, const float *E, int64_t N,
+                                         const int64_t *cand, int64_t K, int64_t C, int64_t S,
+                                         const float *gmp, const float *gmg,
+                                         const uint16_t *ap, const uint16_t *ag,
+                                         float *gX, float *gE, const qg_ctx *ctx);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
