@@ -93,7 +93,7 @@ static int qg_check_status(int status, const char *func)
 }
 
 /* Coerce to a C-contiguous aligned array of `typenum` with `ndim` dims (ndim < 0: any). */
-static PyArrayObject *qg_array(PyObject *obj, int typenum, int ndim, const char *name)
+static inline PyArrayObject *qg_array(PyObject *obj, int typenum, int ndim, const char *name)
 {
     PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(obj, typenum, NPY_ARRAY_IN_ARRAY);
     if (a == NULL) return NULL;
@@ -107,12 +107,12 @@ static PyArrayObject *qg_array(PyObject *obj, int typenum, int ndim, const char 
 }
 
 /* New uninitialised C-contiguous array. */
-static PyArrayObject *qg_empty(int ndim, const npy_intp *dims, int typenum)
+static inline PyArrayObject *qg_empty(int ndim, const npy_intp *dims, int typenum)
 {
     return (PyArrayObject *)PyArray_EMPTY(ndim, (npy_intp *)dims, typenum, 0);
 }
 
-static PyArrayObject *qg_zeros(int ndim, const npy_intp *dims, int typenum)
+static inline PyArrayObject *qg_zeros(int ndim, const npy_intp *dims, int typenum)
 {
     return (PyArrayObject *)PyArray_ZEROS(ndim, (npy_intp *)dims, typenum, 0);
 }
