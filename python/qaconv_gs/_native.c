@@ -28,7 +28,7 @@ typedef struct qg_call {
     qg_ctx ctx;
 } qg_call;
 
-static double qg_now(void)
+static inline double qg_now(void)
 {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -37,7 +37,7 @@ static double qg_now(void)
 
 /* Poll callback: runs on the calling thread with the GIL released; briefly re-takes the GIL
  * to let Python run pending signal handlers (SIGINT -> KeyboardInterrupt). */
-static int qg_poll_signals(void *arg)
+static inline int qg_poll_signals(void *arg)
 {
     qg_call *call = (qg_call *)arg;
     double now = qg_now();
@@ -50,7 +50,7 @@ static int qg_poll_signals(void *arg)
 }
 
 /* Release the GIL and prepare the kernel context. Pair every call with qg_call_end. */
-static void qg_call_begin(qg_call *call, int n_threads)
+static inline void qg_call_begin(qg_call *call, int n_threads)
 {
     call->last_poll = qg_now();
     call->ctx.n_threads = n_threads > 0 ? n_threads : 1;
@@ -59,10 +59,10 @@ static void qg_call_begin(qg_call *call, int n_threads)
     call->ts = PyEval_SaveThread();
 }
 
-static void qg_call_end(qg_call *call) { PyEval_RestoreThread(call->ts); }
+static inline void qg_call_end(qg_call *call) { PyEval_RestoreThread(call->ts); }
 
 /* Map a kernel status to a Python exception (GIL held). Returns -1 if an error is set. */
-static int qg_check_status(int status, const char *func)
+static inline int qg_check_status(int status, const char *func)
 {
     switch (status) {
     case QG_OK:
@@ -117,7 +117,7 @@ static inline PyArrayObject *qg_zeros(int ndim, const npy_intp *dims, int typenu
     return (PyArrayObject *)PyArray_ZEROS(ndim, (npy_intp *)dims, typenum, 0);
 }
 
-static int qg_check_threads(int n_threads)
+static inline int qg_check_threads(int n_threads)
 {
     if (n_threads < 1) {
         PyErr_Format(PyExc_ValueError, "n_threads: expected an integer >= 1, got %d", n_threads);
