@@ -40,13 +40,27 @@ def forward(mp, mg, head: dict, shared: bool, training: bool = True, eps: float 
         mean2, var2 = float(h["logit_bn.running_mean"][0]), float(h["logit_bn.running_var"][0])
     zhat = (z - mean2) / np.sqrt(var2 + eps)
     out = g2 * zhat + b2
-    cache = dict(x=x, xhat=xhat, y=y, z=z, zhat=zhat, var1=var1, var2=var2, mean1=mean1, mean2=mean2,
-                 w=w, g1=g1, g2=g2, shared=shared, eps=eps)
+    cache = dict(
+        x=x,
+        xhat=xhat,
+        y=y,
+        z=z,
+        zhat=zhat,
+        var1=var1,
+        var2=var2,
+        mean1=mean1,
+        mean2=mean2,
+        w=w,
+        g1=g1,
+        g2=g2,
+        shared=shared,
+        eps=eps,
+    )
     return out, cache
 
 
 def _bn_backward(dy_hat_in: np.ndarray, xhat: np.ndarray, var: float, eps: float) -> np.ndarray:
-    """Gradient through xhat = (x - mean) / sqrt(var + eps) with batch statistics (all elements one channel)."""
+    """Gradient through xhat = (x - mean) / sqrt(var + eps), batch statistics over all elements."""
     n = xhat.size
     return (dy_hat_in - dy_hat_in.sum() / n - xhat * (dy_hat_in * xhat).sum() / n) / np.sqrt(var + eps)
 

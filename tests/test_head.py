@@ -10,7 +10,6 @@ import pytest
 import ref_head
 from hypothesis import given
 from hypothesis import strategies as st
-
 from qaconv_gs import _native
 from qaconv_gs.functional import head_backward, head_eval_affine, head_forward, init_head
 
@@ -126,7 +125,9 @@ def test_forward_eval_vs_numpy_c_ref_and_affine(fc, rng):
     ref, _ = ref_head.forward(mp, mg, h0, fc == "shared", training=False)
     _close(out, ref)
     params, fcw = _params(h0, S, fc)
-    np.testing.assert_allclose(out, _native.head_forward_eval_ref(mp, mg, fcw, params, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out, _native.head_forward_eval_ref(mp, mg, fcw, params, 1), rtol=1e-5, atol=1e-5
+    )
     w, b = head_eval_affine(h0, S, fc)
     assert w.shape == (2 * S,) and w.dtype == np.float32 and isinstance(b, float)
     aff = mp.astype(np.float64) @ w[:S] + mg.astype(np.float64) @ w[S:] + b
@@ -185,8 +186,11 @@ def test_backward_vs_numpy_and_c_ref(fc, M, S, rng):
     _close(gmp, bmp, rtol=1e-5)
     _close(gmg, bmg, rtol=1e-5)
     _close(grads["fc.weight"].reshape(-1), bfw, rtol=1e-5)
-    _close([grads["bn.weight"][0], grads["logit_bn.weight"][0], grads["logit_bn.bias"][0]],
-           [bsc[0], bsc[3], bsc[4]], rtol=1e-5)
+    _close(
+        [grads["bn.weight"][0], grads["logit_bn.weight"][0], grads["logit_bn.bias"][0]],
+        [bsc[0], bsc[3], bsc[4]],
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("fc", FCS)
@@ -204,8 +208,12 @@ def test_reference_backward_finite_differences(fc, rng):
     def loss_x(a, b):
         return float(ref_head.forward(a, b, h, shared)[0] @ gout)
 
-    np.testing.assert_allclose(ref_head.numerical_grad(lambda a: loss_x(a, mg), mp), gmp, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(ref_head.numerical_grad(lambda b: loss_x(mp, b), mg), gmg, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        ref_head.numerical_grad(lambda a: loss_x(a, mg), mp), gmp, rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        ref_head.numerical_grad(lambda b: loss_x(mp, b), mg), gmg, rtol=1e-5, atol=1e-7
+    )
     for k in PARAM_KEYS:
         base = {kk: np.asarray(v, np.float64) for kk, v in h.items()}
 

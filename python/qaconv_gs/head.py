@@ -31,7 +31,8 @@ def _check_fc(fc: object) -> bool:
 
 
 def init_head(S: int, fc: str = "separate", rng: np.random.Generator | None = None) -> dict:
-    """Fresh head state: BN weight 1 / bias 0 / running 0 and 1, fc.weight = 1/S, fc.bias ~ U(+-1/sqrt(fan_in))."""
+    """Fresh head state: BN weight 1 / bias 0 / running 0 and 1, fc.weight = 1/S,
+    fc.bias ~ U(+-1/sqrt(fan_in)) with fan_in = 2S (separate) or S (shared), drawn from `rng`."""
     S = check_int(S, "S", lo=1)
     shared = _check_fc(fc)
     if rng is None:
@@ -136,7 +137,9 @@ def _count(head: dict, key: str) -> int:
         cur = cur.detach().cpu().numpy()
     a = np.asarray(cur)
     if a.size != 1 or a.dtype.kind not in "iu":
-        raise ValueError(f"head[{key!r}]: expected one integer, got dtype {a.dtype} shape {shape_str(a.shape)}")
+        raise ValueError(
+            f"head[{key!r}]: expected one integer, got dtype {a.dtype} shape {shape_str(a.shape)}"
+        )
     return int(a.reshape(-1)[0])
 
 
@@ -154,8 +157,17 @@ class _HeadCache:
     stats: tuple  # (mean1, var1, mean2, var2)
 
 
-def head_forward(mp, mg, head: dict, *, fc: str = "separate", training: bool = True,
-                 momentum: float = 0.1, eps: float = 1e-5, n_threads=None):
+def head_forward(
+    mp,
+    mg,
+    head: dict,
+    *,
+    fc: str = "separate",
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    n_threads=None,
+):
     """mp, mg [..., S] -> (logits [...] float32, cache).
 
     training=True uses batch statistics and updates head's running stats in place (like

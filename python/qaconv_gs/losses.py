@@ -41,7 +41,9 @@ def class_loss(scores, margin: float = 1.0, triplet_weight: float = 0.5, *, n_th
     """
     s = as_float32(scores, "scores", ndim=2)
     if s.shape[1] < 2:
-        raise ValueError(f"scores: expected K >= 2 columns (target + at least one other), got {shape_str(s.shape)}")
+        raise ValueError(
+            f"scores: expected K >= 2 columns (target + at least one other), got {shape_str(s.shape)}"
+        )
     margin = check_real(margin, "margin")
     triplet_weight = check_real(triplet_weight, "triplet_weight", lo=0.0)
     nt = resolve_threads(n_threads)
@@ -78,7 +80,7 @@ def pairwise_bce(scores, labels, gallery_labels=None, *, return_accuracy: bool =
     if gallery_labels is None:
         if s.shape[0] != s.shape[1]:
             raise ValueError(
-                f"gallery_labels: required when scores is not square, got scores of shape {shape_str(s.shape)}"
+                f"gallery_labels: required when scores is not square, got scores {shape_str(s.shape)}"
             )
         lg = lp
     else:
