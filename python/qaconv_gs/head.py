@@ -237,7 +237,11 @@ def head_backward(grad_logits, cache, *, n_threads=None):
 
 
 def head_eval_affine(head: dict, S: int, fc: str = "separate") -> tuple[np.ndarray, float]:
-    """Eval-mode head as an affine map: (w [2S] float32, b) with logit = mp . w[:S] + mg . w[S:] + b."""
+    """Eval-mode head as an affine map: (w [2S] float32, b) with logit = mp . w[:S] + mg . w[S:] + b.
+
+    Folded in float64 from the running statistics with BatchNorm1d's default eps = 1e-5; for fc="shared"
+    the S weights appear in both halves and the bias counts twice.
+    """
     S = check_int(S, "S", lo=1)
     shared = _check_fc(fc)
     p, fcw = _params(head, S, shared, 1e-5)

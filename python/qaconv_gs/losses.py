@@ -3,6 +3,7 @@
 Every function takes float32-convertible scores (any array-like; NaN/Inf rejected), computes in
 double inside the C kernel and returns the loss as a Python float and the gradient as float32 of
 the scores' shape. Ties: argmax/argmin take the first index; at a hinge kink the gradient is 0.
+margin, triplet_weight and gamma are passed to the kernels as float32 (like the scores).
 Results are bit-identical for any n_threads.
 """
 
