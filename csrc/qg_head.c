@@ -109,6 +109,7 @@ int qg_head_forward_train_f32(const float *mp, const float *mg, int64_t M, int64
     /* pass 1: per-row dot products; per-block (count, mean, M2), rows merged in order (Chan et al.) */
     int stop = 0;
     const int nt = qg_threads_for(ctx, nblk);
+    (void)nt; /* unused without OpenMP */
     const double row_n = (double)(2 * S);
     QG_OMP(parallel for schedule(dynamic, 1) num_threads(nt))
     for (int64_t blk = 0; blk < nblk; ++blk) {
@@ -201,6 +202,7 @@ int qg_head_forward_eval_f32(const float *mp, const float *mg, int64_t M, int64_
     const int64_t nblk = (M + rpb - 1) / rpb;
     int stop = 0, bad = 0;
     const int nt = qg_threads_for(ctx, nblk);
+    (void)nt; /* unused without OpenMP */
     QG_OMP(parallel for schedule(dynamic, 1) num_threads(nt) reduction(| : bad))
     for (int64_t blk = 0; blk < nblk; ++blk) {
         if (qg_stop_requested(&stop)) continue;
@@ -248,6 +250,7 @@ int qg_head_backward_f32(const float *mp, const float *mg, int64_t M, int64_t S,
     const double a1 = g1 * inv1, mean1 = st->mean1;
     const double zoff = b1 * wsum + cb - a1 * mean1 * wsum;
     const int nt = qg_threads_for(ctx, nblk);
+    (void)nt; /* unused without OpenMP */
     int stop = 0, bad = 0;
 
     /* pass A: dot products (as in the forward) */
@@ -324,6 +327,7 @@ int qg_head_backward_f32(const float *mp, const float *mg, int64_t M, int64_t S,
     /* fc weight gradient: sum_m dz[m] * y[m, j] = a1 * (C[j] - mean1 * s_dz) + b1 * s_dz, blocks in order */
     const int64_t nw = p->shared ? S : width;
     const int ntc = qg_threads_for(ctx, nw / 256 + 1);
+    (void)ntc; /* unused without OpenMP */
     QG_OMP(parallel for schedule(static) num_threads(ntc))
     for (int64_t j = 0; j < nw; ++j) {
         double c = 0.0;

@@ -50,6 +50,7 @@ int qg_loss_class_f32(const float *s, int64_t B, int64_t K, float margin, float 
 
     const int64_t rpb = loss_rows_per_block(K), nblk = (B + rpb - 1) / rpb;
     const int nt = qg_threads_for(ctx, nblk);
+    (void)nt; /* unused without OpenMP */
     const double invB = 1.0 / (double)B, tw = (double)triplet_weight, mg = (double)margin;
     int stop = 0, bad = 0;
     QG_OMP(parallel for schedule(dynamic, 1) num_threads(nt) reduction(| : bad))
@@ -131,6 +132,7 @@ int qg_loss_batch_triplet_f32(const float *s, const int64_t *labels, int64_t B, 
     }
     const int64_t rpb = loss_rows_per_block(B), nblk = (B + rpb - 1) / rpb;
     const int nt = qg_threads_for(ctx, nblk);
+    (void)nt; /* unused without OpenMP */
     int stop = 0, bad = 0;
     QG_OMP(parallel for schedule(dynamic, 1) num_threads(nt) reduction(| : bad))
     for (int64_t blk = 0; blk < nblk; ++blk) {
@@ -207,6 +209,7 @@ int qg_loss_pairwise_bce_f32(const float *s, int64_t P, int64_t G, const int64_t
     double *rl = row, *ra = row + P;
     const int64_t rpb = loss_rows_per_block(G), nblk = (P + rpb - 1) / rpb;
     const int nt = qg_threads_for(ctx, nblk);
+    (void)nt; /* unused without OpenMP */
     const double invP = 1.0 / (double)P;
     int stop = 0, bad = 0;
     QG_OMP(parallel for schedule(dynamic, 1) num_threads(nt) reduction(| : bad))
@@ -285,6 +288,7 @@ int qg_loss_focal_f32(const float *s, int64_t B, int64_t N, const int64_t *targe
     double *rl = row, *ra = row + B;
     const int64_t rpb = loss_rows_per_block(N), nblk = (B + rpb - 1) / rpb;
     const int nt = qg_threads_for(ctx, nblk);
+    (void)nt; /* unused without OpenMP */
     const double invB = 1.0 / (double)B, gm = (double)gamma;
     int stop = 0, bad = 0;
     QG_OMP(parallel for schedule(dynamic, 1) num_threads(nt) reduction(| : bad))
