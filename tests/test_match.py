@@ -7,7 +7,6 @@ import pytest
 import ref_match as ref
 from hypothesis import given
 from hypothesis import strategies as st
-
 from qaconv_gs import _native
 from qaconv_gs import matching as m
 
@@ -87,7 +86,9 @@ def test_normalize_zero_and_tiny_locations(rng):
     gx = m.normalize_backward(gy, y, n)
     np.testing.assert_allclose(gx[0, :, 1, 1], gy[0, :, 1, 1] / 1e-12, rtol=1e-6)
     np.testing.assert_allclose(gx[1, :, 0, 2], gy[1, :, 0, 2] / 1e-12, rtol=1e-6)
-    np.testing.assert_allclose(gx, ref.normalize_backward_ref(gy, y, n), rtol=1e-5, atol=1e-6 * np.abs(gx).max())
+    np.testing.assert_allclose(
+        gx, ref.normalize_backward_ref(gy, y, n), rtol=1e-5, atol=1e-6 * np.abs(gx).max()
+    )
 
 
 @pytest.mark.parametrize("shape", [(3, 16, 7, 7), (1, 1, 1, 1), (2, 300, 2, 3)])
@@ -189,7 +190,9 @@ def test_ties_take_first_index_across_tiles(rng):
     assert not ap.any() and not ag.any()
     _, _, ap, ag = m.pair_maxima_restricted(const, const, [[1, 0], [0, 0]], return_argmax=True)
     assert not ap.any() and not ag.any()
-    _, _, ap, ag = _native.match_maxima_restricted_ref(flat3(const), flat3(const), np.array([[1, 0]] * 2), True, 1)
+    _, _, ap, ag = _native.match_maxima_restricted_ref(
+        flat3(const), flat3(const), np.array([[1, 0]] * 2), True, 1
+    )
     assert not ap.any() and not ag.any()
 
 
@@ -200,7 +203,9 @@ def test_match_scores_equals_weighted_maxima(rng):
     out = m.match_scores(p, g, w, 0.25)
     assert out.shape == (5, 97) and out.dtype == np.float32
     mp, mg = m.pair_maxima(p, g)
-    exact = mp.astype(np.float64) @ w[:S].astype(np.float64) + mg.astype(np.float64) @ w[S:].astype(np.float64)
+    exact = mp.astype(np.float64) @ w[:S].astype(np.float64) + mg.astype(np.float64) @ w[S:].astype(
+        np.float64
+    )
     np.testing.assert_allclose(out, exact + 0.25, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(out, ref.match_scores_ref(p, g, w, 0.25), rtol=RTOL, atol=1e-4)
 
@@ -324,7 +329,9 @@ def test_finite_differences_composed(rng):
     ge = m.normalize_backward(gen, en, enorm)
 
     def argmaxes(Xv, Ev):
-        _, _, a, b, _ = ref.pair_maxima_restricted_ref(ref.normalize_ref(Xv)[0], ref.normalize_ref(Ev)[0], cand)
+        _, _, a, b, _ = ref.pair_maxima_restricted_ref(
+            ref.normalize_ref(Xv)[0], ref.normalize_ref(Ev)[0], cand
+        )
         return a, b
 
     a0 = argmaxes(X, E)
@@ -342,9 +349,10 @@ def test_finite_differences_composed(rng):
                 continue
             if any(not np.array_equal(u, v) for u, v in zip(argmaxes(*args_m), a0)):
                 continue
-            fd = (ref.composed_restricted(*args_p, cand, wp, wg) - ref.composed_restricted(*args_m, cand, wp, wg)) / (
-                2 * h
-            )
+            fd = (
+                ref.composed_restricted(*args_p, cand, wp, wg)
+                - ref.composed_restricted(*args_m, cand, wp, wg)
+            ) / (2 * h)
             np.testing.assert_allclose(grad[idx], fd, rtol=1e-3, atol=1e-4)
             checked += 1
     assert checked >= 16

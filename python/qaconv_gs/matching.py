@@ -38,9 +38,8 @@ def _maps(x: object, name: str) -> np.ndarray:
     """A [M, C, H, W] float32 C-contiguous, finite, non-empty array of maps."""
     a = as_float32(x, name, 4)
     if a.shape[2] * a.shape[3] > MAX_LOCATIONS:
-        raise ValueError(
-            f"{name}: at most {MAX_LOCATIONS} locations (H*W) are supported, got H*W = {a.shape[2] * a.shape[3]}"
-        )
+        S = a.shape[2] * a.shape[3]
+        raise ValueError(f"{name}: at most {MAX_LOCATIONS} locations (H*W) are supported, got H*W = {S}")
     return a
 
 
@@ -67,7 +66,9 @@ def _grad(x: object, name: str, shape: tuple[int, ...]) -> np.ndarray:
 def _argmax(x: object, name: str, shape: tuple[int, ...], S: int) -> np.ndarray:
     a = _to_array(x, name)
     if a.dtype.kind != "u" or a.dtype.itemsize != 2:
-        raise TypeError(f"{name}: expected a uint16 array (as returned with return_argmax=True), got dtype {a.dtype}")
+        raise TypeError(
+            f"{name}: expected a uint16 array (as returned with return_argmax=True), got dtype {a.dtype}"
+        )
     if a.shape != shape:
         raise ValueError(f"{name}: expected shape {shape_str(shape)}, got {shape_str(a.shape)}")
     out = np.ascontiguousarray(a, dtype=np.uint16)
@@ -80,7 +81,8 @@ def _candidates(x: object, B: int, N: int) -> np.ndarray:
     cand = as_index(x, "candidates", 2, N)
     if cand.shape[0] != B:
         raise ValueError(
-            f"candidates: expected shape (B, K) with B = {B} (one row per feature map), got {shape_str(cand.shape)}"
+            f"candidates: expected shape (B, K) with B = {B} (one row per feature map), "
+            f"got {shape_str(cand.shape)}"
         )
     if cand.shape[1] < 1:
         raise ValueError(f"candidates: expected at least one column, got shape {shape_str(cand.shape)}")
@@ -148,7 +150,8 @@ def pair_maxima(probe, gallery, *, return_argmax: bool = False, n_threads=None):
 
 def pair_maxima_restricted(features, embeds, candidates, *, return_argmax: bool = False, n_threads=None):
     """features [B, C, H, W], embeds [N, C, H, W] (normalised), candidates [B, K] int64 rows of embeds ->
-    (mp [B, K, S], mg [B, K, S]) or (mp, mg, ap, ag); pair (b, j) is features[b] vs embeds[candidates[b, j]]."""
+    (mp [B, K, S], mg [B, K, S]) or (mp, mg, ap, ag);
+    pair (b, j) is features[b] vs embeds[candidates[b, j]]."""
     nt = resolve_threads(n_threads)
     x = _maps(features, "features")
     e = _maps(embeds, "embeds")
@@ -203,8 +206,8 @@ def pair_maxima_restricted_backward(
 
 
 def match_scores(probe, gallery, weight, bias, *, n_threads=None) -> np.ndarray:
-    """Fused eval scores of normalised maps: out[p, g] = mp . weight[:S] + mg . weight[S:] + bias, [P, G] float32.
-    Memory O(P*G + tiles).
+    """Fused eval scores of normalised maps, [P, G] float32:
+    out[p, g] = mp . weight[:S] + mg . weight[S:] + bias. Memory O(P*G + tiles).
 
     The maxima are exactly those of pair_maxima; the weighted sum is taken in double, in index order.
     """
@@ -216,6 +219,8 @@ def match_scores(probe, gallery, weight, bias, *, n_threads=None) -> np.ndarray:
     w = as_float32(weight, "weight")
     if w.ndim != 1 or w.shape[0] != 2 * S:
         w_shape = shape_str(w.shape)
-        raise ValueError(f"weight: expected a 1-d array of length 2*S = {2 * S} (S = H*W), got shape {w_shape}")
+        raise ValueError(
+            f"weight: expected a 1-d array of length 2*S = {2 * S} (S = H*W), got shape {w_shape}"
+        )
     b = _scalar(bias, "bias")
     return _native.match_scores(_flat(p), _flat(g), w, b, nt)
