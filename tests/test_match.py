@@ -581,3 +581,40 @@ def test_property_pair_maxima(P, G, C, H, W, seed, nt):
     rgp, rgg = ref.pair_maxima_backward_ref(gmp, gmg, out[2], out[3], p, g)
     np.testing.assert_allclose(gp, rgp, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gg, rgg, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- interrupts
+
+
+@pytest.mark.parametrize("kind", ["maxima", "scores", "restricted"])
+def test_ctrl_c_interrupts_kernel(rng, kind):
+    import signal
+    import threading
+    import time
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are delivered to the main thread only")
+    p = maps(rng, 96, 128, 24, 8)
+    w = np.ones(2 * 192, np.float32)
+
+    def run(n):
+        q = p[:n]
+        if kind == "maxima":
+            return m.pair_maxima(q, p, return_argmax=True, n_threads=1)
+        if kind == "scores":
+            return m.match_scores(q, p, w, 0.0, n_threads=2)
+        return m.pair_maxima_restricted(q, p, np.tile(np.arange(96), (n, 1)), n_threads=2)
+
+    t0 = time.perf_counter()
+    run(8)
+    estimate = (time.perf_counter() - t0) * 12  # the full 96 probes
+    timer = threading.Timer(0.05, lambda: signal.raise_signal(signal.SIGINT))
+    t0 = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        run(96)
+    elapsed = time.perf_counter() - t0
+    timer.join()
+    # without polling the kernel would run to the end and the interrupt would only come after it
+    assert elapsed < 0.3 * estimate, (elapsed, estimate)
+    run(2)  # still usable afterwards
