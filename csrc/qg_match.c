@@ -152,20 +152,29 @@ static void qg_pack_a(const float *A, int64_t C, int64_t S, float *pa)
     }
 }
 
-/* B [C, S] -> panels [ceil(S/nr)][C][nr], zero padded. */
+/* Width of the last gallery panel: nr/2 when the remainder fits in it (less padding work), else nr. */
+static int64_t qg_last_width(int64_t S, int64_t nr)
+{
+    const int64_t rem = S % nr;
+    return (rem > 0 && rem <= nr / 2) ? nr / 2 : nr;
+}
+
+/* B [C, S] -> panels [ceil(S/nr)][C][width], zero padded; width = nr except for the last panel,
+ * which is qg_last_width(S, nr) wide. Panel p starts at p * C * nr. */
 static void qg_pack_b(const float *B, int64_t C, int64_t S, int64_t nr, float *pb)
 {
     const int64_t np = (S + nr - 1) / nr;
     for (int64_t p = 0; p < np; ++p) {
         const int64_t r0 = p * nr;
         const int64_t nv = qg_min64(nr, S - r0);
+        const int64_t wd = p == np - 1 ? qg_last_width(S, nr) : nr;
         float *dst = pb + p * C * nr;
         for (int64_t c = 0; c < C; ++c) {
             const float *src = B + c * S + r0;
-            float *d = dst + c * nr;
+            float *d = dst + c * wd;
             int64_t j = 0;
             for (; j < nv; ++j) d[j] = src[j];
-            for (; j < nr; ++j) d[j] = 0.0f;
+            for (; j < wd; ++j) d[j] = 0.0f;
         }
     }
 }
@@ -228,16 +237,16 @@ static void qg_init_maxima(int64_t S, float *mp, float *mg, uint16_t *ap, uint16
  * over c in order with a separate multiply and add, so every SIMD width gives the same bits.
  * Polls between gallery panels; returns nonzero if stopped (outputs then incomplete).
  */
-#define QG_DEFINE_PAIR(SUF, ATTR, VT, NV, NR)                                                           \
-    ATTR QG_ALWAYS_INLINE void qg_kernel_##SUF(const float *restrict a, const float *restrict b,       \
-                                               int64_t C, float *restrict z)                             \
+#define QG_DEFINE_KERNEL(NAME, ATTR, VT, NV, NR)                                                       \
+    ATTR QG_ALWAYS_INLINE void NAME(const float *restrict a, const float *restrict b, int64_t C,         \
+                                    float *restrict z)                                                  \
     {                                                                                                    \
         VT t[QG_MR][NV];                                                                                 \
         const VT zero = {0};                                                                             \
         for (int i = 0; i < QG_MR; ++i)                                                                  \
             for (int v = 0; v < (NV); ++v) t[i][v] = zero;                                               \
         for (int64_t c = 0; c < C; ++c) {                                                                \
-            const VT *bc = (const VT *)(b + c * (NR)); /* panels are 64-byte aligned */                  \
+            const VT *bc = (const VT *)(b + c * (NR)); /* panels are vector aligned */                   \
             VT bv[NV];                                                                                   \
             for (int v = 0; v < (NV); ++v) bv[v] = bc[v];                                                \
             const float *ac = a + c * QG_MR;                                                             \
@@ -247,7 +256,13 @@ static void qg_init_maxima(int64_t S, float *mp, float *mg, uint16_t *ap, uint16
             }                                                                                            \
         }                                                                                                \
         memcpy(z, t, sizeof(t));                                                                         \
-    }                                                                                                    \
+    }
+
+/* NV vectors per tile row, NR = NV * lanes; a half-width kernel (NV/2 vectors) serves the last
+ * gallery panel when the remainder fits in it. NV must be even. */
+#define QG_DEFINE_PAIR(SUF, ATTR, VT, NV, NR)                                                           \
+    QG_DEFINE_KERNEL(qg_kernel_##SUF, ATTR, VT, NV, NR)                                                  \
+    QG_DEFINE_KERNEL(qg_kernel_half_##SUF, ATTR, VT, (NV) / 2, (NR) / 2)                                 \
     ATTR QG_ALWAYS_INLINE int qg_pair_body_##SUF(const float *pa, const float *pb, int64_t C, int64_t S, \
                                                  float *mp, float *mg, uint16_t *ap, uint16_t *ag,      \
                                                  const int want, const qg_ctx *ctx, int *stop)          \
@@ -263,11 +278,16 @@ static void qg_init_maxima(int64_t S, float *mp, float *mg, uint16_t *ap, uint16
             for (int64_t sp = 0; sp < nsp; ++sp) {                                                       \
                 const int64_t s0 = sp * QG_MR;                                                           \
                 const int64_t mv = qg_min64(QG_MR, S - s0);                                              \
-                qg_kernel_##SUF(pa + sp * C * QG_MR, b, C, z);                                           \
-                if (mv == QG_MR && nv == (NR))                                                           \
-                    qg_epilogue(z, (NR), s0, r0, QG_MR, (NR), mp, mg, ap, ag, want);                     \
-                else                                                                                     \
-                    qg_epilogue(z, (NR), s0, r0, mv, nv, mp, mg, ap, ag, want);                          \
+                if (nv > (NR) / 2) {                                                                     \
+                    qg_kernel_##SUF(pa + sp * C * QG_MR, b, C, z);                                       \
+                    if (mv == QG_MR && nv == (NR))                                                       \
+                        qg_epilogue(z, (NR), s0, r0, QG_MR, (NR), mp, mg, ap, ag, want);                 \
+                    else                                                                                 \
+                        qg_epilogue(z, (NR), s0, r0, mv, nv, mp, mg, ap, ag, want);                      \
+                } else { /* last panel, half width (qg_pack_b packed it so) */                           \
+                    qg_kernel_half_##SUF(pa + sp * C * QG_MR, b, C, z);                                  \
+                    qg_epilogue(z, (NR) / 2, s0, r0, mv, nv, mp, mg, ap, ag, want);                      \
+                }                                                                                        \
             }                                                                                            \
             if (nrp > 1) {                                                                               \
                 qg_poll_block(ctx, stop);                                                                \
