@@ -237,11 +237,10 @@ static void qg_init_maxima(int64_t S, float *mp, float *mg, uint16_t *ap, uint16
  * over c in order with a separate multiply and add, so every SIMD width gives the same bits.
  * Polls between gallery panels; returns nonzero if stopped (outputs then incomplete).
  */
-#define QG_DEFINE_KERNEL(NAME, ATTR, VT, NV, NR)                                                       \
-    ATTR QG_ALWAYS_INLINE void NAME(const float *restrict a, const float *restrict b, int64_t C,         \
-                                    float *restrict z)                                                  \
+#define QG_DEFINE_KERNEL(NAME, ATTR, VT, VI, NV, NR, OPS)                                                 \
+    ATTR QG_ALWAYS_INLINE void NAME##_acc(const float *restrict a, const float *restrict b, int64_t C,   \
+                                          VT t[QG_MR][NV])                                               \
     {                                                                                                    \
-        VT t[QG_MR][NV];                                                                                 \
         const VT zero = {0};                                                                             \
         for (int i = 0; i < QG_MR; ++i)                                                                  \
             for (int v = 0; v < (NV); ++v) t[i][v] = zero;                                               \
@@ -255,14 +254,93 @@ static void qg_init_maxima(int64_t S, float *mp, float *mg, uint16_t *ap, uint16
                 for (int v = 0; v < (NV); ++v) t[i][v] += ai * bv[v];                                    \
             }                                                                                            \
         }                                                                                                \
+    }                                                                                                    \
+    /* z [MR][NR] = the tile */                                                                          \
+    ATTR QG_ALWAYS_INLINE void NAME(const float *restrict a, const float *restrict b, int64_t C,         \
+                                    float *restrict z)                                                  \
+    {                                                                                                    \
+        VT t[QG_MR][NV];                                                                                 \
+        NAME##_acc(a, b, C, t);                                                                          \
         memcpy(z, t, sizeof(t));                                                                         \
+    }                                                                                                    \
+    /* Full tile, values only: fold the tile into mp[0..MR) and mg[0..NR) from registers. */            \
+    ATTR QG_ALWAYS_INLINE void NAME##_max(const float *restrict a, const float *restrict b, int64_t C,   \
+                                          float *restrict mp, float *restrict mg)                        \
+    {                                                                                                    \
+        VT t[QG_MR][NV];                                                                                 \
+        NAME##_acc(a, b, C, t);                                                                          \
+        for (int v = 0; v < (NV); ++v) {                                                                 \
+            VT cm = t[0][v], old;                                                                        \
+            for (int i = 1; i < QG_MR; ++i) cm = OPS##_MAX(t[i][v], cm);                                      \
+            memcpy(&old, mg + v * (int)(sizeof(VT) / sizeof(float)), sizeof(VT));                        \
+            old = OPS##_MAX(cm, old);                                                                         \
+            memcpy(mg + v * (int)(sizeof(VT) / sizeof(float)), &old, sizeof(VT));                        \
+        }                                                                                                \
+        for (int i = 0; i < QG_MR; ++i) {                                                                \
+            VT rm = t[i][0];                                                                             \
+            for (int v = 1; v < (NV); ++v) rm = OPS##_MAX(t[i][v], rm);                                       \
+            float lanes[sizeof(VT) / sizeof(float)];                                                     \
+            memcpy(lanes, &rm, sizeof(VT));                                                              \
+            float x = mp[i];                                                                             \
+            for (int l = 0; l < (int)(sizeof(VT) / sizeof(float)); ++l)                                  \
+                if (lanes[l] > x) x = lanes[l];                                                          \
+            mp[i] = x;                                                                                   \
+        }                                                                                                \
+    }                                                                                                    \
+    /* Full tile with argmax: the tile's column maxima (first row on ties) by vector selects, then a     \
+     * scalar merge per column; a row's first argmax is searched only when its maximum improves. */    \
+    ATTR QG_ALWAYS_INLINE void NAME##_maxidx(const float *restrict a, const float *restrict b, int64_t C, \
+                                             int64_t s0, int64_t r0, float *restrict mp,                 \
+                                             float *restrict mg, uint16_t *restrict ap,                  \
+                                             uint16_t *restrict ag)                                      \
+    {                                                                                                    \
+        enum { L = (int)(sizeof(VT) / sizeof(float)) };                                                  \
+        VT t[QG_MR][NV];                                                                                 \
+        NAME##_acc(a, b, C, t);                                                                          \
+        for (int v = 0; v < (NV); ++v) {                                                                 \
+            VT cm = t[0][v];                                                                             \
+            VI ci = {0};                                                                                 \
+            for (int i = 1; i < QG_MR; ++i) {                                                            \
+                const VI mk = OPS##_GT(t[i][v], cm);                                                     \
+                cm = OPS##_SELF(mk, t[i][v], cm);                                                        \
+                ci = OPS##_SELI(mk, ci - ci + i, ci);                                                    \
+            }                                                                                            \
+            float lanes[L];                                                                              \
+            int32_t row[L];                                                                              \
+            memcpy(lanes, &cm, sizeof(VT));                                                              \
+            memcpy(row, &ci, sizeof(VI));                                                                \
+            for (int l = 0; l < L; ++l) {                                                                \
+                const int64_t r = r0 + v * L + l;                                                        \
+                if (lanes[l] > mg[r]) {                                                                  \
+                    mg[r] = lanes[l];                                                                    \
+                    ag[r] = (uint16_t)(s0 + row[l]);                                                     \
+                }                                                                                        \
+            }                                                                                            \
+        }                                                                                                \
+        for (int i = 0; i < QG_MR; ++i) {                                                                \
+            VT rm = t[i][0];                                                                             \
+            for (int v = 1; v < (NV); ++v) rm = OPS##_MAX(t[i][v], rm);                                       \
+            float lanes[L];                                                                              \
+            memcpy(lanes, &rm, sizeof(VT));                                                              \
+            float x = lanes[0];                                                                          \
+            for (int l = 1; l < L; ++l)                                                                  \
+                if (lanes[l] > x) x = lanes[l];                                                          \
+            if (x > mp[s0 + i]) {                                                                        \
+                float zi[(NV) * L];                                                                      \
+                memcpy(zi, t[i], sizeof(zi));                                                            \
+                int j = 0;                                                                               \
+                while (j < (NV) * L - 1 && !(zi[j] == x)) ++j; /* x is one of them: the first */        \
+                mp[s0 + i] = x;                                                                          \
+                ap[s0 + i] = (uint16_t)(r0 + j);                                                         \
+            }                                                                                            \
+        }                                                                                                \
     }
 
 /* NV vectors per tile row, NR = NV * lanes; a half-width kernel (NV/2 vectors) serves the last
  * gallery panel when the remainder fits in it. NV must be even. */
-#define QG_DEFINE_PAIR(SUF, ATTR, VT, NV, NR)                                                           \
-    QG_DEFINE_KERNEL(qg_kernel_##SUF, ATTR, VT, NV, NR)                                                  \
-    QG_DEFINE_KERNEL(qg_kernel_half_##SUF, ATTR, VT, (NV) / 2, (NR) / 2)                                 \
+#define QG_DEFINE_PAIR(SUF, ATTR, VT, VI, NV, NR, OPS)                                                  \
+    QG_DEFINE_KERNEL(qg_kernel_##SUF, ATTR, VT, VI, NV, NR, OPS)                                         \
+    QG_DEFINE_KERNEL(qg_kernel_half_##SUF, ATTR, VT, VI, (NV) / 2, (NR) / 2, OPS)                        \
     ATTR QG_ALWAYS_INLINE int qg_pair_body_##SUF(const float *pa, const float *pb, int64_t C, int64_t S, \
                                                  float *mp, float *mg, uint16_t *ap, uint16_t *ag,      \
                                                  const int want, const qg_ctx *ctx, int *stop)          \
@@ -278,7 +356,12 @@ static void qg_init_maxima(int64_t S, float *mp, float *mg, uint16_t *ap, uint16
             for (int64_t sp = 0; sp < nsp; ++sp) {                                                       \
                 const int64_t s0 = sp * QG_MR;                                                           \
                 const int64_t mv = qg_min64(QG_MR, S - s0);                                              \
-                if (nv > (NR) / 2) {                                                                     \
+                if (mv == QG_MR && nv == (NR)) {                                                         \
+                    if (want)                                                                            \
+                        qg_kernel_##SUF##_maxidx(pa + sp * C * QG_MR, b, C, s0, r0, mp, mg, ap, ag);     \
+                    else                                                                                 \
+                        qg_kernel_##SUF##_max(pa + sp * C * QG_MR, b, C, mp + s0, mg + r0);              \
+                } else if (nv > (NR) / 2) {                                                              \
                     qg_kernel_##SUF(pa + sp * C * QG_MR, b, C, z);                                       \
                     if (mv == QG_MR && nv == (NR))                                                       \
                         qg_epilogue(z, (NR), s0, r0, QG_MR, (NR), mp, mg, ap, ag, want);                 \
@@ -304,21 +387,40 @@ static void qg_init_maxima(int64_t S, float *mp, float *mg, uint16_t *ap, uint16
         return qg_pair_body_##SUF(pa, pb, C, S, mp, mg, NULL, NULL, 0, ctx, stop);                       \
     }
 
+/* Per-type element operations, OPS##_X: GT(a, b) = all-ones mask where a > b; SELF / SELI select
+ * floats / ints by a mask; MAX(a, b) = a > b ? a : b (b kept on ties and NaN). */
+#define QG_S_GT(a, b) ((a) > (b) ? -1 : 0)
+#define QG_S_SELF(m, a, b) ((m) ? (a) : (b))
+#define QG_S_SELI(m, a, b) ((m) ? (a) : (b))
+#define QG_S_MAX(a, b) ((a) > (b) ? (a) : (b))
+
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(QG_NO_VECTOR_EXT)
-/* GCC/Clang generic vectors (no intrinsics): 16-byte vectors, 6 x 8 tile = 12 accumulators. */
+/* GCC/Clang generic vectors (no intrinsics): a comparison gives an all-ones / zero int mask. */
+#define QG_VSELI(m, a, b) (((m) & (a)) | (~(m) & (b)))
+/* 16-byte vectors, 6 x 8 tile = 12 accumulators. */
 typedef float qg_v4f __attribute__((vector_size(16)));
+typedef int32_t qg_v4i __attribute__((vector_size(16)));
+#define QG_V4_GT(a, b) ((qg_v4i)((a) > (b)))
+#define QG_V4_SELF(m, a, b) ((qg_v4f)QG_VSELI((m), (qg_v4i)(a), (qg_v4i)(b)))
+#define QG_V4_SELI(m, a, b) QG_VSELI((m), (a), (b))
+#define QG_V4_MAX(a, b) QG_V4_SELF(QG_V4_GT((a), (b)), (a), (b))
 #define QG_NR_BASE 8
-QG_DEFINE_PAIR(base, , qg_v4f, 2, 8)
+QG_DEFINE_PAIR(base, , qg_v4f, qg_v4i, 2, 8, QG_V4)
 #if defined(__x86_64__) && !defined(QG_NO_DISPATCH)
 /* AVX2 clone chosen at run time: 32-byte vectors, 6 x 16 tile. Same sums, same bits. */
 #define QG_HAVE_AVX2_PATH 1
 typedef float qg_v8f __attribute__((vector_size(32)));
-QG_DEFINE_PAIR(avx2, __attribute__((target("avx2"))), qg_v8f, 2, 16)
+typedef int32_t qg_v8i __attribute__((vector_size(32)));
+#define QG_V8_GT(a, b) ((qg_v8i)((a) > (b)))
+#define QG_V8_SELF(m, a, b) ((qg_v8f)QG_VSELI((m), (qg_v8i)(a), (qg_v8i)(b)))
+#define QG_V8_SELI(m, a, b) QG_VSELI((m), (a), (b))
+#define QG_V8_MAX(a, b) QG_V8_SELF(QG_V8_GT((a), (b)), (a), (b))
+QG_DEFINE_PAIR(avx2, __attribute__((target("avx2"))), qg_v8f, qg_v8i, 2, 16, QG_V8)
 #endif
 #else
 /* Portable scalar fallback: "vectors" of one float. */
 #define QG_NR_BASE 8
-QG_DEFINE_PAIR(base, , float, 8, 8)
+QG_DEFINE_PAIR(base, , float, int32_t, 8, 8, QG_S)
 #endif
 
 /* 1 if the AVX2 path is available on this CPU. */
