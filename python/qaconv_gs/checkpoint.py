@@ -41,7 +41,7 @@ def _as_array(value: object, name: str) -> np.ndarray:
         raise TypeError(f"{name}: could not be converted to an array ({exc})") from None
     if a.dtype.kind not in "biufcUS":
         raise TypeError(f"{name}: expected a numeric, bool or string array, got dtype {a.dtype}")
-    return np.ascontiguousarray(a)
+    return np.require(a, requirements="C")  # keeps 0-d arrays 0-d (ascontiguousarray would not)
 
 
 def _check_arrays(arrays: object, what: str) -> dict[str, np.ndarray]:
@@ -62,7 +62,7 @@ def _digest(header: dict, arrays: list[tuple[str, np.ndarray]]) -> str:
     h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
     for name, a in arrays:
         h.update(f"\0{name}\0{a.dtype.str}\0{a.shape}\0".encode())
-        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+        h.update(np.require(a, requirements="C").reshape(-1).view(np.uint8))
     return h.hexdigest()
 
 
@@ -180,6 +180,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray
     except Exception as exc:  # zipfile.BadZipFile (CRC), zlib.error, EOFError, ValueError, struct.error...
         raise bad(f"corrupt or truncated ({type(exc).__name__}: {exc})") from exc
 
+    odd = [n for n, a in arrays.items() if not isinstance(a, np.ndarray)]
+    if odd:
+        raise bad(f"entries that are not arrays: {odd}")
     if _META not in arrays:
         raise bad(f"no {_META} entry (not written by qaconv_gs.save_checkpoint)")
     try:
