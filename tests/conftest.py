@@ -2,7 +2,6 @@ import os
 
 import numpy as np
 import pytest
-
 from hypothesis import settings
 
 settings.register_profile("ci", max_examples=25, deadline=None)

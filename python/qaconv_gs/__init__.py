@@ -1,8 +1,12 @@
-"""qaconv-gs: QAConv matching with class embeddings and neighbour-restricted scoring, on the CPU."""
+"""qaconv-gs: QAConv matching with class embeddings and neighbour-restricted scoring, on the CPU.
+
+Exact C11 + OpenMP kernels behind a NumPy API; PyTorch is an optional front end (qaconv_gs.torch).
+"""
 
 from __future__ import annotations
 
 from . import _native, functional
+from .evaluate import match
 from .neighbors import class_neighbors
 
 __version__ = "0.1.0"
@@ -13,4 +17,14 @@ def openmp_enabled() -> bool:
     return bool(_native.openmp_enabled())
 
 
-__all__ = ["__version__", "class_neighbors", "functional", "openmp_enabled"]
+def info() -> dict:
+    """Build and runtime facts: version, OpenMP, default thread count, SIMD path in use."""
+    return {
+        "version": __version__,
+        "openmp": openmp_enabled(),
+        "default_threads": int(_native.default_threads()),
+        "simd": "portable",
+    }
+
+
+__all__ = ["__version__", "class_neighbors", "functional", "info", "match", "openmp_enabled"]

@@ -26,7 +26,7 @@ __all__ = [
 
 
 def shape_str(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+    return str(tuple(int(s) for s in shape))
 
 
 def _to_array(x: object, name: str) -> np.ndarray:
@@ -59,9 +59,7 @@ def as_float32(
     a = _to_array(x, name)
     kind = a.dtype.kind
     if kind not in "fiu":
-        raise TypeError(
-            f"{name}: expected a real floating-point (or integer) array, got dtype {a.dtype}"
-        )
+        raise TypeError(f"{name}: expected a real floating-point (or integer) array, got dtype {a.dtype}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if a.ndim not in allowed:
@@ -69,13 +67,16 @@ def as_float32(
             raise ValueError(f"{name}: expected a {want} array, got shape {shape_str(a.shape)}")
     if a.size == 0 and not allow_empty:
         raise ValueError(f"{name}: expected a non-empty array, got shape {shape_str(a.shape)}")
-    out = np.ascontiguousarray(a, dtype=np.float32)
+    with np.errstate(over="ignore"):  # overflow to inf is reported below, by name
+        out = np.ascontiguousarray(a, dtype=np.float32)
     if check_finite and out.size:
         finite = np.isfinite(out)
         if not finite.all():
             bad = ~finite
             if np.isfinite(a[bad]).all():
-                raise ValueError(f"{name}: values exceed the float32 range (|x| > {np.finfo(np.float32).max:.4g})")
+                raise ValueError(
+                    f"{name}: values exceed the float32 range (|x| > {np.finfo(np.float32).max:.4g})"
+                )
             raise ValueError(
                 f"{name}: contains {int(np.count_nonzero(bad))} NaN or Inf value(s); inputs must be finite"
             )
