@@ -243,3 +243,11 @@ def test_tiny_backbone_trains_end_to_end():
     assert np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < 0.7 * losses[0], losses
     assert crit.last_result.acc_cls >= 0.5
+
+
+def test_construction_leaves_torch_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    qgt.QAConvGSLoss(N, C, H, W, k_nearest=3, seed=1)
+    assert torch.equal(torch.rand(3), expected)

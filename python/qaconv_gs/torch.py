@@ -134,7 +134,8 @@ def _build() -> dict[str, Any]:
             fan = 2 * core.S if core.fc == "separate" else core.S
             self.class_embed = nn.Parameter(torch.empty(core.class_embed.shape, dtype=torch.float32))
             self.bn = nn.BatchNorm1d(1)
-            self.fc = nn.Linear(fan, 1)
+            # skip_init: the weights are overwritten below, and torch's global RNG stays untouched
+            self.fc = torch.nn.utils.skip_init(nn.Linear, fan, 1)
             self.logit_bn = nn.BatchNorm1d(1)
             state = {k: torch.from_numpy(np.array(v)) for k, v in core.state_dict().items()}
             nn.Module.load_state_dict(self, state, strict=True)
