@@ -251,3 +251,16 @@ def test_construction_leaves_torch_rng_alone():
     torch.manual_seed(123)
     qgt.QAConvGSLoss(N, C, H, W, k_nearest=3, seed=1)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_checkpoint_from_torch_state(tmp_path):
+    from qaconv_gs.checkpoint import save_checkpoint
+
+    crit = qgt.QAConvGSLoss.from_model(model())
+    X, y = data()
+    crit(torch.from_numpy(X), y)
+    p = tmp_path / "c.npz"
+    save_checkpoint(p, crit.config, crit.state_dict())  # torch tensors are accepted as they are
+    m = QAConvGS.load(p)
+    for k, v in crit.state_dict().items():
+        np.testing.assert_array_equal(m.state_dict()[k], v.numpy(), err_msg=k)
