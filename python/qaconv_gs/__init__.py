@@ -6,7 +6,9 @@ Exact C11 + OpenMP kernels behind a NumPy API; PyTorch is an optional front end 
 from __future__ import annotations
 
 from . import _native, functional
+from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import match
+from .model import QAConvGS, StepResult
 from .neighbors import class_neighbors
 
 __version__ = "0.1.0"
@@ -27,4 +29,15 @@ def info() -> dict:
     }
 
 
-__all__ = ["__version__", "class_neighbors", "functional", "info", "match", "openmp_enabled"]
+__all__ = [
+    "QAConvGS",
+    "StepResult",
+    "__version__",
+    "class_neighbors",
+    "functional",
+    "info",
+    "load_checkpoint",
+    "match",
+    "openmp_enabled",
+    "save_checkpoint",
+]

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import evaluate as _evaluate
 from . import head as _head
 from . import losses as _losses
 from . import matching as _matching
@@ -654,11 +655,7 @@ class QAConvGS:
         probe [P, C, H, W], gallery [G, C, H, W] -> [P, G] float32; memory O(P*G + tiles)."""
         P = self._features(probe, "probe")
         G = self._features(gallery, "gallery")
-        nt = self.n_threads
-        w, b = self._eval_affine()
-        Pn, _ = _matching.normalize(P, n_threads=nt)
-        Gn, _ = _matching.normalize(G, n_threads=nt)
-        return _matching.match_scores(Pn, Gn, w, b, n_threads=nt)
+        return _evaluate.match(P, G, self._head, n_threads=self.n_threads)
 
     def match_pairs(self, a: object, b: object) -> np.ndarray:
         """Eval-mode scores of aligned pairs: a, b [n, C, H, W] -> [n] float32 (score of a[i] vs b[i])."""
