@@ -469,12 +469,19 @@ def test_checkpoint_errors_leave_trainer_unchanged(tmp_path):
     with pytest.raises(FileNotFoundError):
         fresh.load_checkpoint(tmp_path / "missing.npz")
     other = Trainer(FakeModel(num_classes=N + 1, seed=1))
-    with pytest.raises(ValueError, match="config"):
+    with pytest.raises(ValueError, match="checkpoint: (momentum buffer|row counters)"):
         other.load_checkpoint(path)
+    from qaconv_gs.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "model_only.npz", model.config, model.state_dict())
+    with pytest.raises(ValueError, match="no trainer state"):
+        fresh.load_checkpoint(tmp_path / "model_only.npz")
     dense = Trainer(FakeModel(seed=1), sparse_embed=False)
     with pytest.raises(ValueError, match="sparse_embed"):
         dense.load_checkpoint(path)
-    assert not list(tmp_path.glob(".tmp-*"))  # the atomic writer left no temporary file
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ok.npz", "trunc.npz", "junk.npz", "other.npz", "model_only.npz"]
+    )  # the atomic writer left no temporary file
 
 
 def test_from_checkpoint_rebuilds(tmp_path):
@@ -486,3 +493,101 @@ def test_from_checkpoint_rebuilds(tmp_path):
     for k, v in model.parameters().items():
         np.testing.assert_array_equal(tr2.model.parameters()[k], v)
     assert "Trainer(" in repr(tr2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# with the real QAConvGS model
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _qaconv():
+    return pytest.importorskip("qaconv_gs.model").QAConvGS
+
+
+def _rank1(model, x, y):
+    ids, _ = model.identify(x, top=1)
+    return float(np.mean(ids[:, 0] == y))
+
+
+def test_end_to_end_fit_raises_held_out_rank1():
+    from qaconv_gs.data import make_synthetic, split_per_class
+
+    QAConvGS = _qaconv()
+    n_cls = 30
+    x, y = make_synthetic(n_cls, 12, seed=0)
+    xtr, ytr, xte, yte = split_per_class(x, y, held_out=2, seed=0)
+    model = QAConvGS(n_cls, 32, 8, 4, k_nearest=8, seed=0, n_threads=1)
+    sampler = GraphSampler(
+        ytr, batch_size=32, num_instances=4, neighbors=lambda: model.class_neighbors, seed=0
+    )
+    before = _rank1(model, xte, yte)
+    tr = Trainer(model, lr=0.05, schedule="cosine:4:0.05", seed=0)
+    tr.fit((xtr, ytr, sampler), epochs=4, progress=False)
+    after = _rank1(model, xte, yte)
+    chance = 1.0 / n_cls
+    assert before < 3 * chance  # a fresh model is at chance level
+    assert after > 0.6  # 18x chance
+    losses = tr.history.epoch_values("loss")
+    assert losses[-1] < 0.5 * losses[0]
+    assert model.neighbor_refreshes >= 4  # one refresh per epoch (on_epoch_start made it stale)
+
+
+def test_real_model_dense_matches_torch_sgd():
+    # the same gradient sequence (the model's, at our parameters) through torch.optim.SGD and through ours
+    torch = pytest.importorskip("torch")
+    QAConvGS = _qaconv()
+    from qaconv_gs.data import make_synthetic
+
+    x, y = make_synthetic(10, 4, channels=8, height=4, width=2, seed=1)
+    model = QAConvGS(10, 8, 4, 2, k_nearest=3, seed=0, n_threads=1)
+    tparams = {k: torch.tensor(v.copy()) for k, v in model.parameters().items()}
+    opt = torch.optim.SGD(list(tparams.values()), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    tr = Trainer(model, lr=0.05, sparse_embed=False)
+    rng = np.random.default_rng(0)
+    start = model.parameters()["class_embed"].copy()
+    for step in range(5):
+        idx = rng.choice(len(y), size=12, replace=False)
+        res = model.forward_backward(x[idx], y[idx])
+        for k, v in tparams.items():
+            v.grad = torch.tensor(res.dense_grad_embed(10) if k == "class_embed" else res.grad_head[k])
+        opt.step()
+        res2 = tr.step(x[idx], y[idx])
+        np.testing.assert_array_equal(res2.grad_embed_rows, res.grad_embed_rows)  # deterministic model
+        for k, v in model.parameters().items():
+            np.testing.assert_allclose(v, tparams[k].numpy(), rtol=1e-6, atol=1e-7, err_msg=f"{k} {step}")
+    assert np.abs(model.parameters()["class_embed"] - start).max() > 1e-3
+
+
+def _real_resumable(tmp_path=None):
+    QAConvGS = _qaconv()
+    from qaconv_gs.data import make_synthetic
+
+    x, y = make_synthetic(16, 6, channels=8, height=4, width=2, seed=2)
+    model = QAConvGS(16, 8, 4, 2, k_nearest=4, seed=0, n_threads=1)
+    sampler = GraphSampler(y, batch_size=12, num_instances=3, neighbors=lambda: model.class_neighbors, seed=1)
+    return model, Trainer(model, lr=0.05, schedule="multistep:1,3:0.5", seed=0), (x, y, sampler)
+
+
+def test_real_model_resume_is_bitwise_and_checkpoint_is_a_model_checkpoint(tmp_path):
+    QAConvGS = _qaconv()
+    model_a, tr_a, data_a = _real_resumable()
+    tr_a.fit(data_a, epochs=4, progress=False)
+    model_b, tr_b, data_b = _real_resumable()
+    tr_b.fit(data_b, epochs=2, progress=False)
+    path = tr_b.save_checkpoint(tmp_path / "run.npz")
+    model_c, tr_c, data_c = _real_resumable()
+    tr_c.load_checkpoint(path)
+    tr_c.fit(data_c, epochs=2, progress=False)
+    for k, v in model_a.state_dict().items():
+        np.testing.assert_array_equal(model_c.state_dict()[k], v, err_msg=k)
+    assert tr_c.history.steps["loss"] == tr_a.history.steps["loss"]
+    # the saved neighbour table came back too, so even the neighbour-change record matches
+    np.testing.assert_array_equal(
+        tr_c.history.epoch_values("neighbor_change")[2:], tr_a.history.epoch_values("neighbor_change")[2:]
+    )
+    # the trainer checkpoint is a model checkpoint: QAConvGS.load gives identical scores
+    plain = QAConvGS.load(path)
+    x = data_b[0][:5]
+    np.testing.assert_array_equal(plain.match(x, x), model_b.match(x, x))
+    tr_d = Trainer.from_checkpoint(path)
+    assert tr_d.epoch == 2 and tr_d.schedule_spec == "multistep:1,3:0.5"

@@ -47,13 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
             "(k = N-1) and compare accuracy and time. Writes the training curves as PNG."
         ),
     )
-    demo.add_argument("--epochs", type=_positive, default=5, help="training epochs (default 5)")
+    demo.add_argument("--epochs", type=_positive, default=4, help="training epochs (default 4)")
     demo.add_argument("--classes", type=_positive, default=100, help="identities N (default 100)")
-    demo.add_argument("--samples", type=_positive, default=12, help="samples per identity (default 12)")
+    demo.add_argument("--samples", type=_positive, default=20, help="samples per identity (default 20)")
     demo.add_argument(
         "--held-out", type=_positive, default=2, help="held-out samples per identity (default 2)"
     )
-    demo.add_argument("--k", type=_positive, default=8, help="neighbours scored per sample (default 8)")
+    demo.add_argument("--k", type=_positive, default=16, help="neighbours scored per sample (default 16)")
     demo.add_argument("--batch-size", type=_positive, default=32, help="batch size (default 32)")
     demo.add_argument(
         "--num-instances", type=_positive, default=4, help="samples per class in a batch (default 4)"
@@ -129,11 +129,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     facts: dict[str, Any] = dict(qaconv_gs.info())
     facts["python"] = platform.python_version()
     facts["numpy"] = np.__version__
-    try:
-        import torch
+    try:  # the installed version, without paying for a torch import
+        from importlib.metadata import PackageNotFoundError, version
 
-        facts["torch"] = torch.__version__
-    except ImportError:
+        facts["torch"] = version("torch")
+    except PackageNotFoundError:
         facts["torch"] = None
     facts["omp_num_threads_env"] = os.environ.get("OMP_NUM_THREADS")
     if args.json:
@@ -168,15 +168,10 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
 
 
 def _head_from_checkpoint(path: str) -> dict[str, np.ndarray]:
-    """The head parameters of a trainer checkpoint or a model checkpoint."""
-    with np.load(path, allow_pickle=False) as z:
-        files = {k: z[k] for k in z.files}
-    if "meta" in files and any(k.startswith("model/") for k in files):
-        state = {k[len("model/") :]: v for k, v in files.items() if k.startswith("model/")}
-    else:
-        from .checkpoint import load_checkpoint
+    """The head parameters and running statistics of a model or trainer checkpoint."""
+    from .checkpoint import load_checkpoint
 
-        _, state, _ = load_checkpoint(path)
+    _, state, _ = load_checkpoint(path)
     head = {k: np.asarray(v) for k, v in state.items() if k.split(".")[0] in ("bn", "fc", "logit_bn")}
     if "fc.weight" not in head:
         raise ValueError(f"checkpoint: {path!r} holds no QAConv head (no 'fc.weight')")

@@ -3,19 +3,17 @@ an epoch loop that refreshes the model's class neighbours, a training history an
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
 
-from ._validate import _to_array, as_float32, as_labels, check_int, check_real
+from ._validate import as_float32, as_labels, check_int, check_real
 
 __all__ = ["History", "Trainer", "lr_schedule"]
 
@@ -24,6 +22,7 @@ ScheduleSpec = Union[None, str, Mapping[str, Any], Callable[[int], float]]
 _STEP_KEYS = ("loss", "loss_cls", "loss_triplet", "acc_cls", "acc_triplet")
 _CHECKPOINT_FORMAT = "qaconv_gs.trainer"
 _CHECKPOINT_VERSION = 1
+_EXTRA_PREFIX = "trainer/"  # the trainer's arrays inside a model checkpoint's extra arrays
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -190,6 +189,9 @@ class History:
             finite = vals[np.isfinite(vals)]
             if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
                 ax_acc.plot(x_epochs, vals, "s--", color=f"C{3 + i}", label=k)
+        losses = np.asarray(self.steps["loss"], dtype=np.float64)
+        if losses.size and losses.min() > 0 and losses.max() / losses.min() > 100:
+            ax_loss.set_yscale("log")  # losses fall by orders of magnitude; keep the tail readable
         ax_loss.set_title("loss")
         ax_acc.set_title("accuracy")
         ax_acc.set_ylim(-0.02, 1.02)
@@ -686,85 +688,104 @@ class Trainer:
         return {"meta": meta, "arrays": arrays}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (validated before anything changes)."""
-        meta, arrays = state["meta"], state["arrays"]
-        if meta.get("format") != _CHECKPOINT_FORMAT or meta.get("version") != _CHECKPOINT_VERSION:
-            raise ValueError(
-                f"checkpoint: expected format {_CHECKPOINT_FORMAT} v{_CHECKPOINT_VERSION}, "
-                f"got {meta.get('format')} v{meta.get('version')}"
-            )
-        params = self._params()
-        buffers = {}
-        for key, arr in arrays.items():
-            if not key.startswith("buffer/"):
-                continue
-            name = key[len("buffer/") :]
-            if name not in params or arr.shape != params[name].shape:
-                want = None if name not in params else params[name].shape
+        """Restore what :meth:`state_dict` returned (everything is validated before anything changes)."""
+        self._commit(self._parse_state(state))
+
+    def _parse_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            meta, arrays = state["meta"], state["arrays"]
+            if meta.get("format") != _CHECKPOINT_FORMAT or meta.get("version") != _CHECKPOINT_VERSION:
                 raise ValueError(
-                    f"checkpoint: momentum buffer {name!r} has shape {arr.shape}, expected {want}"
+                    f"checkpoint: expected trainer state format {_CHECKPOINT_FORMAT} v{_CHECKPOINT_VERSION}, "
+                    f"got {meta.get('format')} v{meta.get('version')}"
                 )
-            buffers[name] = np.array(arr, dtype=np.float32)
-        row_step = np.array(arrays["row_step"], dtype=np.int64)
-        if row_step.shape != self._row_step.shape:
-            raise ValueError(
-                f"checkpoint: row counters for {row_step.shape[0]} classes, "
-                f"the model has {self._row_step.shape[0]}"
-            )
-        hyper = meta["hyper"]
-        if bool(hyper["sparse_embed"]) != self.sparse_embed:
-            raise ValueError(
-                f"checkpoint: saved with sparse_embed={hyper['sparse_embed']}, this trainer has "
-                f"sparse_embed={self.sparse_embed}"
-            )
-        self._buffers = buffers
-        self._row_step = row_step
-        self.seed = int(meta["seed"])
-        self.epoch = int(meta["epoch"])
-        self.global_step = int(meta["global_step"])
-        self.lr = float(meta["lr_now"])
-        self._lr_runs = [(int(s), float(r)) for s, r in meta["lr_runs"]]
-        self.history = History.from_dict(meta["history"])
+            params = self._params()
+            buffers = {}
+            for key, arr in arrays.items():
+                if not key.startswith("buffer/"):
+                    continue
+                name = key[len("buffer/") :]
+                if name not in params or arr.shape != params[name].shape:
+                    want = None if name not in params else params[name].shape
+                    raise ValueError(
+                        f"checkpoint: momentum buffer {name!r} has shape {arr.shape}, expected {want}"
+                    )
+                buffers[name] = np.array(arr, dtype=np.float32)
+            row_step = np.array(arrays["row_step"], dtype=np.int64)
+            if row_step.shape != self._row_step.shape:
+                raise ValueError(
+                    f"checkpoint: row counters of shape {row_step.shape}, "
+                    f"the model's class table needs {self._row_step.shape}"
+                )
+            hyper = meta["hyper"]
+            if bool(hyper["sparse_embed"]) != self.sparse_embed:
+                raise ValueError(
+                    f"checkpoint: saved with sparse_embed={hyper['sparse_embed']}, this trainer has "
+                    f"sparse_embed={self.sparse_embed}"
+                )
+            return {
+                "buffers": buffers,
+                "row_step": row_step,
+                "seed": int(meta["seed"]),
+                "epoch": int(meta["epoch"]),
+                "global_step": int(meta["global_step"]),
+                "lr": float(meta["lr_now"]),
+                "lr_runs": [(int(a), float(b)) for a, b in meta["lr_runs"]],
+                "history": History.from_dict(meta["history"]),
+            }
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"checkpoint: malformed trainer state ({type(exc).__name__}: {exc})") from None
+
+    def _commit(self, parsed: Mapping[str, Any]) -> None:
+        self._buffers = parsed["buffers"]
+        self._row_step = parsed["row_step"]
+        self.seed = parsed["seed"]
+        self.epoch = parsed["epoch"]
+        self.global_step = parsed["global_step"]
+        self.lr = parsed["lr"]
+        self._lr_runs = parsed["lr_runs"]
+        self.history = parsed["history"]
+
+    def _extra_arrays(self) -> dict[str, np.ndarray]:
+        tstate = self.state_dict()
+        extra = {_EXTRA_PREFIX + "meta": _json_bytes(tstate["meta"])}
+        for k, v in tstate["arrays"].items():
+            extra[_EXTRA_PREFIX + k] = v
+        return extra
 
     def save_checkpoint(self, path: str | os.PathLike) -> str:
         """Write model config + weights + optimizer state + epoch + history to one ``.npz`` file, atomically.
 
-        Saved as is (rows are not flushed first), so :meth:`load_checkpoint` continues bit-for-bit. At epoch
-        boundaries (e.g. from ``on_epoch_end``) every row is already up to date.
+        The file is an ordinary model checkpoint (``qaconv_gs.checkpoint`` format; ``QAConvGS.load(path)``
+        reads the model from it) whose extra arrays hold the trainer state. The model's own ``save(path,
+        extra=...)`` writes it when it has one (so its current neighbour table is kept too). Rows are saved as
+        they are (not flushed), so :meth:`load_checkpoint` continues bit-for-bit; at epoch boundaries (e.g.
+        from ``on_epoch_end``) every row is up to date anyway. Returns the path.
         """
-        mstate = self.model.state_dict()
-        config = dict(getattr(self.model, "config", {}) or {})
-        tstate = self.state_dict()
-        meta = dict(tstate["meta"], model_config=config)
-        arrays: dict[str, np.ndarray] = {"meta": _json_bytes(meta)}
-        for k, v in mstate.items():
-            arrays[f"model/{k}"] = np.asarray(_to_array(v, f"state_dict[{k!r}]"))
-        for k, v in tstate["arrays"].items():
-            arrays[f"trainer/{k}"] = v
-        return _atomic_savez(path, arrays)
+        extra = self._extra_arrays()
+        if callable(getattr(self.model, "save", None)):
+            self.model.save(path, extra=extra)
+        else:
+            from .checkpoint import save_checkpoint
+
+            config = _jsonable(dict(getattr(self.model, "config", {}) or {}))
+            save_checkpoint(path, config, self.model.state_dict(), extra=extra)
+        return os.fspath(path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore a :meth:`save_checkpoint` file into this trainer and its model.
 
-        The model must have been built with the same configuration. The file is read and checked first;
-        on any error (missing, truncated, other format, mismatched shapes) a ValueError is raised and the
-        trainer is left unchanged.
+        The model must have the saved architecture. The file and the trainer state in it are checked first;
+        on any error (missing file: FileNotFoundError; truncated, corrupt, not a trainer checkpoint,
+        mismatched shapes: ValueError) the trainer and the model are left unchanged.
         """
-        meta, mstate, tarrays = _read_checkpoint(path)
-        config = dict(getattr(self.model, "config", {}) or {})
-        saved = meta.get("model_config", {})
-        structural = ("n_threads", "seed")  # free to differ: runtime choice / overwritten by the weights
-        mine = {k: v for k, v in _jsonable(config).items() if k not in structural}
-        theirs = {k: v for k, v in saved.items() if k not in structural}
-        if mine and theirs and mine != theirs:
-            raise ValueError(f"checkpoint: saved for model config {saved}, this model has {config}")
-        backup = self.state_dict()
-        self.load_state_dict({"meta": meta, "arrays": tarrays})
-        try:
-            self.model.load_state_dict(mstate)
-        except Exception:
-            self.load_state_dict(backup)
-            raise
+        config, state, extra = _read_checkpoint(path)
+        parsed = self._parse_state(_trainer_state(extra, path))
+        if callable(getattr(self.model, "load_checkpoint", None)):
+            self.model.load_checkpoint(path)
+        else:
+            self.model.load_state_dict(state)
+        self._commit(parsed)
 
     @classmethod
     def from_checkpoint(
@@ -780,10 +801,11 @@ class Trainer:
         saved: pass it again). ``model_cls`` defaults to QAConvGS; ``model_overrides`` (e.g. ``n_threads=4``)
         replace saved constructor arguments.
         """
-        meta, _, _ = _read_checkpoint(path)
+        config, _, extra = _read_checkpoint(path)
+        meta = _trainer_state(extra, path)["meta"]
         if model_cls is None:
             from .model import QAConvGS as model_cls
-        model = model_cls(**{**meta.get("model_config", {}), **model_overrides})
+        model = model_cls(**{**config, **model_overrides})
         hyper = meta["hyper"]
         if schedule is None:
             schedule = meta.get("schedule")
@@ -799,7 +821,7 @@ class Trainer:
 
 def _sqnorm(g: np.ndarray) -> float:
     v = g.ravel().astype(np.float64)
-    return float(np.dot(v, v))
+    return float(np.sum(v * v))  # no BLAS call: its thread pool fights the OpenMP kernels
 
 
 def _as_float(v: object) -> float:
@@ -857,52 +879,29 @@ def _json_bytes(obj: Any) -> np.ndarray:
     return np.frombuffer(json.dumps(obj, default=_json_default).encode("utf-8"), dtype=np.uint8)
 
 
-def _atomic_savez(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> str:
-    """np.savez to a temporary file in the target directory, fsync, then rename over ``path``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            buf = io.BytesIO()
-            np.savez(buf, **arrays)
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
 def _read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    path = os.fspath(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            files = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # truncated / not a zip / corrupt member
-        raise ValueError(f"checkpoint: cannot read {path!r} ({type(exc).__name__}: {exc})") from None
-    if "meta" not in files:
-        raise ValueError(f"checkpoint: {path!r} is not a qaconv_gs trainer checkpoint (no 'meta' entry)")
-    try:
-        meta = json.loads(files.pop("meta").tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"checkpoint: corrupt metadata in {path!r} ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != _CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint: {path!r} is not a qaconv_gs trainer checkpoint")
-    if meta.get("version") != _CHECKPOINT_VERSION:
+    from .checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def _trainer_state(extra: Mapping[str, np.ndarray], path: str | os.PathLike) -> dict[str, Any]:
+    """The trainer part of a checkpoint's extra arrays, as state_dict() returns it."""
+    key = _EXTRA_PREFIX + "meta"
+    if key not in extra:
         raise ValueError(
-            f"checkpoint: format version {meta.get('version')} is not supported "
-            f"(expected {_CHECKPOINT_VERSION})"
+            f"checkpoint: {os.fspath(path)!r} holds no trainer state (a plain model checkpoint? "
+            "use QAConvGS.load for those)"
         )
-    mstate = {k[len("model/") :]: v for k, v in files.items() if k.startswith("model/")}
-    tarrays = {k[len("trainer/") :]: v for k, v in files.items() if k.startswith("trainer/")}
-    if "row_step" not in tarrays:
-        raise ValueError(f"checkpoint: {path!r} lacks the optimizer state")
-    return meta, mstate, tarrays
+    try:
+        meta = json.loads(np.asarray(extra[key], dtype=np.uint8).tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raise ValueError(f"checkpoint: corrupt trainer metadata in {os.fspath(path)!r} ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"checkpoint: corrupt trainer metadata in {os.fspath(path)!r}")
+    arrays = {
+        k[len(_EXTRA_PREFIX) :]: v for k, v in extra.items() if k.startswith(_EXTRA_PREFIX) and k != key
+    }
+    if "row_step" not in arrays:
+        raise ValueError(f"checkpoint: {os.fspath(path)!r} lacks the optimizer's row counters")
+    return {"meta": meta, "arrays": arrays}
