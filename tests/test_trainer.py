@@ -530,6 +530,7 @@ def test_end_to_end_fit_raises_held_out_rank1():
     losses = tr.history.epoch_values("loss")
     assert losses[-1] < 0.5 * losses[0]
     assert model.neighbor_refreshes >= 4  # one refresh per epoch (on_epoch_start made it stale)
+    assert np.nanmax(tr.history.epoch_values("neighbor_change")) > 0.05  # the graph followed the embeddings
 
 
 def test_real_model_dense_matches_torch_sgd():
