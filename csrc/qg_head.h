@@ -10,6 +10,15 @@
  * qg_head_stats; the caller updates running statistics (PyTorch BatchNorm1d semantics).
  * Eval mode uses the running statistics in qg_head_params.
  * Statistics are accumulated in double over fixed chunks: bit-identical for any thread count.
+ *
+ * Layout: mp, mg, gmp, gmg are C-contiguous [M, S] float32 (row m = pair m); fc_weight is
+ * [2S] (separate: first S for mp) or [S] (shared). Outputs must not alias inputs.
+ * Threading: row blocks of a size fixed by (M, S) alone (>= QG_CHUNK values, at most 256 blocks),
+ * per-block double partials combined in block order; the logit_bn part is O(M) and serial.
+ * Precision: all sums and the fc dot products in double; outputs rounded to float32 once.
+ * Errors: QG_EINVAL (M < 1, M < 2 in training/backward, S < 1, eps <= 0, non-finite parameters,
+ * running_var + eps <= 0 in eval), QG_ENONFINITE (NaN/Inf reached the statistics or outputs),
+ * QG_ENOMEM, QG_EINTR (poll asked to stop; outputs are then unspecified).
  */
 #ifndef QG_HEAD_H
 #define QG_HEAD_H
@@ -47,13 +56,21 @@ int qg_head_forward_train_f32(const float *mp, const float *mg, int64_t M, int64
 int qg_head_forward_eval_f32(const float *mp, const float *mg, int64_t M, int64_t S,
                              const qg_head_params *p, float *out, const qg_ctx *ctx);
 
-/* Backward of the training forward. gout: [M] dL/dout. gmp, gmg: [M, S] out. g: parameter grads. */
+/* Backward of the training forward. gout: [M] dL/dout. gmp, gmg: [M, S] out. g: parameter grads
+ * (double scalars; fc_weight float32). st must be the statistics the forward returned. z is not read
+ * (may be NULL): the fc output is recomputed in double from mp, mg, bit-identical to the forward.
+ * Maths: g->bn_bias, g->fc_bias are 0 up to rounding (the batch-statistics logit_bn cancels them);
+ * g->lbn_bias = sum(gout), which is 0 for shift-invariant losses. */
 int qg_head_backward_f32(const float *mp, const float *mg, int64_t M, int64_t S,
                          const qg_head_params *p, const qg_head_stats *st, const float *z,
                          const float *gout, float *gmp, float *gmg, qg_head_grads *g,
                          const qg_ctx *ctx);
 
-/* Scalar references (single thread, double accumulation): same contracts. */
+/* Scalar references (single thread, double accumulation, textbook formulas with explicit
+ * y = bn(x)): same contracts; fallback and test oracle. The eval reference was added by the head
+ * family (no prototype was in the skeleton). */
+int qg_head_forward_eval_ref_f32(const float *mp, const float *mg, int64_t M, int64_t S,
+                                 const qg_head_params *p, float *out, const qg_ctx *ctx);
 int qg_head_forward_train_ref_f32(const float *mp, const float *mg, int64_t M, int64_t S,
                                   const qg_head_params *p, float *z, float *out,
                                   qg_head_stats *st, const qg_ctx *ctx);

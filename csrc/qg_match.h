@@ -9,6 +9,18 @@
  * Argmax indices are uint16 (S <= QG_MAX_LOCATIONS, else QG_EINVAL).
  * All kernels: inputs never modified, outputs must not alias inputs unless stated,
  * bit-identical for any thread count, float32 storage.
+ *
+ * Precision: Z[s, r] is summed over c = 0..C-1 in order in float32 (separate multiply and add),
+ * so the maxima are the same bits on every SIMD path (AVX2 / SSE / scalar) and thread count.
+ * Norms, dot products of the normalisation backward, the backward scatter sums and the fused
+ * scores are accumulated in double and rounded once.
+ * Threading: the forward gives each pair to one thread (dynamic schedule over blocks of pairs);
+ * the backward gives each (output map, channel block) to one thread. Memory beyond the outputs:
+ * O(threads * C * S) packed maps (forward), O(threads * 8192) doubles (backward).
+ * Statuses: QG_EINVAL (bad sizes, NULL pointers, only one of ap/ag given), QG_EOVERFLOW,
+ * QG_ERANGE (candidate outside [0, N), argmax >= S), QG_ENOMEM, QG_EINTR (polled between
+ * blocks of pairs and between gallery panels of a pair). Finite inputs are assumed (the Python
+ * layer checks); with overflow to Inf/NaN a maximum may stay -Inf with argmax 0.
  */
 #ifndef QG_MATCH_H
 #define QG_MATCH_H
@@ -20,7 +32,8 @@ extern "C" {
 /* ---- location normalisation: y[m, :, s] = x[m, :, s] / max(||x[m, :, s]||, 1e-12) ---- */
 #define QG_NORM_EPS 1e-12f
 
-/* x: [M, C, S]; y: [M, C, S] out; norm: [M, S] out (the raw norms ||x[m, :, s]||). */
+/* x: [M, C, S]; y: [M, C, S] out; norm: [M, S] out (the raw norms ||x[m, :, s]||, summed in
+ * double, rounded to float32). y = x / max(norm, eps) in float32. */
 int qg_norm_forward_f32(const float *x, int64_t M, int64_t C, int64_t S,
                         float *y, float *norm, const qg_ctx *ctx);
 /* gy: [M, C, S] gradient w.r.t. y; y, norm from the forward; gx: [M, C, S] out (may alias gy).
@@ -30,7 +43,8 @@ int qg_norm_backward_f32(const float *gy, const float *y, const float *norm,
 
 /* ---- pair maxima forward ---- */
 
-/* All pairs: P [nP, C, S], G [nG, C, S] -> mp, mg [nP, nG, S]; ap, ag [nP, nG, S] or NULL. */
+/* All pairs: P [nP, C, S], G [nG, C, S] -> mp, mg [nP, nG, S]; ap, ag [nP, nG, S] or both NULL.
+ * Ties: the first (lowest) index, as torch.max. */
 int qg_match_maxima_f32(const float *P, int64_t nP, const float *G, int64_t nG,
                         int64_t C, int64_t S, float *mp, float *mg,
                         uint16_t *ap, uint16_t *ag, const qg_ctx *ctx);
@@ -44,7 +58,8 @@ int qg_match_maxima_restricted_f32(const float *X, int64_t B, const float *E, in
                                    const qg_ctx *ctx);
 
 /* Fused eval scores: out[p, g] = sum_s w[s]*mp[p,g,s] + sum_r w[S+r]*mg[p,g,r] + bias.
- * w: [2S]. Memory O(nP*nG + tiles). */
+ * w: [2S]. out: [nP, nG]. The maxima are bit-identical to qg_match_maxima_f32's; the weighted sum
+ * is taken in double in index order (s, then r), plus bias, rounded once. Memory O(nP*nG + tiles). */
 int qg_match_scores_f32(const float *P, int64_t nP, const float *G, int64_t nG,
                         int64_t C, int64_t S, const float *w, float bias,
                         float *out, const qg_ctx *ctx);
@@ -52,7 +67,10 @@ int qg_match_scores_f32(const float *P, int64_t nP, const float *G, int64_t nG,
 /* ---- pair maxima backward (through the recorded argmax; deterministic, no atomics) ---- */
 
 /* All pairs: gmp, gmg [nP, nG, S] upstream gradients; ap, ag from the forward.
- * gP [nP, C, S] and gG [nG, C, S] are overwritten (not accumulated). */
+ * gP [nP, C, S] and gG [nG, C, S] are overwritten (not accumulated).
+ *   gP[p, c, s] = sum_g gmp[p,g,s] G[g, c, ap[p,g,s]] + sum_{r: ag[p,g,r] = s} gmg[p,g,r] G[g, c, r]
+ *   gG[g, c, r] = sum_p sum_{s: ap[p,g,s] = r} gmp[p,g,s] P[p, c, s] + gmg[p,g,r] P[p, c, ag[p,g,r]]
+ * gP sums over g in order, gG over p in order (double accumulators). */
 int qg_match_backward_f32(const float *P, int64_t nP, const float *G, int64_t nG,
                           int64_t C, int64_t S, const float *gmp, const float *gmg,
                           const uint16_t *ap, const uint16_t *ag,

@@ -1,0 +1,216 @@
+"""Checkpoints: one .npz file holding a format version, the model config, the state dict and extra arrays.
+
+Layout inside the (uncompressed) zip archive:
+    __meta__            uint8 JSON: {"format", "version", "config", "state_keys", "extra_keys", "sha256", ...}
+    state/<key>         one array per state_dict entry (PyTorch key names)
+    extra/<key>         optional arrays (e.g. optimizer state, epoch counters)
+
+The SHA-256 covers the config and every array's name, dtype, shape and bytes, so a flipped bit
+anywhere is detected even where the zip CRC is not checked. Writes are atomic: a temporary file in
+the target directory is written, flushed and fsynced, renamed over the target with os.replace, and
+the directory is fsynced, so a crash leaves either the old file or the new one, never a torn file.
+Loading never unpickles (allow_pickle=False).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "load_checkpoint", "save_checkpoint"]
+
+FORMAT = "qaconv-gs-checkpoint"
+FORMAT_VERSION = 1
+_META = "__meta__"
+_STATE = "state/"
+_EXTRA = "extra/"
+
+
+def _as_array(value: object, name: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray) and hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu().numpy()  # torch tensor, without importing torch
+    try:
+        a = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name}: could not be converted to an array ({exc})") from None
+    if a.dtype.kind not in "biufcUS":
+        raise TypeError(f"{name}: expected a numeric, bool or string array, got dtype {a.dtype}")
+    return np.require(a, requirements="C")  # keeps 0-d arrays 0-d (ascontiguousarray would not)
+
+
+def _check_arrays(arrays: object, what: str) -> dict[str, np.ndarray]:
+    if arrays is None:
+        return {}
+    if not isinstance(arrays, Mapping):
+        raise TypeError(f"{what}: expected a mapping of name -> array, got {type(arrays).__name__}")
+    out = {}
+    for k, v in arrays.items():
+        if not isinstance(k, str) or not k:
+            raise TypeError(f"{what}: keys must be non-empty strings, got {k!r}")
+        out[k] = _as_array(v, f"{what}[{k!r}]")
+    return out
+
+
+def _digest(header: dict, arrays: list[tuple[str, np.ndarray]]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    for name, a in arrays:
+        h.update(f"\0{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(np.require(a, requirements="C").reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def _signed_header(config: dict, state_keys: list[str], extra_keys: list[str]) -> dict:
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": config,
+        "state_keys": state_keys,
+        "extra_keys": extra_keys,
+    }
+
+
+def _fsync_dir(directory: str) -> None:
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    try:
+        fd = os.open(directory, flags)
+    except OSError:  # e.g. Windows cannot open directories; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model_config: Mapping[str, Any],
+    state: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Atomically write `model_config` (JSON-serialisable), `state` and optional `extra` arrays to `path`.
+
+    The file is written exactly at `path` (no suffix is appended). Values may be NumPy arrays,
+    scalars or torch tensors; object arrays are refused.
+    """
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}") from None
+    if not isinstance(model_config, Mapping):
+        raise TypeError(f"model_config: expected a mapping, got {type(model_config).__name__}")
+    config = dict(model_config)
+    try:
+        config = json.loads(json.dumps(config, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"model_config: must be JSON-serialisable with finite numbers ({exc})") from None
+    st = _check_arrays(state, "state")
+    ex = _check_arrays(extra, "extra")
+    header = _signed_header(config, list(st), list(ex))
+    ordered = [(_STATE + k, v) for k, v in st.items()] + [(_EXTRA + k, v) for k, v in ex.items()]
+    meta = dict(header, sha256=_digest(header, ordered), library="qaconv_gs")
+    arrays = {_META: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    arrays.update(ordered)
+
+    directory = os.path.dirname(os.path.abspath(path))
+    mode = 0o644
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.chmod(tmp, mode)  # mkstemp creates 0600; give the checkpoint ordinary permissions
+        except OSError:
+            pass
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Read a checkpoint written by save_checkpoint -> (config, state, extra).
+
+    Raises FileNotFoundError for a missing file and ValueError (naming the file and the problem) for
+    a truncated, corrupt, wrong-format, wrong-version or checksum-mismatched one.
+    """
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}") from None
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a directory, expected a checkpoint file")
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path}: not a valid qaconv-gs checkpoint: {why}")
+
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (KeyboardInterrupt, PermissionError):
+        raise
+    except Exception as exc:  # not a zip/npy (pickle refused), unreadable header...
+        raise bad(f"unreadable ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise bad("not an .npz archive")
+    try:
+        with z:
+            arrays = {name: z[name] for name in z.files}
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile (CRC), zlib.error, EOFError, ValueError, struct.error...
+        raise bad(f"corrupt or truncated ({type(exc).__name__}: {exc})") from exc
+
+    odd = [n for n, a in arrays.items() if not isinstance(a, np.ndarray)]
+    if odd:
+        raise bad(f"entries that are not arrays: {odd}")
+    if _META not in arrays:
+        raise bad(f"no {_META} entry (not written by qaconv_gs.save_checkpoint)")
+    try:
+        meta = json.loads(arrays.pop(_META).astype(np.uint8).tobytes().decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(f"corrupt metadata ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise bad(f"unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    version = meta.get("version")
+    if version != FORMAT_VERSION:
+        raise bad(f"format version {version!r}, this qaconv_gs reads version {FORMAT_VERSION}")
+    config, state_keys, extra_keys = meta.get("config"), meta.get("state_keys"), meta.get("extra_keys")
+    if (
+        not isinstance(config, dict)
+        or not isinstance(state_keys, list)
+        or not isinstance(extra_keys, list)
+        or not all(isinstance(k, str) for k in state_keys + extra_keys)
+    ):
+        raise bad("malformed metadata")
+    names = [_STATE + k for k in state_keys] + [_EXTRA + k for k in extra_keys]
+    missing = [n for n in names if n not in arrays]
+    unlisted = sorted(set(arrays) - set(names))
+    if missing or unlisted:
+        raise bad(f"entries do not match the metadata (missing {missing}, unlisted {unlisted})")
+    ordered = [(n, arrays[n]) for n in names]
+    header = _signed_header(config, state_keys, extra_keys)
+    if _digest(header, ordered) != meta.get("sha256"):
+        raise bad("SHA-256 checksum mismatch (the file is corrupt)")
+    state = {k: arrays[_STATE + k] for k in state_keys}
+    extra = {k: arrays[_EXTRA + k] for k in extra_keys}
+    return config, state, extra

@@ -1,0 +1,731 @@
+"""QAConvGS: class-embedding QAConv with neighbour-restricted scoring, as one NumPy-facing object.
+
+The model owns the learnable state (class embeddings [N, C, H, W] and the BN -> fc -> BN head) and
+composes the C kernels into one training step (`forward_backward`): it returns the loss, the
+accuracies and every gradient, and never changes a parameter (an optimiser such as
+`qaconv_gs.Trainer` or `torch.optim` does that). Evaluation (`match`, `match_pairs`, `identify`)
+uses the head in eval mode (running statistics).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import head as _head
+from . import losses as _losses
+from . import matching as _matching
+from . import neighbors as _neighbors
+from ._validate import as_float32, as_labels, check_int, check_real, resolve_threads, shape_str
+
+__all__ = ["IncompatibleKeys", "QAConvGS", "StepResult"]
+
+_MAX_LOCATIONS = 65535  # QG_MAX_LOCATIONS: argmax indices are uint16
+_FC_MODES = ("separate", "shared")
+_TRIPLET_MODES = ("class", "batch")
+_HEAD_PARAM_KEYS = ("bn.weight", "bn.bias", "fc.weight", "fc.bias", "logit_bn.weight", "logit_bn.bias")
+_PARAM_KEYS = ("class_embed",) + _HEAD_PARAM_KEYS
+_STATE_KEYS = (
+    "class_embed",
+    "bn.weight",
+    "bn.bias",
+    "bn.running_mean",
+    "bn.running_var",
+    "bn.num_batches_tracked",
+    "fc.weight",
+    "fc.bias",
+    "logit_bn.weight",
+    "logit_bn.bias",
+    "logit_bn.running_mean",
+    "logit_bn.running_var",
+    "logit_bn.num_batches_tracked",
+)
+_RUNNING_KEYS = tuple(k for k in _STATE_KEYS if "running" in k or "num_batches" in k)
+# Key under which save() stores the current neighbour table in the checkpoint's extra arrays.
+_NBR_EXTRA_KEY = "_qaconv_gs.class_neighbors"
+_IDENTIFY_BLOCK = 1024  # classes scored per block in identify(): memory O(B * (top + block))
+_PAIRS_BLOCK = 4096  # aligned pairs per block in match_pairs()
+_CONFIG_KEYS = (
+    "num_classes",
+    "channels",
+    "height",
+    "width",
+    "k_nearest",
+    "fc",
+    "triplet",
+    "triplet_weight",
+    "margin",
+    "seed",
+    "n_threads",
+)
+
+
+@dataclass(repr=False)
+class StepResult:
+    """Everything one training step produces (no parameter is changed by computing it).
+
+    Attributes:
+        loss, loss_cls, loss_triplet, acc_cls, acc_triplet: floats (loss = loss_cls + w * loss_triplet).
+        scores: [B, K] float32 restricted training-mode scores, K = k_nearest + 1, target in column 0.
+        candidates: [B, K] int64 class ids scored per sample (target first, then its neighbours).
+        grad_features: [B, C, H, W] float32 dloss/dfeatures.
+        grad_embed_ids: [R] int64 sorted unique class ids that received a gradient (alias `embed_rows`).
+        grad_embed_rows: [R, C, H, W] float32 dloss/dclass_embed[grad_embed_ids]; every other row is 0.
+        grad_head: dict keyed like the state_dict (bn.weight, bn.bias, fc.weight, fc.bias,
+            logit_bn.weight, logit_bn.bias), float32, same shapes as the parameters.
+    """
+
+    loss: float
+    loss_cls: float
+    loss_triplet: float
+    acc_cls: float
+    acc_triplet: float
+    scores: np.ndarray
+    candidates: np.ndarray
+    grad_features: np.ndarray
+    grad_embed_ids: np.ndarray
+    grad_embed_rows: np.ndarray
+    grad_head: dict = field(default_factory=dict)
+
+    @property
+    def embed_rows(self) -> np.ndarray:
+        """Alias of `grad_embed_ids` (the class ids whose embedding rows have a gradient)."""
+        return self.grad_embed_ids
+
+    def dense_grad_embed(self, num_classes: int) -> np.ndarray:
+        """The class-embedding gradient as a dense [num_classes, C, H, W] array (zeros off the candidates)."""
+        out = np.zeros((int(num_classes),) + self.grad_embed_rows.shape[1:], dtype=np.float32)
+        out[self.grad_embed_ids] = self.grad_embed_rows
+        return out
+
+    def __repr__(self) -> str:
+        B, K = self.scores.shape
+        return (
+            f"StepResult(loss={self.loss:.6g}, loss_cls={self.loss_cls:.6g}, "
+            f"loss_triplet={self.loss_triplet:.6g}, acc_cls={self.acc_cls:.4g}, "
+            f"acc_triplet={self.acc_triplet:.4g}, batch={B}, candidates_per_sample={K}, "
+            f"embed_rows={self.grad_embed_ids.shape[0]})"
+        )
+
+
+class IncompatibleKeys(NamedTuple):
+    """What load_state_dict(strict=False) skipped, as in PyTorch."""
+
+    missing_keys: list
+    unexpected_keys: list
+
+
+def _to_numpy(value: object) -> object:
+    """Torch tensors (any device) -> NumPy without importing torch; anything else unchanged."""
+    if not isinstance(value, np.ndarray) and hasattr(value, "detach") and hasattr(value, "cpu"):
+        return value.detach().cpu().numpy()
+    return value
+
+
+def _choice(value: object, name: str, options: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected one of {options}, got {type(value).__name__}")
+    if value not in options:
+        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+    return value
+
+
+def _neighbor_change(old: np.ndarray | None, new: np.ndarray) -> float:
+    """Fraction of neighbour entries of `new` that were not neighbours of the same class in `old`
+    (order inside a row ignored); NaN when there is no previous table of the same shape."""
+    if old is None or old.shape != new.shape or new.size == 0:
+        return float("nan")
+    n = new.shape[0]
+    offset = np.arange(n, dtype=np.int64)[:, None] * (n + 1)  # make ids row-specific
+    kept = np.isin(new + offset, old + offset)
+    return float(1.0 - kept.mean())
+
+
+class QAConvGS:
+    """QAConv with class embeddings and neighbour-restricted scoring (QAConv-GS, simulated graph sampling).
+
+    Each training sample is scored against its own class and the `k_nearest` classes closest to it
+    (K = k_nearest + 1 candidates, target first) instead of against all `num_classes` classes.
+
+    Args:
+        num_classes: N >= 2 identities, one learnable embedding map [C, H, W] each.
+        channels, height, width: feature-map shape C, H, W (S = H * W <= 65535 locations).
+        k_nearest: neighbours scored per class, 1 <= k_nearest <= N - 1 (N - 1 = full scoring).
+        fc: "separate" (Linear(2S -> 1)) or "shared" (QAConv 2.1: Linear(S -> 1) on each half, summed).
+        triplet: "class" (hardest restricted negative) or "batch" (in-batch batch-hard triplet, one extra
+            B x B head call per step).
+        triplet_weight: weight w >= 0 in loss = loss_cls + w * loss_triplet.
+        margin: triplet margin >= 0.
+        seed: seed of the initialisation (np.random.default_rng(seed)); None for fresh entropy.
+        n_threads: threads for the kernels; None = OpenMP's default. Results are identical for any value.
+
+    Attributes:
+        training: True after construction / train(); False after eval(). In eval mode the
+            batch-statistics computations (forward_backward, scores) leave the running statistics alone.
+        neighbor_refreshes: how many times the neighbour table has been computed.
+        neighbor_change: fraction of neighbour entries that changed at the last refresh (NaN at the first).
+
+    Example:
+        >>> model = QAConvGS(num_classes=100, channels=64, height=8, width=4, k_nearest=16, seed=0)
+        >>> out = model.forward_backward(features, labels)   # features [B, 64, 8, 4], labels [B]
+        >>> out.loss, out.grad_features.shape, out.grad_embed_rows.shape
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        channels: int,
+        height: int,
+        width: int,
+        k_nearest: int = 32,
+        fc: str = "separate",
+        triplet: str = "class",
+        triplet_weight: float = 0.5,
+        margin: float = 1.0,
+        seed: int | None = None,
+        n_threads: int | None = None,
+    ) -> None:
+        N = check_int(num_classes, "num_classes")
+        if N < 2:
+            raise ValueError(
+                f"num_classes: expected >= 2 (every class needs at least one neighbour), got {N}"
+            )
+        C = check_int(channels, "channels", lo=1)
+        H = check_int(height, "height", lo=1)
+        W = check_int(width, "width", lo=1)
+        if H * W > _MAX_LOCATIONS:
+            raise ValueError(f"height * width: expected at most {_MAX_LOCATIONS} locations, got {H * W}")
+        k = check_int(k_nearest, "k_nearest")
+        if not 1 <= k <= N - 1:
+            raise ValueError(f"k_nearest: expected 1 <= k_nearest <= num_classes - 1 = {N - 1}, got {k}")
+        self.num_classes, self.channels, self.height, self.width, self.k_nearest = N, C, H, W, k
+        self.fc = _choice(fc, "fc", _FC_MODES)
+        self.triplet = _choice(triplet, "triplet", _TRIPLET_MODES)
+        self.triplet_weight = check_real(triplet_weight, "triplet_weight", lo=0.0)
+        self.margin = check_real(margin, "margin", lo=0.0)
+        self.seed = None if seed is None else check_int(seed, "seed", lo=0)
+        if n_threads is not None:
+            resolve_threads(n_threads)
+        self.n_threads = n_threads
+        self.training = True
+
+        rng = np.random.default_rng(self.seed)
+        self._embed = rng.standard_normal((N, C, H, W), dtype=np.float32)
+        self._embed *= np.float32(1.0 / math.sqrt(C))
+        self._head = _head.init_head(H * W, self.fc, rng)
+        self._lock = threading.RLock()
+        self._nbr: np.ndarray | None = None
+        self._nbr_stale = True
+        self.neighbor_refreshes = 0
+        self.neighbor_change = float("nan")
+
+    # ------------------------------------------------------------------ configuration and state
+
+    @property
+    def S(self) -> int:
+        """Locations per map, H * W."""
+        return self.height * self.width
+
+    @property
+    def num_candidates(self) -> int:
+        """K = k_nearest + 1 classes scored per training sample."""
+        return self.k_nearest + 1
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (JSON-serialisable); QAConvGS(**model.config) rebuilds the model."""
+        return {
+            "num_classes": self.num_classes,
+            "channels": self.channels,
+            "height": self.height,
+            "width": self.width,
+            "k_nearest": self.k_nearest,
+            "fc": self.fc,
+            "triplet": self.triplet,
+            "triplet_weight": self.triplet_weight,
+            "margin": self.margin,
+            "seed": self.seed,
+            "n_threads": self.n_threads,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> QAConvGS:
+        """Build a model from `config` (as returned by `model.config`); unknown keys raise ValueError."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config: expected a mapping, got {type(config).__name__}")
+        known = set(_CONFIG_KEYS)
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"config: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+        return cls(**dict(config))
+
+    @property
+    def class_embed(self) -> np.ndarray:
+        """The live class-embedding table [N, C, H, W] float32 (updated in place by optimisers)."""
+        return self._embed
+
+    @property
+    def head_state(self) -> dict[str, np.ndarray]:
+        """The live head state (parameters and running statistics), keyed like the state_dict."""
+        return self._head
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Learnable parameters: name -> the LIVE float32 array (write into it in place to update).
+
+        Keys: class_embed, bn.weight, bn.bias, fc.weight, fc.bias, logit_bn.weight, logit_bn.bias;
+        they match the keys of `StepResult.grad_head` (plus class_embed, whose gradient is sparse).
+        """
+        out = {"class_embed": self._embed}
+        for k in _HEAD_PARAM_KEYS:
+            out[k] = self._head[k]
+        return out
+
+    def named_parameters(self):
+        """(name, live array) pairs, as parameters().items()."""
+        return iter(self.parameters().items())
+
+    def num_parameters(self) -> int:
+        return int(sum(a.size for a in self.parameters().values()))
+
+    def _expected_state(self) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """key -> (shape, is_counter)."""
+        fan = 2 * self.S if self.fc == "separate" else self.S
+        shapes: dict[str, tuple[tuple[int, ...], bool]] = {
+            "class_embed": ((self.num_classes, self.channels, self.height, self.width), False)
+        }
+        for pre in ("bn", "logit_bn"):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                shapes[f"{pre}.{name}"] = ((1,), False)
+            shapes[f"{pre}.num_batches_tracked"] = ((), True)
+        shapes["fc.weight"] = ((1, fan), False)
+        shapes["fc.bias"] = ((1,), False)
+        return {k: shapes[k] for k in _STATE_KEYS}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of every parameter and buffer, with PyTorch's key names, shapes and dtypes
+        (float32; num_batches_tracked is a 0-d int64), in PyTorch's module order."""
+        with self._lock:
+            out = {"class_embed": self._embed.copy()}
+            for k in _STATE_KEYS[1:]:
+                v = np.asarray(self._head[k])
+                out[k] = v.astype(np.int64).reshape(()) if k.endswith("num_batches_tracked") else v.copy()
+            return out
+
+    def _validate_state(self, state: Mapping[str, Any], strict: bool) -> tuple[dict, list, list]:
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state_dict: expected a mapping of name -> array, got {type(state).__name__}")
+        expected = self._expected_state()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"state_dict: key mismatch: missing {missing}, unexpected {unexpected} "
+                f"(strict=True; pass strict=False to load a subset)"
+            )
+        new: dict[str, np.ndarray] = {}
+        for k, (shape, counter) in expected.items():
+            if k not in state:
+                continue
+            name = f"state_dict[{k!r}]"
+            v = _to_numpy(state[k])
+            if counter:
+                a = np.asarray(v)
+                if a.dtype.kind not in "iu":
+                    raise TypeError(f"{name}: expected an integer counter, got dtype {a.dtype}")
+                if a.shape not in ((), (1,)):
+                    raise ValueError(f"{name}: expected shape (), got {shape_str(a.shape)}")
+                if int(a.reshape(())) < 0:
+                    raise ValueError(f"{name}: expected a count >= 0, got {int(a.reshape(()))}")
+                new[k] = np.array(int(a.reshape(())), dtype=np.int64)
+                continue
+            a = as_float32(v, name)
+            if a.shape != shape:
+                hint = f" (fc={self.fc!r} expects {shape_str(shape)})" if k == "fc.weight" else ""
+                raise ValueError(f"{name}: expected shape {shape_str(shape)}, got {shape_str(a.shape)}{hint}")
+            if k.endswith("running_var") and (a < 0).any():
+                raise ValueError(f"{name}: a variance must be >= 0, got {float(a.min())}")
+            new[k] = a  # committed with np.copyto, so sharing memory with the input is harmless
+        return new, missing, unexpected
+
+    def _commit_state(self, new: Mapping[str, np.ndarray]) -> None:
+        for k, v in new.items():
+            if k == "class_embed":
+                np.copyto(self._embed, v)
+                self._nbr_stale = True
+                continue
+            cur = self._head.get(k)
+            if (
+                isinstance(cur, np.ndarray)
+                and cur.shape == v.shape
+                and cur.dtype == v.dtype
+                and cur.flags.writeable
+            ):
+                np.copyto(cur, v)
+            else:
+                self._head[k] = v.astype(cur.dtype) if isinstance(cur, np.ndarray) else v
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> IncompatibleKeys:
+        """Load parameters and buffers (NumPy arrays or torch tensors) with PyTorch's key names.
+
+        Every key, shape and value is validated before anything is written, so on any error the
+        model is unchanged. Arrays are copied into the live parameters (references obtained from
+        parameters() stay valid). Loading class_embed marks the neighbour table stale.
+        Returns (missing_keys, unexpected_keys), both empty when strict.
+        """
+        with self._lock:
+            new, missing, unexpected = self._validate_state(state_dict, bool(strict))
+            self._commit_state(new)
+        return IncompatibleKeys(missing, unexpected)
+
+    def save(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> None:
+        """Write config + state (+ the current neighbour table, + `extra` arrays) to one .npz, atomically."""
+        from .checkpoint import save_checkpoint
+
+        extra = dict(extra or {})
+        if any(str(k).startswith("_qaconv_gs.") for k in extra):
+            raise ValueError("extra: keys starting with '_qaconv_gs.' are reserved")
+        with self._lock:
+            if self._nbr is not None and not self._nbr_stale:
+                extra[_NBR_EXTRA_KEY] = self._nbr
+            save_checkpoint(path, self.config, self.state_dict(), extra=extra)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, return_extra: bool = False, n_threads: object = "saved"):
+        """Rebuild a model from a file written by save(); with return_extra also return its extra arrays.
+
+        n_threads: "saved" (default) keeps the saved setting, otherwise None or an integer.
+        Raises ValueError for a truncated, corrupt, wrong-version or inconsistent file.
+        """
+        from .checkpoint import load_checkpoint
+
+        config, state, extra = load_checkpoint(path)
+        config = dict(config)
+        if not (isinstance(n_threads, str) and n_threads == "saved"):
+            config["n_threads"] = n_threads
+        try:
+            model = cls.from_config(config)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{os.fspath(path)}: checkpoint has an invalid model config ({exc})") from exc
+        try:
+            model.load_state_dict(state)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{os.fspath(path)}: checkpoint state does not match its config ({exc})"
+            ) from exc
+        extra = model._adopt_saved_neighbors(extra)
+        return (model, extra) if return_extra else model
+
+    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, np.ndarray]:
+        """Load a checkpoint written by save() into this model (in place) and return its extra arrays.
+
+        The saved architecture (num_classes, channels, height, width, fc) must equal this model's;
+        hyperparameters (k_nearest, triplet, weights, threads) stay this model's. On any error
+        (unreadable file, mismatch) a ValueError is raised and the model is unchanged.
+        """
+        from .checkpoint import load_checkpoint
+
+        config, state, extra = load_checkpoint(path)
+        for key in ("num_classes", "channels", "height", "width", "fc"):
+            if config.get(key) != getattr(self, key):
+                raise ValueError(
+                    f"{os.fspath(path)}: checkpoint {key}={config.get(key)!r} does not match this model's "
+                    f"{key}={getattr(self, key)!r}"
+                )
+        with self._lock:
+            try:
+                new, _, _ = self._validate_state(state, True)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{os.fspath(path)}: checkpoint state is invalid ({exc})") from exc
+            self._commit_state(new)
+            return self._adopt_saved_neighbors(extra)
+
+    def _adopt_saved_neighbors(self, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Restore a saved neighbour table when it fits this model; return extra without it."""
+        extra = dict(extra)
+        nbr = extra.pop(_NBR_EXTRA_KEY, None)
+        if nbr is not None:
+            nbr = np.asarray(nbr)
+            ok = (
+                nbr.shape == (self.num_classes, self.k_nearest)
+                and nbr.dtype.kind in "iu"
+                and (nbr.size == 0 or (nbr.min() >= 0 and nbr.max() < self.num_classes))
+            )
+            if ok:
+                table = np.ascontiguousarray(nbr, dtype=np.int64)
+                table.setflags(write=False)
+                self._nbr, self._nbr_stale = table, False
+        return extra
+
+    # ------------------------------------------------------------------ modes and neighbours
+
+    def train(self, mode: bool = True) -> QAConvGS:
+        """Training mode (default): batch-statistics computations also update the running statistics."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> QAConvGS:
+        """Eval mode: forward_backward / scores still use batch statistics but no longer update the
+        running statistics (match, match_pairs, identify always use the running statistics)."""
+        return self.train(False)
+
+    @property
+    def class_neighbors(self) -> np.ndarray:
+        """[N, k_nearest] int64 (read-only) nearest other classes of each class, by cosine similarity of
+        the class embeddings. Computed lazily: on first use after construction, on_epoch_start() or
+        load_state_dict(); then kept fixed while the embeddings train (as the seed system does per epoch)."""
+        with self._lock:
+            if self._nbr is None or self._nbr_stale:
+                self._refresh_locked()
+            return self._nbr
+
+    @property
+    def neighbors_stale(self) -> bool:
+        """True when the next access to class_neighbors will recompute the table."""
+        return self._nbr is None or self._nbr_stale
+
+    def on_epoch_start(self) -> None:
+        """Mark the neighbour table stale; the next training step recomputes it from the embeddings."""
+        self._nbr_stale = True
+
+    def refresh_neighbors(self) -> np.ndarray:
+        """Recompute the neighbour table now and return it."""
+        with self._lock:
+            self._refresh_locked()
+            return self._nbr
+
+    def _refresh_locked(self) -> None:
+        table = _neighbors.class_neighbors(self._embed, self.k_nearest, n_threads=self.n_threads)
+        table = np.ascontiguousarray(table, dtype=np.int64)
+        self.neighbor_change = _neighbor_change(self._nbr, table)
+        table.setflags(write=False)
+        self._nbr, self._nbr_stale = table, False
+        self.neighbor_refreshes += 1
+
+    # ------------------------------------------------------------------ validation helpers
+
+    def _features(self, x: object, name: str) -> np.ndarray:
+        a = as_float32(x, name, ndim=4)
+        want = (self.channels, self.height, self.width)
+        if a.shape[1:] != want:
+            raise ValueError(
+                f"{name}: expected shape (B, {self.channels}, {self.height}, {self.width}) (model C, H, W), "
+                f"got {shape_str(a.shape)}"
+            )
+        return a
+
+    def _batch(self, features: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
+        X = self._features(features, "features")
+        y = as_labels(labels, "labels", n=X.shape[0], num_classes=self.num_classes)
+        return X, y
+
+    def _head_for_step(self) -> dict:
+        """The live head in training mode; in eval mode a copy whose running statistics are discarded."""
+        if self.training:
+            return self._head
+        h = dict(self._head)
+        for k in _RUNNING_KEYS:
+            h[k] = np.array(self._head[k], copy=True)
+        return h
+
+    def _candidates(self, y: np.ndarray) -> np.ndarray:
+        nbr = self.class_neighbors
+        return np.concatenate([y[:, None], nbr[y]], axis=1)
+
+    def _restricted_forward(self, X: np.ndarray, y: np.ndarray, head: dict):
+        """Shared front half of scores() and forward_backward()."""
+        nt = self.n_threads
+        cand = self._candidates(y)
+        ids = np.unique(cand)
+        local = np.searchsorted(ids, cand)
+        # Only the candidate rows are normalised (never the whole table).
+        En, En_norms = _matching.normalize(self._embed[ids], n_threads=nt)
+        Xn, Xn_norms = _matching.normalize(X, n_threads=nt)
+        mp, mg, ap, ag = _matching.pair_maxima_restricted(Xn, En, local, return_argmax=True, n_threads=nt)
+        scores, cache = _head.head_forward(mp, mg, head, fc=self.fc, training=True, n_threads=nt)
+        return cand, ids, local, Xn, Xn_norms, En, En_norms, (ap, ag), scores, cache
+
+    # ------------------------------------------------------------------ training maths
+
+    def forward_backward(self, features: object, labels: object) -> StepResult:
+        """One training step's maths: loss, accuracies and all gradients; parameters are not changed.
+
+        Args:
+            features: [B, C, H, W] feature maps (any real array-like; converted to float32 once).
+            labels: [B] class ids in [0, num_classes).
+
+        Returns:
+            StepResult (see its docstring). In training mode the head's running statistics are updated
+            (once per head call: twice per step with triplet="batch"), as any training-mode forward.
+        """
+        with self._lock:
+            X, y = self._batch(features, labels)
+            return self._forward_backward(X, y)
+
+    def _forward_backward(self, X: np.ndarray, y: np.ndarray) -> StepResult:
+        nt = self.n_threads
+        B = X.shape[0]
+        head = self._head_for_step()
+        cand, ids, local, Xn, Xn_norms, En, En_norms, (ap, ag), scores, cache = self._restricted_forward(
+            X, y, head
+        )
+        extra_grad_xn = None
+        extra_grad_head = None
+        if self.triplet == "class":
+            cl = _losses.class_loss(scores, self.margin, self.triplet_weight, n_threads=nt)
+            loss_t, acc_t = float(cl.loss_triplet), float(cl.acc_triplet)
+        else:
+            cl = _losses.class_loss(scores, self.margin, 0.0, n_threads=nt)
+            loss_t = acc_t = 0.0
+            if B >= 2:  # one sample has no in-batch pair to rank (and BN needs >= 2 values)
+                bmp, bmg, bap, bag = _matching.pair_maxima(Xn, Xn, return_argmax=True, n_threads=nt)
+                bscores, bcache = _head.head_forward(bmp, bmg, head, fc=self.fc, training=True, n_threads=nt)
+                del bmp, bmg
+                tl, tgrad, tacc = _losses.batch_triplet(
+                    bscores, y, self.margin, return_accuracy=True, n_threads=nt
+                )
+                loss_t, acc_t = float(tl), float(tacc)
+                tgrad = np.asarray(tgrad, dtype=np.float32) * np.float32(self.triplet_weight)
+                gbmp, gbmg, extra_grad_head = _head.head_backward(tgrad, bcache, n_threads=nt)
+                gp, gg = _matching.pair_maxima_backward(gbmp, gbmg, bap, bag, Xn, Xn, n_threads=nt)
+                extra_grad_xn = gp + gg
+                del gbmp, gbmg, bap, bag, gp, gg
+        gmp, gmg, grad_head = _head.head_backward(cl.grad, cache, n_threads=nt)
+        grad_head = {k: np.asarray(v, dtype=np.float32) for k, v in grad_head.items()}
+        if extra_grad_head is not None:
+            for k in grad_head:
+                grad_head[k] = grad_head[k] + np.asarray(extra_grad_head[k], dtype=np.float32)
+        gXn, gEn = _matching.pair_maxima_restricted_backward(gmp, gmg, ap, ag, Xn, En, local, n_threads=nt)
+        del gmp, gmg, ap, ag
+        if extra_grad_xn is not None:
+            gXn = gXn + extra_grad_xn
+        grad_x = _matching.normalize_backward(gXn, Xn, Xn_norms, n_threads=nt)
+        grad_rows = _matching.normalize_backward(gEn, En, En_norms, n_threads=nt)
+        loss_cls = float(cl.loss_cls)
+        return StepResult(
+            loss=loss_cls + self.triplet_weight * loss_t,
+            loss_cls=loss_cls,
+            loss_triplet=loss_t,
+            acc_cls=float(cl.acc_cls),
+            acc_triplet=acc_t,
+            scores=np.asarray(scores, dtype=np.float32).reshape(B, -1),
+            candidates=cand,
+            grad_features=grad_x,
+            grad_embed_ids=ids,
+            grad_embed_rows=grad_rows,
+            grad_head=grad_head,
+        )
+
+    def scores(self, features: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
+        """Restricted training-mode scores (batch statistics over the B x K pairs of this call).
+
+        Returns (scores [B, K] float32, candidates [B, K] int64), K = k_nearest + 1, target first.
+        In training mode this updates the running statistics, as a training-mode forward does.
+        """
+        with self._lock:
+            X, y = self._batch(features, labels)
+            out = self._restricted_forward(X, y, self._head_for_step())
+            return np.asarray(out[8], dtype=np.float32).reshape(X.shape[0], -1), out[0]
+
+    def dense_scores(self, features: object, labels: object, fill: float = -np.inf) -> np.ndarray:
+        """scores() scattered into a dense [B, N] float32 matrix; non-candidate classes get `fill`
+        (-inf: absent from a softmax; fill=0.0 gives the seed system's sparse-matrix layout)."""
+        if isinstance(fill, (bool, np.bool_)) or not isinstance(fill, (int, float, np.integer, np.floating)):
+            raise TypeError(f"fill: expected a real number, got {type(fill).__name__}")
+        s, cand = self.scores(features, labels)
+        out = np.full((s.shape[0], self.num_classes), np.float32(fill), dtype=np.float32)
+        np.put_along_axis(out, cand, s, axis=1)
+        return out
+
+    # ------------------------------------------------------------------ evaluation (running statistics)
+
+    def _eval_affine(self) -> tuple[np.ndarray, float]:
+        w, b = _head.head_eval_affine(self._head, self.S, self.fc)
+        return np.ascontiguousarray(w, dtype=np.float32), float(b)
+
+    def match(self, probe: object, gallery: object) -> np.ndarray:
+        """Eval-mode QAConv scores of every probe against every gallery map.
+
+        probe [P, C, H, W], gallery [G, C, H, W] -> [P, G] float32; memory O(P*G + tiles)."""
+        P = self._features(probe, "probe")
+        G = self._features(gallery, "gallery")
+        nt = self.n_threads
+        w, b = self._eval_affine()
+        Pn, _ = _matching.normalize(P, n_threads=nt)
+        Gn, _ = _matching.normalize(G, n_threads=nt)
+        return _matching.match_scores(Pn, Gn, w, b, n_threads=nt)
+
+    def match_pairs(self, a: object, b: object) -> np.ndarray:
+        """Eval-mode scores of aligned pairs: a, b [n, C, H, W] -> [n] float32 (score of a[i] vs b[i])."""
+        A = self._features(a, "a")
+        Bm = self._features(b, "b")
+        if A.shape[0] != Bm.shape[0]:
+            raise ValueError(f"b: expected {A.shape[0]} maps to pair with a, got {Bm.shape[0]}")
+        nt = self.n_threads
+        w, bias = self._eval_affine()
+        S = self.S
+        w64 = w.astype(np.float64)
+        out = np.empty(A.shape[0], dtype=np.float32)
+        for s in range(0, A.shape[0], _PAIRS_BLOCK):
+            e = min(A.shape[0], s + _PAIRS_BLOCK)
+            An, _ = _matching.normalize(A[s:e], n_threads=nt)
+            Bn, _ = _matching.normalize(Bm[s:e], n_threads=nt)
+            diag = np.arange(e - s, dtype=np.int64)[:, None]
+            mp, mg = _matching.pair_maxima_restricted(An, Bn, diag, n_threads=nt)
+            out[s:e] = mp[:, 0] @ w64[:S] + mg[:, 0] @ w64[S:] + bias
+        return out
+
+    def identify(self, features: object, top: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """Identification against all class embeddings, eval mode.
+
+        features [B, C, H, W] -> (ids [B, top] int64, scores [B, top] float32), best first, ties to the
+        lower class id. Classes are scored in blocks, so memory stays O(B * (top + block))."""
+        X = self._features(features, "features")
+        top = check_int(top, "top", lo=1, hi=self.num_classes)
+        nt = self.n_threads
+        w, b = self._eval_affine()
+        Xn, _ = _matching.normalize(X, n_threads=nt)
+        B = X.shape[0]
+        best_ids = np.empty((B, 0), dtype=np.int64)
+        best_sc = np.empty((B, 0), dtype=np.float32)
+        block = max(_IDENTIFY_BLOCK, top)
+        with self._lock:
+            for s in range(0, self.num_classes, block):
+                e = min(self.num_classes, s + block)
+                En, _ = _matching.normalize(self._embed[s:e], n_threads=nt)
+                sc = _matching.match_scores(Xn, En, w, b, n_threads=nt)
+                # Earlier blocks hold lower ids, so a stable sort keeps ties on the lower id.
+                ids = np.concatenate(
+                    [best_ids, np.broadcast_to(np.arange(s, e, dtype=np.int64), (B, e - s))], 1
+                )
+                cat = np.concatenate([best_sc, sc], axis=1)
+                order = np.argsort(-cat, axis=1, kind="stable")[:, :top]
+                best_ids = np.take_along_axis(ids, order, axis=1)
+                best_sc = np.take_along_axis(cat, order, axis=1)
+        return np.ascontiguousarray(best_ids), np.ascontiguousarray(best_sc, dtype=np.float32)
+
+    # ------------------------------------------------------------------ Python protocol
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        nbr = "stale" if self.neighbors_stale else f"fresh, {self.neighbor_refreshes} refresh(es)"
+        return (
+            f"QAConvGS(num_classes={self.num_classes}, channels={self.channels}, height={self.height}, "
+            f"width={self.width}, k_nearest={self.k_nearest}, fc={self.fc!r}, triplet={self.triplet!r}, "
+            f"triplet_weight={self.triplet_weight:g}, margin={self.margin:g}, seed={self.seed}, "
+            f"n_threads={self.n_threads}; {'training' if self.training else 'eval'} mode, "
+            f"{self.num_parameters():,} parameters, neighbours {nbr})"
+        )

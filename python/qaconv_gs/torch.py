@@ -1,0 +1,378 @@
+"""Optional PyTorch front end: a loss module whose forward and backward run on the qaconv-gs C kernels.
+
+    from qaconv_gs.torch import QAConvGSLoss, NeighborRefresh
+    criterion = QAConvGSLoss(num_classes=N, channels=C, height=H, width=W, k_nearest=32)
+    opt = torch.optim.SGD(list(backbone.parameters()) + list(criterion.parameters()), lr=0.005)
+    loss = criterion(backbone(images), labels)   # features [B, C, H, W] float CPU tensor
+    loss.backward(); opt.step()
+    ...; criterion.on_epoch_start()              # every epoch (or NeighborRefresh() with Lightning)
+
+Importing this module does not import torch; using QAConvGSLoss without torch installed raises an
+ImportError that says so. NeighborRefresh needs neither torch nor Lightning (it duck-types the hook,
+and becomes a real Lightning Callback subclass when Lightning is already imported).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+__all__ = ["NeighborRefresh", "QAConvGSLoss"]  # noqa: F822 - QAConvGSLoss is built lazily
+
+_cache: dict[str, Any] = {}
+
+
+def _require_torch():
+    try:
+        import torch
+    except ImportError as exc:
+        raise ImportError(
+            "qaconv_gs.torch.QAConvGSLoss needs PyTorch, which is not installed "
+            "(pip install torch); the NumPy API (qaconv_gs.QAConvGS) works without it"
+        ) from exc
+    return torch
+
+
+def _build() -> dict[str, Any]:
+    """Define the torch classes on first use (so importing this module never imports torch)."""
+    if _cache:
+        return _cache
+    torch = _require_torch()
+    import numpy as np
+    from torch import nn
+    from torch.autograd.function import once_differentiable
+
+    from .model import _HEAD_PARAM_KEYS, QAConvGS
+
+    class _QAConvGSStep(torch.autograd.Function):
+        """loss = QAConvGS step(features, params); backward returns the gradients the C kernels computed."""
+
+        @staticmethod
+        def forward(ctx, features, class_embed, bn_w, bn_b, fc_w, fc_b, lbn_w, lbn_b, module, labels):
+            core = module._sync()
+            x = features.detach()
+            if x.device.type != "cpu" or x.dtype != torch.float32:
+                x = x.to(device="cpu", dtype=torch.float32)
+            lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels
+            res = core.forward_backward(x.numpy(), lab)
+            module._after_step(core, res)
+            ctx.res = res
+            ctx.embed_shape = tuple(class_embed.shape)
+            ctx.feature_meta = (features.device, features.dtype)
+            ctx.param_meta = [(p.device, p.dtype) for p in (bn_w, bn_b, fc_w, fc_b, lbn_w, lbn_b)]
+            dtype = features.dtype if features.is_floating_point() else torch.float32
+            return torch.tensor(res.loss, dtype=dtype, device=features.device)
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, grad_out):
+            res = ctx.res
+            g = grad_out.detach().to("cpu", torch.float64)
+            need = ctx.needs_input_grad
+            grads: list[Any] = [None] * 10
+            if need[0]:
+                dev, dt = ctx.feature_meta
+                grads[0] = (torch.from_numpy(res.grad_features).to(torch.float64) * g).to(dev, dt)
+            if need[1]:
+                ge = torch.zeros(ctx.embed_shape, dtype=torch.float32)
+                ids = torch.from_numpy(res.grad_embed_ids)
+                ge[ids] = (torch.from_numpy(res.grad_embed_rows).to(torch.float64) * g).to(torch.float32)
+                grads[1] = ge
+            for i, key in enumerate(_HEAD_PARAM_KEYS):
+                if need[2 + i]:
+                    dev, dt = ctx.param_meta[i]
+                    gk = torch.from_numpy(np.asarray(res.grad_head[key], dtype=np.float64)) * g
+                    grads[2 + i] = gk.to(dev, dt)
+            ctx.res = None
+            return tuple(grads)
+
+    class QAConvGSLoss(nn.Module):
+        """QAConv-GS loss as an nn.Module: features [B, C, H, W] + labels [B] -> scalar loss tensor.
+
+        Same arguments as qaconv_gs.QAConvGS. Parameters: class_embed [N, C, H, W] and the head
+        (bn, fc, logit_bn as nn.BatchNorm1d(1) / nn.Linear submodules, so state_dict keys equal
+        QAConvGS.state_dict()'s and the running statistics are buffers). Forward and backward call
+        the C kernels; parameters must stay float32 CPU tensors, features may be any float dtype or
+        device (they are copied to the CPU for the kernels and the gradient goes back).
+        `last_result` holds the StepResult of the last forward (accuracies, scores, candidates).
+        Training mode updates the running statistics; eval mode computes the same batch-statistics
+        loss without updating them (see QAConvGS.eval).
+        """
+
+        def __init__(
+            self,
+            num_classes,
+            channels,
+            height,
+            width,
+            k_nearest=32,
+            fc="separate",
+            triplet="class",
+            triplet_weight=0.5,
+            margin=1.0,
+            seed=None,
+            n_threads=None,
+        ):
+            super().__init__()
+            core = QAConvGS(
+                num_classes,
+                channels,
+                height,
+                width,
+                k_nearest=k_nearest,
+                fc=fc,
+                triplet=triplet,
+                triplet_weight=triplet_weight,
+                margin=margin,
+                seed=seed,
+                n_threads=n_threads,
+            )
+            self._init_from(core)
+
+        def _init_from(self, core: QAConvGS) -> None:
+            self._core = core
+            fan = 2 * core.S if core.fc == "separate" else core.S
+            self.class_embed = nn.Parameter(torch.empty(core.class_embed.shape, dtype=torch.float32))
+            self.bn = nn.BatchNorm1d(1)
+            # skip_init: the weights are overwritten below, and torch's global RNG stays untouched
+            self.fc = torch.nn.utils.skip_init(nn.Linear, fan, 1)
+            self.logit_bn = nn.BatchNorm1d(1)
+            state = {k: torch.from_numpy(np.array(v)) for k, v in core.state_dict().items()}
+            nn.Module.load_state_dict(self, state, strict=True)
+            self.last_result = None
+
+        @classmethod
+        def from_model(cls, model: QAConvGS) -> QAConvGSLoss:
+            """A loss module with `model`'s config and a copy of its weights and running statistics."""
+            if not isinstance(model, QAConvGS):
+                raise TypeError(f"model: expected a qaconv_gs.QAConvGS, got {type(model).__name__}")
+            obj = cls.__new__(cls)
+            nn.Module.__init__(obj)
+            core = QAConvGS.from_config(model.config)
+            core.load_state_dict(model.state_dict())
+            core.training = model.training
+            obj._init_from(core)
+            obj.train(model.training)
+            return obj
+
+        def to_model(self) -> QAConvGS:
+            """A standalone NumPy QAConvGS with this module's config and a copy of its current state."""
+            m = QAConvGS.from_config(self._core.config)
+            m.load_state_dict(self.state_dict())
+            return m.train(self.training)
+
+        @property
+        def config(self) -> dict:
+            return self._core.config
+
+        # The NumPy model computes on views of this module's tensors, bound afresh every call, so
+        # optimizer updates, load_state_dict and .to() in between are all seen.
+        def _tensor_view(self, t, name):
+            if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.int64):
+                raise TypeError(
+                    f"QAConvGSLoss.{name}: kernels need float32 CPU parameters, got {t.dtype} on {t.device}; "
+                    f"keep the loss module on the CPU in float32 (features may live elsewhere)"
+                )
+            if not t.is_contiguous():
+                raise ValueError(f"QAConvGSLoss.{name}: expected a contiguous tensor")
+            return t.detach().numpy()
+
+        def _tensors(self) -> dict:
+            out = {"class_embed": self.class_embed}
+            for pre in ("bn", "logit_bn"):
+                mod = getattr(self, pre)
+                out.update(
+                    {
+                        f"{pre}.weight": mod.weight,
+                        f"{pre}.bias": mod.bias,
+                        f"{pre}.running_mean": mod.running_mean,
+                        f"{pre}.running_var": mod.running_var,
+                        f"{pre}.num_batches_tracked": mod.num_batches_tracked,
+                    }
+                )
+            out.update({"fc.weight": self.fc.weight, "fc.bias": self.fc.bias})
+            return out
+
+        def _sync(self) -> QAConvGS:
+            core = self._core
+            views = {k: self._tensor_view(t, k) for k, t in self._tensors().items()}
+            emb = views.pop("class_embed")
+            if emb.shape != core.class_embed.shape:
+                raise ValueError(
+                    f"QAConvGSLoss.class_embed: expected shape {core.class_embed.shape}, got {emb.shape}"
+                )
+            core._embed = emb
+            core._head.update(views)
+            core.training = self.training
+            self._views = views
+            return core
+
+        def _after_step(self, core: QAConvGS, res) -> None:
+            # Running statistics are updated in place in the views; copy back any the head replaced.
+            for k, v in self._views.items():
+                cur = core._head[k]
+                if cur is not v:
+                    np.copyto(v, np.asarray(cur, dtype=v.dtype).reshape(v.shape))
+                    core._head[k] = v
+            self.last_result = res
+
+        def forward(self, features, labels):
+            """features [B, C, H, W] float tensor (any device), labels [B] ints -> loss (0-d tensor)."""
+            if not isinstance(features, torch.Tensor):
+                raise TypeError(f"features: expected a torch.Tensor, got {type(features).__name__}")
+            if not features.is_floating_point():
+                raise TypeError(f"features: expected a floating-point tensor, got {features.dtype}")
+            return _QAConvGSStep.apply(
+                features,
+                self.class_embed,
+                self.bn.weight,
+                self.bn.bias,
+                self.fc.weight,
+                self.fc.bias,
+                self.logit_bn.weight,
+                self.logit_bn.bias,
+                self,
+                labels,
+            )
+
+        # ---- neighbours (delegated to the NumPy model)
+        @property
+        def class_neighbors(self):
+            self._sync()
+            return self._core.class_neighbors
+
+        def on_epoch_start(self) -> None:
+            """Mark the neighbour table stale; the next forward recomputes it from class_embed."""
+            self._core.on_epoch_start()
+
+        def refresh_neighbors(self):
+            self._sync()
+            return self._core.refresh_neighbors()
+
+        @property
+        def neighbor_refreshes(self) -> int:
+            return self._core.neighbor_refreshes
+
+        @property
+        def neighbor_change(self) -> float:
+            return self._core.neighbor_change
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+            self._core.on_epoch_start()  # new embeddings: neighbours must follow
+            return out
+
+        # ---- evaluation helpers (eval-mode head, running statistics)
+        def match(self, probe, gallery):
+            """Eval-mode scores [P, G] as a float32 tensor (no gradient)."""
+            return torch.from_numpy(self._sync().match(probe, gallery))
+
+        def identify(self, features, top=5):
+            ids, sc = self._sync().identify(features, top=top)
+            return torch.from_numpy(ids), torch.from_numpy(sc)
+
+        def extra_repr(self) -> str:
+            c = self._core
+            return (
+                f"num_classes={c.num_classes}, channels={c.channels}, height={c.height}, width={c.width}, "
+                f"k_nearest={c.k_nearest}, fc={c.fc!r}, triplet={c.triplet!r}, "
+                f"triplet_weight={c.triplet_weight:g}, margin={c.margin:g}"
+            )
+
+    _cache.update(QAConvGSLoss=QAConvGSLoss, _QAConvGSStep=_QAConvGSStep)
+    return _cache
+
+
+def __getattr__(name: str):
+    if name in ("QAConvGSLoss", "_QAConvGSStep"):
+        return _build()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ------------------------------------------------------------------ Lightning-style callback
+
+_mixed_types: dict[type, type] = {}
+
+
+def _lightning_callback_base() -> type | None:
+    """Lightning's Callback class if Lightning is already imported (never imports it ourselves)."""
+    for mod in ("lightning.pytorch", "pytorch_lightning"):
+        m = sys.modules.get(mod)
+        base = getattr(m, "Callback", None) if m is not None else None
+        if isinstance(base, type):
+            return base
+    return None
+
+
+def _targets(pl_module: Any) -> list:
+    """Objects below pl_module that own a neighbour table (QAConvGSLoss modules or QAConvGS models)."""
+
+    def owns(obj: Any) -> bool:
+        return callable(getattr(obj, "refresh_neighbors", None)) and callable(
+            getattr(obj, "on_epoch_start", None)
+        )
+
+    found: list = []
+    seen: set[int] = set()
+
+    def add(obj: Any) -> None:
+        if id(obj) not in seen and owns(obj):
+            seen.add(id(obj))
+            found.append(obj)
+
+    add(pl_module)
+    modules = getattr(pl_module, "modules", None)
+    if callable(modules):
+        try:
+            for m in modules():
+                add(m)
+        except TypeError:
+            pass
+    for v in list(getattr(pl_module, "__dict__", {}).values()):
+        add(v)
+    return found
+
+
+class NeighborRefresh:
+    """Callback that marks the QAConv-GS neighbour table stale at every training epoch start.
+
+    Works with Lightning (`Trainer(callbacks=[NeighborRefresh()])`; an instance is a real
+    `Callback` subclass when Lightning is imported before it is created) and with any loop that
+    calls `on_train_epoch_start(trainer, pl_module)`.
+
+    Args:
+        target: the QAConvGSLoss (or QAConvGS) to refresh; None finds every such object among
+            pl_module, its submodules and its attributes at each epoch start (error if none).
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        base = _lightning_callback_base()
+        if base is not None and not issubclass(cls, base):
+            mixed = _mixed_types.get(cls)
+            if mixed is None:
+                mixed = type(
+                    cls.__name__,
+                    (cls, base),
+                    {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
+                )
+                _mixed_types[cls] = mixed
+            cls = mixed
+        return object.__new__(cls)
+
+    def __init__(self, target: Any = None) -> None:
+        self.target = target
+        self.calls = 0
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        targets = [self.target] if self.target is not None else _targets(pl_module)
+        if not targets:
+            raise RuntimeError(
+                "NeighborRefresh: found no QAConvGSLoss / QAConvGS in the module; pass it explicitly, "
+                "NeighborRefresh(target=loss_module)"
+            )
+        for t in targets:
+            t.on_epoch_start()
+        self.calls += 1
+
+    def __repr__(self) -> str:
+        return f"NeighborRefresh(target={type(self.target).__name__ if self.target is not None else None})"
