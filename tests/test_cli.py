@@ -140,3 +140,18 @@ def test_demo_default_is_fast_and_learns(tmp_path):
     }
     assert float(rows["restricted"][-1]) > 0.5 and float(rows["restricted"][-2]) < 0.05  # chance is 0.01
     assert elapsed < 60, f"demo took {elapsed:.1f} s"
+
+
+def test_quickstart_runs_top_to_bottom(tmp_path):
+    if not all(hasattr(qaconv_gs, name) for name in ("QAConvGS", "Trainer", "GraphSampler")):
+        pytest.skip("needs the top-level exports qaconv_gs.QAConvGS / Trainer / GraphSampler")
+    script = os.path.join(os.path.dirname(PYTHON_DIR), "examples", "quickstart.py")
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR, OMP_NUM_THREADS="1")
+    res = subprocess.run(
+        [sys.executable, script, str(tmp_path)], capture_output=True, text=True, env=env, timeout=180
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "held-out rank-1" in res.stdout and "resumed for one more epoch" in res.stdout
+    rank1 = float(res.stdout.split("held-out rank-1 ")[-1].split(",")[0])
+    assert rank1 > 0.5  # chance is 1/60
+    assert (tmp_path / "quickstart_curves.png").exists() and (tmp_path / "quickstart.npz").exists()

@@ -244,9 +244,10 @@ class Trainer:
       epoch (so neighbour tables, evaluation and checkpoints at epoch boundaries see up-to-date rows).
       In exact arithmetic this *is* dense SGD. How it differs in practice:
 
-      1. rounding: pending steps are applied as one float64 product rounded once to float32, instead of
-         step-by-step float32 updates, so values differ from the dense path at the float32 rounding level
-         (about 1e-7 relative per catch-up), and not bit-for-bit;
+      1. rounding: the pending steps' matrices are multiplied out in float64 and applied to the row as one
+         float32 linear map (coefficients rounded once), instead of step-by-step float32 updates, so values
+         differ from the dense path at the float32 rounding level (about 1e-7 relative per catch-up; the
+         tests bound sparse-vs-dense at 1e-5 relative after many steps), not bit-for-bit;
       2. between flushes, rows that were idle since their last use hold stale values in
          ``model.parameters()["class_embed"]``; call :meth:`flush` before reading the table yourself in the
          middle of an epoch (or after manual :meth:`step` calls);
