@@ -130,7 +130,7 @@ def test_demo_default_is_fast_and_learns(tmp_path):
     """The default demo (restricted and full runs) in < 60 s on 2 cores, held-out rank-1 far above chance."""
     pytest.importorskip("qaconv_gs.model")
     t0 = time.perf_counter()
-    res = run_module("demo", "--no-progress", "--out", str(tmp_path), "--threads", "2", timeout=300)
+    res = run_module("demo", "--no-progress", "--out", str(tmp_path), timeout=300)  # default threads
     elapsed = time.perf_counter() - t0
     assert res.returncode == 0, res.stderr
     rows = {

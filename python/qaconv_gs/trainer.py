@@ -182,7 +182,8 @@ class History:
                 if x_steps.size:
                     ax.plot(x_steps, self.steps[k], color=colors[k], alpha=0.25, linewidth=0.8)
                 if x_epochs.size:
-                    ax.plot(x_epochs, self.epoch_values(k), "o-", color=colors[k], label=k)
+                    style = "^--" if k.endswith("triplet") else "o-"  # acc_triplet often equals acc_cls
+                    ax.plot(x_epochs, self.epoch_values(k), style, color=colors[k], label=k)
         known = {"epoch", "steps", "samples", "lr", "neighbor_change", "time", *_STEP_KEYS}
         extras = sorted({k for e in self.epochs for k in e} - known)
         for i, k in enumerate(extras):
