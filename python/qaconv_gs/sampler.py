@@ -1,0 +1,169 @@
+"""GraphSampler: QAConv-GS batches made of a centre class and its nearest classes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Union
+
+import numpy as np
+
+from ._validate import _to_array, as_labels, check_int, shape_str
+
+NeighborSource = Union[None, np.ndarray, Callable[[], object]]
+
+
+class GraphSampler:
+    """Graph sampling for QAConv-GS: every batch is one centre class plus its nearest classes.
+
+    One epoch (one pass of ``iter(sampler)``):
+
+    1. every class that has samples is a centre exactly once, in a shuffled order;
+    2. the batch of a centre ``c`` holds ``P = batch_size // num_instances`` classes: ``c`` first, then
+       ``neighbors[c, 0], neighbors[c, 1], ...`` in order, skipping classes already in the batch and classes
+       without samples. If the table row runs out before ``P`` classes, the batch is filled with random other
+       classes (so batches keep their size); with ``neighbors=None`` every batch is the centre plus random
+       classes (a plain P x K sampler);
+    3. each class contributes ``num_instances`` samples, read through a per-class cyclic pointer over a list
+       of its sample indices shuffled at the start of the epoch (a class with fewer samples repeats them);
+    4. the whole batches are shuffled (batch order only; each batch stays contiguous).
+
+    Randomness comes from ``numpy.random.default_rng([seed, epoch])``, so an epoch's batches depend only on
+    ``seed``, the epoch number and the neighbour table: ``set_epoch(e)`` (called by ``Trainer.fit``) makes
+    resumed training reproduce an uninterrupted run. Without ``set_epoch`` every ``iter()`` advances the
+    epoch by one.
+
+    Args:
+        labels: [n] integer class ids (>= 0) of the data set the indices refer to.
+        batch_size: samples per batch, a multiple of ``num_instances`` is expected (the remainder is dropped).
+        num_instances: samples per class in a batch (K of P x K), >= 1.
+        neighbors: None, an [N, k] integer table (row ``c`` = classes nearest to class ``c``, nearest first,
+            N > max label), or a zero-argument callable returning such a table. A callable is called once at
+            the start of every epoch, so ``neighbors=lambda: model.class_neighbors`` makes the graph follow
+            the model's current class embeddings epoch by epoch.
+        seed: int seed; None draws one from the OS entropy pool at construction.
+
+    Iterating yields int64 index arrays of length ``P * num_instances`` (fewer only when the data set has
+    fewer than ``P`` classes). ``len(sampler)`` is the number of batches per epoch (= number of classes with
+    samples).
+    """
+
+    def __init__(
+        self,
+        labels: object,
+        batch_size: int = 64,
+        num_instances: int = 2,
+        neighbors: NeighborSource = None,
+        seed: int | None = None,
+    ) -> None:
+        self.labels = as_labels(labels, "labels")
+        if self.labels.size == 0:
+            raise ValueError("labels: expected a non-empty array, got shape (0,)")
+        if int(self.labels.min()) < 0:
+            raise ValueError(f"labels: values must be >= 0, got {int(self.labels.min())}")
+        self.batch_size = check_int(batch_size, "batch_size", lo=1)
+        self.num_instances = check_int(num_instances, "num_instances", lo=1)
+        if self.batch_size < self.num_instances:
+            raise ValueError(
+                f"batch_size: expected >= num_instances = {self.num_instances}, got {self.batch_size}"
+            )
+        self.classes_per_batch = self.batch_size // self.num_instances
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2**63))
+        self.seed = check_int(seed, "seed", lo=0)
+        if neighbors is not None and not callable(neighbors):
+            neighbors = self._check_table(neighbors)
+        self.neighbors = neighbors
+        self.epoch = 0
+
+        self.num_classes = int(self.labels.max()) + 1
+        order = np.argsort(self.labels, kind="stable")
+        counts = np.bincount(self.labels, minlength=self.num_classes)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        #: class id -> its sample indices (ascending), for classes with samples
+        self.class_indices: dict[int, np.ndarray] = {
+            int(c): order[starts[c] : starts[c + 1]] for c in np.flatnonzero(counts)
+        }
+        self.classes = np.flatnonzero(counts).astype(np.int64)
+        self._has_samples = counts > 0
+
+    def _check_table(self, table: object) -> np.ndarray:
+        a = _to_array(table, "neighbors")
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"neighbors: expected an integer array, got dtype {a.dtype}")
+        if a.ndim != 2:
+            raise ValueError(f"neighbors: expected a 2-d [N, k] array, got shape {shape_str(a.shape)}")
+        a = np.ascontiguousarray(a, dtype=np.int64)
+        n_labels = int(self.labels.max()) + 1
+        if a.shape[0] < n_labels:
+            raise ValueError(
+                f"neighbors: expected at least {n_labels} rows (max label + 1), "
+                f"got shape {shape_str(a.shape)}"
+            )
+        if a.size and (a.min() < 0 or a.max() >= a.shape[0]):
+            bad = int(a.min()) if a.min() < 0 else int(a.max())
+            raise ValueError(f"neighbors: values must be in [0, {a.shape[0]}), got {bad}")
+        return a
+
+    def current_neighbors(self) -> np.ndarray | None:
+        """The neighbour table this epoch uses (calls the callable, validates)."""
+        if self.neighbors is None:
+            return None
+        if callable(self.neighbors):
+            return self._check_table(self.neighbors())
+        return self.neighbors
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` produce the batches of epoch ``epoch`` (0-based)."""
+        self.epoch = check_int(epoch, "epoch", lo=0)
+
+    def __len__(self) -> int:
+        return int(self.classes.size)
+
+    def batch_classes(self, centre: int, table: np.ndarray | None, rng: np.random.Generator) -> list[int]:
+        """Classes of the batch centred on ``centre`` (centre first, then neighbours in order)."""
+        want = min(self.classes_per_batch, int(self.classes.size))
+        members = [int(centre)]
+        seen = {int(centre)}
+        if table is not None and centre < table.shape[0]:
+            for c in table[centre]:
+                if len(members) >= want:
+                    break
+                c = int(c)
+                if c in seen or c >= self._has_samples.size or not self._has_samples[c]:
+                    continue
+                members.append(c)
+                seen.add(c)
+        if len(members) < want:
+            rest = self.classes[~np.isin(self.classes, members)]
+            extra = rng.choice(rest, size=want - len(members), replace=False)
+            members.extend(int(c) for c in extra)
+        return members
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        table = self.current_neighbors()
+        pools = {c: rng.permutation(idx) for c, idx in self.class_indices.items()}
+        pointers = dict.fromkeys(pools, 0)
+        batches = []
+        for centre in rng.permutation(self.classes):
+            parts = []
+            for c in self.batch_classes(int(centre), table, rng):
+                pool, p = pools[c], pointers[c]
+                take = (p + np.arange(self.num_instances)) % pool.size
+                parts.append(pool[take])
+                pointers[c] = (p + self.num_instances) % pool.size
+            batches.append(np.concatenate(parts))
+        for i in rng.permutation(len(batches)):
+            yield batches[i]
+
+    def __repr__(self) -> str:
+        source = "callable" if callable(self.neighbors) else "none" if self.neighbors is None else "table"
+        return (
+            f"GraphSampler(samples={self.labels.size}, classes={self.classes.size}, "
+            f"batch_size={self.batch_size}, "
+            f"num_instances={self.num_instances}, neighbors={source}, seed={self.seed})"
+        )
+
+
+__all__ = ["GraphSampler"]
