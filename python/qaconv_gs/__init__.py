@@ -5,11 +5,13 @@ Exact C11 + OpenMP kernels behind a NumPy API; PyTorch is an optional front end 
 
 from __future__ import annotations
 
-from . import _native, functional
+from . import _native, data, functional
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import match
 from .model import QAConvGS, StepResult
 from .neighbors import class_neighbors
+from .sampler import GraphSampler
+from .trainer import History, Trainer, lr_schedule
 
 __version__ = "0.1.0"
 
@@ -30,13 +32,18 @@ def info() -> dict:
 
 
 __all__ = [
+    "GraphSampler",
+    "History",
     "QAConvGS",
     "StepResult",
+    "Trainer",
     "__version__",
     "class_neighbors",
+    "data",
     "functional",
     "info",
     "load_checkpoint",
+    "lr_schedule",
     "match",
     "openmp_enabled",
     "save_checkpoint",
