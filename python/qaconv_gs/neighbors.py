@@ -8,7 +8,7 @@ from . import _native
 from ._validate import as_float32, check_int, resolve_threads, shape_str
 
 # Rows checked per chunk for NaN/Inf: bounds the temporary bool mask (the table can be GBs).
-_FINITE_CHUNK_BYTES = 1 << 26
+_FINITE_CHUNK_BYTES = 1 << 24
 
 
 def _check_finite_rows(E: np.ndarray, original: object, name: str) -> None:
