@@ -137,7 +137,7 @@ def main() -> None:
     flops = float(args.n) * args.n * args.d
     print(f"class_neighbors benchmark: N={args.n} D={args.d} k={args.k}, median of {args.repeats}")
     print(f"useful flops per run: N*N*D = {flops:.3e}")
-    rows = []
+    print(f"{'threads':>7} {'method':>8} {'seconds':>10} {'GF/s':>8}  check vs ours", flush=True)
     for t in args.threads:
         env = dict(os.environ, OMP_NUM_THREADS=str(t), OPENBLAS_NUM_THREADS=str(t), MKL_NUM_THREADS=str(t))
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(t)]
@@ -151,18 +151,14 @@ def main() -> None:
         for name in args.methods:
             ts = res["times"].get(name)
             if ts is None:
-                rows.append((t, name, None, None, ""))
+                print(f"{t:>7} {name:>8} {'n/a':>10} {'n/a':>8}  (not installed)")
                 continue
             med = statistics.median(ts)
             chk = res["check"].get(name)
             note = f"overlap {chk['set_overlap']:.4f}, kth diff {chk['max_kth_sim_diff']:.1e}" if chk else ""
-            rows.append((t, name, med, flops / med / 1e9, note))
-    print(f"{'threads':>7} {'method':>8} {'seconds':>10} {'GF/s':>8}  check vs ours")
-    for t, name, sec, gf, note in rows:
-        if sec is None:
-            print(f"{t:>7} {name:>8} {'n/a':>10} {'n/a':>8}  (not installed)")
-        else:
-            print(f"{t:>7} {name:>8} {sec:>10.3f} {gf:>8.2f}  {note}")
+            runs = ", ".join(f"{x:.2f}" for x in ts)
+            gfs = flops / med / 1e9
+            print(f"{t:>7} {name:>8} {med:>10.3f} {gfs:>8.2f}  {note} [runs: {runs}]", flush=True)
 
 
 if __name__ == "__main__":

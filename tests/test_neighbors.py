@@ -286,6 +286,23 @@ def test_private_binding_rechecks():
         _native.neighbors_topk_ref(bad, 1, 1, False)
 
 
+def test_ctrl_c_stops_within_a_block():
+    import signal
+    import threading
+    import time
+
+    E = np.random.default_rng(3).standard_normal((3000, 4096), dtype=np.float32)  # ~1.5 s of work
+    timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            qg.class_neighbors(E, 8, n_threads=1)
+    finally:
+        timer.cancel()
+    assert time.perf_counter() - t0 < 1.0  # without polling it would raise only after the whole run
+
+
 # ---------------------------------------------------------------- memory
 
 
