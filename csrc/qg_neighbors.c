@@ -190,8 +190,7 @@ int qg_neighbors_topk_f32(const float *E, int64_t N, int64_t D, int64_t k, int64
 
     const int64_t nblk = (N + QG_NB_BLOCK - 1) / QG_NB_BLOCK;
     const int64_t T = nblk + (nblk & 1); /* teams incl. a dummy "bye" block when odd */
-    const int64_t per_round = T / 2 > nblk ? T / 2 : nblk;
-    const int nt = qg_threads_for(ctx, per_round);
+    const int nt = qg_threads_for(ctx, nblk); /* the largest round (the diagonal one) has nblk matches */
 
     const int64_t pack_floats = (int64_t)QG_NB_BLOCK * QG_NB_PANEL;
     const int64_t acc_doubles = (int64_t)QG_NB_BLOCK * QG_NB_BLOCK;
@@ -223,8 +222,9 @@ int qg_neighbors_topk_f32(const float *E, int64_t N, int64_t D, int64_t k, int64
         double nrm = sqrt(ss);
         int e = 0;
         if (nrm > 0.0) (void)frexp(nrm, &e);
-        /* |e| <= 126 keeps 2^-e a normal float; the scaled row then has norm in [0.5, 1), or at
-         * worst 2^19 (|x| near FLT_MAX) or tiny (a numerically zero row): no float overflow. */
+        /* |e| <= 126 keeps 2^-e a normal float; the scaled row then has norm in [0.5, 1), at most
+         * 4 sqrt(D) (entries near FLT_MAX), or below 1 for rows under 2^-126 (numerically zero
+         * rows, whose similarities are ~0 by the 1e-12 floor anyway): no float32 overflow. */
         e = e < -126 ? -126 : (e > 126 ? 126 : e);
         scale[i] = (float)ldexp(1.0, -e);
         w[i] = ldexp(1.0 / (nrm > 1e-12 ? nrm : 1e-12), e);
