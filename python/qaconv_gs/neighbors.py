@@ -4,12 +4,38 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _native
+from ._validate import as_float32, check_int, resolve_threads, shape_str
+
+# Rows checked per chunk for NaN/Inf: bounds the temporary bool mask (the table can be GBs).
+_FINITE_CHUNK_BYTES = 1 << 24
+
+
+def _check_finite_rows(E: np.ndarray, original: object, name: str) -> None:
+    """Raise ValueError if the float32 table holds NaN/Inf, checking row chunks (bounded memory)."""
+    rows = max(1, _FINITE_CHUNK_BYTES // max(1, E[0].nbytes))
+    bad = 0
+    for r0 in range(0, E.shape[0], rows):
+        chunk = E[r0 : r0 + rows]
+        if not np.isfinite(chunk).all():
+            bad += int(chunk.size - np.count_nonzero(np.isfinite(chunk)))
+    if not bad:
+        return
+    if original is not E and isinstance(original, np.ndarray) and np.isfinite(original).all():
+        raise ValueError(f"{name}: values exceed the float32 range (|x| > {np.finfo(np.float32).max:.4g})")
+    raise ValueError(f"{name}: contains {bad} NaN or Inf value(s); inputs must be finite")
+
 
 def class_neighbors(E, k: int, return_similarity: bool = False, n_threads: int | None = None):
     """k nearest other classes of each class embedding, by cosine similarity.
 
+    Each class embedding is flattened to D = C*H*W values and L2-normalised implicitly
+    (x / max(||x||, 1e-12); a zero embedding has similarity 0 to every class). The N x N
+    similarity matrix is never formed: memory beyond E is O(N*k) plus a few block buffers.
+
     Args:
         E: [N, C, H, W] (or [N, D]) class embeddings, any real dtype; flattened per class.
+            float32 C-contiguous input is used in place (never copied or modified).
         k: neighbours per class, 1 <= k <= N-1.
         return_similarity: also return the [N, k] float32 cosine similarities.
         n_threads: None for OpenMP's default, else >= 1. Results are identical for any value.
@@ -18,7 +44,33 @@ def class_neighbors(E, k: int, return_similarity: bool = False, n_threads: int |
         idx [N, k] int64 sorted by decreasing similarity, self excluded by index, ties to the
         lower class index; or (idx, sim) when return_similarity.
     """
-    raise NotImplementedError  # CONTRACT STUB: implemented by the neighbours work
+    return _class_neighbors(E, k, return_similarity, n_threads, _native.neighbors_topk)
+
+
+def _class_neighbors(E, k, return_similarity, n_threads, kernel):
+    arr = as_float32(E, "E", (2, 4), check_finite=False)
+    if arr.shape[0] < 2:
+        raise ValueError(
+            f"E: class_neighbors needs at least 2 classes (the neighbours of a class are other classes), "
+            f"got shape {shape_str(arr.shape)}"
+        )
+    n = int(arr.shape[0])
+    k = check_int(k, "k")
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"k: expected an integer in [1, {n - 1}] (N-1 other classes), got {k}")
+    if not isinstance(return_similarity, (bool, np.bool_)):
+        raise TypeError(f"return_similarity: expected a bool, got {type(return_similarity).__name__}")
+    nt = resolve_threads(n_threads)
+    flat = arr.reshape(n, -1)  # a view: arr is C-contiguous
+    original = E if isinstance(E, np.ndarray) else None
+    _check_finite_rows(flat, original, "E")
+    out = kernel(flat, k, nt, bool(return_similarity))
+    return out
+
+
+def _class_neighbors_ref(E, k, return_similarity=False, n_threads=None):
+    """Scalar C reference (single thread, double accumulation); for tests only."""
+    return _class_neighbors(E, k, return_similarity, n_threads, _native.neighbors_topk_ref)
 
 
 __all__ = ["class_neighbors"]
