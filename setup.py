@@ -7,6 +7,7 @@ Sources named *_avx2.c / *_avx512.c get their ISA flags per file; everything els
 
 import glob
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -25,10 +26,17 @@ if os.environ.get("QG_WERROR") == "1":
     BASE_FLAGS.append("-Werror")
 if os.environ.get("QG_SANITIZE"):
     BASE_FLAGS += ["-fsanitize=" + os.environ["QG_SANITIZE"], "-fno-omit-frame-pointer", "-O1", "-g"]
-ISA_FLAGS = {
-    "_avx2.c": ["-mavx2", "-mfma", "-mf16c"],
-    "_avx512.c": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
-}
+# Per-file ISA flags, x86-64 only (elsewhere those files compile to nothing and the portable
+# kernels run). The runtime dispatch in csrc/qg_cpu.c decides which compiled variant is used.
+IS_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+ISA_FLAGS = (
+    {
+        "_avx2.c": ["-mavx2", "-mfma", "-mf16c"],
+        "_avx512.c": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
+    }
+    if IS_X86_64
+    else {}
+)
 OPENMP_HELP = """
 qaconv-gs needs a C compiler with OpenMP support, and none was found:
   the probe `{cmd}` failed with:

@@ -34,12 +34,15 @@ const char *qg_status_str(int status);
 /*
  * Execution context, passed (const) to every kernel.
  *   n_threads: >= 1, resolved by the caller (Python resolves None to OpenMP's default).
+ *   isa:       highest qg_isa level (qg_cpu.h) the kernel may use; the caller never sets it above
+ *              qg_cpu_best_isa(). 0 = portable C.
  *   poll:      may be NULL. Called only from the calling thread (OpenMP thread 0 of the
  *              kernel's parallel region) between blocks; nonzero means "stop now".
  *              Kernels then finish their current block and return QG_EINTR.
  */
 typedef struct qg_ctx {
     int n_threads;
+    int isa;
     int (*poll)(void *arg);
     void *poll_arg;
 } qg_ctx;

@@ -27,7 +27,8 @@ def info() -> dict:
         "version": __version__,
         "openmp": openmp_enabled(),
         "default_threads": int(_native.default_threads()),
-        "simd": "portable",
+        "simd": str(_native.isa()),
+        "best_simd": str(_native.best_isa()),
     }
 
 

@@ -12,15 +12,21 @@
 #define PY_ARRAY_UNIQUE_SYMBOL qg_ARRAY_API
 #include <numpy/arrayobject.h>
 
+#include <stdlib.h>
 #include <time.h>
 
 #include "qg_common.h"
+#include "qg_cpu.h"
 #include "qg_head.h"
 #include "qg_loss.h"
 #include "qg_match.h"
 #include "qg_neighbors.h"
 
 /* ------------------------------------------------------------------ common helpers */
+
+/* Highest ISA level kernels may use: the CPU's best, lowered by QG_ISA=portable|avx2|avx512 at
+ * import or by the private set_isa() (tests run every path). Read and written with the GIL held. */
+static int qg_isa_level = QG_ISA_PORTABLE;
 
 typedef struct qg_call {
     PyThreadState *ts;
@@ -54,6 +60,7 @@ static inline void qg_call_begin(qg_call *call, int n_threads)
 {
     call->last_poll = qg_now();
     call->ctx.n_threads = n_threads > 0 ? n_threads : 1;
+    call->ctx.isa = qg_isa_level;
     call->ctx.poll = qg_poll_signals;
     call->ctx.poll_arg = call;
     call->ts = PyEval_SaveThread();
@@ -154,7 +161,45 @@ static PyObject *qg_py_default_threads(PyObject *self, PyObject *args)
     return PyLong_FromLong(qg_default_threads());
 }
 
+static PyObject *qg_py_isa(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyUnicode_FromString(qg_isa_name(qg_isa_level));
+}
+
+static PyObject *qg_py_best_isa(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyUnicode_FromString(qg_isa_name(qg_cpu_best_isa()));
+}
+
+/* Set the ISA level (a name no higher than the CPU supports); returns the previous name. */
+static PyObject *qg_py_set_isa(PyObject *self, PyObject *args)
+{
+    (void)self;
+    const char *name = NULL;
+    if (!PyArg_ParseTuple(args, "s:set_isa", &name)) return NULL;
+    int isa = qg_isa_parse(name);
+    if (isa < 0) {
+        PyErr_Format(PyExc_ValueError, "isa: expected 'portable', 'avx2' or 'avx512', got '%s'", name);
+        return NULL;
+    }
+    if (isa > qg_cpu_best_isa()) {
+        PyErr_Format(PyExc_ValueError, "isa: '%s' is not supported by this CPU (best: '%s')", name,
+                     qg_isa_name(qg_cpu_best_isa()));
+        return NULL;
+    }
+    const char *previous = qg_isa_name(qg_isa_level);
+    qg_isa_level = isa;
+    return PyUnicode_FromString(previous);
+}
+
 static PyMethodDef qg_methods[] = {
+    {"isa", qg_py_isa, METH_NOARGS, "The SIMD level kernels use now."},
+    {"best_isa", qg_py_best_isa, METH_NOARGS, "The best SIMD level this CPU supports."},
+    {"set_isa", qg_py_set_isa, METH_VARARGS, "Set the SIMD level (private; for tests and benchmarks)."},
     {"openmp_enabled", qg_py_openmp_enabled, METH_NOARGS, "True if built with OpenMP."},
     {"default_threads", qg_py_default_threads, METH_NOARGS,
      "OpenMP's default thread count (omp_get_max_threads)."},
@@ -173,5 +218,16 @@ static struct PyModuleDef qg_module = {
 PyMODINIT_FUNC PyInit__native(void)
 {
     import_array();
+    qg_isa_level = qg_cpu_best_isa();
+    const char *forced = getenv("QG_ISA");
+    if (forced != NULL && forced[0] != '\0') {
+        int isa = qg_isa_parse(forced);
+        if (isa < 0) {
+            PyErr_Format(PyExc_ImportError,
+                         "QG_ISA=%s: expected portable, avx2 or avx512 (or unset for the best)", forced);
+            return NULL;
+        }
+        if (isa < qg_isa_level) qg_isa_level = isa; /* only ever lowers the level */
+    }
     return PyModule_Create(&qg_module);
 }
