@@ -13,6 +13,7 @@ settings.load_profile(os.environ.get("QG_HYPOTHESIS_PROFILE", "ci"))
 def rng():
     return np.random.default_rng(12345)
 
+
 if os.environ.get("QG_HIDE_TORCH") == "1":
     import sys
 
