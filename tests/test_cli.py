@@ -14,6 +14,7 @@ import qaconv_gs
 from qaconv_gs.cli import main
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(qaconv_gs.__file__)))
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_module(*args, timeout=120):
@@ -126,8 +127,8 @@ def test_demo_argument_errors(capsys):
 
 
 @pytest.mark.slow
-def test_demo_default_is_fast_and_learns(tmp_path):
-    """The default demo (restricted and full runs) in < 60 s on 2 cores, held-out rank-1 far above chance."""
+def test_demo_default_learns(tmp_path):
+    """The default demo (restricted and full runs) learns: held-out rank-1 far above chance."""
     pytest.importorskip("qaconv_gs.model")
     t0 = time.perf_counter()
     res = run_module("demo", "--no-progress", "--out", str(tmp_path), timeout=300)  # default threads
@@ -139,13 +140,13 @@ def test_demo_default_is_fast_and_learns(tmp_path):
         if line.startswith(("restricted ", "full "))
     }
     assert float(rows["restricted"][-1]) > 0.5 and float(rows["restricted"][-2]) < 0.05  # chance is 0.01
-    assert elapsed < 60, f"demo took {elapsed:.1f} s"
+    print(f"default demo took {elapsed:.1f} s")  # reported, never asserted: tests do not time
 
 
 def test_quickstart_runs_top_to_bottom(tmp_path):
     if not all(hasattr(qaconv_gs, name) for name in ("QAConvGS", "Trainer", "GraphSampler")):
         pytest.skip("needs the top-level exports qaconv_gs.QAConvGS / Trainer / GraphSampler")
-    script = os.path.join(os.path.dirname(PYTHON_DIR), "examples", "quickstart.py")
+    script = os.path.join(REPO_DIR, "examples", "quickstart.py")
     env = dict(os.environ, PYTHONPATH=PYTHON_DIR, OMP_NUM_THREADS="1")
     res = subprocess.run(
         [sys.executable, script, str(tmp_path)], capture_output=True, text=True, env=env, timeout=180
