@@ -196,6 +196,25 @@ int qg_loss_batch_triplet_f32(const float *s, const int64_t *labels, int64_t B, 
     return QG_OK;
 }
 
+/* Shared epilogue of the per-row losses: `row` holds n per-row losses then n per-row accuracies.
+ * Sums them in row order (so any thread count gives the same bits), scales, frees `row`. */
+static int finish_rows(double *row, int64_t n, double scale, int stop, int bad, double *loss, double *acc)
+{
+    if (stop || bad) {
+        qg_free(row);
+        return stop ? QG_EINTR : QG_ENONFINITE;
+    }
+    double ls = 0.0, as = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        ls += row[i];
+        as += row[n + i];
+    }
+    qg_free(row);
+    *loss = ls * scale;
+    if (acc) *acc = as * scale;
+    return QG_OK;
+}
+
 /* ---------------------------------------------------------------- pairwise BCE */
 
 int qg_loss_pairwise_bce_f32(const float *s, int64_t P, int64_t G, const int64_t *lp, const int64_t *lg,
@@ -245,19 +264,7 @@ int qg_loss_pairwise_bce_f32(const float *s, int64_t P, int64_t G, const int64_t
         }
         qg_poll_block(ctx, &stop);
     }
-    if (stop || bad) {
-        qg_free(row);
-        return stop ? QG_EINTR : QG_ENONFINITE;
-    }
-    double ls = 0.0, as = 0.0;
-    for (int64_t p = 0; p < P; ++p) {
-        ls += rl[p];
-        as += ra[p];
-    }
-    qg_free(row);
-    *loss = ls * invP;
-    if (acc) *acc = as * invP;
-    return QG_OK;
+    return finish_rows(row, P, invP, stop, bad, loss, acc);
 }
 
 /* ---------------------------------------------------------------- focal class memory */
@@ -312,17 +319,5 @@ int qg_loss_focal_f32(const float *s, int64_t B, int64_t N, const int64_t *targe
         }
         qg_poll_block(ctx, &stop);
     }
-    if (stop || bad) {
-        qg_free(row);
-        return stop ? QG_EINTR : QG_ENONFINITE;
-    }
-    double ls = 0.0, as = 0.0;
-    for (int64_t b = 0; b < B; ++b) {
-        ls += rl[b];
-        as += ra[b];
-    }
-    qg_free(row);
-    *loss = ls * invB;
-    if (acc) *acc = as * invB;
-    return QG_OK;
+    return finish_rows(row, B, invB, stop, bad, loss, acc);
 }
