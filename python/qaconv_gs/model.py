@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import _native
 from . import evaluate as _evaluate
 from . import head as _head
 from . import losses as _losses
@@ -146,6 +148,28 @@ def _neighbor_change(old: np.ndarray | None, new: np.ndarray) -> float:
     offset = np.arange(n, dtype=np.int64)[:, None] * (n + 1)  # make ids row-specific
     kept = np.isin(new + offset, old + offset)
     return float(1.0 - kept.mean())
+
+
+_Laps = list  # [(name, perf_counter())], see QAConvGS._forward_backward
+_BACKWARD_CHUNK_BYTES = 4 << 20  # rows per normalize_backward call: a cache-sized temporary
+
+
+def _lap(laps: _Laps | None, name: str) -> None:
+    if laps is not None:
+        laps.append((name, time.perf_counter()))
+
+
+def _normalize_backward_inplace(g: np.ndarray, y: np.ndarray, norms: np.ndarray, nt: int) -> np.ndarray:
+    """normalize_backward of g, y [M, C, S] written over g (which the caller owns), in row chunks.
+
+    One call over all rows would hold grad_y, y and grad_x at once (3 x [M, C, S]); chunks keep the
+    peak at 2 x [M, C, S] + a cache-sized temporary, and the copy back is cache-hot."""
+    row = g.shape[1] * g.shape[2] * 4
+    step = max(1, _BACKWARD_CHUNK_BYTES // max(row, 1))
+    for a in range(0, g.shape[0], step):
+        b = min(g.shape[0], a + step)
+        g[a:b] = _native.norm_backward(g[a:b], y[a:b], norms[a:b], nt)
+    return g
 
 
 class QAConvGS:
@@ -538,17 +562,34 @@ class QAConvGS:
         nbr = self.class_neighbors
         return np.concatenate([y[:, None], nbr[y]], axis=1)
 
-    def _restricted_forward(self, X: np.ndarray, y: np.ndarray, head: dict):
+    # The step below calls the private bindings directly: the public matching wrappers re-validate
+    # (finiteness scans, dtype/shape coercion) arrays this method has just produced, which cost up to
+    # several full passes over the [R, C, S] candidate rows per step. Inputs are validated once at
+    # the entry (_batch); the embedding rows are checked through their norms (NaN/Inf -> non-finite
+    # norm), which costs 1/C of a scan.
+
+    def _restricted_forward(self, X: np.ndarray, y: np.ndarray, head: dict, laps: _Laps | None = None):
         """Shared front half of scores() and forward_backward()."""
-        nt = self.n_threads
+        nt = resolve_threads(self.n_threads)
+        C, S = self.channels, self.S
         cand = self._candidates(y)
         ids = np.unique(cand)
         local = np.searchsorted(ids, cand)
-        # Only the candidate rows are normalised (never the whole table).
-        En, En_norms = _matching.normalize(self._embed[ids], n_threads=nt)
-        Xn, Xn_norms = _matching.normalize(X, n_threads=nt)
-        mp, mg, ap, ag = _matching.pair_maxima_restricted(Xn, En, local, return_argmax=True, n_threads=nt)
+        _lap(laps, "candidates")
+        # Only the candidate rows are gathered and normalised (never the whole table).
+        En, En_norms = _native.norm_forward(self._embed.reshape(-1, C, S)[ids], nt)
+        if not np.isfinite(En_norms).all():
+            bad = ids[~np.isfinite(En_norms).all(axis=1)]
+            raise ValueError(
+                f"class_embed: rows {bad[:5].tolist()} contain NaN or Inf (or overflow float32 norms); "
+                "the class embeddings must be finite"
+            )
+        Xn, Xn_norms = _native.norm_forward(X.reshape(-1, C, S), nt)
+        _lap(laps, "normalize")
+        mp, mg, ap, ag = _native.match_maxima_restricted(Xn, En, local, True, nt)
+        _lap(laps, "maxima forward")
         scores, cache = _head.head_forward(mp, mg, head, fc=self.fc, training=True, n_threads=nt)
+        _lap(laps, "head forward")
         return cand, ids, local, Xn, Xn_norms, En, En_norms, (ap, ag), scores, cache
 
     # ------------------------------------------------------------------ training maths
@@ -568,12 +609,16 @@ class QAConvGS:
             X, y = self._batch(features, labels)
             return self._forward_backward(X, y)
 
-    def _forward_backward(self, X: np.ndarray, y: np.ndarray) -> StepResult:
-        nt = self.n_threads
+    def _forward_backward(self, X: np.ndarray, y: np.ndarray, laps: _Laps | None = None) -> StepResult:
+        """The step on validated inputs. `laps` (a list) receives (name, perf_counter) marks after each
+        piece, for benchmarks/bench_train.py's breakdown; None costs nothing."""
+        _lap(laps, "start")
+        nt = resolve_threads(self.n_threads)
         B = X.shape[0]
+        C = self.channels
         head = self._head_for_step()
         cand, ids, local, Xn, Xn_norms, En, En_norms, (ap, ag), scores, cache = self._restricted_forward(
-            X, y, head
+            X, y, head, laps
         )
         extra_grad_xn = None
         extra_grad_head = None
@@ -584,7 +629,7 @@ class QAConvGS:
             cl = _losses.class_loss(scores, self.margin, 0.0, n_threads=nt)
             loss_t = acc_t = 0.0
             if B >= 2:  # one sample has no in-batch pair to rank (and BN needs >= 2 values)
-                bmp, bmg, bap, bag = _matching.pair_maxima(Xn, Xn, return_argmax=True, n_threads=nt)
+                bmp, bmg, bap, bag = _native.match_maxima(Xn, Xn, True, nt)
                 bscores, bcache = _head.head_forward(bmp, bmg, head, fc=self.fc, training=True, n_threads=nt)
                 del bmp, bmg
                 tl, tgrad, tacc = _losses.batch_triplet(
@@ -593,22 +638,31 @@ class QAConvGS:
                 loss_t, acc_t = float(tl), float(tacc)
                 tgrad = np.asarray(tgrad, dtype=np.float32) * np.float32(self.triplet_weight)
                 gbmp, gbmg, extra_grad_head = _head.head_backward(tgrad, bcache, n_threads=nt)
-                gp, gg = _matching.pair_maxima_backward(gbmp, gbmg, bap, bag, Xn, Xn, n_threads=nt)
-                extra_grad_xn = gp + gg
-                del gbmp, gbmg, bap, bag, gp, gg
+                gp, gg = _native.match_backward(Xn, Xn, gbmp, gbmg, bap, bag, nt)
+                gp += gg
+                extra_grad_xn = gp
+                del gbmp, gbmg, bap, bag, gg
+        _lap(laps, "loss")
         gmp, gmg, grad_head = _head.head_backward(cl.grad, cache, n_threads=nt)
+        del cache
         grad_head = {k: np.asarray(v, dtype=np.float32) for k, v in grad_head.items()}
         if extra_grad_head is not None:
             for k in grad_head:
                 grad_head[k] = grad_head[k] + np.asarray(extra_grad_head[k], dtype=np.float32)
-        gXn, gEn = _matching.pair_maxima_restricted_backward(gmp, gmg, ap, ag, Xn, En, local, n_threads=nt)
+        _lap(laps, "head backward")
+        gXn, gEn = _native.match_backward_restricted(Xn, En, local, gmp, gmg, ap, ag, nt)
         del gmp, gmg, ap, ag
         if extra_grad_xn is not None:
-            gXn = gXn + extra_grad_xn
-        grad_x = _matching.normalize_backward(gXn, Xn, Xn_norms, n_threads=nt)
-        grad_rows = _matching.normalize_backward(gEn, En, En_norms, n_threads=nt)
+            gXn += extra_grad_xn
+            del extra_grad_xn
+        _lap(laps, "maxima backward")
+        grad_x = _normalize_backward_inplace(gXn, Xn, Xn_norms, nt)
+        del Xn
+        grad_rows = _normalize_backward_inplace(gEn, En, En_norms, nt)
+        del En
+        _lap(laps, "normalize backward")
         loss_cls = float(cl.loss_cls)
-        return StepResult(
+        out = StepResult(
             loss=loss_cls + self.triplet_weight * loss_t,
             loss_cls=loss_cls,
             loss_triplet=loss_t,
@@ -616,11 +670,13 @@ class QAConvGS:
             acc_triplet=acc_t,
             scores=np.asarray(scores, dtype=np.float32).reshape(B, -1),
             candidates=cand,
-            grad_features=grad_x,
+            grad_features=grad_x.reshape(B, C, self.height, self.width),
             grad_embed_ids=ids,
-            grad_embed_rows=grad_rows,
+            grad_embed_rows=grad_rows.reshape(ids.shape[0], C, self.height, self.width),
             grad_head=grad_head,
         )
+        _lap(laps, "result")
+        return out
 
     def scores(self, features: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
         """Restricted training-mode scores (batch statistics over the B x K pairs of this call).
