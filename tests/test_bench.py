@@ -150,3 +150,42 @@ def test_bench_finds_the_checkout_and_rejects_unknown_names(capsys):
     rc = cli.main(["bench", "no_such_benchmark"])
     assert rc == 1
     assert "no_such_benchmark" in capsys.readouterr().err
+
+
+def test_tiny_steps_run_on_one_thread_and_big_ones_keep_theirs():
+    from qaconv_gs import model as model_mod
+
+    tiny = qg.QAConvGS(30, 8, 4, 2, k_nearest=3, seed=0, n_threads=2)
+    assert tiny._step_threads(8) == 1  # 2*8*4*8*64 flops: a fork/join costs more than the work
+    big = qg.QAConvGS(30, 128, 24, 8, k_nearest=15, seed=0, n_threads=2)
+    assert big._step_threads(64) == 2
+    assert qg.QAConvGS(30, 128, 24, 8, k_nearest=15, seed=0, n_threads=1)._step_threads(64) == 1
+    assert model_mod._SMALL_STEP_FLOPS > 0
+
+
+@pytest.mark.parametrize("triplet", ["class", "batch"])
+def test_step_bit_identical_for_1_and_2_threads_with_threading_forced(monkeypatch, triplet):
+    """The small-step guard would run this step on one thread whatever n_threads; switch it off so
+    that the composition (chunked in-place normalize backward included) runs on 2 threads."""
+    from qaconv_gs import model as model_mod
+
+    monkeypatch.setattr(model_mod, "_SMALL_STEP_FLOPS", 0.0)
+    monkeypatch.setattr(model_mod, "_BACKWARD_CHUNK_BYTES", 1024)  # several chunks even here
+    outs = []
+    for nt in (1, 2):
+        m, X, y = _model_and_batch("separate", triplet, N=40, k=9, B=16)
+        m.n_threads = nt
+        assert m._step_threads(16) == nt
+        outs.append(m.forward_backward(X, y))
+    a, b = outs
+    assert a.loss == b.loss and a.acc_cls == b.acc_cls and a.loss_triplet == b.loss_triplet
+    for f in ("scores", "grad_features", "grad_embed_ids", "grad_embed_rows"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+    for k in a.grad_head:
+        np.testing.assert_array_equal(a.grad_head[k], b.grad_head[k], err_msg=k)
+    assert a.grad_embed_ids.shape[0] > 8  # more rows than one chunk: the chunked path ran
+    monkeypatch.setattr(model_mod, "_BACKWARD_CHUNK_BYTES", 1 << 30)  # one call, no chunks
+    m, X, y = _model_and_batch("separate", triplet, N=40, k=9, B=16)
+    whole = m.forward_backward(X, y)
+    np.testing.assert_array_equal(whole.grad_embed_rows, a.grad_embed_rows)
+    np.testing.assert_array_equal(whole.grad_features, a.grad_features)

@@ -151,7 +151,15 @@ def _neighbor_change(old: np.ndarray | None, new: np.ndarray) -> float:
 
 
 _Laps = list  # [(name, perf_counter())], see QAConvGS._forward_backward
-_BACKWARD_CHUNK_BYTES = 4 << 20  # rows per normalize_backward call: a cache-sized temporary
+# Below this many correlation flops per step (2*C*S*S per scored pair) the whole step runs on one
+# thread: its kernels take microseconds, an OpenMP fork/join costs about as much, and on a loaded
+# machine a descheduled worker thread stalls every parallel region of the step (measured: a tiny
+# step at 2 threads ran up to 500x slower than at 1 under load). Results are identical either way.
+_SMALL_STEP_FLOPS = 2e6
+_BACKWARD_CHUNK_BYTES = 4 << 20  # smallest row chunk of the in-place normalize backward
+_BACKWARD_CHUNKS = (
+    8  # at most this many chunks: each is one OpenMP region (fork/join, and under load a stall)
+)
 
 
 def _lap(laps: _Laps | None, name: str) -> None:
@@ -162,12 +170,15 @@ def _lap(laps: _Laps | None, name: str) -> None:
 def _normalize_backward_inplace(g: np.ndarray, y: np.ndarray, norms: np.ndarray, nt: int) -> np.ndarray:
     """normalize_backward of g, y [M, C, S] written over g (which the caller owns), in row chunks.
 
-    One call over all rows would hold grad_y, y and grad_x at once (3 x [M, C, S]); chunks keep the
-    peak at 2 x [M, C, S] + a cache-sized temporary, and the copy back is cache-hot."""
-    row = g.shape[1] * g.shape[2] * 4
-    step = max(1, _BACKWARD_CHUNK_BYTES // max(row, 1))
-    for a in range(0, g.shape[0], step):
-        b = min(g.shape[0], a + step)
+    One call over all rows would hold grad_y, y and grad_x at once (3 x [M, C, S]); chunks of at most
+    1/8 of the rows (but >= 4 MB) keep the peak at (2 + 1/8) x [M, C, S] with few parallel regions."""
+    M = g.shape[0]
+    row = max(1, g.shape[1] * g.shape[2] * 4)
+    step = max(_BACKWARD_CHUNK_BYTES // row, -(-M // _BACKWARD_CHUNKS), 1)
+    if step >= M:  # small: one call, no copy back
+        return _native.norm_backward(g, y, norms, nt)
+    for a in range(0, M, step):
+        b = min(M, a + step)
         g[a:b] = _native.norm_backward(g[a:b], y[a:b], norms[a:b], nt)
     return g
 
@@ -568,9 +579,19 @@ class QAConvGS:
     # the entry (_batch); the embedding rows are checked through their norms (NaN/Inf -> non-finite
     # norm), which costs 1/C of a scan.
 
-    def _restricted_forward(self, X: np.ndarray, y: np.ndarray, head: dict, laps: _Laps | None = None):
-        """Shared front half of scores() and forward_backward()."""
+    def _step_threads(self, B: int) -> int:
+        """n_threads for a step over B samples: one thread for tiny steps (see _SMALL_STEP_FLOPS)."""
         nt = resolve_threads(self.n_threads)
+        pairs = B * (self.num_candidates + (B if self.triplet == "batch" else 0))
+        if nt > 1 and 2.0 * pairs * self.channels * self.S * self.S < _SMALL_STEP_FLOPS:
+            return 1
+        return nt
+
+    def _restricted_forward(
+        self, X: np.ndarray, y: np.ndarray, head: dict, laps: _Laps | None = None, nt: int | None = None
+    ):
+        """Shared front half of scores() and forward_backward()."""
+        nt = self._step_threads(X.shape[0]) if nt is None else nt
         C, S = self.channels, self.S
         cand = self._candidates(y)
         ids = np.unique(cand)
@@ -613,12 +634,12 @@ class QAConvGS:
         """The step on validated inputs. `laps` (a list) receives (name, perf_counter) marks after each
         piece, for benchmarks/bench_train.py's breakdown; None costs nothing."""
         _lap(laps, "start")
-        nt = resolve_threads(self.n_threads)
         B = X.shape[0]
+        nt = self._step_threads(B)
         C = self.channels
         head = self._head_for_step()
         cand, ids, local, Xn, Xn_norms, En, En_norms, (ap, ag), scores, cache = self._restricted_forward(
-            X, y, head, laps
+            X, y, head, laps, nt
         )
         extra_grad_xn = None
         extra_grad_head = None
