@@ -44,6 +44,9 @@ SHAPES = {
     "reid": (1000, 128, 24, 8, 64, 31),
     "faces": (10000, 512, 7, 7, 256, 256),
 }
+EXTRA_SHAPES = {  # not run by default: faces with a quarter of the batch (PyTorch needs ~4 GB, not ~16)
+    "faces-b64": (10000, 512, 7, 7, 64, 256),
+}
 QUICK_SHAPES = {
     "reid-quick": (100, 32, 8, 4, 16, 7),
     "faces-quick": (200, 64, 4, 4, 32, 15),
@@ -234,21 +237,35 @@ def worker_torch(name: str, shape: tuple, nt: int, repeat: int, out: str) -> dic
     }
 
 
-def worker_tiny(nt: int, repeat: int) -> dict:
+def worker_tiny(nt: int, repeat: int, forced: bool) -> dict:
+    """A tiny step, `repeat` calls. forced=True switches off the model's small-step guard (which runs
+    steps this small on one thread), to show what a 2-thread OpenMP call costs here."""
+    from qaconv_gs import model as model_mod
+
+    if forced:
+        model_mod._SMALL_STEP_FLOPS = 0.0
     model, X, rng = make_inputs(TINY, n_threads=nt)
     y = graph_batch(model.class_neighbors, TINY[4], rng)
     for _ in range(5):
         model.forward_backward(X, y)
     times = _median_times(lambda: model.forward_backward(X, y), repeat)
-    return {"impl": "qaconv_gs", "time_s": statistics.median(times), "min_s": min(times)}
+    return {
+        "impl": "qaconv_gs",
+        "forced_threads": forced,
+        "step_threads": model._step_threads(TINY[4]),
+        "time_s": statistics.median(times),
+        "min_s": min(times),
+        "p90_s": float(np.percentile(times, 90)),
+        "max_s": max(times),
+    }
 
 
-def _torch_estimate_mb(shape: tuple) -> float:
+def _torch_estimate_mb(shape: tuple, rows: int | None = None) -> float:
     """Rough PyTorch peak: the gathered [B, K, C, S] rows and their gradient, the [B, K, S, S]
-    correlation and its gradient, and a few [R, C, S] row tensors (R <= min(N, B*K))."""
+    correlation and its gradient, and a few [R, C, S] row tensors (R unique rows, <= min(N, B*K))."""
     N, C, H, W, B, k = shape
     S, K = H * W, k + 1
-    R = min(N, B * K)
+    R = rows or min(N, B * K)
     return 4.0 * (2 * B * K * C * S + 2 * B * K * S * S + 4 * R * C * S) / 2**20
 
 
@@ -394,15 +411,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     ap.add_argument("--no-tiny", action="store_true", help="skip the tiny-step thread check")
     ap.add_argument("--out", default="bench_out", help="output directory (default bench_out)")
-    ap.add_argument("--worker", choices=("ours", "torch", "tiny"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("ours", "torch", "tiny", "tiny-forced"), help=argparse.SUPPRESS)
     ap.add_argument("--shape-spec", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
     if args.worker:
         nt = int(args.threads)
-        if args.worker == "tiny":
-            res = worker_tiny(nt, args.repeat)
+        if args.worker.startswith("tiny"):
+            res = worker_tiny(nt, args.repeat, args.worker == "tiny-forced")
         else:
             name, spec = args.shape_spec
             shape = tuple(int(v) for v in spec.split(","))
@@ -413,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
 
     table = QUICK_SHAPES if args.quick else SHAPES
     names = args.shapes.split(",") if args.shapes else list(table)
-    every = {**SHAPES, **QUICK_SHAPES}
+    every = {**SHAPES, **EXTRA_SHAPES, **QUICK_SHAPES}
     unknown = [n for n in names if n not in every]
     if unknown:
         ap.error(f"--shapes: unknown {unknown}; expected names from {sorted(every)}")
@@ -432,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"name": name, "shape": list(shape), "threads": nt}
             row["ours"] = run_worker("ours", name, shape, nt, repeat, args.out)
             if not args.no_torch:
-                need = _torch_estimate_mb(shape)
+                need = _torch_estimate_mb(shape, row["ours"].get("unique_rows"))
                 avail = _mem_available_mb()
                 if avail is not None and need > 0.8 * avail:
                     row["torch"] = {
@@ -449,11 +466,19 @@ def main(argv: list[str] | None = None) -> int:
     tiny = {}
     if not args.no_tiny:
         N, C, H, W, B, k = TINY
-        print(f"\ntiny step (N={N}, C={C}, {H}x{W}, B={B}, k={k}), median of 200 calls:")
-        for nt in (1, 2):
-            r = run_worker("tiny", "tiny", TINY, nt, 200, args.out)
-            tiny[nt] = r
-            print(f"  {nt} thread(s): {_fmt(r.get('time_s'), '.6f')} s (min {_fmt(r.get('min_s'), '.6f')} s)")
+        print(
+            f"\ntiny step (N={N}, C={C}, {H}x{W}, B={B}, k={k}), 200 calls; 'forced' switches off the "
+            "model's one-thread guard for tiny steps:"
+        )
+        for kind in ("tiny", "tiny-forced"):
+            for nt in (1, 2):
+                r = run_worker(kind, "tiny", TINY, nt, 200, args.out)
+                tiny[f"{kind}/{nt}"] = r
+                print(
+                    f"  {kind:<12} n_threads={nt} (runs {r.get('step_threads', '?')}): median "
+                    f"{_fmt(r.get('time_s'), '.6f')} s  min {_fmt(r.get('min_s'), '.6f')}  "
+                    f"p90 {_fmt(r.get('p90_s'), '.6f')}  max {_fmt(r.get('max_s'), '.6f')}"
+                )
     load1 = os.getloadavg()
     print(f"load average at the end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     result = {
