@@ -356,6 +356,8 @@ def plot(rows: list[dict], path: str) -> bool:
             if np.isfinite(a) and np.isfinite(b):
                 ax.text(x, max(a, b), f"{b / a:.1f}x", ha="center", va="bottom", fontsize=8)
         ax.set_yscale("log")
+        lo = np.nanmin(ours + torch_) if np.isfinite(ours + torch_).any() else 1.0
+        ax.set_ylim(bottom=lo / 3)
         ax.set_xticks(xs, labels)
         ax.set_title(title)
         ax.legend()
