@@ -1,11 +1,13 @@
-"""The ``qaconv-gs`` command line (also ``python -m qaconv_gs``): demo, neighbors, match, info."""
+"""The ``qaconv-gs`` command line (also ``python -m qaconv_gs``): demo, neighbors, match, bench, info."""
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -97,6 +99,31 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--threads", type=_threads, default=None)
     mt.set_defaults(func=_cmd_match)
 
+    bench = sub.add_parser(
+        "bench",
+        usage="qaconv-gs bench [-h] [--quick] [--threads T] [--out DIR] [--builtin] [NAME ...] [-- ARGS]",
+        help="run the benchmarks (benchmarks/ scripts of a source checkout, or a built-in quick check)",
+        description=(
+            "Run the benchmark scripts benchmarks/bench_<name>.py of the source checkout (each in its own "
+            "process; they compare against PyTorch / faiss and write JSON + PNG into --out). Where the "
+            "benchmarks/ folder is not present (an installed package), or with --builtin, run a built-in "
+            "quick benchmark of the training step, match and class_neighbors instead. Arguments after -- go "
+            "to every script."
+        ),
+    )
+    bench.add_argument(
+        "names", nargs="*", help="benchmarks to run, e.g. train match neighbors (default: all)"
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="small shapes (seconds); scripts without it are skipped"
+    )
+    bench.add_argument(
+        "--threads", default=None, help="passed on to the scripts (bench_train takes e.g. 1,2)"
+    )
+    bench.add_argument("--out", default="bench_out", help="output directory (default bench_out)")
+    bench.add_argument("--builtin", action="store_true", help="run the built-in quick benchmark")
+    bench.set_defaults(func=_cmd_bench)
+
     info = sub.add_parser("info", help="version, OpenMP, default threads, SIMD path")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
@@ -106,7 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qaconv-gs`` console script; returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if argv[:1] == ["bench"] and "--" in argv:  # bench NAME... -- SCRIPT_ARGS
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
+    args.extra = extra
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
@@ -142,6 +175,113 @@ def _cmd_info(args: argparse.Namespace) -> int:
         width = max(len(k) for k in facts)
         for k, v in facts.items():
             print(f"{k:<{width}}  {v}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- bench
+
+
+def _benchmarks_dir() -> str | None:
+    """benchmarks/ of the source checkout this package runs from (or of the current directory)."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    for root in (os.path.dirname(os.path.dirname(pkg)), os.getcwd()):
+        d = os.path.join(root, "benchmarks")
+        if os.path.isfile(os.path.join(d, "__init__.py")) and glob.glob(os.path.join(d, "bench_*.py")):
+            return d
+    return None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    extra = list(args.extra)
+    out = os.path.abspath(args.out)
+    bdir = None if args.builtin else _benchmarks_dir()
+    if bdir is None:
+        return _builtin_bench(args, out)
+    available = sorted(os.path.basename(p)[6:-3] for p in glob.glob(os.path.join(bdir, "bench_*.py")))
+    names = args.names or available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"names: unknown benchmark(s) {unknown}; available: {available}")
+    root = os.path.dirname(bdir)
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)  # run the scripts against this very qaconv_gs
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, pkg_parent, env.get("PYTHONPATH", "")) if p)
+    failed = []
+    for name in names:
+        with open(os.path.join(bdir, f"bench_{name}.py"), encoding="utf-8") as f:
+            src = f.read()
+        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}"]
+        if args.quick:
+            if "--quick" not in src:
+                print(f"== {name}: skipped (no --quick mode)", flush=True)
+                continue
+            cmd.append("--quick")
+        if "--out" in src:
+            cmd += ["--out", out]
+        if args.threads is not None and "--threads" in src:
+            cmd += ["--threads", args.threads]
+        cmd += extra
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        rc = subprocess.call(cmd, cwd=root, env=env)
+        if rc != 0:
+            failed.append(name)
+            print(f"== {name}: failed with exit status {rc}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+def _median_time(fn: Any, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _builtin_bench(args: argparse.Namespace, out: str) -> int:
+    """Timings of our own kernels on small shapes (no PyTorch / faiss comparison: those live in
+    benchmarks/ of the source checkout)."""
+    import qaconv_gs as qg
+
+    from ._validate import resolve_threads
+
+    threads = (
+        [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, resolve_threads(None)})
+    )
+    N, C, H, W, B, k = (100, 32, 8, 4, 16, 7) if args.quick else (1000, 128, 24, 8, 64, 31)
+    S = H * W
+    repeat = 3 if args.quick else 5
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((B, C, H, W), dtype=np.float32)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(
+        f"qaconv-gs bench (built-in{', quick' if args.quick else ''}): N={N}, C={C}, {H}x{W}, B={B}, k={k}; "
+        f"SIMD {qg.info()['simd']}; load average {load[0]:.2f}; median of {repeat}"
+    )
+    print(f"{'what':<34} {'threads':>7} {'seconds':>9} {'GF/s':>8}")
+    rows = []
+    for nt in threads:
+        model = qg.QAConvGS(N, C, H, W, k_nearest=k, seed=0, n_threads=nt)
+        t0 = time.perf_counter()
+        nbr = model.class_neighbors
+        t_nbr = time.perf_counter() - t0
+        y = np.repeat(np.concatenate([[0], nbr[0, : B // 4 - 1]]), 4)[:B]
+        t_step = _median_time(lambda m=model, y=y: m.forward_backward(X, y), repeat)
+        t_match = _median_time(lambda m=model: m.match(X, X), repeat)
+        pair_flops = 2.0 * C * S * S
+        for what, sec, flops in (
+            (f"class_neighbors (N={N}, k={k})", t_nbr, float(N) * N * C * S),
+            (f"training step (B={B}, K={k + 1})", t_step, pair_flops * B * (k + 1)),
+            (f"match ({B} x {B})", t_match, pair_flops * B * B),
+        ):
+            rows.append({"what": what, "threads": nt, "seconds": sec, "gflops": flops / sec / 1e9})
+            print(f"{what:<34} {nt:>7} {sec:>9.4f} {flops / sec / 1e9:>8.1f}")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "bench_builtin.json")
+    with open(path, "w") as f:
+        json.dump({"info": qg.info(), "load_average": load, "rows": rows}, f, indent=2)
+    print(f"wrote {path} (GF/s counts the correlation's 2*C*S*S per pair; full comparisons: benchmarks/)")
     return 0
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import _native
 from . import evaluate as _evaluate
 from . import head as _head
 from . import losses as _losses
@@ -146,6 +148,39 @@ def _neighbor_change(old: np.ndarray | None, new: np.ndarray) -> float:
     offset = np.arange(n, dtype=np.int64)[:, None] * (n + 1)  # make ids row-specific
     kept = np.isin(new + offset, old + offset)
     return float(1.0 - kept.mean())
+
+
+_Laps = list  # [(name, perf_counter())], see QAConvGS._forward_backward
+# Below this many correlation flops per step (2*C*S*S per scored pair) the whole step runs on one
+# thread: its kernels take microseconds, an OpenMP fork/join costs about as much, and on a loaded
+# machine a descheduled worker thread stalls every parallel region of the step (measured: a tiny
+# step at 2 threads ran up to 500x slower than at 1 under load). Results are identical either way.
+_SMALL_STEP_FLOPS = 2e6
+_BACKWARD_CHUNK_BYTES = 4 << 20  # smallest row chunk of the in-place normalize backward
+_BACKWARD_CHUNKS = (
+    8  # at most this many chunks: each is one OpenMP region (fork/join, and under load a stall)
+)
+
+
+def _lap(laps: _Laps | None, name: str) -> None:
+    if laps is not None:
+        laps.append((name, time.perf_counter()))
+
+
+def _normalize_backward_inplace(g: np.ndarray, y: np.ndarray, norms: np.ndarray, nt: int) -> np.ndarray:
+    """normalize_backward of g, y [M, C, S] written over g (which the caller owns), in row chunks.
+
+    One call over all rows would hold grad_y, y and grad_x at once (3 x [M, C, S]); chunks of at most
+    1/8 of the rows (but >= 4 MB) keep the peak at (2 + 1/8) x [M, C, S] with few parallel regions."""
+    M = g.shape[0]
+    row = max(1, g.shape[1] * g.shape[2] * 4)
+    step = max(_BACKWARD_CHUNK_BYTES // row, -(-M // _BACKWARD_CHUNKS), 1)
+    if step >= M:  # small: one call, no copy back
+        return _native.norm_backward(g, y, norms, nt)
+    for a in range(0, M, step):
+        b = min(M, a + step)
+        g[a:b] = _native.norm_backward(g[a:b], y[a:b], norms[a:b], nt)
+    return g
 
 
 class QAConvGS:
@@ -538,17 +573,44 @@ class QAConvGS:
         nbr = self.class_neighbors
         return np.concatenate([y[:, None], nbr[y]], axis=1)
 
-    def _restricted_forward(self, X: np.ndarray, y: np.ndarray, head: dict):
+    # The step below calls the private bindings directly: the public matching wrappers re-validate
+    # (finiteness scans, dtype/shape coercion) arrays this method has just produced, which cost up to
+    # several full passes over the [R, C, S] candidate rows per step. Inputs are validated once at
+    # the entry (_batch); the embedding rows are checked through their norms (NaN/Inf -> non-finite
+    # norm), which costs 1/C of a scan.
+
+    def _step_threads(self, B: int) -> int:
+        """n_threads for a step over B samples: one thread for tiny steps (see _SMALL_STEP_FLOPS)."""
+        nt = resolve_threads(self.n_threads)
+        pairs = B * (self.num_candidates + (B if self.triplet == "batch" else 0))
+        if nt > 1 and 2.0 * pairs * self.channels * self.S * self.S < _SMALL_STEP_FLOPS:
+            return 1
+        return nt
+
+    def _restricted_forward(
+        self, X: np.ndarray, y: np.ndarray, head: dict, laps: _Laps | None = None, nt: int | None = None
+    ):
         """Shared front half of scores() and forward_backward()."""
-        nt = self.n_threads
+        nt = self._step_threads(X.shape[0]) if nt is None else nt
+        C, S = self.channels, self.S
         cand = self._candidates(y)
         ids = np.unique(cand)
         local = np.searchsorted(ids, cand)
-        # Only the candidate rows are normalised (never the whole table).
-        En, En_norms = _matching.normalize(self._embed[ids], n_threads=nt)
-        Xn, Xn_norms = _matching.normalize(X, n_threads=nt)
-        mp, mg, ap, ag = _matching.pair_maxima_restricted(Xn, En, local, return_argmax=True, n_threads=nt)
+        _lap(laps, "candidates")
+        # Only the candidate rows are gathered and normalised (never the whole table).
+        En, En_norms = _native.norm_forward(self._embed.reshape(-1, C, S)[ids], nt)
+        if not np.isfinite(En_norms).all():
+            bad = ids[~np.isfinite(En_norms).all(axis=1)]
+            raise ValueError(
+                f"class_embed: rows {bad[:5].tolist()} contain NaN or Inf (or overflow float32 norms); "
+                "the class embeddings must be finite"
+            )
+        Xn, Xn_norms = _native.norm_forward(X.reshape(-1, C, S), nt)
+        _lap(laps, "normalize")
+        mp, mg, ap, ag = _native.match_maxima_restricted(Xn, En, local, True, nt)
+        _lap(laps, "maxima forward")
         scores, cache = _head.head_forward(mp, mg, head, fc=self.fc, training=True, n_threads=nt)
+        _lap(laps, "head forward")
         return cand, ids, local, Xn, Xn_norms, En, En_norms, (ap, ag), scores, cache
 
     # ------------------------------------------------------------------ training maths
@@ -568,12 +630,16 @@ class QAConvGS:
             X, y = self._batch(features, labels)
             return self._forward_backward(X, y)
 
-    def _forward_backward(self, X: np.ndarray, y: np.ndarray) -> StepResult:
-        nt = self.n_threads
+    def _forward_backward(self, X: np.ndarray, y: np.ndarray, laps: _Laps | None = None) -> StepResult:
+        """The step on validated inputs. `laps` (a list) receives (name, perf_counter) marks after each
+        piece, for benchmarks/bench_train.py's breakdown; None costs nothing."""
+        _lap(laps, "start")
         B = X.shape[0]
+        nt = self._step_threads(B)
+        C = self.channels
         head = self._head_for_step()
         cand, ids, local, Xn, Xn_norms, En, En_norms, (ap, ag), scores, cache = self._restricted_forward(
-            X, y, head
+            X, y, head, laps, nt
         )
         extra_grad_xn = None
         extra_grad_head = None
@@ -584,7 +650,7 @@ class QAConvGS:
             cl = _losses.class_loss(scores, self.margin, 0.0, n_threads=nt)
             loss_t = acc_t = 0.0
             if B >= 2:  # one sample has no in-batch pair to rank (and BN needs >= 2 values)
-                bmp, bmg, bap, bag = _matching.pair_maxima(Xn, Xn, return_argmax=True, n_threads=nt)
+                bmp, bmg, bap, bag = _native.match_maxima(Xn, Xn, True, nt)
                 bscores, bcache = _head.head_forward(bmp, bmg, head, fc=self.fc, training=True, n_threads=nt)
                 del bmp, bmg
                 tl, tgrad, tacc = _losses.batch_triplet(
@@ -593,22 +659,31 @@ class QAConvGS:
                 loss_t, acc_t = float(tl), float(tacc)
                 tgrad = np.asarray(tgrad, dtype=np.float32) * np.float32(self.triplet_weight)
                 gbmp, gbmg, extra_grad_head = _head.head_backward(tgrad, bcache, n_threads=nt)
-                gp, gg = _matching.pair_maxima_backward(gbmp, gbmg, bap, bag, Xn, Xn, n_threads=nt)
-                extra_grad_xn = gp + gg
-                del gbmp, gbmg, bap, bag, gp, gg
+                gp, gg = _native.match_backward(Xn, Xn, gbmp, gbmg, bap, bag, nt)
+                gp += gg
+                extra_grad_xn = gp
+                del gbmp, gbmg, bap, bag, gg
+        _lap(laps, "loss")
         gmp, gmg, grad_head = _head.head_backward(cl.grad, cache, n_threads=nt)
+        del cache
         grad_head = {k: np.asarray(v, dtype=np.float32) for k, v in grad_head.items()}
         if extra_grad_head is not None:
             for k in grad_head:
                 grad_head[k] = grad_head[k] + np.asarray(extra_grad_head[k], dtype=np.float32)
-        gXn, gEn = _matching.pair_maxima_restricted_backward(gmp, gmg, ap, ag, Xn, En, local, n_threads=nt)
+        _lap(laps, "head backward")
+        gXn, gEn = _native.match_backward_restricted(Xn, En, local, gmp, gmg, ap, ag, nt)
         del gmp, gmg, ap, ag
         if extra_grad_xn is not None:
-            gXn = gXn + extra_grad_xn
-        grad_x = _matching.normalize_backward(gXn, Xn, Xn_norms, n_threads=nt)
-        grad_rows = _matching.normalize_backward(gEn, En, En_norms, n_threads=nt)
+            gXn += extra_grad_xn
+            del extra_grad_xn
+        _lap(laps, "maxima backward")
+        grad_x = _normalize_backward_inplace(gXn, Xn, Xn_norms, nt)
+        del Xn
+        grad_rows = _normalize_backward_inplace(gEn, En, En_norms, nt)
+        del En
+        _lap(laps, "normalize backward")
         loss_cls = float(cl.loss_cls)
-        return StepResult(
+        out = StepResult(
             loss=loss_cls + self.triplet_weight * loss_t,
             loss_cls=loss_cls,
             loss_triplet=loss_t,
@@ -616,11 +691,13 @@ class QAConvGS:
             acc_triplet=acc_t,
             scores=np.asarray(scores, dtype=np.float32).reshape(B, -1),
             candidates=cand,
-            grad_features=grad_x,
+            grad_features=grad_x.reshape(B, C, self.height, self.width),
             grad_embed_ids=ids,
-            grad_embed_rows=grad_rows,
+            grad_embed_rows=grad_rows.reshape(ids.shape[0], C, self.height, self.width),
             grad_head=grad_head,
         )
+        _lap(laps, "result")
+        return out
 
     def scores(self, features: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
         """Restricted training-mode scores (batch statistics over the B x K pairs of this call).
