@@ -1,0 +1,33 @@
+"""Data- and model-parallel qaconv-gs: the class table sharded over ranks (Partial-FC style).
+
+- `Communicator` and its backends (`SingleProcessCommunicator`, `TorchCommunicator`, `MPICommunicator`),
+  `init_communicator(backend)`;
+- `ShardLayout`: contiguous class ranges per rank;
+- `sharded_class_neighbors`: ring-scheduled neighbour table, equal to `class_neighbors`;
+- `ShardedQAConvGS`: one training step over the gathered batch, class rows sharded, equal to
+  `QAConvGS.forward_backward` on the concatenated batch.
+"""
+
+from .comm import (
+    Communicator,
+    MPICommunicator,
+    SingleProcessCommunicator,
+    TorchCommunicator,
+    init_communicator,
+)
+from .layout import ShardLayout
+from .model import ShardedQAConvGS, ShardedStepResult
+from .neighbors import merge_topk, sharded_class_neighbors
+
+__all__ = [
+    "Communicator",
+    "MPICommunicator",
+    "ShardLayout",
+    "ShardedQAConvGS",
+    "ShardedStepResult",
+    "SingleProcessCommunicator",
+    "TorchCommunicator",
+    "init_communicator",
+    "merge_topk",
+    "sharded_class_neighbors",
+]
