@@ -101,7 +101,9 @@ def run_case(case: dict, comm) -> dict[str, np.ndarray]:
             return res
         from qaconv_gs import Trainer
 
-        trainer = Trainer(model, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, **case.get("trainer", {}))
+        trainer = Trainer(
+            model, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, **case.get("trainer", {})
+        )
         losses = []
         for step in range(case["steps"]):
             if step == case.get("refresh_at", -1):

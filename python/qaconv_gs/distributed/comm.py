@@ -36,7 +36,9 @@ _MAGIC = b"QGM1"
 
 def _pack(arr: np.ndarray) -> np.ndarray:
     """One array -> a uint8 message: magic, header length (uint32 LE), JSON {dtype, shape}, raw C-order data."""
-    a = np.ascontiguousarray(arr)
+    a = np.asarray(arr)
+    if not a.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+        a = a.copy(order="C")
     if a.dtype.hasobject:
         raise TypeError(f"x: object arrays cannot be communicated, got dtype {a.dtype}")
     header = json.dumps({"dtype": a.dtype.str, "shape": list(a.shape)}).encode()

@@ -1,0 +1,463 @@
+"""qaconv_gs.distributed: communicators, sharded neighbours and the sharded training step.
+
+Multi-process tests launch tests/_dist_worker.py as R processes (torch.distributed, gloo over a file://
+store, or mpirun when mpi4py and an MPI launcher are installed) once per world size with all cases, and
+compare every rank's output with the one-process model here. Equality: neighbour indices and similarities
+bit-identical; scores, losses, gradients and parameters within 1e-5 relative (max |a - b| <= 1e-5 max |b|
+for gradient arrays, which is the float32 rounding of sums taken in another order).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qaconv_gs as qg
+from qaconv_gs.distributed import (
+    Communicator,
+    ShardedQAConvGS,
+    ShardLayout,
+    SingleProcessCommunicator,
+    merge_topk,
+    sharded_class_neighbors,
+)
+from qaconv_gs.distributed._head import sharded_head_backward, sharded_head_forward
+from qaconv_gs.distributed.comm import _pack, _unpack
+from qaconv_gs.distributed.model import _draw_shard
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _dist_worker as W  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("_dist_worker.py")
+RTOL = 1e-5
+
+
+# ---------------------------------------------------------------- launching
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _collect(names: list[str], outdir: Path, R: int) -> dict[str, list[dict]]:
+    out = {}
+    for name in names:
+        ranks = []
+        for r in range(R):
+            d = dict(np.load(outdir / f"{name}.rank{r}.npz"))
+            if "error" in d:
+                raise AssertionError(f"case {name} failed on rank {r}:\n{d['error']}")
+            ranks.append(d)
+        out[name] = ranks
+    return out
+
+
+def launch(
+    backend: str, R: int, cases: list[dict], tmp: Path, timeout: float = 120.0
+) -> dict[str, list[dict]]:
+    """Run the cases on R ranks; returns {case name: [rank 0 outputs, ...]}."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    spec = tmp / "cases.json"
+    spec.write_text(json.dumps(cases))
+    if backend == "torch":
+        procs = []
+        for r in range(R):
+            env = _env()
+            env.update(RANK=str(r), WORLD_SIZE=str(R), QG_INIT=f"file://{tmp / 'store'}")
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), "torch", str(spec), str(tmp)],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        logs = []
+        try:
+            for p in procs:
+                logs.append(p.communicate(timeout=timeout)[0])
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        for r, p in enumerate(procs):
+            assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n" + "\n".join(logs)
+    else:
+        cmd = [_mpirun(), "-n", str(R), sys.executable, str(WORKER), "mpi", str(spec), str(tmp)]
+        res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+        assert res.returncode == 0, res.stdout + res.stderr
+    return _collect([c["name"] for c in cases], tmp, R)
+
+
+def _mpirun() -> str | None:
+    return shutil.which("mpirun") or shutil.which("mpiexec")
+
+
+def _cases(R: int) -> list[dict]:
+    counts = {1: [9], 2: [5, 7], 3: [5, 1, 6]}[R]
+    step = {"N": 23, "C": 8, "H": 3, "W": 2, "k": 4, "seed": 3, "data_seed": 4, "counts": counts}
+    return [
+        {"name": "comm", "kind": "comm"},
+        {"name": "nb_ties", "kind": "neighbors", "N": 37, "D": 20, "k": 5, "seed": 1, "ties": True},
+        {"name": "nb_full_k", "kind": "neighbors", "N": 11, "D": 7, "k": 10, "seed": 2},
+        {"name": "nb_k1", "kind": "neighbors", "N": 50, "D": 300, "k": 1, "seed": 5},
+        {"name": "step_sep", "kind": "step", **step},
+        {"name": "step_shared_batch", "kind": "step", **step, "fc": "shared", "triplet": "batch", "k": 22},
+        {"name": "step_batch", "kind": "step", **step, "triplet": "batch", "data_seed": 9},
+        {
+            "name": "train",
+            "kind": "train",
+            **step,
+            "steps": 3,
+            "refresh_at": 2,
+            "trainer": {"sparse_embed": False},
+        },
+    ]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["R2", "R3"])
+def torch_run(request, tmp_path_factory):
+    pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    R = request.param
+    return R, launch("torch", R, _cases(R), tmp_path_factory.mktemp(f"torch{R}"))
+
+
+_HAVE_MPI = importlib.util.find_spec("mpi4py") is not None and _mpirun() is not None
+
+
+@pytest.fixture(scope="module")
+def mpi_run(tmp_path_factory):
+    if not _HAVE_MPI:
+        pytest.skip("mpi4py or mpirun is not installed (see the README: pip install mpi4py, apt mpich)")
+    R = 3
+    return R, launch("mpi", R, _cases(R), tmp_path_factory.mktemp("mpi3"))
+
+
+# ---------------------------------------------------------------- one-process references
+
+
+def _ref_neighbors(case: dict):
+    E = W.make_table(case["N"], case["D"], case["seed"], case.get("ties", False))
+    return qg.class_neighbors(E, case["k"], return_similarity=True, n_threads=1)
+
+
+def _close(a, b, what: str) -> None:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, f"{what}: shape {a.shape} vs {b.shape}"
+    scale = max(float(np.abs(b).max(initial=0.0)), 1e-30)
+    err = float(np.abs(a - b).max(initial=0.0))
+    assert err <= RTOL * scale, f"{what}: max abs diff {err:.3g} > {RTOL} * {scale:.3g}"
+
+
+def _check_step(case: dict, ranks: list[dict]) -> None:
+    X, y, _ = W.make_batch(case)
+    model = qg.QAConvGS(**W.model_config(case))
+    out = model.forward_backward(X, y)
+    want = np.array([out.loss, out.loss_cls, out.loss_triplet, out.acc_cls, out.acc_triplet])
+    for r, d in enumerate(ranks):
+        np.testing.assert_allclose(d["loss"], want, rtol=RTOL, atol=1e-7, err_msg=f"rank {r}")
+        for k, g in out.grad_head.items():  # replicated: every rank has the global gradient
+            # the bias gradients are 0 up to rounding (batch-statistics BN cancels them): atol
+            np.testing.assert_allclose(d["gh." + k], g, rtol=RTOL, atol=1e-6, err_msg=f"rank {r} {k}")
+        for k, v in model.head_state.items():  # running statistics updated identically
+            np.testing.assert_allclose(d["head." + k], np.asarray(v), rtol=1e-6, err_msg=f"rank {r} {k}")
+    cat = {k: np.concatenate([d[k] for d in ranks]) for k in ("scores", "candidates", "grad_features", "nbr")}
+    np.testing.assert_array_equal(cat["nbr"], model.class_neighbors)
+    np.testing.assert_array_equal(cat["candidates"], out.candidates)
+    np.testing.assert_allclose(cat["scores"], out.scores, rtol=RTOL, atol=1e-6)
+    _close(cat["grad_features"], out.grad_features, "grad_features")
+    ids = np.concatenate([d["grad_embed_ids"] for d in ranks])
+    rows = np.concatenate([d["grad_embed_rows"] for d in ranks])
+    np.testing.assert_array_equal(ids, out.grad_embed_ids)  # shards are contiguous: ids stay sorted
+    _close(rows, out.grad_embed_rows, "grad_embed_rows")
+
+
+# ---------------------------------------------------------------- multi-process tests
+
+
+def _check_comm(R: int, ranks: list[dict]) -> None:
+    gather = np.concatenate(
+        [np.arange(q + 1, dtype=np.float32)[:, None] * np.ones((1, 3)) + 10 * q for q in range(R)]
+    )
+    for r, d in enumerate(ranks):
+        np.testing.assert_array_equal(d["gather"], gather)
+        assert d["gather_empty"].shape == (sum(range(R)), 2) and d["gather_empty"].dtype == np.int64
+        # float64, added in rank order: identical bits on every rank
+        want = np.zeros(3)
+        for q in range(R):
+            want += np.array([0.1 * (q + 1), 1e16, -1e16 + q])
+        np.testing.assert_array_equal(d["sum"], want)
+        np.testing.assert_array_equal(d["isum"], [R * (R - 1) // 2, R * (R - 1)])
+        np.testing.assert_array_equal(d["bcast"], np.full((2, 2), 7.5))
+        np.testing.assert_array_equal(d["ring"], [(r - 1) % R])
+        want_a2a = np.concatenate([np.full(r + 1, 100 * q + r) for q in range(R)])
+        np.testing.assert_array_equal(d["a2a"], want_a2a)
+
+
+def test_torch_collectives(torch_run):
+    R, res = torch_run
+    _check_comm(R, res["comm"])
+
+
+@pytest.mark.parametrize("name", ["nb_ties", "nb_full_k", "nb_k1"])
+def test_torch_sharded_neighbors_bit_identical(torch_run, name):
+    R, res = torch_run
+    case = next(c for c in _cases(R) if c["name"] == name)
+    idx, sim = _ref_neighbors(case)
+    got_i = np.concatenate([d["idx"] for d in res[name]])
+    got_s = np.concatenate([d["sim"] for d in res[name]])
+    np.testing.assert_array_equal(got_i, idx)
+    np.testing.assert_array_equal(got_s, sim)  # the same float32 bits
+
+
+@pytest.mark.parametrize("name", ["step_sep", "step_shared_batch", "step_batch"])
+def test_torch_sharded_step_equals_one_process(torch_run, name):
+    R, res = torch_run
+    case = next(c for c in _cases(R) if c["name"] == name)
+    _check_step(case, res[name])
+
+
+def test_torch_trainer_steps_equal_one_process(torch_run):
+    """Three Trainer steps (dense embedding updates, a neighbour refresh before the third) give the
+    one-process parameters."""
+    R, res = torch_run
+    case = next(c for c in _cases(R) if c["name"] == "train")
+    model = qg.QAConvGS(**W.model_config(case))
+    trainer = qg.Trainer(model, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, **case["trainer"])
+    losses = []
+    for step in range(case["steps"]):
+        if step == case["refresh_at"]:
+            model.on_epoch_start()
+        X, y, _ = W.make_batch({**case, "data_seed": case["data_seed"] + step})
+        losses.append(trainer.step(X, y).loss)
+    ranks = res["train"]
+    for d in ranks:
+        np.testing.assert_allclose(d["losses"], losses, rtol=RTOL)
+        for k in ("bn.weight", "fc.weight", "logit_bn.weight", "bn.running_var", "logit_bn.running_mean"):
+            np.testing.assert_allclose(d["head." + k], np.asarray(model.head_state[k]), rtol=RTOL, atol=1e-7)
+    _close(np.concatenate([d["embed"] for d in ranks]), model.class_embed, "class_embed")
+    np.testing.assert_array_equal(np.concatenate([d["nbr"] for d in ranks]), model.class_neighbors)
+
+
+def test_mpi_backend(mpi_run):
+    R, res = mpi_run
+    _check_comm(R, res["comm"])
+    for name in ("nb_ties", "nb_full_k"):
+        case = next(c for c in _cases(R) if c["name"] == name)
+        idx, sim = _ref_neighbors(case)
+        np.testing.assert_array_equal(np.concatenate([d["idx"] for d in res[name]]), idx)
+        np.testing.assert_array_equal(np.concatenate([d["sim"] for d in res[name]]), sim)
+    for name in ("step_sep", "step_shared_batch"):
+        _check_step(next(c for c in _cases(R) if c["name"] == name), res[name])
+
+
+# ---------------------------------------------------------------- in-process tests
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.zeros((0, 5), np.int64),
+        np.array(3.5),
+        np.arange(6, dtype=">f8").reshape(2, 3)[:, ::2],
+        np.array([1, 2], np.uint16),
+    ],
+)
+def test_pack_roundtrip(arr):
+    out = _unpack(_pack(arr))
+    assert out.shape == arr.shape and out.dtype == arr.dtype
+    np.testing.assert_array_equal(out, arr)
+    assert out.flags.writeable and out.flags.c_contiguous
+
+
+def test_unpack_rejects_garbage():
+    with pytest.raises(RuntimeError, match="malformed"):
+        _unpack(np.zeros(10, np.uint8))
+    with pytest.raises(TypeError, match="object"):
+        _pack(np.array([object()]))
+
+
+def test_single_process_communicator():
+    c = SingleProcessCommunicator()
+    assert isinstance(c, Communicator) and (c.rank, c.size, c.world_size) == (0, 1, 1)
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    np.testing.assert_array_equal(c.allgather_concat(x), x)
+    assert c.allreduce_sum(x).dtype == np.float64
+    assert c.allreduce_sum(np.array([1, 2], np.int32)).dtype == np.int64
+    np.testing.assert_array_equal(c.broadcast(x), x)
+    np.testing.assert_array_equal(c.ring_shift(x), x)
+    np.testing.assert_array_equal(c.alltoallv([x])[0], x)
+    c.barrier()
+    with pytest.raises(ValueError, match="root"):
+        c.broadcast(x, root=1)
+    with pytest.raises(TypeError, match="dest"):
+        c.sendrecv(x, dest=0.5, source=0)
+    with pytest.raises(ValueError, match="send"):
+        c.alltoallv([x, x])
+    with pytest.raises(TypeError, match="numeric"):
+        c.allreduce_sum(np.array(["a"]))
+
+
+def test_shard_layout():
+    lay = ShardLayout.even(10, 3)
+    assert lay.bounds == (0, 4, 7, 10)
+    assert [lay.range(r) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    np.testing.assert_array_equal(lay.owner([0, 3, 4, 6, 7, 9]), [0, 0, 1, 1, 2, 2])
+    small = ShardLayout.even(2, 4)  # empty ranks own nothing
+    assert [small.size_of(r) for r in range(4)] == [1, 1, 0, 0]
+    np.testing.assert_array_equal(small.owner([0, 1]), [0, 1])
+    with pytest.raises(ValueError, match="world_size"):
+        ShardLayout.even(4, 0)
+
+
+def test_merge_topk_matches_sort():
+    rng = np.random.default_rng(0)
+    n, N, k = 6, 40, 5
+    sims = rng.integers(0, 6, size=(n, N)).astype(np.float32)  # many ties
+    parts = np.array_split(np.arange(N), 4)
+    idx_parts = [np.broadcast_to(p, (n, p.size)) for p in parts] + [
+        np.broadcast_to(parts[0], (n, parts[0].size))
+    ]
+    sim_parts = [sims[:, p] for p in parts] + [sims[:, parts[0]]]  # a repeated list (deduplicated)
+    got_i, got_s = merge_topk(idx_parts, sim_parts, k)
+    for i in range(n):
+        order = np.lexsort((np.arange(N), -sims[i]))[:k]
+        np.testing.assert_array_equal(got_i[i], order)
+        np.testing.assert_array_equal(got_s[i], sims[i, order])
+
+
+def test_sharded_neighbors_single_process_is_class_neighbors():
+    E = W.make_table(30, 12, 3, ties=True)
+    idx, sim = qg.class_neighbors(E, 6, return_similarity=True)
+    got = sharded_class_neighbors(E, 6, return_similarity=True)
+    np.testing.assert_array_equal(got[0], idx)
+    np.testing.assert_array_equal(got[1], sim)
+    with pytest.raises(ValueError, match="k"):
+        sharded_class_neighbors(E, 30)
+    with pytest.raises(ValueError, match="E_local"):
+        sharded_class_neighbors(np.full((3, 2), np.nan), 1)
+    with pytest.raises(ValueError, match="layout"):
+        sharded_class_neighbors(E, 2, layout=ShardLayout.even(31, 1))
+
+
+def test_draw_shard_is_the_full_draw():
+    full = np.random.default_rng(7).standard_normal((13, 2, 3, 1), dtype=np.float32)
+    for lo, hi in [(0, 13), (0, 5), (5, 9), (12, 13), (4, 4)]:
+        rng = np.random.default_rng(7)
+        got = _draw_shard(rng, 13, (2, 3, 1), lo, hi)
+        np.testing.assert_array_equal(got, full[lo:hi])
+    rng = np.random.default_rng(7)
+    _draw_shard(rng, 13, (2, 3, 1), 2, 3)  # generator state afterwards: as after the full draw
+    ref = np.random.default_rng(7)
+    ref.standard_normal((13, 2, 3, 1), dtype=np.float32)
+    assert rng.uniform() == ref.uniform()
+
+
+@pytest.mark.parametrize("fc", ["separate", "shared"])
+def test_sharded_head_single_process_matches_c_head(fc):
+    rng = np.random.default_rng(1)
+    S, M = 10, 40
+    mp, mg = rng.random((M, S), dtype=np.float32), rng.random((M, S), dtype=np.float32)
+    h1 = qg.functional.init_head(S, fc, np.random.default_rng(2))
+    h1["bn.weight"][...] = 1.3
+    h1["logit_bn.weight"][...] = 0.7
+    h2 = {k: np.array(v, copy=True) for k, v in h1.items()}
+    o1, c1 = qg.functional.head_forward(mp, mg, h1, fc=fc)
+    comm = SingleProcessCommunicator()
+    o2, c2 = sharded_head_forward(mp, mg, h2, fc, comm)
+    np.testing.assert_allclose(o2, o1, rtol=1e-6, atol=1e-6)
+    for k in h1:
+        np.testing.assert_allclose(np.asarray(h2[k]), np.asarray(h1[k]), rtol=1e-6)
+    g = rng.standard_normal(M).astype(np.float32)
+    a, b = qg.functional.head_backward(g, c1), sharded_head_backward(g, c2, comm)
+    _close(b[0], a[0], "grad_mp")
+    _close(b[1], a[1], "grad_mg")
+    for k in a[2]:
+        np.testing.assert_allclose(b[2][k], a[2][k], rtol=1e-5, atol=1e-9, err_msg=k)
+    with pytest.raises(ValueError, match="M >= 2"):
+        sharded_head_forward(mp[:1], mg[:1], h2, fc, comm)
+
+
+@pytest.mark.parametrize("triplet", ["class", "batch"])
+def test_sharded_model_single_process_equals_qaconvgs(triplet):
+    case = {
+        "N": 15,
+        "C": 6,
+        "H": 2,
+        "W": 3,
+        "k": 5,
+        "seed": 11,
+        "data_seed": 2,
+        "counts": [8],
+        "triplet": triplet,
+    }
+    _check_step(case, [_single_step(case)])
+
+
+def _single_step(case: dict) -> dict:
+    X, y, _ = W.make_batch(case)
+    model = ShardedQAConvGS(**W.model_config(case))
+    out = model.forward_backward(X, y)
+    d = {
+        "loss": np.array([out.loss, out.loss_cls, out.loss_triplet, out.acc_cls, out.acc_triplet]),
+        "scores": out.scores,
+        "candidates": out.candidates,
+        "grad_features": out.grad_features,
+        "grad_embed_ids": out.grad_embed_class_ids,
+        "grad_embed_rows": out.grad_embed_rows,
+        "nbr": model.local_neighbors,
+    }
+    d.update({"gh." + k: v for k, v in out.grad_head.items()})
+    d.update({"head." + k: np.asarray(v) for k, v in model.head_state.items()})
+    return d
+
+
+def test_sharded_model_construction_and_gather():
+    m = qg.QAConvGS(num_classes=12, channels=4, height=2, width=2, k_nearest=3, seed=5)
+    s = ShardedQAConvGS(num_classes=12, channels=4, height=2, width=2, k_nearest=3, seed=5)
+    np.testing.assert_array_equal(s.class_embed, m.class_embed)
+    for k, v in m.head_state.items():
+        np.testing.assert_array_equal(np.asarray(s.head_state[k]), np.asarray(v))
+    f = ShardedQAConvGS.from_model(m)
+    np.testing.assert_array_equal(f.class_embed, m.class_embed)
+    f.refresh_neighbors()
+    g = f.gather_model()
+    np.testing.assert_array_equal(g.class_embed, m.class_embed)
+    assert not g.neighbors_stale
+    np.testing.assert_array_equal(g.class_neighbors, m.class_neighbors)
+    assert s.parameters()["class_embed"] is s.class_embed
+    assert "rank 0/1" in repr(s)
+    unseeded = ShardedQAConvGS(num_classes=4, channels=2, height=1, width=1, k_nearest=1)
+    assert isinstance(unseeded.seed, int)
+    with pytest.raises(ValueError, match="k_nearest"):
+        ShardedQAConvGS(num_classes=4, channels=2, height=1, width=1, k_nearest=4)
+    with pytest.raises(ValueError, match="fc"):
+        ShardedQAConvGS(num_classes=4, channels=2, height=1, width=1, k_nearest=1, fc="x")
+    with pytest.raises(TypeError, match="comm"):
+        ShardedQAConvGS(num_classes=4, channels=2, height=1, width=1, k_nearest=1, comm=object())
+    with pytest.raises(ValueError, match="layout"):
+        ShardedQAConvGS(
+            num_classes=4, channels=2, height=1, width=1, k_nearest=1, layout=ShardLayout.even(4, 2)
+        )
+    with pytest.raises(ValueError, match="features"):
+        s.forward_backward(np.zeros((2, 3, 2, 2)), [0, 1])
+    with pytest.raises(ValueError, match="labels"):
+        s.forward_backward(np.zeros((2, 4, 2, 2)), [0, 12])
