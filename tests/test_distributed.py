@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import qaconv_gs as qg
 from qaconv_gs.distributed import (
     Communicator,

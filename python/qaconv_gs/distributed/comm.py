@@ -35,7 +35,7 @@ _MAGIC = b"QGM1"
 
 
 def _pack(arr: np.ndarray) -> np.ndarray:
-    """One array -> a uint8 message: magic, header length (uint32 LE), JSON {dtype, shape}, raw C-order data."""
+    """One array -> a uint8 message: magic, header length (uint32 LE), JSON {dtype, shape}, C-order data."""
     a = np.asarray(arr)
     if not a.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
         a = a.copy(order="C")

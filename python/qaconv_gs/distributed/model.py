@@ -157,7 +157,7 @@ class ShardedQAConvGS:
         return out
 
     def gather_model(self) -> QAConvGS:
-        """A one-process QAConvGS with the whole table (assembled on every rank). Collective; memory O(N*D)."""
+        """A one-process QAConvGS with the whole table, assembled on every rank. Collective; memory O(N*D)."""
         full = self.comm.allgather_concat(self._embed)
         table = None if self.neighbors_stale else self.comm.allgather_concat(self._nbr)
         out = QAConvGS(**self.config)
@@ -269,7 +269,7 @@ class ShardedQAConvGS:
         return self._forward_backward(X, y)
 
     def _pairs_maxima(self, Xn, En, pb, loc, nt):
-        """Maxima of pairs (Xn[pb[i]], En[loc[i]]), chunked: -> mp, mg [P, S] float32, ap, ag [P, S] uint16."""
+        """Maxima of pairs (Xn[pb[i]], En[loc[i]]) in chunks -> mp, mg [P, S] float32, ap, ag uint16."""
         S = self.S
         P = pb.size
         mp = np.empty((P, S), np.float32)
@@ -286,7 +286,7 @@ class ShardedQAConvGS:
         return mp, mg, ap, ag
 
     def _pairs_backward(self, gmp, gmg, ap, ag, Xn, En, pb, loc, ub, nt):
-        """-> (per-sample partial feature gradients [len(ub)] float32 for samples ub, embed grads [len(En)])."""
+        """-> (partial feature gradients [len(ub)] float32 of samples ub, embedding gradients [len(En)])."""
         P = pb.size
         shape = Xn.shape[1:]
         gx = np.zeros((ub.size,) + shape, np.float64)
