@@ -116,6 +116,17 @@ def run_case(case: dict, comm) -> dict[str, np.ndarray]:
         for k, v in model.head_state.items():
             res["head." + k] = np.asarray(v)
         return res
+    if kind == "ckpt":
+        from qaconv_gs import Trainer
+
+        model = ShardedQAConvGS.load(case["load"], comm)
+        res = {"loaded": model.class_embed.copy(), "loaded_nbr": model.local_neighbors.copy()}
+        X, y, counts = make_batch(case)
+        trainer = Trainer(model, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, sparse_embed=False)
+        res["loss"] = np.array([trainer.step(X[_slice(counts, r)], y[_slice(counts, r)]).loss])
+        model.save(case["save"])
+        model.save(case["save"])  # a second save replaces the first generation
+        return res
     raise ValueError(f"unknown case kind {kind!r}")
 
 

@@ -25,7 +25,10 @@ from qaconv_gs.distributed import (
     ShardedQAConvGS,
     ShardLayout,
     SingleProcessCommunicator,
+    load_sharded,
+    load_sharded_model,
     merge_topk,
+    shard_checkpoint,
     sharded_class_neighbors,
 )
 from qaconv_gs.distributed._head import sharded_head_backward, sharded_head_forward
@@ -105,7 +108,7 @@ def _mpirun() -> str | None:
     return shutil.which("mpirun") or shutil.which("mpiexec")
 
 
-def _cases(R: int) -> list[dict]:
+def _cases(R: int, tmp: Path | None = None) -> list[dict]:
     counts = {1: [9], 2: [5, 7], 3: [5, 1, 6]}[R]
     step = {"N": 23, "C": 8, "H": 3, "W": 2, "k": 4, "seed": 3, "data_seed": 4, "counts": counts}
     return [
@@ -124,7 +127,26 @@ def _cases(R: int) -> list[dict]:
             "refresh_at": 2,
             "trainer": {"sparse_embed": False},
         },
-    ]
+    ] + (
+        []
+        if tmp is None
+        else [
+            {
+                "name": "ckpt",
+                "kind": "ckpt",
+                **step,
+                "load": str(tmp / "ckpt_in"),
+                "save": str(tmp / "ckpt_out"),
+            }
+        ]
+    )
+
+
+def _ckpt_model(case: dict) -> qg.QAConvGS:
+    """The model the ckpt case loads (written sharded for 2 ranks by the test before the launch)."""
+    model = qg.QAConvGS(**W.model_config(case))
+    model.refresh_neighbors()
+    return model
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["R2", "R3"])
@@ -135,7 +157,11 @@ def torch_run(request, tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     R = request.param
-    return R, launch("torch", R, _cases(R), tmp_path_factory.mktemp(f"torch{R}"))
+    tmp = tmp_path_factory.mktemp(f"torch{R}")
+    cases = _cases(R, tmp)
+    ck = next(c for c in cases if c["name"] == "ckpt")
+    shard_checkpoint(_ckpt_model(ck), ck["load"], 2)
+    return R, {**launch("torch", R, cases, tmp), "_ckpt_case": ck}
 
 
 _HAVE_MPI = importlib.util.find_spec("mpi4py") is not None and _mpirun() is not None
@@ -460,3 +486,87 @@ def test_sharded_model_construction_and_gather():
         s.forward_backward(np.zeros((2, 3, 2, 2)), [0, 1])
     with pytest.raises(ValueError, match="labels"):
         s.forward_backward(np.zeros((2, 4, 2, 2)), [0, 12])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_torch_sharded_checkpoint_roundtrip(torch_run):
+    """A 2-shard checkpoint loads on R ranks; what R ranks save after a step loads on 1 and on 3 ranks."""
+    R, res = torch_run
+    case = res["_ckpt_case"]
+    model = _ckpt_model(case)
+    ranks = res["ckpt"]
+    np.testing.assert_array_equal(np.concatenate([d["loaded"] for d in ranks]), model.class_embed)
+    np.testing.assert_array_equal(np.concatenate([d["loaded_nbr"] for d in ranks]), model.class_neighbors)
+    X, y, _ = W.make_batch(case)
+    trainer = qg.Trainer(model, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, sparse_embed=False)
+    loss = trainer.step(X, y).loss
+    for d in ranks:
+        np.testing.assert_allclose(d["loss"], [loss], rtol=RTOL)
+    one = load_sharded_model(case["save"])
+    _close(one.class_embed, model.class_embed, "class_embed")
+    for k, v in model.head_state.items():
+        np.testing.assert_allclose(np.asarray(one.head_state[k]), np.asarray(v), rtol=RTOL, atol=1e-7)
+    three = [load_sharded(case["save"], _RankView(r, 3)) for r in range(3)]
+    np.testing.assert_array_equal(np.concatenate([m.class_embed for m in three]), one.class_embed)
+    files = sorted(os.listdir(case["save"]))
+    assert len(files) == R + 2, files  # one generation left: R shards, the head, the manifest
+
+
+class _RankView(Communicator):
+    """rank / size only: for loading one rank's shard in this process (loading needs no collective)."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        self.rank, self.size = rank, size
+
+    def _allgather_bytes(self, buf):
+        raise AssertionError("collective called")
+
+    _broadcast_bytes = _sendrecv_bytes = barrier = _allgather_bytes
+
+
+def test_sharded_checkpoint_in_process(tmp_path):
+    model = qg.QAConvGS(num_classes=10, channels=3, height=2, width=2, k_nearest=3, seed=4)
+    model.refresh_neighbors()
+    shard_checkpoint(model, tmp_path / "ck", 3)
+    for R in (1, 2, 4):
+        parts = [load_sharded(tmp_path / "ck", _RankView(r, R)) for r in range(R)]
+        np.testing.assert_array_equal(np.concatenate([p.class_embed for p in parts]), model.class_embed)
+        np.testing.assert_array_equal(
+            np.concatenate([p.local_neighbors for p in parts]), model.class_neighbors
+        )
+    back = load_sharded_model(tmp_path / "ck")
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(back.state_dict()[k], v)
+    # a one-process .npz checkpoint loads into shards too
+    model.save(tmp_path / "one.npz")
+    parts = [load_sharded(tmp_path / "one.npz", _RankView(r, 2)) for r in range(2)]
+    np.testing.assert_array_equal(np.concatenate([p.class_embed for p in parts]), model.class_embed)
+    # the single-process sharded model saves (1 shard) and loads back
+    s = ShardedQAConvGS.from_model(model)
+    s.save(tmp_path / "s1")
+    np.testing.assert_array_equal(ShardedQAConvGS.load(tmp_path / "s1").class_embed, model.class_embed)
+
+
+def test_sharded_checkpoint_errors(tmp_path):
+    model = qg.QAConvGS(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=1)
+    ck = tmp_path / "ck"
+    shard_checkpoint(model, ck, 2)
+    with pytest.raises(ValueError, match="manifest"):
+        load_sharded(tmp_path / "missing")
+    man = json.loads((ck / "manifest.json").read_text())
+    # a shard from another save (generation mismatch) is refused
+    other = tmp_path / "other"
+    shard_checkpoint(model, other, 2)
+    om = json.loads((other / "manifest.json").read_text())
+    os.replace(other / om["shards"][1]["file"], ck / man["shards"][1]["file"])
+    with pytest.raises(ValueError, match="generation"):
+        load_sharded_model(ck)
+    bad = dict(man, bounds=[0, 4, 5])
+    (ck / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="bounds"):
+        load_sharded_model(ck)
+    (ck / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="manifest"):
+        load_sharded_model(ck)

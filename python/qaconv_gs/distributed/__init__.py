@@ -8,6 +8,7 @@
   `QAConvGS.forward_backward` on the concatenated batch.
 """
 
+from .checkpoint import load_sharded, load_sharded_model, save_sharded, shard_checkpoint
 from .comm import (
     Communicator,
     MPICommunicator,
@@ -28,6 +29,10 @@ __all__ = [
     "SingleProcessCommunicator",
     "TorchCommunicator",
     "init_communicator",
+    "load_sharded",
+    "load_sharded_model",
+    "save_sharded",
+    "shard_checkpoint",
     "merge_topk",
     "sharded_class_neighbors",
 ]

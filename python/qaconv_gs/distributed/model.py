@@ -152,8 +152,7 @@ class ShardedQAConvGS:
         out._head = {k: np.array(v, copy=True) for k, v in model.head_state.items()}
         out.training = model.training
         if not model.neighbors_stale:
-            out._nbr = np.array(model.class_neighbors[out.lo : out.hi], dtype=np.int64, copy=True)
-            out._nbr_stale = False
+            out._set_neighbors(model.class_neighbors[out.lo : out.hi])
         return out
 
     def gather_model(self) -> QAConvGS:
@@ -238,6 +237,32 @@ class ShardedQAConvGS:
         self._nbr, self._nbr_stale = table, False
         self.neighbor_refreshes += 1
         return table
+
+    def _set_neighbors(self, rows: np.ndarray) -> None:
+        table = np.array(rows, dtype=np.int64, copy=True)
+        if table.shape != (self.hi - self.lo, self.k_nearest):
+            raise ValueError(
+                f"neighbors: expected shape {(self.hi - self.lo, self.k_nearest)}, got {table.shape}"
+            )
+        table.setflags(write=False)
+        self._nbr, self._nbr_stale = table, False
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, path) -> None:
+        """Sharded checkpoint directory (distributed.checkpoint); collective."""
+        from .checkpoint import save_sharded
+
+        save_sharded(self, path)
+
+    @classmethod
+    def load(
+        cls, path, comm: Communicator | None = None, layout: ShardLayout | None = None
+    ) -> ShardedQAConvGS:
+        """This rank's model from a sharded checkpoint (any saved world size) or a one-process .npz."""
+        from .checkpoint import load_sharded
+
+        return load_sharded(path, comm, layout)
 
     @property
     def local_neighbors(self) -> np.ndarray:
