@@ -116,6 +116,18 @@ def run_case(case: dict, comm) -> dict[str, np.ndarray]:
         for k, v in model.head_state.items():
             res["head." + k] = np.asarray(v)
         return res
+    if kind == "agree":
+        X, y, counts = make_batch(case)
+        sl = _slice(counts, r)
+        model = ShardedQAConvGS(**model_config(case), comm=comm)
+        yb = y[sl].copy()
+        if r == R - 1:
+            yb[0] = case["N"]  # out of range on the last rank only
+        try:
+            model.forward_backward(X[sl], yb)
+        except Exception as exc:  # every rank must get here (nobody waits for the failed rank)
+            return {"err": np.array(f"{type(exc).__name__}: {exc}")}
+        return {"err": np.array("")}
     if kind == "ckpt":
         from qaconv_gs import Trainer
 

@@ -117,6 +117,7 @@ def _cases(R: int, tmp: Path | None = None) -> list[dict]:
         {"name": "nb_full_k", "kind": "neighbors", "N": 11, "D": 7, "k": 10, "seed": 2},
         {"name": "nb_k1", "kind": "neighbors", "N": 50, "D": 300, "k": 1, "seed": 5},
         {"name": "step_sep", "kind": "step", **step},
+        {"name": "agree", "kind": "agree", **step},
         {"name": "step_shared_batch", "kind": "step", **step, "fc": "shared", "triplet": "batch", "k": 22},
         {"name": "step_batch", "kind": "step", **step, "triplet": "batch", "data_seed": 9},
         {
@@ -239,6 +240,14 @@ def _check_comm(R: int, ranks: list[dict]) -> None:
 def test_torch_collectives(torch_run):
     R, res = torch_run
     _check_comm(R, res["comm"])
+
+
+def test_torch_bad_input_on_one_rank_raises_everywhere(torch_run):
+    R, res = torch_run
+    errs = [str(d["err"]) for d in res["agree"]]
+    assert errs[-1].startswith("ValueError") and "labels" in errs[-1], errs
+    for e in errs[:-1]:
+        assert e.startswith("RuntimeError") and f"[{R - 1}]" in e, errs
 
 
 @pytest.mark.parametrize("name", ["nb_ties", "nb_full_k", "nb_k1"])

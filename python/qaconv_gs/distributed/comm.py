@@ -74,6 +74,12 @@ class Communicator(ABC):
 
     rank: int
     size: int
+    # logical payload bytes this rank sent / received (message headers included), for benchmarks
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def reset_counters(self) -> None:
+        self.bytes_sent = self.bytes_received = 0
 
     # ---------------------------------------------------------------- what a backend implements
 
@@ -108,7 +114,10 @@ class Communicator(ABC):
 
     def allgather(self, x: object) -> list[np.ndarray]:
         """x from every rank -> list of R arrays in rank order (shapes and dtypes may differ per rank)."""
-        msgs = self._allgather_bytes(_pack(np.asarray(x)))
+        buf = _pack(np.asarray(x))
+        msgs = self._allgather_bytes(buf)
+        self.bytes_sent += buf.size * (self.size - 1)
+        self.bytes_received += sum(m.size for q, m in enumerate(msgs) if q != self.rank)
         return [_unpack(m) for m in msgs]
 
     def allgather_concat(self, x: object) -> np.ndarray:
@@ -148,7 +157,12 @@ class Communicator(ABC):
         """root's x to every rank (x is ignored elsewhere and may be None)."""
         root = self._check_rank(root, "root")
         buf = _pack(np.asarray(x)) if self.rank == root else None
-        return _unpack(self._broadcast_bytes(buf, root))
+        out = self._broadcast_bytes(buf, root)
+        if self.rank == root:
+            self.bytes_sent += out.size * (self.size - 1)
+        else:
+            self.bytes_received += out.size
+        return _unpack(out)
 
     def sendrecv(self, x: object, dest: int, source: int) -> np.ndarray:
         """Send x to rank dest and return the array received from rank source (a ring step when
@@ -158,7 +172,10 @@ class Communicator(ABC):
         buf = _pack(np.asarray(x))
         if dest == self.rank and source == self.rank:
             return _unpack(buf)
-        return _unpack(self._sendrecv_bytes(buf, dest, source))
+        got = self._sendrecv_bytes(buf, dest, source)
+        self.bytes_sent += buf.size
+        self.bytes_received += got.size
+        return _unpack(got)
 
     def ring_shift(self, x: object, shift: int = 1) -> np.ndarray:
         """Send x to rank + shift, receive from rank - shift (mod R)."""
@@ -175,8 +192,23 @@ class Communicator(ABC):
         out[self.rank] = np.array(send[self.rank], copy=True)
         for t in range(1, self.size):
             dest, source = (self.rank + t) % self.size, (self.rank - t) % self.size
-            out[source] = _unpack(self._sendrecv_bytes(_pack(np.asarray(send[dest])), dest, source))
+            buf = _pack(np.asarray(send[dest]))
+            got = self._sendrecv_bytes(buf, dest, source)
+            self.bytes_sent += buf.size
+            self.bytes_received += got.size
+            out[source] = _unpack(got)
         return out  # type: ignore[return-value]
+
+    def agree(self, error: BaseException | None) -> None:
+        """Collective error check: if any rank passes an exception, every rank raises (the failing rank
+        its own exception, the others a RuntimeError naming the failing ranks), so no rank is left waiting
+        in a later collective."""
+        flags = self.allgather(np.array([error is not None], dtype=np.bool_))
+        bad = [q for q, f in enumerate(flags) if bool(f[0])]
+        if error is not None:
+            raise error
+        if bad:
+            raise RuntimeError(f"rank(s) {bad} failed (see their error); this rank stops too")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size})"

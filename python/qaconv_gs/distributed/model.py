@@ -289,8 +289,13 @@ class ShardedQAConvGS:
 
         Collective. features [B_r, C, H, W], labels [B_r] global class ids (B_r >= 1 on every rank).
         Equals QAConvGS.forward_backward on the concatenated batch (see the module docstring)."""
-        X = self._features(features, "features")
-        y = as_labels(labels, "labels", n=X.shape[0], num_classes=self.num_classes)
+        err: BaseException | None = None
+        try:
+            X = self._features(features, "features")
+            y = as_labels(labels, "labels", n=X.shape[0], num_classes=self.num_classes)
+        except (TypeError, ValueError) as exc:
+            err = exc
+        self.comm.agree(err)  # every rank raises together instead of waiting for the failed one
         return self._forward_backward(X, y)
 
     def _pairs_maxima(self, Xn, En, pb, loc, nt):
