@@ -154,9 +154,8 @@ def main() -> None:
         worker(args)
         return
     cfg = _sizes(args.quick)
-    print(
-        f"sizes {cfg}, {args.threads} thread(s) per rank, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}"
-    )
+    load = os.getloadavg()[0]
+    print(f"sizes {cfg}, {args.threads} thread(s) per rank, {os.cpu_count()} cores, load {load:.2f}")
     results = {}
     head = "R rank  rows  embed_MB  momentum_MB  nbr_MB  scratch_MB  peakRSS_MB  nbr_s  step_s"
     head += "  step_sent_MB  step_recv_MB"
