@@ -98,6 +98,31 @@ def worker(args: argparse.Namespace) -> None:
         + min(M_r * D * 4, 1 << 26) * 2  # duplicated feature maps of a chunk and their gradients
         + B * D * 8  # per-sample partial feature gradients (float64 accumulator)
     )
+    plain = float("nan")
+    if R == 1:  # the one-process model on the same batches, for the sharding overhead
+        from qaconv_gs import QAConvGS
+
+        m1 = QAConvGS(
+            num_classes=cfg["N"],
+            channels=cfg["C"],
+            height=cfg["H"],
+            width=cfg["W"],
+            k_nearest=cfg["k"],
+            seed=0,
+            n_threads=args.threads,
+        )
+        m1.refresh_neighbors()
+        t1 = Trainer(m1, lr=0.01, momentum=0.9, sparse_embed=True)
+        rng = np.random.default_rng(1)
+        ptimes = []
+        for step in range(cfg["steps"] + 1):
+            X = rng.standard_normal((B, cfg["C"], cfg["H"], cfg["W"]), dtype=np.float32)
+            y = rng.integers(0, cfg["N"], size=B)
+            t0 = time.perf_counter()
+            t1.step(X, y)
+            if step:
+                ptimes.append(time.perf_counter() - t0)
+        plain = float(np.median(ptimes))
     buf = trainer._buffers.get("class_embed")
     out = {
         "rank": r,
@@ -113,6 +138,7 @@ def worker(args: argparse.Namespace) -> None:
         "neighbors_sent": nbr_bytes[0],
         "neighbors_received": nbr_bytes[1],
         "step_s": float(np.median(times)),
+        "plain_step_s": plain,
         "step_sent": int(np.median(sent)),
         "step_received": int(np.median(recv)),
     }
@@ -171,6 +197,8 @@ def main() -> None:
                 f"{_mb(d['step_received'])}"
             )
         sys.stdout.flush()
+    if 1 in results:
+        print(f"one-process QAConvGS + Trainer step (same batches): {results[1][0]['plain_step_s']:.3f} s")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:

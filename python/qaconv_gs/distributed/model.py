@@ -36,7 +36,6 @@ from .neighbors import sharded_class_neighbors
 
 __all__ = ["ShardedQAConvGS", "ShardedStepResult"]
 
-_PAIR_CHUNK_BYTES = 1 << 26  # duplicated feature maps per maxima call (pairs are scored in chunks)
 _INIT_CHUNK_VALUES = 1 << 22  # normal draws per chunk when initialising a shard
 
 
@@ -298,46 +297,60 @@ class ShardedQAConvGS:
         self.comm.agree(err)  # every rank raises together instead of waiting for the failed one
         return self._forward_backward(X, y)
 
-    def _pairs_maxima(self, Xn, En, pb, loc, nt):
-        """Maxima of pairs (Xn[pb[i]], En[loc[i]]) in chunks -> mp, mg [P, S] float32, ap, ag uint16."""
+    @staticmethod
+    def _buckets(owned: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Group the samples by how many candidate pairs this rank owns: [(samples [n_b], pair ids [n_b, c])].
+
+        Pair ids index the (b, j)-ordered list np.nonzero(owned). Scoring a bucket is one restricted call
+        with c candidates per sample: no feature map is duplicated and nothing is padded. With one rank
+        there is one bucket (c = K), so the calls are exactly those of QAConvGS."""
+        per = owned.sum(axis=1)
+        pid = np.full(owned.shape, -1, np.int64)
+        pid[owned] = np.arange(int(owned.sum()), dtype=np.int64)
+        out = []
+        for c in np.unique(per[per > 0]):
+            bs = np.nonzero(per == c)[0]
+            out.append((bs, pid[bs][owned[bs]].reshape(bs.size, int(c))))
+        return out
+
+    def _pairs_maxima(self, Xn, En, loc, buckets, P, nt):
+        """Maxima of the owned pairs (list order) -> mp, mg [P, S] float32, ap, ag [P, S] uint16."""
         S = self.S
-        P = pb.size
         mp = np.empty((P, S), np.float32)
         mg = np.empty((P, S), np.float32)
         ap = np.empty((P, S), np.uint16)
         ag = np.empty((P, S), np.uint16)
-        step = max(1, _PAIR_CHUNK_BYTES // max(1, Xn[0].nbytes))
-        for s in range(0, P, step):
-            e = min(P, s + step)
+        for bs, pid in buckets:
             a, b, c, d = _matching.pair_maxima_restricted(
-                Xn[pb[s:e]], En, loc[s:e, None], return_argmax=True, n_threads=nt
+                Xn[bs], En, loc[pid], return_argmax=True, n_threads=nt
             )
-            mp[s:e], mg[s:e], ap[s:e], ag[s:e] = a[:, 0], b[:, 0], c[:, 0], d[:, 0]
+            flat = pid.reshape(-1)
+            mp[flat], mg[flat], ap[flat], ag[flat] = (v.reshape(-1, S) for v in (a, b, c, d))
         return mp, mg, ap, ag
 
-    def _pairs_backward(self, gmp, gmg, ap, ag, Xn, En, pb, loc, ub, nt):
-        """-> (partial feature gradients [len(ub)] float32 of samples ub, embedding gradients [len(En)])."""
-        P = pb.size
-        shape = Xn.shape[1:]
-        gx = np.zeros((ub.size,) + shape, np.float64)
-        ge = np.zeros((En.shape[0],) + shape, np.float64)
-        where = np.searchsorted(ub, pb)
-        step = max(1, _PAIR_CHUNK_BYTES // max(1, Xn[0].nbytes))
-        for s in range(0, P, step):
-            e = min(P, s + step)
+    def _pairs_backward(self, gmp, gmg, ap, ag, Xn, En, loc, buckets, nt):
+        """-> (samples [U] having an owned pair, their feature gradients [U], embedding grads [len(En)])."""
+        S = self.S
+        ub = np.sort(np.concatenate([bs for bs, _ in buckets]))
+        gx = np.empty((ub.size,) + Xn.shape[1:], np.float32)
+        ge = None
+        for bs, pid in buckets:
+            shp = pid.shape + (S,)
             a, b = _matching.pair_maxima_restricted_backward(
-                gmp[s:e, None],
-                gmg[s:e, None],
-                ap[s:e, None],
-                ag[s:e, None],
-                Xn[pb[s:e]],
+                gmp[pid].reshape(shp),
+                gmg[pid].reshape(shp),
+                ap[pid].reshape(shp),
+                ag[pid].reshape(shp),
+                Xn[bs],
                 En,
-                loc[s:e, None],
+                loc[pid],
                 n_threads=nt,
             )
-            np.add.at(gx, where[s:e], a)
-            ge += b
-        return gx.astype(np.float32), ge.astype(np.float32)
+            gx[np.searchsorted(ub, bs)] = a
+            # one bucket (always with one rank): the kernel's own rounding; several: float64 sum
+            ge = b if ge is None else (ge.astype(np.float64) + b)
+        ge = ge.astype(np.float32) if ge is not None else np.zeros_like(En)
+        return ub, gx, ge
 
     def _to_owners(self, rows: np.ndarray, ids: np.ndarray, counts: list[int]) -> np.ndarray:
         """Sum per-sample partial gradients (rows for global sample ids) on the rank owning each sample.
@@ -352,8 +365,8 @@ class ShardedQAConvGS:
         me = self.comm.rank
         acc = np.zeros((counts[me],) + rows.shape[1:], np.float64)
         for q in range(R):
-            if got_i[q].size:
-                np.add.at(acc, got_i[q], got_r[q])
+            if got_i[q].size:  # a sender lists each sample once: plain fancy-index addition is exact
+                acc[got_i[q]] += got_r[q]
         return acc.astype(np.float32)
 
     def _forward_backward(self, X: np.ndarray, y_r: np.ndarray) -> ShardedStepResult:
@@ -385,7 +398,8 @@ class ShardedQAConvGS:
         S = self.S
         if ids.size:
             En, En_norms = _matching.normalize(self._embed[ids - self.lo], n_threads=nt)
-            mp, mg, ap, ag = self._pairs_maxima(Xn, En, pb, loc, nt)
+            buckets = self._buckets(owned)
+            mp, mg, ap, ag = self._pairs_maxima(Xn, En, loc, buckets, pb.size, nt)
         else:
             En = np.empty((0,) + X.shape[1:], np.float32)
             mp = mg = np.empty((0, S), np.float32)
@@ -430,11 +444,11 @@ class ShardedQAConvGS:
         gmp, gmg, grad_head = sharded_head_backward(cl.grad[pb, pj], hcache, comm)
         if extra_head is not None:
             grad_head = {k: grad_head[k] + extra_head[k] for k in grad_head}
-        ub = np.unique(pb)
         if ids.size:
-            gx_part, gEn = self._pairs_backward(gmp, gmg, ap, ag, Xn, En, pb, loc, ub, nt)
+            ub, gx_part, gEn = self._pairs_backward(gmp, gmg, ap, ag, Xn, En, loc, buckets, nt)
             grad_rows = _matching.normalize_backward(gEn, En, En_norms, n_threads=nt)
         else:
+            ub = np.empty(0, np.int64)
             gx_part = np.empty((0,) + X.shape[1:], np.float32)
             grad_rows = np.empty((0,) + X.shape[1:], np.float32)
         if extra_part is not None:
