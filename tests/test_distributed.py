@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import qaconv_gs as qg
+from hypothesis import given
+from hypothesis import strategies as st
 from qaconv_gs.distributed import (
     Communicator,
     ShardedQAConvGS,
@@ -28,6 +30,7 @@ from qaconv_gs.distributed import (
     load_sharded,
     load_sharded_model,
     merge_topk,
+    run_threads,
     shard_checkpoint,
     sharded_class_neighbors,
 )
@@ -586,3 +589,92 @@ def test_sharded_checkpoint_errors(tmp_path):
     (ck / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="manifest"):
         load_sharded_model(ck)
+
+
+# ---------------------------------------------------------------- R ranks as threads (in-process)
+
+
+@given(
+    R=st.integers(1, 6),
+    N=st.integers(2, 40),
+    D=st.integers(1, 40),
+    kf=st.floats(0.0, 1.0),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_threads_sharded_neighbors_property(R, N, D, kf, ties, seed):
+    """Any world size (empty ranks when N < R), any k: the same indices and similarity bits."""
+    k = 1 + int(kf * (N - 2))
+    E = W.make_table(N, D, seed, ties)
+    lay = ShardLayout.even(N, R)
+    res = run_threads(
+        R, lambda c: sharded_class_neighbors(E[slice(*lay.range(c.rank))], k, c, return_similarity=True)
+    )
+    idx, sim = qg.class_neighbors(E, k, return_similarity=True)
+    np.testing.assert_array_equal(np.concatenate([r[0] for r in res]), idx)
+    np.testing.assert_array_equal(np.concatenate([r[1] for r in res]), sim)
+
+
+def _thread_step(case: dict, R: int) -> list[dict]:
+    X, y, counts = W.make_batch(case)
+
+    def rank(c):
+        off = sum(counts[: c.rank])
+        sl = slice(off, off + counts[c.rank])
+        m = ShardedQAConvGS(**W.model_config(case), comm=c)
+        out = m.forward_backward(X[sl], y[sl])
+        d = {
+            "loss": np.array([out.loss, out.loss_cls, out.loss_triplet, out.acc_cls, out.acc_triplet]),
+            "scores": out.scores,
+            "candidates": out.candidates,
+            "grad_features": out.grad_features,
+            "grad_embed_ids": out.grad_embed_class_ids,
+            "grad_embed_rows": out.grad_embed_rows,
+            "nbr": m.local_neighbors,
+        }
+        d.update({"gh." + k: v for k, v in out.grad_head.items()})
+        d.update({"head." + k: np.asarray(v) for k, v in m.head_state.items()})
+        return d
+
+    return run_threads(R, rank)
+
+
+@given(
+    counts=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    N=st.integers(2, 25),
+    kf=st.floats(0.0, 1.0),
+    fc=st.sampled_from(["separate", "shared"]),
+    triplet=st.sampled_from(["class", "batch"]),
+    seed=st.integers(0, 1000),
+)
+def test_threads_sharded_step_property(counts, N, kf, fc, triplet, seed):
+    """Any world size, uneven batches, empty shards, both fc and triplet modes: equal to one process."""
+    k = 1 + int(kf * (N - 2))
+    case = {"N": N, "C": 5, "H": 2, "W": 2, "k": k, "seed": seed, "data_seed": seed + 1, "counts": counts}
+    case.update(fc=fc, triplet=triplet)
+    _check_step(case, _thread_step(case, len(counts)))
+
+
+def test_run_threads_errors():
+    def fails_on_one(c):
+        if c.rank == 1:
+            raise KeyError("boom")
+        c.barrier()  # the other ranks would wait for rank 1 forever without the abort
+        return c.rank
+
+    with pytest.raises(KeyError, match="boom"):
+        run_threads(3, fails_on_one, timeout_s=20)
+    assert run_threads(2, lambda c: c.allreduce_sum(np.array([c.rank + 1.0]))[0]) == [3.0, 3.0]
+    with pytest.raises(ValueError, match="size"):
+        run_threads(0, lambda c: None)
+
+    def agree(c):
+        try:
+            c.agree(ValueError("labels: bad") if c.rank == 0 else None)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    out = run_threads(3, agree)
+    assert out[0] == "ValueError: labels: bad" and all(
+        o.startswith("RuntimeError") and "[0]" in o for o in out[1:]
+    )

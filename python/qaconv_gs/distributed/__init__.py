@@ -13,8 +13,10 @@ from .comm import (
     Communicator,
     MPICommunicator,
     SingleProcessCommunicator,
+    ThreadCommunicator,
     TorchCommunicator,
     init_communicator,
+    run_threads,
 )
 from .layout import ShardLayout
 from .model import ShardedQAConvGS, ShardedStepResult
@@ -27,6 +29,7 @@ __all__ = [
     "ShardedQAConvGS",
     "ShardedStepResult",
     "SingleProcessCommunicator",
+    "ThreadCommunicator",
     "TorchCommunicator",
     "init_communicator",
     "load_sharded",
@@ -34,5 +37,6 @@ __all__ = [
     "save_sharded",
     "shard_checkpoint",
     "merge_topk",
+    "run_threads",
     "sharded_class_neighbors",
 ]

@@ -27,8 +27,10 @@ __all__ = [
     "Communicator",
     "MPICommunicator",
     "SingleProcessCommunicator",
+    "ThreadCommunicator",
     "TorchCommunicator",
     "init_communicator",
+    "run_threads",
 ]
 
 _MAGIC = b"QGM1"
@@ -357,6 +359,93 @@ class MPICommunicator(Communicator):
 
     def barrier(self) -> None:
         self._comm.Barrier()
+
+
+class _ThreadHub:
+    """Shared state of R ThreadCommunicators: a barrier, one slot per rank, one queue per ordered pair."""
+
+    def __init__(self, size: int, timeout_s: float) -> None:
+        import queue
+        import threading
+
+        self.size, self.timeout_s = size, timeout_s
+        self.barrier = threading.Barrier(size, timeout=timeout_s)
+        self.slots: list[np.ndarray | None] = [None] * size
+        self.queues = {(a, b): queue.Queue() for a in range(size) for b in range(size)}
+
+
+class ThreadCommunicator(Communicator):
+    """R ranks as threads of one process (the C kernels release the GIL, so ranks do run in parallel).
+
+    For tests, debugging and notebooks: `run_threads(R, fn)` calls fn(comm) on R threads and returns the
+    R results. Every collective is a barrier round; a rank that raises breaks the barrier, so the other
+    ranks fail (threading.BrokenBarrierError) instead of waiting forever."""
+
+    def __init__(self, hub: _ThreadHub, rank: int) -> None:
+        self._hub, self.rank, self.size = hub, int(rank), hub.size
+
+    def _allgather_bytes(self, buf: np.ndarray) -> list[np.ndarray]:
+        hub = self._hub
+        hub.slots[self.rank] = np.array(buf, copy=True)
+        hub.barrier.wait()
+        out = list(hub.slots)
+        hub.barrier.wait()  # nobody overwrites a slot before everyone has read it
+        return out  # type: ignore[return-value]
+
+    def _broadcast_bytes(self, buf: np.ndarray | None, root: int) -> np.ndarray:
+        hub = self._hub
+        if self.rank == root:
+            hub.slots[root] = np.array(buf, copy=True)
+        hub.barrier.wait()
+        out = hub.slots[root]
+        hub.barrier.wait()
+        return out  # type: ignore[return-value]
+
+    def _sendrecv_bytes(self, buf: np.ndarray, dest: int, source: int) -> np.ndarray:
+        import queue
+
+        hub = self._hub
+        hub.queues[(self.rank, dest)].put(np.array(buf, copy=True))
+        try:
+            return hub.queues[(source, self.rank)].get(timeout=hub.timeout_s)
+        except queue.Empty:
+            raise TimeoutError(f"rank {self.rank}: nothing received from rank {source}") from None
+
+    def barrier(self) -> None:
+        self._hub.barrier.wait()
+
+
+def run_threads(size: int, fn, timeout_s: float = 60.0) -> list:
+    """Run fn(comm) on `size` ThreadCommunicator ranks; returns [result of rank 0, ...] or re-raises the
+    first rank's exception (by rank order)."""
+    import threading
+
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size: expected an int >= 1, got {size!r}")
+    hub = _ThreadHub(int(size), float(timeout_s))
+    results: list = [None] * size
+    errors: list[BaseException | None] = [None] * size
+
+    def body(r: int) -> None:
+        try:
+            results[r] = fn(ThreadCommunicator(hub, r))
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+            errors[r] = exc
+            hub.barrier.abort()
+
+    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first = next(
+        (e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)), None
+    )
+    if first is None:
+        first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return results
 
 
 def init_communicator(

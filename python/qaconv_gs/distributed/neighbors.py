@@ -105,7 +105,7 @@ def sharded_class_neighbors(
     """
     comm = SingleProcessCommunicator() if comm is None else comm
     arr = as_float32(E_local, "E_local", (2, 4), check_finite=True, allow_empty=True)
-    flat = arr.reshape(arr.shape[0], -1)
+    flat = arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:], dtype=np.int64)))
     n_r, D = int(flat.shape[0]), int(flat.shape[1])
     dims = comm.allgather(np.array([n_r, D], dtype=np.int64))
     sizes = [int(d[0]) for d in dims]
@@ -163,6 +163,8 @@ def sharded_class_neighbors(
         got_s = comm.sendrecv(back_s, dest=s, source=(r - t) % R)
         if got_i.size:
             best_i, best_s = _fold(best_i, best_s, got_i, got_s, k)
+    if n_r == 0:  # a rank without classes (N < R)
+        best_i, best_s = np.empty((0, k), np.int64), np.empty((0, k), np.float32)
     if best_i.shape[1] != k:  # pragma: no cover - the schedule covers every rank pair
         raise RuntimeError(f"sharded_class_neighbors: rank {r} collected {best_i.shape[1]} of {k} neighbours")
     return (best_i, best_s) if return_similarity else best_i
