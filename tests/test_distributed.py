@@ -176,7 +176,11 @@ def mpi_run(tmp_path_factory):
     if not _HAVE_MPI:
         pytest.skip("mpi4py or mpirun is not installed (see the README: pip install mpi4py, apt mpich)")
     R = 3
-    return R, launch("mpi", R, _cases(R), tmp_path_factory.mktemp("mpi3"))
+    tmp = tmp_path_factory.mktemp("mpi3")
+    cases = _cases(R, tmp)
+    ck = next(c for c in cases if c["name"] == "ckpt")
+    shard_checkpoint(_ckpt_model(ck), ck["load"], 2)
+    return R, {**launch("mpi", R, cases, tmp), "_ckpt_case": ck}
 
 
 # ---------------------------------------------------------------- one-process references
@@ -247,7 +251,11 @@ def test_torch_collectives(torch_run):
 
 def test_torch_bad_input_on_one_rank_raises_everywhere(torch_run):
     R, res = torch_run
-    errs = [str(d["err"]) for d in res["agree"]]
+    _check_agree(R, res["agree"])
+
+
+def _check_agree(R: int, ranks: list[dict]) -> None:
+    errs = [str(d["err"]) for d in ranks]
     assert errs[-1].startswith("ValueError") and "labels" in errs[-1], errs
     for e in errs[:-1]:
         assert e.startswith("RuntimeError") and f"[{R - 1}]" in e, errs
@@ -275,7 +283,10 @@ def test_torch_trainer_steps_equal_one_process(torch_run):
     """Three Trainer steps (dense embedding updates, a neighbour refresh before the third) give the
     one-process parameters."""
     R, res = torch_run
-    case = next(c for c in _cases(R) if c["name"] == "train")
+    _check_train(next(c for c in _cases(R) if c["name"] == "train"), res["train"])
+
+
+def _check_train(case: dict, ranks: list[dict]) -> None:
     model = qg.QAConvGS(**W.model_config(case))
     trainer = qg.Trainer(model, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, **case["trainer"])
     losses = []
@@ -284,7 +295,6 @@ def test_torch_trainer_steps_equal_one_process(torch_run):
             model.on_epoch_start()
         X, y, _ = W.make_batch({**case, "data_seed": case["data_seed"] + step})
         losses.append(trainer.step(X, y).loss)
-    ranks = res["train"]
     for d in ranks:
         np.testing.assert_allclose(d["losses"], losses, rtol=RTOL)
         for k in ("bn.weight", "fc.weight", "logit_bn.weight", "bn.running_var", "logit_bn.running_mean"):
@@ -301,8 +311,11 @@ def test_mpi_backend(mpi_run):
         idx, sim = _ref_neighbors(case)
         np.testing.assert_array_equal(np.concatenate([d["idx"] for d in res[name]]), idx)
         np.testing.assert_array_equal(np.concatenate([d["sim"] for d in res[name]]), sim)
-    for name in ("step_sep", "step_shared_batch"):
+    for name in ("step_sep", "step_shared_batch", "step_batch"):
         _check_step(next(c for c in _cases(R) if c["name"] == name), res[name])
+    _check_train(next(c for c in _cases(R) if c["name"] == "train"), res["train"])
+    _check_agree(R, res["agree"])
+    _check_ckpt(R, res["_ckpt_case"], res["ckpt"])
 
 
 # ---------------------------------------------------------------- in-process tests
@@ -513,9 +526,11 @@ def test_sharded_model_construction_and_gather():
 def test_torch_sharded_checkpoint_roundtrip(torch_run):
     """A 2-shard checkpoint loads on R ranks; what R ranks save after a step loads on 1 and on 3 ranks."""
     R, res = torch_run
-    case = res["_ckpt_case"]
+    _check_ckpt(R, res["_ckpt_case"], res["ckpt"])
+
+
+def _check_ckpt(R: int, case: dict, ranks: list[dict]) -> None:
     model = _ckpt_model(case)
-    ranks = res["ckpt"]
     np.testing.assert_array_equal(np.concatenate([d["loaded"] for d in ranks]), model.class_embed)
     np.testing.assert_array_equal(np.concatenate([d["loaded_nbr"] for d in ranks]), model.class_neighbors)
     X, y, _ = W.make_batch(case)
