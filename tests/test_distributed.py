@@ -693,3 +693,38 @@ def test_run_threads_errors():
     assert out[0] == "ValueError: labels: bad" and all(
         o.startswith("RuntimeError") and "[0]" in o for o in out[1:]
     )
+
+
+def test_threads_sharded_checkpoint_with_row_extra(tmp_path):
+    """Saved by 3 thread ranks with per-row optimiser state; re-sharded on 2 and 1 ranks."""
+    model = qg.QAConvGS(num_classes=11, channels=3, height=2, width=1, k_nearest=2, seed=8)
+    model.refresh_neighbors()
+    mom = np.arange(11 * 6, dtype=np.float32).reshape(11, 3, 2, 1)
+    ck = tmp_path / "ck"
+
+    def save(c):
+        s = ShardedQAConvGS.from_model(model, comm=c)
+        s.save(ck, row_extra={"momentum": mom[s.lo : s.hi]}, extra={"step": np.array(7)})
+        return s.lo, s.hi
+
+    run_threads(3, save)
+    for R in (1, 2, 4):
+        parts = [load_sharded(ck, _RankView(r, R), return_extra=True) for r in range(R)]
+        np.testing.assert_array_equal(np.concatenate([p[0].class_embed for p in parts]), model.class_embed)
+        np.testing.assert_array_equal(np.concatenate([p[1]["momentum"] for p in parts]), mom)
+        assert all(int(p[2]["step"]) == 7 for p in parts)
+    one = load_sharded_model(ck)
+    np.testing.assert_array_equal(one.class_embed, model.class_embed)
+    np.testing.assert_array_equal(one.class_neighbors, model.class_neighbors)
+
+    def bad_rows(c):
+        s = ShardedQAConvGS.from_model(model, comm=c)
+        rows = mom[s.lo : s.hi] if c.rank else mom[:1]
+        try:
+            s.save(tmp_path / "bad", row_extra={"momentum": rows})
+        except (ValueError, RuntimeError) as exc:
+            return type(exc).__name__ + ": " + str(exc)
+
+    out = run_threads(2, bad_rows)
+    assert out[0].startswith("ValueError") and "row_extra" in out[0] and out[1].startswith("RuntimeError")
+    assert not (tmp_path / "bad").exists()

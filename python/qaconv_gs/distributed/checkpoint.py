@@ -43,23 +43,52 @@ def _gen_array(gen: str) -> np.ndarray:
     return np.frombuffer(gen.encode(), dtype=np.uint8).copy()
 
 
-def _write_shard(path: str, gen: str, config: dict, r: int, R: int, lo: int, hi: int, rows, nbr) -> str:
+_ROW_PREFIX = "rows/"  # extra arrays aligned with the shard's class rows (re-sharded on load)
+
+
+def _check_extra(extra, what: str, rows: int | None = None) -> dict[str, np.ndarray]:
+    if extra is None:
+        return {}
+    if not hasattr(extra, "items"):
+        raise TypeError(f"{what}: expected a mapping of name -> array, got {type(extra).__name__}")
+    out = {}
+    for k, v in extra.items():
+        if not isinstance(k, str) or not k or k.startswith("_qaconv_gs."):
+            raise ValueError(
+                f"{what}: keys must be non-empty strings not starting with '_qaconv_gs.', got {k!r}"
+            )
+        a = np.asarray(v)
+        if rows is not None and (a.ndim == 0 or a.shape[0] != rows):
+            raise ValueError(
+                f"{what}[{k!r}]: expected {rows} rows (this rank's classes), got shape {a.shape}"
+            )
+        out[k] = a
+    return out
+
+
+def _write_shard(
+    path: str, gen: str, config: dict, r: int, R: int, lo: int, hi: int, rows, nbr, row_extra=None
+) -> str:
     name = f"shard-{gen}-{r:05d}-of-{R:05d}.npz"
     extra = {_SHARD_KEY: np.array([lo, hi, r, R], np.int64), _GEN_KEY: _gen_array(gen)}
     if nbr is not None:
         extra[_NBR_EXTRA_KEY] = np.asarray(nbr, np.int64)
+    for k, v in (row_extra or {}).items():
+        extra[_ROW_PREFIX + k] = v
     save_checkpoint(os.path.join(path, name), config, {"class_embed": rows}, extra=extra)
     return name
 
 
-def _write_head(path: str, gen: str, config: dict, head: dict) -> str:
+def _write_head(path: str, gen: str, config: dict, head: dict, extra=None) -> str:
     name = f"head-{gen}.npz"
-    save_checkpoint(os.path.join(path, name), config, dict(head), extra={_GEN_KEY: _gen_array(gen)})
+    save_checkpoint(
+        os.path.join(path, name), config, dict(head), extra={**(extra or {}), _GEN_KEY: _gen_array(gen)}
+    )
     return name
 
 
 def _write_manifest(
-    path: str, gen: str, config: dict, bounds, files: list[str], head: str, nbr: bool
+    path: str, gen: str, config: dict, bounds, files: list[str], head: str, nbr: bool, row_keys=()
 ) -> None:
     R = len(files)
     manifest = {
@@ -72,6 +101,7 @@ def _write_manifest(
         "shards": [{"file": f, "lo": int(bounds[r]), "hi": int(bounds[r + 1])} for r, f in enumerate(files)],
         "head": head,
         "neighbors": bool(nbr),
+        "row_extra": sorted(row_keys),
     }
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=path)
     try:
@@ -97,11 +127,28 @@ def _write_manifest(
                 pass
 
 
-def save_sharded(model, path: str | os.PathLike) -> None:
+def save_sharded(model, path: str | os.PathLike, *, row_extra=None, extra=None) -> None:
     """Write `model` (a ShardedQAConvGS) to the directory `path`. Collective: every rank writes its shard,
-    rank 0 the head and then the manifest."""
+    rank 0 the head and then the manifest.
+
+    row_extra: this rank's arrays with one row per owned class (e.g. the optimiser's momentum rows
+        [hi - lo, C, H, W]); the same keys on every rank. They are re-sharded on load.
+    extra: replicated arrays (e.g. optimiser scalars), taken from rank 0.
+    """
     comm: Communicator = model.comm
     path = os.fspath(path)
+    err: BaseException | None = None
+    try:
+        rx = _check_extra(row_extra, "row_extra", model.hi - model.lo)
+        ex = _check_extra(extra, "extra")
+    except (TypeError, ValueError) as exc:
+        err = exc
+    comm.agree(err)
+    keys = [
+        bytes(b).decode() for b in comm.allgather(np.frombuffer(json.dumps(sorted(rx)).encode(), np.uint8))
+    ]
+    if len(set(keys)) != 1:
+        raise ValueError(f"row_extra: ranks passed different keys: {[json.loads(k) for k in keys]}")
     if comm.rank == 0:
         os.makedirs(path, exist_ok=True)
     gen = bytes(comm.broadcast(np.frombuffer(secrets.token_hex(8).encode(), np.uint8), 0)).decode()
@@ -109,11 +156,13 @@ def save_sharded(model, path: str | os.PathLike) -> None:
     have_nbr = int(comm.allreduce_sum(np.array([0 if nbr is None else 1]))[0]) == comm.size
     config = model.config
     comm.barrier()  # the directory exists
-    name = _write_shard(path, gen, config, comm.rank, comm.size, model.lo, model.hi, model.class_embed, nbr)
+    name = _write_shard(
+        path, gen, config, comm.rank, comm.size, model.lo, model.hi, model.class_embed, nbr, rx
+    )
     names = [bytes(b).decode() for b in comm.allgather(np.frombuffer(name.encode(), np.uint8))]
     if comm.rank == 0:
-        head = _write_head(path, gen, config, model.head_state)
-        _write_manifest(path, gen, config, model.layout.bounds, names, head, have_nbr)
+        head = _write_head(path, gen, config, model.head_state, ex)
+        _write_manifest(path, gen, config, model.layout.bounds, names, head, have_nbr, list(rx))
     comm.barrier()  # the manifest is in place before anyone reads it
 
 
@@ -169,10 +218,17 @@ def _load_file(path: str, name: str, gen: str) -> tuple[dict, dict]:
 
 
 def load_sharded(
-    path: str | os.PathLike, comm: Communicator | None = None, layout: ShardLayout | None = None
+    path: str | os.PathLike,
+    comm: Communicator | None = None,
+    layout: ShardLayout | None = None,
+    *,
+    return_extra: bool = False,
 ):
     """This rank's ShardedQAConvGS from a sharded checkpoint directory (saved with any world size) or a
-    one-process .npz checkpoint. Uses comm only for rank and size (no collective)."""
+    one-process .npz checkpoint. Uses comm only for rank and size (no collective).
+
+    With return_extra: (model, row_extra, extra): row_extra re-sharded to this rank's rows (dict), extra
+    the replicated arrays (for a one-process .npz: {} and its extra arrays)."""
     from .model import ShardedQAConvGS
 
     comm = SingleProcessCommunicator() if comm is None else comm
@@ -188,7 +244,8 @@ def load_sharded(
         nbr = extra.get(_NBR_EXTRA_KEY)
         if nbr is not None and np.asarray(nbr).shape == (model.num_classes, model.k_nearest):
             model._set_neighbors(np.asarray(nbr)[model.lo : model.hi])
-        return model
+        extra = {k: v for k, v in extra.items() if k != _NBR_EXTRA_KEY}
+        return (model, {}, extra) if return_extra else model
     m = _read_manifest(path)
     gen = m["generation"]
     model = ShardedQAConvGS(**m["config"], comm=comm, layout=layout, _init=False)
@@ -196,6 +253,8 @@ def load_sharded(
     lo, hi = model.lo, model.hi
     embed = np.empty((hi - lo, C, H, W), np.float32)
     nbr = np.empty((hi - lo, model.k_nearest), np.int64) if m["neighbors"] else None
+    row_keys = list(m.get("row_extra", [])) if return_extra else []
+    rx: dict[str, np.ndarray] = {}
     for sh in m["shards"]:
         a, b = max(lo, sh["lo"]), min(hi, sh["hi"])
         if a >= b:
@@ -212,12 +271,24 @@ def load_sharded(
         embed[a - lo : b - lo] = rows[a - sh["lo"] : b - sh["lo"]]
         if nbr is not None:
             nbr[a - lo : b - lo] = np.asarray(extra[_NBR_EXTRA_KEY], np.int64)[a - sh["lo"] : b - sh["lo"]]
-    head_state, _ = _load_file(path, m["head"], gen)
+        for k in row_keys:
+            v = np.asarray(extra[_ROW_PREFIX + k])
+            if k not in rx:
+                rx[k] = np.empty((hi - lo,) + v.shape[1:], v.dtype)
+            rx[k][a - lo : b - lo] = v[a - sh["lo"] : b - sh["lo"]]
+    head_state, head_extra = _load_file(path, m["head"], gen)
     model._embed = embed
     model._head = {k: np.array(v, copy=True) for k, v in head_state.items()}
     if nbr is not None:
         model._set_neighbors(nbr)
-    return model
+    if not return_extra:
+        return model
+    for k in row_keys:  # a rank that owns no class still gets correctly shaped (empty) arrays
+        if k not in rx:
+            _, ex0 = _load_file(path, m["shards"][0]["file"], gen)
+            v = np.asarray(ex0[_ROW_PREFIX + k])
+            rx[k] = np.empty((0,) + v.shape[1:], v.dtype)
+    return model, rx, {k: v for k, v in head_extra.items() if k != _GEN_KEY}
 
 
 def load_sharded_model(path: str | os.PathLike) -> QAConvGS:

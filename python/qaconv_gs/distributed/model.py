@@ -248,20 +248,19 @@ class ShardedQAConvGS:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, path) -> None:
-        """Sharded checkpoint directory (distributed.checkpoint); collective."""
+    def save(self, path, *, row_extra=None, extra=None) -> None:
+        """Sharded checkpoint directory (distributed.checkpoint.save_sharded); collective."""
         from .checkpoint import save_sharded
 
-        save_sharded(self, path)
+        save_sharded(self, path, row_extra=row_extra, extra=extra)
 
     @classmethod
-    def load(
-        cls, path, comm: Communicator | None = None, layout: ShardLayout | None = None
-    ) -> ShardedQAConvGS:
-        """This rank's model from a sharded checkpoint (any saved world size) or a one-process .npz."""
+    def load(cls, path, comm: Communicator | None = None, layout: ShardLayout | None = None, **kwargs):
+        """This rank's model from a sharded checkpoint (any saved world size) or a one-process .npz
+        (distributed.checkpoint.load_sharded; return_extra=True also returns the extra arrays)."""
         from .checkpoint import load_sharded
 
-        return load_sharded(path, comm, layout)
+        return load_sharded(path, comm, layout, **kwargs)
 
     @property
     def local_neighbors(self) -> np.ndarray:
