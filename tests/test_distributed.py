@@ -41,7 +41,6 @@ from qaconv_gs.distributed.model import _draw_shard
 sys.path.insert(0, str(Path(__file__).parent))
 import _dist_worker as W  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_dist_worker.py")
 RTOL = 1e-5
 
@@ -51,7 +50,9 @@ RTOL = 1e-5
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # the workers import the very qaconv_gs this process imported (in-tree build or installed package)
+    pkg_root = str(Path(qg.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
     return env
 
