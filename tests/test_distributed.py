@@ -729,3 +729,31 @@ def test_threads_sharded_checkpoint_with_row_extra(tmp_path):
     out = run_threads(2, bad_rows)
     assert out[0].startswith("ValueError") and "row_extra" in out[0] and out[1].startswith("RuntimeError")
     assert not (tmp_path / "bad").exists()
+
+
+def test_threads_rows_for_step_and_global_norm():
+    """rows_for_step(labels) lists exactly the rows the next step reads (and reuses its gather); the
+    result's grad_embed_sqnorm is the squared norm of the whole (one-process) embedding gradient."""
+    case = {"N": 17, "C": 4, "H": 2, "W": 2, "k": 3, "seed": 2, "data_seed": 3, "counts": [3, 5, 2]}
+    X, y, counts = W.make_batch(case)
+
+    def rank(c):
+        off = sum(counts[: c.rank])
+        sl = slice(off, off + counts[c.rank])
+        m = ShardedQAConvGS(**W.model_config(case), comm=c)
+        rows = m.rows_for_step(y[sl])
+        sent = c.bytes_sent
+        out = m.forward_backward(X[sl], y[sl])
+        gathered_again = c.bytes_sent - sent
+        plain = m.forward_backward(X[sl], y[sl])  # without rows_for_step: gathers the labels itself
+        return rows, out, gathered_again, c.bytes_sent - sent - gathered_again, plain
+
+    res = run_threads(3, rank)
+    ref = qg.QAConvGS(**W.model_config(case)).forward_backward(X, y)
+    for rows, out, with_prep, without_prep, plain in res:
+        np.testing.assert_array_equal(rows, out.grad_embed_ids)
+        np.testing.assert_array_equal(out.scores, plain.scores)
+        assert with_prep < without_prep  # the label / candidate gathers were skipped
+        np.testing.assert_allclose(
+            out.grad_embed_sqnorm, np.square(ref.grad_embed_rows, dtype=np.float64).sum()
+        )

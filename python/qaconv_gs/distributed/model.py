@@ -44,10 +44,12 @@ class ShardedStepResult(StepResult):
     """StepResult of one rank. loss / accuracies / grad_head are global (identical on every rank);
     scores, candidates, grad_features are this rank's samples (rows sample_range of the global batch);
     grad_embed_ids are LOCAL row indices into this rank's class_embed (so an optimiser that indexes
-    model.parameters()["class_embed"] with them works unchanged); grad_embed_class_ids are the global ids.
+    model.parameters()["class_embed"] with them works unchanged); grad_embed_class_ids are the global ids;
+    grad_embed_sqnorm is the global squared norm of the embedding gradient (for gradient clipping).
     all_scores / all_candidates: the [B_total, K] matrices every rank assembled."""
 
     grad_embed_class_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    grad_embed_sqnorm: float = 0.0  # sum of squares of the embedding-row gradients of ALL ranks
     sample_range: tuple[int, int] = (0, 0)
     all_scores: np.ndarray | None = None
     all_candidates: np.ndarray | None = None
@@ -127,6 +129,8 @@ class ShardedQAConvGS:
         self.training = True
         self._nbr: np.ndarray | None = None
         self._nbr_stale = True
+        self._nbr_version = 0  # bumped whenever the neighbour rows change (invalidates _prepared)
+        self._prepared: tuple | None = None  # (nbr version, local labels, counts, labels, candidates)
         self.neighbor_refreshes = 0
         if _init:
             rng = np.random.default_rng(self.seed)
@@ -221,6 +225,7 @@ class ShardedQAConvGS:
     def on_epoch_start(self) -> None:
         """Mark the neighbour rows stale (call on every rank; the next step recomputes them collectively)."""
         self._nbr_stale = True
+        self._prepared = None
 
     @property
     def neighbors_stale(self) -> bool:
@@ -234,6 +239,7 @@ class ShardedQAConvGS:
         table = np.ascontiguousarray(table, dtype=np.int64)
         table.setflags(write=False)
         self._nbr, self._nbr_stale = table, False
+        self._nbr_version += 1
         self.neighbor_refreshes += 1
         return table
 
@@ -245,6 +251,7 @@ class ShardedQAConvGS:
             )
         table.setflags(write=False)
         self._nbr, self._nbr_stale = table, False
+        self._nbr_version += 1
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -368,26 +375,52 @@ class ShardedQAConvGS:
                 acc[got_i[q]] += got_r[q]
         return acc.astype(np.float32)
 
+    def _gather_candidates(self, y_r: np.ndarray) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """(per-rank batch sizes, global labels [B], candidates [B, K]): the rank owning y_b supplies
+        [y_b, nbr[y_b]]. Collective."""
+        comm, K = self.comm, self.num_candidates
+        counts = [int(c[0]) for c in comm.allgather(np.array([y_r.size], np.int64))]
+        y = comm.allgather_concat(y_r)
+        nbr = self.local_neighbors
+        mine = np.nonzero((y >= self.lo) & (y < self.hi))[0]
+        rows = np.concatenate([y[mine, None], nbr[y[mine] - self.lo]], axis=1)
+        pos_all = comm.allgather_concat(mine.astype(np.int64))
+        rows_all = comm.allgather_concat(rows.astype(np.int64).reshape(-1, K))
+        cand = np.empty((y.size, K), np.int64)
+        cand[pos_all] = rows_all
+        return counts, y, cand
+
+    def rows_for_step(self, labels: object) -> np.ndarray:
+        """Local row indices (into class_embed) that the next forward_backward with these labels reads
+        and updates: this rank's classes among the candidates of the global batch. Collective.
+
+        For an optimiser with lazily applied updates (Trainer(sparse_embed=True) catches rows up before
+        the forward): the gathered labels and candidates are kept and reused by that forward_backward."""
+        err: BaseException | None = None
+        try:
+            y_r = as_labels(labels, "labels", num_classes=self.num_classes)
+        except (TypeError, ValueError) as exc:
+            err = exc
+        self.comm.agree(err)
+        counts, y, cand = self._gather_candidates(y_r)
+        self._prepared = (self._nbr_version, y_r.copy(), counts, y, cand)
+        owned = cand[(cand >= self.lo) & (cand < self.hi)]
+        return np.unique(owned) - self.lo
+
     def _forward_backward(self, X: np.ndarray, y_r: np.ndarray) -> ShardedStepResult:
         comm, nt = self.comm, self.n_threads
         resolve_threads(nt)
         me = comm.rank
         K = self.num_candidates
         Xn_r, norms_r = _matching.normalize(X, n_threads=nt)
-        counts = [int(c[0]) for c in comm.allgather(np.array([X.shape[0]], np.int64))]
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == self._nbr_version and np.array_equal(prepared[1], y_r):
+            _, _, counts, y, cand = prepared  # rows_for_step(labels) gathered them already
+        else:
+            counts, y, cand = self._gather_candidates(y_r)
         off = int(sum(counts[:me]))
         Xn = comm.allgather_concat(Xn_r)
-        y = comm.allgather_concat(y_r)
         B = y.size
-
-        # candidates: the rank owning y_b supplies [y_b, nbr[y_b]]
-        nbr = self.local_neighbors
-        mine = np.nonzero((y >= self.lo) & (y < self.hi))[0]
-        rows = np.concatenate([y[mine, None], nbr[y[mine] - self.lo]], axis=1)
-        pos_all = comm.allgather_concat(mine.astype(np.int64))
-        rows_all = comm.allgather_concat(rows.astype(np.int64).reshape(-1, K))
-        cand = np.empty((B, K), np.int64)
-        cand[pos_all] = rows_all
 
         # the pairs this rank owns, in (b, j) order
         owned = (cand >= self.lo) & (cand < self.hi)
@@ -462,6 +495,7 @@ class ShardedQAConvGS:
         grad_x = _matching.normalize_backward(gXn_r, Xn_r, norms_r, n_threads=nt)
         loss_cls = float(cl.loss_cls)
         sl = slice(off, off + X.shape[0])
+        sq = float(comm.allreduce_sum(np.array([np.square(grad_rows, dtype=np.float64).sum()]))[0])
         return ShardedStepResult(
             loss=loss_cls + self.triplet_weight * loss_t,
             loss_cls=loss_cls,
@@ -475,6 +509,7 @@ class ShardedQAConvGS:
             grad_embed_rows=grad_rows,
             grad_head=grad_head,
             grad_embed_class_ids=ids.astype(np.int64),
+            grad_embed_sqnorm=sq,
             sample_range=(off, off + X.shape[0]),
             all_scores=scores,
             all_candidates=cand,
