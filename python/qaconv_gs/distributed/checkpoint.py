@@ -1,0 +1,296 @@
+"""Sharded checkpoints: a directory with one file per rank plus a manifest; loadable with any world size.
+
+Layout of `path/` (a directory; a shared file system when the ranks run on several machines):
+    manifest.json                 {"format", "version", "generation", "config", "world_size", "bounds",
+                                   "shards": [{"file", "lo", "hi"}], "head": file, "neighbors": bool}
+    head-<gen>.npz                the replicated head state (qaconv_gs.checkpoint format)
+    shard-<gen>-<r>-of-<R>.npz    class_embed rows [lo, hi) (+ their neighbour rows), checkpoint format
+
+Every file is written atomically by qaconv_gs.checkpoint (SHA-256 checked on load). The files of one save
+carry a random generation id in their names and contents; the manifest is written last (atomically), so
+it is the commit point: a crash during a save leaves the previous manifest and its files intact, and the
+previous generation's files are deleted only after the new manifest is in place.
+
+Loading on R' ranks (any R', including 1) reads only the shards overlapping the rank's new range, one
+at a time (memory O(own rows + one shard)). A single-process checkpoint (a .npz written by
+QAConvGS.save) also loads into a sharded model (each rank reads the file and keeps its rows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+
+import numpy as np
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..model import _NBR_EXTRA_KEY, QAConvGS
+from .comm import Communicator, SingleProcessCommunicator
+from .layout import ShardLayout
+
+__all__ = ["load_sharded", "load_sharded_model", "save_sharded", "shard_checkpoint"]
+
+MANIFEST = "manifest.json"
+FORMAT = "qaconv-gs-sharded"
+FORMAT_VERSION = 1
+_SHARD_KEY = "_qaconv_gs.shard"  # extra: int64 [lo, hi, rank, world_size]
+_GEN_KEY = "_qaconv_gs.generation"  # extra: uint8 bytes of the generation id
+
+
+def _gen_array(gen: str) -> np.ndarray:
+    return np.frombuffer(gen.encode(), dtype=np.uint8).copy()
+
+
+_ROW_PREFIX = "rows/"  # extra arrays aligned with the shard's class rows (re-sharded on load)
+
+
+def _check_extra(extra, what: str, rows: int | None = None) -> dict[str, np.ndarray]:
+    if extra is None:
+        return {}
+    if not hasattr(extra, "items"):
+        raise TypeError(f"{what}: expected a mapping of name -> array, got {type(extra).__name__}")
+    out = {}
+    for k, v in extra.items():
+        if not isinstance(k, str) or not k or k.startswith("_qaconv_gs."):
+            raise ValueError(
+                f"{what}: keys must be non-empty strings not starting with '_qaconv_gs.', got {k!r}"
+            )
+        a = np.asarray(v)
+        if rows is not None and (a.ndim == 0 or a.shape[0] != rows):
+            raise ValueError(
+                f"{what}[{k!r}]: expected {rows} rows (this rank's classes), got shape {a.shape}"
+            )
+        out[k] = a
+    return out
+
+
+def _write_shard(
+    path: str, gen: str, config: dict, r: int, R: int, lo: int, hi: int, rows, nbr, row_extra=None
+) -> str:
+    name = f"shard-{gen}-{r:05d}-of-{R:05d}.npz"
+    extra = {_SHARD_KEY: np.array([lo, hi, r, R], np.int64), _GEN_KEY: _gen_array(gen)}
+    if nbr is not None:
+        extra[_NBR_EXTRA_KEY] = np.asarray(nbr, np.int64)
+    for k, v in (row_extra or {}).items():
+        extra[_ROW_PREFIX + k] = v
+    save_checkpoint(os.path.join(path, name), config, {"class_embed": rows}, extra=extra)
+    return name
+
+
+def _write_head(path: str, gen: str, config: dict, head: dict, extra=None) -> str:
+    name = f"head-{gen}.npz"
+    save_checkpoint(
+        os.path.join(path, name), config, dict(head), extra={**(extra or {}), _GEN_KEY: _gen_array(gen)}
+    )
+    return name
+
+
+def _write_manifest(
+    path: str, gen: str, config: dict, bounds, files: list[str], head: str, nbr: bool, row_keys=()
+) -> None:
+    R = len(files)
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "generation": gen,
+        "config": config,
+        "world_size": R,
+        "bounds": [int(b) for b in bounds],
+        "shards": [{"file": f, "lo": int(bounds[r]), "hi": int(bounds[r + 1])} for r, f in enumerate(files)],
+        "head": head,
+        "neighbors": bool(nbr),
+        "row_extra": sorted(row_keys),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, os.path.join(path, MANIFEST))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    # the new generation is committed: drop files of older saves
+    keep = set(files) | {head, MANIFEST}
+    for f in os.listdir(path):
+        if (f.startswith("shard-") or f.startswith("head-")) and f.endswith(".npz") and f not in keep:
+            try:
+                os.unlink(os.path.join(path, f))
+            except OSError:
+                pass
+
+
+def save_sharded(model, path: str | os.PathLike, *, row_extra=None, extra=None) -> None:
+    """Write `model` (a ShardedQAConvGS) to the directory `path`. Collective: every rank writes its shard,
+    rank 0 the head and then the manifest.
+
+    row_extra: this rank's arrays with one row per owned class (e.g. the optimiser's momentum rows
+        [hi - lo, C, H, W]); the same keys on every rank. They are re-sharded on load.
+    extra: replicated arrays (e.g. optimiser scalars), taken from rank 0.
+    """
+    comm: Communicator = model.comm
+    path = os.fspath(path)
+    err: BaseException | None = None
+    try:
+        rx = _check_extra(row_extra, "row_extra", model.hi - model.lo)
+        ex = _check_extra(extra, "extra")
+    except (TypeError, ValueError) as exc:
+        err = exc
+    comm.agree(err)
+    keys = [
+        bytes(b).decode() for b in comm.allgather(np.frombuffer(json.dumps(sorted(rx)).encode(), np.uint8))
+    ]
+    if len(set(keys)) != 1:
+        raise ValueError(f"row_extra: ranks passed different keys: {[json.loads(k) for k in keys]}")
+    if comm.rank == 0:
+        os.makedirs(path, exist_ok=True)
+    gen = bytes(comm.broadcast(np.frombuffer(secrets.token_hex(8).encode(), np.uint8), 0)).decode()
+    nbr = None if model.neighbors_stale else model.local_neighbors
+    have_nbr = int(comm.allreduce_sum(np.array([0 if nbr is None else 1]))[0]) == comm.size
+    config = model.config
+    comm.barrier()  # the directory exists
+    name = _write_shard(
+        path, gen, config, comm.rank, comm.size, model.lo, model.hi, model.class_embed, nbr, rx
+    )
+    names = [bytes(b).decode() for b in comm.allgather(np.frombuffer(name.encode(), np.uint8))]
+    if comm.rank == 0:
+        head = _write_head(path, gen, config, model.head_state, ex)
+        _write_manifest(path, gen, config, model.layout.bounds, names, head, have_nbr, list(rx))
+    comm.barrier()  # the manifest is in place before anyone reads it
+
+
+def shard_checkpoint(model: QAConvGS, path: str | os.PathLike, world_size: int) -> None:
+    """Write a one-process model as a sharded checkpoint for `world_size` ranks (offline, no communicator)."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    layout = ShardLayout.even(model.num_classes, int(world_size))
+    gen = secrets.token_hex(8)
+    nbr = None if model.neighbors_stale else model.class_neighbors
+    config = model.config
+    names = []
+    for r in range(layout.world_size):
+        lo, hi = layout.range(r)
+        rows_nbr = None if nbr is None else nbr[lo:hi]
+        names.append(
+            _write_shard(path, gen, config, r, layout.world_size, lo, hi, model.class_embed[lo:hi], rows_nbr)
+        )
+    head = _write_head(path, gen, config, model.head_state)
+    _write_manifest(path, gen, config, layout.bounds, names, head, nbr is not None)
+
+
+def _read_manifest(path: str) -> dict:
+    mpath = os.path.join(path, MANIFEST)
+    try:
+        with open(mpath) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{mpath}: cannot read the sharded-checkpoint manifest ({exc})") from exc
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{mpath}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+    bounds = m.get("bounds")
+    N = m.get("config", {}).get("num_classes")
+    if (
+        not isinstance(bounds, list)
+        or len(bounds) != m.get("world_size", -1) + 1
+        or bounds[0] != 0
+        or bounds[-1] != N
+        or any(b > c for b, c in zip(bounds, bounds[1:]))
+        or len(m.get("shards", [])) != m["world_size"]
+    ):
+        raise ValueError(f"{mpath}: inconsistent shard bounds {bounds} for {N} classes")
+    return m
+
+
+def _load_file(path: str, name: str, gen: str) -> tuple[dict, dict]:
+    fpath = os.path.join(path, name)
+    _, state, extra = load_checkpoint(fpath)
+    got = extra.get(_GEN_KEY)
+    if got is None or bytes(np.asarray(got, np.uint8)).decode() != gen:
+        raise ValueError(f"{fpath}: belongs to another save than the manifest (generation mismatch)")
+    return state, extra
+
+
+def load_sharded(
+    path: str | os.PathLike,
+    comm: Communicator | None = None,
+    layout: ShardLayout | None = None,
+    *,
+    return_extra: bool = False,
+):
+    """This rank's ShardedQAConvGS from a sharded checkpoint directory (saved with any world size) or a
+    one-process .npz checkpoint. Uses comm only for rank and size (no collective).
+
+    With return_extra: (model, row_extra, extra): row_extra re-sharded to this rank's rows (dict), extra
+    the replicated arrays (for a one-process .npz: {} and its extra arrays)."""
+    from .model import ShardedQAConvGS
+
+    comm = SingleProcessCommunicator() if comm is None else comm
+    path = os.fspath(path)
+    if os.path.isfile(path):  # one-process checkpoint: keep our rows
+        config, state, extra = load_checkpoint(path)
+        model = ShardedQAConvGS(**config, comm=comm, layout=layout, _init=False)
+        rows = np.asarray(state["class_embed"], np.float32)
+        if rows.shape[0] != model.num_classes:
+            raise ValueError(f"{path}: class_embed has {rows.shape[0]} rows, config says {model.num_classes}")
+        model._embed = np.array(rows[model.lo : model.hi], copy=True)
+        model._head = {k: np.array(v, copy=True) for k, v in state.items() if k != "class_embed"}
+        nbr = extra.get(_NBR_EXTRA_KEY)
+        if nbr is not None and np.asarray(nbr).shape == (model.num_classes, model.k_nearest):
+            model._set_neighbors(np.asarray(nbr)[model.lo : model.hi])
+        extra = {k: v for k, v in extra.items() if k != _NBR_EXTRA_KEY}
+        return (model, {}, extra) if return_extra else model
+    m = _read_manifest(path)
+    gen = m["generation"]
+    model = ShardedQAConvGS(**m["config"], comm=comm, layout=layout, _init=False)
+    C, H, W = model.channels, model.height, model.width
+    lo, hi = model.lo, model.hi
+    embed = np.empty((hi - lo, C, H, W), np.float32)
+    nbr = np.empty((hi - lo, model.k_nearest), np.int64) if m["neighbors"] else None
+    row_keys = list(m.get("row_extra", [])) if return_extra else []
+    rx: dict[str, np.ndarray] = {}
+    for sh in m["shards"]:
+        a, b = max(lo, sh["lo"]), min(hi, sh["hi"])
+        if a >= b:
+            continue
+        state, extra = _load_file(path, sh["file"], gen)
+        rows = np.asarray(state["class_embed"], np.float32)
+        info = np.asarray(extra.get(_SHARD_KEY, [-1, -1]), np.int64)
+        if (
+            rows.shape != (sh["hi"] - sh["lo"], C, H, W)
+            or int(info[0]) != sh["lo"]
+            or int(info[1]) != sh["hi"]
+        ):
+            raise ValueError(f"{os.path.join(path, sh['file'])}: shard rows do not match the manifest")
+        embed[a - lo : b - lo] = rows[a - sh["lo"] : b - sh["lo"]]
+        if nbr is not None:
+            nbr[a - lo : b - lo] = np.asarray(extra[_NBR_EXTRA_KEY], np.int64)[a - sh["lo"] : b - sh["lo"]]
+        for k in row_keys:
+            v = np.asarray(extra[_ROW_PREFIX + k])
+            if k not in rx:
+                rx[k] = np.empty((hi - lo,) + v.shape[1:], v.dtype)
+            rx[k][a - lo : b - lo] = v[a - sh["lo"] : b - sh["lo"]]
+    head_state, head_extra = _load_file(path, m["head"], gen)
+    model._embed = embed
+    model._head = {k: np.array(v, copy=True) for k, v in head_state.items()}
+    if nbr is not None:
+        model._set_neighbors(nbr)
+    if not return_extra:
+        return model
+    for k in row_keys:  # a rank that owns no class still gets correctly shaped (empty) arrays
+        if k not in rx:
+            _, ex0 = _load_file(path, m["shards"][0]["file"], gen)
+            v = np.asarray(ex0[_ROW_PREFIX + k])
+            rx[k] = np.empty((0,) + v.shape[1:], v.dtype)
+    return model, rx, {k: v for k, v in head_extra.items() if k != _GEN_KEY}
+
+
+def load_sharded_model(path: str | os.PathLike) -> QAConvGS:
+    """A one-process QAConvGS from a sharded checkpoint directory (any saved world size)."""
+    return load_sharded(path, SingleProcessCommunicator()).gather_model()

@@ -1,0 +1,523 @@
+"""ShardedQAConvGS: QAConvGS with the class table split over ranks (Partial-FC style).
+
+Rank r owns the class rows layout.range(r) (embedding rows, their optimiser state, their neighbour rows);
+the head (a few scalars and the fc weight) is replicated and kept identical. One training step:
+
+1. every rank normalises its local batch and all-gathers the normalised maps and labels (rank order);
+2. the candidate rows [y_b, nbr[y_b]] come from the rank owning y_b (all-gathered, B_total x K ids);
+3. each rank scores the candidate pairs whose class it owns (the same C kernels as one process);
+4. the head runs over the pairs of all ranks with batch statistics all-reduced (distributed._head);
+5. the [B_total, K] score matrix is all-gathered and every rank evaluates the fused loss on it;
+6. backward: head (all-reduced sums), maxima, then the owned rows' gradient stays local and the
+   per-pair feature gradients are sent back to the rank that owns each sample (an all-to-all).
+
+Equality with `QAConvGS.forward_backward` on the concatenated batch: the maxima and scores are computed
+by the same kernels on the same bits; the head statistics are float64 sums in another order, so a score
+may differ in its last float32 bit, and gradients summed over ranks are added in another order (within
+1e-6 relative in practice; tests use 1e-5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import head as _head
+from .. import losses as _losses
+from .. import matching as _matching
+from .._validate import as_float32, as_labels, check_int, resolve_threads, shape_str
+from ..model import _NBR_EXTRA_KEY, QAConvGS, StepResult
+from ._head import sharded_head_backward, sharded_head_forward
+from .comm import Communicator, SingleProcessCommunicator
+from .layout import ShardLayout
+from .neighbors import sharded_class_neighbors
+
+__all__ = ["ShardedQAConvGS", "ShardedStepResult"]
+
+_INIT_CHUNK_VALUES = 1 << 22  # normal draws per chunk when initialising a shard
+
+
+@dataclass(repr=False)
+class ShardedStepResult(StepResult):
+    """StepResult of one rank. loss / accuracies / grad_head are global (identical on every rank);
+    scores, candidates, grad_features are this rank's samples (rows sample_range of the global batch);
+    grad_embed_ids are LOCAL row indices into this rank's class_embed (so an optimiser that indexes
+    model.parameters()["class_embed"] with them works unchanged); grad_embed_class_ids are the global ids;
+    grad_embed_sqnorm is the global squared norm of the embedding gradient (for gradient clipping).
+    all_scores / all_candidates: the [B_total, K] matrices every rank assembled."""
+
+    grad_embed_class_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    grad_embed_sqnorm: float = 0.0  # sum of squares of the embedding-row gradients of ALL ranks
+    sample_range: tuple[int, int] = (0, 0)
+    all_scores: np.ndarray | None = None
+    all_candidates: np.ndarray | None = None
+
+
+def _draw_shard(rng: np.random.Generator, N: int, row: tuple[int, ...], lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of rng.standard_normal((N,) + row, float32), drawn in chunks (same stream and same
+    generator state afterwards as the one big draw; memory O(chunk + shard))."""
+    D = int(np.prod(row, dtype=np.int64))
+    out = np.empty((hi - lo,) + row, dtype=np.float32)
+    per = max(1, _INIT_CHUNK_VALUES // max(D, 1))
+    for s in range(0, N, per):
+        e = min(N, s + per)
+        blk = rng.standard_normal((e - s,) + row, dtype=np.float32)
+        a, b = max(s, lo), min(e, hi)
+        if a < b:
+            out[a - lo : b - lo] = blk[a - s : b - s]
+    return out
+
+
+class ShardedQAConvGS:
+    """One rank's part of a QAConvGS whose class table is split over `comm`'s ranks.
+
+    Same constructor arguments as QAConvGS, plus comm (default: single process) and layout (default:
+    ShardLayout.even). With the same seed, the union of the shards equals QAConvGS(seed=seed)'s table and
+    the head is identical. With seed=None rank 0 draws a seed and broadcasts it (stored in .seed).
+    Collective methods (every rank must call them in the same order): the constructor, forward_backward,
+    refresh_neighbors / local_neighbors when stale, gather_model, save (sharded checkpoints).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        channels: int,
+        height: int,
+        width: int,
+        k_nearest: int = 32,
+        fc: str = "separate",
+        triplet: str = "class",
+        triplet_weight: float = 0.5,
+        margin: float = 1.0,
+        seed: int | None = None,
+        n_threads: int | None = None,
+        *,
+        comm: Communicator | None = None,
+        layout: ShardLayout | None = None,
+        _init: bool = True,
+    ) -> None:
+        self.comm = SingleProcessCommunicator() if comm is None else comm
+        if not isinstance(self.comm, Communicator):
+            raise TypeError(f"comm: expected a qaconv_gs.distributed.Communicator, got {type(comm).__name__}")
+        # validate the configuration exactly as QAConvGS does, on a 2-class stand-in (no big table)
+        N = check_int(num_classes, "num_classes")
+        k = check_int(k_nearest, "k_nearest")
+        if N < 2:
+            raise ValueError(
+                f"num_classes: expected >= 2 (every class needs at least one neighbour), got {N}"
+            )
+        if not 1 <= k <= N - 1:
+            raise ValueError(f"k_nearest: expected 1 <= k_nearest <= num_classes - 1 = {N - 1}, got {k}")
+        probe = QAConvGS(2, channels, height, width, 1, fc, triplet, triplet_weight, margin, seed, n_threads)
+        self.num_classes, self.k_nearest = N, k
+        self.channels, self.height, self.width = probe.channels, probe.height, probe.width
+        self.fc, self.triplet = probe.fc, probe.triplet
+        self.triplet_weight, self.margin, self.n_threads = probe.triplet_weight, probe.margin, probe.n_threads
+        if seed is None:
+            entropy = np.random.SeedSequence().entropy if self.comm.rank == 0 else 0
+            seed = int(self.comm.broadcast(np.array(entropy % (1 << 63), dtype=np.int64), 0))
+        self.seed = check_int(seed, "seed", lo=0)
+        self.layout = ShardLayout.even(N, self.comm.size) if layout is None else layout
+        if self.layout.num_classes != N or self.layout.world_size != self.comm.size:
+            raise ValueError(
+                f"layout: expected {N} classes over {self.comm.size} ranks, got {self.layout.num_classes} "
+                f"over {self.layout.world_size}"
+            )
+        self.lo, self.hi = self.layout.range(self.comm.rank)
+        self.training = True
+        self._nbr: np.ndarray | None = None
+        self._nbr_stale = True
+        self._nbr_version = 0  # bumped whenever the neighbour rows change (invalidates _prepared)
+        self._prepared: tuple | None = None  # (nbr version, local labels, counts, labels, candidates)
+        self.neighbor_refreshes = 0
+        if _init:
+            rng = np.random.default_rng(self.seed)
+            C, H, W = self.channels, self.height, self.width
+            self._embed = _draw_shard(rng, N, (C, H, W), self.lo, self.hi)
+            self._embed *= np.float32(1.0 / math.sqrt(C))  # as QAConvGS: float32 in-place scaling
+            self._head = _head.init_head(H * W, self.fc, rng)
+
+    # ------------------------------------------------------------------ construction from / to one process
+
+    @classmethod
+    def from_model(
+        cls, model: QAConvGS, comm: Communicator | None = None, layout: ShardLayout | None = None
+    ) -> ShardedQAConvGS:
+        """This rank's shard of a one-process model (every rank passes an equal model). Collective only
+        through the seed broadcast when model.seed is None."""
+        cfg = dict(model.config)
+        seed = cfg.pop("seed")
+        out = cls(**cfg, seed=0 if seed is None else seed, comm=comm, layout=layout, _init=False)
+        out.seed = seed
+        out._embed = np.array(model.class_embed[out.lo : out.hi], dtype=np.float32, copy=True)
+        out._head = {k: np.array(v, copy=True) for k, v in model.head_state.items()}
+        out.training = model.training
+        if not model.neighbors_stale:
+            out._set_neighbors(model.class_neighbors[out.lo : out.hi])
+        return out
+
+    def gather_model(self) -> QAConvGS:
+        """A one-process QAConvGS with the whole table, assembled on every rank. Collective; memory O(N*D)."""
+        full = self.comm.allgather_concat(self._embed)
+        table = None if self.neighbors_stale else self.comm.allgather_concat(self._nbr)
+        out = QAConvGS(**self.config)
+        state = {k: np.array(v, copy=True) for k, v in self._head.items()}
+        state["class_embed"] = full
+        out.load_state_dict(state)
+        out.training = self.training
+        if table is not None:
+            out._adopt_saved_neighbors({_NBR_EXTRA_KEY: table})
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def config(self) -> dict:
+        return {
+            "num_classes": self.num_classes,
+            "channels": self.channels,
+            "height": self.height,
+            "width": self.width,
+            "k_nearest": self.k_nearest,
+            "fc": self.fc,
+            "triplet": self.triplet,
+            "triplet_weight": self.triplet_weight,
+            "margin": self.margin,
+            "seed": self.seed,
+            "n_threads": self.n_threads,
+        }
+
+    @property
+    def S(self) -> int:
+        return self.height * self.width
+
+    @property
+    def num_candidates(self) -> int:
+        return self.k_nearest + 1
+
+    @property
+    def class_embed(self) -> np.ndarray:
+        """This rank's live rows [hi - lo, C, H, W] (global ids lo .. hi-1)."""
+        return self._embed
+
+    @property
+    def head_state(self) -> dict:
+        return self._head
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Live arrays: class_embed (this rank's rows) and the replicated head parameters."""
+        out = {"class_embed": self._embed}
+        for k in ("bn.weight", "bn.bias", "fc.weight", "fc.bias", "logit_bn.weight", "logit_bn.bias"):
+            out[k] = self._head[k]
+        return out
+
+    def train(self, mode: bool = True) -> ShardedQAConvGS:
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> ShardedQAConvGS:
+        return self.train(False)
+
+    # ------------------------------------------------------------------ neighbours
+
+    def on_epoch_start(self) -> None:
+        """Mark the neighbour rows stale (call on every rank; the next step recomputes them collectively)."""
+        self._nbr_stale = True
+        self._prepared = None
+
+    @property
+    def neighbors_stale(self) -> bool:
+        return self._nbr is None or self._nbr_stale
+
+    def refresh_neighbors(self) -> np.ndarray:
+        """Recompute this rank's neighbour rows [hi - lo, k] (global ids). Collective."""
+        table = sharded_class_neighbors(
+            self._embed, self.k_nearest, self.comm, layout=self.layout, n_threads=self.n_threads
+        )
+        table = np.ascontiguousarray(table, dtype=np.int64)
+        table.setflags(write=False)
+        self._nbr, self._nbr_stale = table, False
+        self._nbr_version += 1
+        self.neighbor_refreshes += 1
+        return table
+
+    def _set_neighbors(self, rows: np.ndarray) -> None:
+        table = np.array(rows, dtype=np.int64, copy=True)
+        if table.shape != (self.hi - self.lo, self.k_nearest):
+            raise ValueError(
+                f"neighbors: expected shape {(self.hi - self.lo, self.k_nearest)}, got {table.shape}"
+            )
+        table.setflags(write=False)
+        self._nbr, self._nbr_stale = table, False
+        self._nbr_version += 1
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, path, *, row_extra=None, extra=None) -> None:
+        """Sharded checkpoint directory (distributed.checkpoint.save_sharded); collective."""
+        from .checkpoint import save_sharded
+
+        save_sharded(self, path, row_extra=row_extra, extra=extra)
+
+    @classmethod
+    def load(cls, path, comm: Communicator | None = None, layout: ShardLayout | None = None, **kwargs):
+        """This rank's model from a sharded checkpoint (any saved world size) or a one-process .npz
+        (distributed.checkpoint.load_sharded; return_extra=True also returns the extra arrays)."""
+        from .checkpoint import load_sharded
+
+        return load_sharded(path, comm, layout, **kwargs)
+
+    @property
+    def local_neighbors(self) -> np.ndarray:
+        """This rank's neighbour rows (recomputed collectively when stale)."""
+        if self.neighbors_stale:
+            self.refresh_neighbors()
+        assert self._nbr is not None
+        return self._nbr
+
+    # ------------------------------------------------------------------ training step
+
+    def _features(self, x: object, name: str) -> np.ndarray:
+        a = as_float32(x, name, ndim=4)
+        want = (self.channels, self.height, self.width)
+        if a.shape[1:] != want:
+            raise ValueError(
+                f"{name}: expected shape (B, {self.channels}, {self.height}, {self.width}) (model C, H, W), "
+                f"got {shape_str(a.shape)}"
+            )
+        return a
+
+    def forward_backward(self, features: object, labels: object) -> ShardedStepResult:
+        """One step over the batch made of every rank's (features, labels), concatenated in rank order.
+
+        Collective. features [B_r, C, H, W], labels [B_r] global class ids (B_r >= 1 on every rank).
+        Equals QAConvGS.forward_backward on the concatenated batch (see the module docstring)."""
+        err: BaseException | None = None
+        try:
+            X = self._features(features, "features")
+            y = as_labels(labels, "labels", n=X.shape[0], num_classes=self.num_classes)
+        except (TypeError, ValueError) as exc:
+            err = exc
+        self.comm.agree(err)  # every rank raises together instead of waiting for the failed one
+        return self._forward_backward(X, y)
+
+    @staticmethod
+    def _buckets(owned: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Group the samples by how many candidate pairs this rank owns: [(samples [n_b], pair ids [n_b, c])].
+
+        Pair ids index the (b, j)-ordered list np.nonzero(owned). Scoring a bucket is one restricted call
+        with c candidates per sample: no feature map is duplicated and nothing is padded. With one rank
+        there is one bucket (c = K), so the calls are exactly those of QAConvGS."""
+        per = owned.sum(axis=1)
+        pid = np.full(owned.shape, -1, np.int64)
+        pid[owned] = np.arange(int(owned.sum()), dtype=np.int64)
+        out = []
+        for c in np.unique(per[per > 0]):
+            bs = np.nonzero(per == c)[0]
+            out.append((bs, pid[bs][owned[bs]].reshape(bs.size, int(c))))
+        return out
+
+    def _pairs_maxima(self, Xn, En, loc, buckets, P, nt):
+        """Maxima of the owned pairs (list order) -> mp, mg [P, S] float32, ap, ag [P, S] uint16."""
+        S = self.S
+        mp = np.empty((P, S), np.float32)
+        mg = np.empty((P, S), np.float32)
+        ap = np.empty((P, S), np.uint16)
+        ag = np.empty((P, S), np.uint16)
+        for bs, pid in buckets:
+            a, b, c, d = _matching.pair_maxima_restricted(
+                Xn[bs], En, loc[pid], return_argmax=True, n_threads=nt
+            )
+            flat = pid.reshape(-1)
+            mp[flat], mg[flat], ap[flat], ag[flat] = (v.reshape(-1, S) for v in (a, b, c, d))
+        return mp, mg, ap, ag
+
+    def _pairs_backward(self, gmp, gmg, ap, ag, Xn, En, loc, buckets, nt):
+        """-> (samples [U] having an owned pair, their feature gradients [U], embedding grads [len(En)])."""
+        S = self.S
+        ub = np.sort(np.concatenate([bs for bs, _ in buckets]))
+        gx = np.empty((ub.size,) + Xn.shape[1:], np.float32)
+        ge = None
+        for bs, pid in buckets:
+            shp = pid.shape + (S,)
+            a, b = _matching.pair_maxima_restricted_backward(
+                gmp[pid].reshape(shp),
+                gmg[pid].reshape(shp),
+                ap[pid].reshape(shp),
+                ag[pid].reshape(shp),
+                Xn[bs],
+                En,
+                loc[pid],
+                n_threads=nt,
+            )
+            gx[np.searchsorted(ub, bs)] = a
+            # one bucket (always with one rank): the kernel's own rounding; several: float64 sum
+            ge = b if ge is None else (ge.astype(np.float64) + b)
+        ge = ge.astype(np.float32) if ge is not None else np.zeros_like(En)
+        return ub, gx, ge
+
+    def _to_owners(self, rows: np.ndarray, ids: np.ndarray, counts: list[int]) -> np.ndarray:
+        """Sum per-sample partial gradients (rows for global sample ids) on the rank owning each sample.
+        -> [B_r, ...] float32 for this rank's samples, partials added in rank order in float64."""
+        bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        owner = np.searchsorted(bounds, ids, side="right") - 1
+        R = self.comm.size
+        send_i = [ids[owner == q] - bounds[q] for q in range(R)]
+        send_r = [rows[owner == q] for q in range(R)]
+        got_i = self.comm.alltoallv(send_i)
+        got_r = self.comm.alltoallv(send_r)
+        me = self.comm.rank
+        acc = np.zeros((counts[me],) + rows.shape[1:], np.float64)
+        for q in range(R):
+            if got_i[q].size:  # a sender lists each sample once: plain fancy-index addition is exact
+                acc[got_i[q]] += got_r[q]
+        return acc.astype(np.float32)
+
+    def _gather_candidates(self, y_r: np.ndarray) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """(per-rank batch sizes, global labels [B], candidates [B, K]): the rank owning y_b supplies
+        [y_b, nbr[y_b]]. Collective."""
+        comm, K = self.comm, self.num_candidates
+        counts = [int(c[0]) for c in comm.allgather(np.array([y_r.size], np.int64))]
+        y = comm.allgather_concat(y_r)
+        nbr = self.local_neighbors
+        mine = np.nonzero((y >= self.lo) & (y < self.hi))[0]
+        rows = np.concatenate([y[mine, None], nbr[y[mine] - self.lo]], axis=1)
+        pos_all = comm.allgather_concat(mine.astype(np.int64))
+        rows_all = comm.allgather_concat(rows.astype(np.int64).reshape(-1, K))
+        cand = np.empty((y.size, K), np.int64)
+        cand[pos_all] = rows_all
+        return counts, y, cand
+
+    def rows_for_step(self, labels: object) -> np.ndarray:
+        """Local row indices (into class_embed) that the next forward_backward with these labels reads
+        and updates: this rank's classes among the candidates of the global batch. Collective.
+
+        For an optimiser with lazily applied updates (Trainer(sparse_embed=True) catches rows up before
+        the forward): the gathered labels and candidates are kept and reused by that forward_backward."""
+        err: BaseException | None = None
+        try:
+            y_r = as_labels(labels, "labels", num_classes=self.num_classes)
+        except (TypeError, ValueError) as exc:
+            err = exc
+        self.comm.agree(err)
+        counts, y, cand = self._gather_candidates(y_r)
+        self._prepared = (self._nbr_version, y_r.copy(), counts, y, cand)
+        owned = cand[(cand >= self.lo) & (cand < self.hi)]
+        return np.unique(owned) - self.lo
+
+    def _forward_backward(self, X: np.ndarray, y_r: np.ndarray) -> ShardedStepResult:
+        comm, nt = self.comm, self.n_threads
+        resolve_threads(nt)
+        me = comm.rank
+        K = self.num_candidates
+        Xn_r, norms_r = _matching.normalize(X, n_threads=nt)
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == self._nbr_version and np.array_equal(prepared[1], y_r):
+            _, _, counts, y, cand = prepared  # rows_for_step(labels) gathered them already
+        else:
+            counts, y, cand = self._gather_candidates(y_r)
+        off = int(sum(counts[:me]))
+        Xn = comm.allgather_concat(Xn_r)
+        B = y.size
+
+        # the pairs this rank owns, in (b, j) order
+        owned = (cand >= self.lo) & (cand < self.hi)
+        pb, pj = np.nonzero(owned)
+        ids = np.unique(cand[owned])
+        loc = np.searchsorted(ids, cand[pb, pj]).astype(np.int64)
+        S = self.S
+        if ids.size:
+            En, En_norms = _matching.normalize(self._embed[ids - self.lo], n_threads=nt)
+            buckets = self._buckets(owned)
+            mp, mg, ap, ag = self._pairs_maxima(Xn, En, loc, buckets, pb.size, nt)
+        else:
+            En = np.empty((0,) + X.shape[1:], np.float32)
+            mp = mg = np.empty((0, S), np.float32)
+        head = self._head if self.training else {k: np.array(v, copy=True) for k, v in self._head.items()}
+        out_r, hcache = sharded_head_forward(mp, mg, head, self.fc, comm)
+
+        flat_all = comm.allgather_concat((pb * K + pj).astype(np.int64))
+        out_all = comm.allgather_concat(out_r)
+        scores = np.empty(B * K, np.float32)
+        scores[flat_all] = out_all
+        scores = scores.reshape(B, K)
+
+        extra_head = None
+        extra_own = None  # [B_r] feature-grad contribution computed here for own samples
+        extra_part = None  # (sample ids, rows) partials for any sample
+        if self.triplet == "class":
+            cl = _losses.class_loss(scores, self.margin, self.triplet_weight, n_threads=nt)
+            loss_t, acc_t = float(cl.loss_triplet), float(cl.acc_triplet)
+        else:
+            cl = _losses.class_loss(scores, self.margin, 0.0, n_threads=nt)
+            loss_t = acc_t = 0.0
+            if B >= 2:
+                bmp, bmg, bap, bag = _matching.pair_maxima(Xn_r, Xn, return_argmax=True, n_threads=nt)
+                b_r, bcache = sharded_head_forward(
+                    bmp.reshape(-1, S), bmg.reshape(-1, S), head, self.fc, comm
+                )
+                bscores = comm.allgather_concat(b_r.reshape(X.shape[0], B))
+                tl, tgrad, tacc = _losses.batch_triplet(
+                    bscores, y, self.margin, return_accuracy=True, n_threads=nt
+                )
+                loss_t, acc_t = float(tl), float(tacc)
+                tgrad = np.asarray(tgrad, dtype=np.float32) * np.float32(self.triplet_weight)
+                gbmp, gbmg, extra_head = sharded_head_backward(
+                    tgrad[off : off + X.shape[0]].reshape(-1), bcache, comm
+                )
+                gp, gg = _matching.pair_maxima_backward(
+                    gbmp.reshape(bmp.shape), gbmg.reshape(bmg.shape), bap, bag, Xn_r, Xn, n_threads=nt
+                )
+                extra_own = gp
+                extra_part = (np.arange(B, dtype=np.int64), gg)
+
+        gmp, gmg, grad_head = sharded_head_backward(cl.grad[pb, pj], hcache, comm)
+        if extra_head is not None:
+            grad_head = {k: grad_head[k] + extra_head[k] for k in grad_head}
+        if ids.size:
+            ub, gx_part, gEn = self._pairs_backward(gmp, gmg, ap, ag, Xn, En, loc, buckets, nt)
+            grad_rows = _matching.normalize_backward(gEn, En, En_norms, n_threads=nt)
+        else:
+            ub = np.empty(0, np.int64)
+            gx_part = np.empty((0,) + X.shape[1:], np.float32)
+            grad_rows = np.empty((0,) + X.shape[1:], np.float32)
+        if extra_part is not None:
+            # combine per sample before the exchange: one message per rank pair
+            allx = np.zeros((B,) + X.shape[1:], np.float64)
+            allx[ub] += gx_part
+            allx += extra_part[1]
+            gXn_r = self._to_owners(allx.astype(np.float32), np.arange(B, dtype=np.int64), counts)
+            gXn_r = (gXn_r.astype(np.float64) + extra_own).astype(np.float32)
+        else:
+            gXn_r = self._to_owners(gx_part, ub.astype(np.int64), counts)
+        grad_x = _matching.normalize_backward(gXn_r, Xn_r, norms_r, n_threads=nt)
+        loss_cls = float(cl.loss_cls)
+        sl = slice(off, off + X.shape[0])
+        sq = float(comm.allreduce_sum(np.array([np.square(grad_rows, dtype=np.float64).sum()]))[0])
+        return ShardedStepResult(
+            loss=loss_cls + self.triplet_weight * loss_t,
+            loss_cls=loss_cls,
+            loss_triplet=loss_t,
+            acc_cls=float(cl.acc_cls),
+            acc_triplet=acc_t,
+            scores=scores[sl].copy(),
+            candidates=cand[sl].copy(),
+            grad_features=grad_x,
+            grad_embed_ids=(ids - self.lo).astype(np.int64),
+            grad_embed_rows=grad_rows,
+            grad_head=grad_head,
+            grad_embed_class_ids=ids.astype(np.int64),
+            grad_embed_sqnorm=sq,
+            sample_range=(off, off + X.shape[0]),
+            all_scores=scores,
+            all_candidates=cand,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedQAConvGS(rank {self.comm.rank}/{self.comm.size}, classes [{self.lo}, {self.hi}) of "
+            f"{self.num_classes}, C={self.channels}, H={self.height}, W={self.width}, k={self.k_nearest}, "
+            f"fc={self.fc!r}, triplet={self.triplet!r})"
+        )

@@ -1,0 +1,175 @@
+"""Worker for tests/test_distributed.py: one rank of a multi-process run.
+
+Usage (the tests launch it; by hand too):
+    RANK=r WORLD_SIZE=R QG_INIT=file:///tmp/x python tests/_dist_worker.py torch CASES.json OUTDIR
+    mpirun -n R python tests/_dist_worker.py mpi CASES.json OUTDIR
+CASES.json is a list of case dicts (see run_case); each rank writes OUTDIR/<case name>.rank<r>.npz.
+The data of every case comes from make_* below, which the tests also call for the one-process reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import numpy as np
+
+
+def make_table(N: int, D: int, seed: int, ties: bool = False) -> np.ndarray:
+    """[N, D] float32 class table; with ties, rows repeat (equal similarities) and one row is zero."""
+    rng = np.random.default_rng(seed)
+    E = rng.standard_normal((N, D), dtype=np.float32)
+    if ties:
+        E[1::3] = E[0::3][: E[1::3].shape[0]]
+        E[N // 2] = 0.0
+    return E
+
+
+def make_batch(case: dict) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(features [B, C, H, W] float32, labels [B], per-rank sample counts)."""
+    rng = np.random.default_rng(case["data_seed"])
+    counts = case["counts"]
+    B = int(sum(counts))
+    X = rng.standard_normal((B, case["C"], case["H"], case["W"]), dtype=np.float32)
+    y = rng.integers(0, case["N"], size=B).astype(np.int64)
+    return X, y, counts
+
+
+def model_config(case: dict) -> dict:
+    return {
+        "num_classes": case["N"],
+        "channels": case["C"],
+        "height": case["H"],
+        "width": case["W"],
+        "k_nearest": case["k"],
+        "fc": case.get("fc", "separate"),
+        "triplet": case.get("triplet", "class"),
+        "seed": case.get("seed", 0),
+    }
+
+
+def _slice(counts: list[int], rank: int) -> slice:
+    off = int(sum(counts[:rank]))
+    return slice(off, off + counts[rank])
+
+
+def run_case(case: dict, comm) -> dict[str, np.ndarray]:
+    from qaconv_gs.distributed import ShardedQAConvGS, sharded_class_neighbors
+
+    kind = case["kind"]
+    r, R = comm.rank, comm.size
+    if kind == "comm":
+        out = {}
+        x = np.arange(r + 1, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32) + 10 * r
+        out["gather"] = comm.allgather_concat(x)
+        out["gather_empty"] = comm.allgather_concat(np.zeros((0 if r == 0 else r, 2), np.int64))
+        out["sum"] = comm.allreduce_sum(np.array([0.1 * (r + 1), 1e16, -1e16 + r], np.float64))
+        out["isum"] = comm.allreduce_sum(np.array([r, 2 * r], np.int64))
+        out["bcast"] = comm.broadcast(np.full((2, 2), 7.5) if r == R - 1 else None, root=R - 1)
+        out["ring"] = comm.ring_shift(np.array([r], np.int64))
+        out["a2a"] = np.concatenate(comm.alltoallv([np.full(q + 1, 100 * r + q, np.int64) for q in range(R)]))
+        comm.barrier()
+        return out
+    if kind == "neighbors":
+        E = make_table(case["N"], case["D"], case["seed"], case.get("ties", False))
+        from qaconv_gs.distributed import ShardLayout
+
+        lo, hi = ShardLayout.even(case["N"], R).range(r)
+        idx, sim = sharded_class_neighbors(E[lo:hi], case["k"], comm, return_similarity=True, n_threads=1)
+        return {"idx": idx, "sim": sim}
+    if kind in ("step", "train"):
+        X, y, counts = make_batch(case)
+        sl = _slice(counts, r)
+        model = ShardedQAConvGS(**model_config(case), comm=comm)
+        if kind == "step":
+            out = model.forward_backward(X[sl], y[sl])
+            res = {
+                "loss": np.array([out.loss, out.loss_cls, out.loss_triplet, out.acc_cls, out.acc_triplet]),
+                "scores": out.scores,
+                "candidates": out.candidates,
+                "grad_features": out.grad_features,
+                "grad_embed_ids": out.grad_embed_class_ids,
+                "grad_embed_rows": out.grad_embed_rows,
+                "nbr": model.local_neighbors,
+            }
+            for k, v in out.grad_head.items():
+                res["gh." + k] = v
+            for k, v in model.head_state.items():
+                res["head." + k] = np.asarray(v)
+            return res
+        from qaconv_gs import Trainer
+
+        trainer = Trainer(
+            model, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, **case.get("trainer", {})
+        )
+        losses = []
+        for step in range(case["steps"]):
+            if step == case.get("refresh_at", -1):
+                model.on_epoch_start()
+            Xs, ys, _ = make_batch({**case, "data_seed": case["data_seed"] + step})
+            losses.append(trainer.step(Xs[sl], ys[sl]).loss)
+        if hasattr(trainer, "flush"):
+            trainer.flush()
+        res = {"losses": np.array(losses), "embed": model.class_embed, "nbr": model.local_neighbors}
+        for k, v in model.head_state.items():
+            res["head." + k] = np.asarray(v)
+        return res
+    if kind == "agree":
+        X, y, counts = make_batch(case)
+        sl = _slice(counts, r)
+        model = ShardedQAConvGS(**model_config(case), comm=comm)
+        yb = y[sl].copy()
+        if r == R - 1:
+            yb[0] = case["N"]  # out of range on the last rank only
+        try:
+            model.forward_backward(X[sl], yb)
+        except Exception as exc:  # every rank must get here (nobody waits for the failed rank)
+            return {"err": np.array(f"{type(exc).__name__}: {exc}")}
+        return {"err": np.array("")}
+    if kind == "ckpt":
+        from qaconv_gs import Trainer
+
+        model = ShardedQAConvGS.load(case["load"], comm)
+        res = {"loaded": model.class_embed.copy(), "loaded_nbr": model.local_neighbors.copy()}
+        X, y, counts = make_batch(case)
+        trainer = Trainer(model, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, sparse_embed=False)
+        res["loss"] = np.array([trainer.step(X[_slice(counts, r)], y[_slice(counts, r)]).loss])
+        model.save(case["save"])
+        model.save(case["save"])  # a second save replaces the first generation
+        return res
+    raise ValueError(f"unknown case kind {kind!r}")
+
+
+def main() -> int:
+    backend, cases_path, outdir = sys.argv[1], sys.argv[2], sys.argv[3]
+    from qaconv_gs.distributed import init_communicator
+
+    if backend == "torch":
+        comm = init_communicator(
+            "torch",
+            init_method=os.environ["QG_INIT"],
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout_s=120,
+        )
+    else:
+        comm = init_communicator(backend)
+    with open(cases_path) as f:
+        cases = json.load(f)
+    status = 0
+    for case in cases:
+        try:
+            res = run_case(case, comm)
+        except Exception:  # report and go on: the other ranks would hang on a missing rank otherwise
+            traceback.print_exc()
+            res = {"error": np.array(traceback.format_exc())}
+            status = 1
+        np.savez(os.path.join(outdir, f"{case['name']}.rank{comm.rank}.npz"), **res)
+    comm.barrier()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,773 @@
+"""qaconv_gs.distributed: communicators, sharded neighbours and the sharded training step.
+
+Multi-process tests launch tests/_dist_worker.py as R processes (torch.distributed, gloo over a file://
+store, or mpirun when mpi4py and an MPI launcher are installed) once per world size with all cases, and
+compare every rank's output with the one-process model here. Equality: neighbour indices and similarities
+bit-identical; scores, losses, gradients and parameters within 1e-5 relative (max |a - b| <= 1e-5 max |b|
+for gradient arrays, which is the float32 rounding of sums taken in another order).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import qaconv_gs as qg
+from hypothesis import given
+from hypothesis import strategies as st
+from qaconv_gs.distributed import (
+    Communicator,
+    ShardedQAConvGS,
+    ShardLayout,
+    SingleProcessCommunicator,
+    load_sharded,
+    load_sharded_model,
+    merge_topk,
+    run_threads,
+    shard_checkpoint,
+    sharded_class_neighbors,
+)
+from qaconv_gs.distributed._head import sharded_head_backward, sharded_head_forward
+from qaconv_gs.distributed.comm import _pack, _unpack
+from qaconv_gs.distributed.model import _draw_shard
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _dist_worker as W  # noqa: E402
+
+WORKER = Path(__file__).with_name("_dist_worker.py")
+RTOL = 1e-5
+
+
+# ---------------------------------------------------------------- launching
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # the workers import the very qaconv_gs this process imported (in-tree build or installed package)
+    pkg_root = str(Path(qg.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    # Open MPI refuses to start as root without these (CI runs as root); MPICH ignores them
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return env
+
+
+def _collect(names: list[str], outdir: Path, R: int) -> dict[str, list[dict]]:
+    out = {}
+    for name in names:
+        ranks = []
+        for r in range(R):
+            d = dict(np.load(outdir / f"{name}.rank{r}.npz"))
+            if "error" in d:
+                raise AssertionError(f"case {name} failed on rank {r}:\n{d['error']}")
+            ranks.append(d)
+        out[name] = ranks
+    return out
+
+
+def launch(
+    backend: str, R: int, cases: list[dict], tmp: Path, timeout: float = 120.0
+) -> dict[str, list[dict]]:
+    """Run the cases on R ranks; returns {case name: [rank 0 outputs, ...]}."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    spec = tmp / "cases.json"
+    spec.write_text(json.dumps(cases))
+    if backend == "torch":
+        procs = []
+        for r in range(R):
+            env = _env()
+            env.update(RANK=str(r), WORLD_SIZE=str(R), QG_INIT=f"file://{tmp / 'store'}")
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), "torch", str(spec), str(tmp)],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        logs = []
+        try:
+            for p in procs:
+                logs.append(p.communicate(timeout=timeout)[0])
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        for r, p in enumerate(procs):
+            assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n" + "\n".join(logs)
+    else:
+        cmd = [_mpirun(), "-n", str(R), sys.executable, str(WORKER), "mpi", str(spec), str(tmp)]
+        res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+        assert res.returncode == 0, res.stdout + res.stderr
+    return _collect([c["name"] for c in cases], tmp, R)
+
+
+def _mpirun() -> str | None:
+    return shutil.which("mpirun") or shutil.which("mpiexec")
+
+
+def _cases(R: int, tmp: Path | None = None) -> list[dict]:
+    counts = {1: [9], 2: [5, 7], 3: [5, 1, 6]}[R]
+    step = {"N": 23, "C": 8, "H": 3, "W": 2, "k": 4, "seed": 3, "data_seed": 4, "counts": counts}
+    return [
+        {"name": "comm", "kind": "comm"},
+        {"name": "nb_ties", "kind": "neighbors", "N": 37, "D": 20, "k": 5, "seed": 1, "ties": True},
+        {"name": "nb_full_k", "kind": "neighbors", "N": 11, "D": 7, "k": 10, "seed": 2},
+        {"name": "nb_k1", "kind": "neighbors", "N": 50, "D": 300, "k": 1, "seed": 5},
+        {"name": "step_sep", "kind": "step", **step},
+        {"name": "agree", "kind": "agree", **step},
+        {"name": "step_shared_batch", "kind": "step", **step, "fc": "shared", "triplet": "batch", "k": 22},
+        {"name": "step_batch", "kind": "step", **step, "triplet": "batch", "data_seed": 9},
+        {
+            "name": "train",
+            "kind": "train",
+            **step,
+            "steps": 3,
+            "refresh_at": 2,
+            "trainer": {"sparse_embed": False},
+        },
+    ] + (
+        []
+        if tmp is None
+        else [
+            {
+                "name": "ckpt",
+                "kind": "ckpt",
+                **step,
+                "load": str(tmp / "ckpt_in"),
+                "save": str(tmp / "ckpt_out"),
+            }
+        ]
+    )
+
+
+def _ckpt_model(case: dict) -> qg.QAConvGS:
+    """The model the ckpt case loads (written sharded for 2 ranks by the test before the launch)."""
+    model = qg.QAConvGS(**W.model_config(case))
+    model.refresh_neighbors()
+    return model
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["R2", "R3"])
+def torch_run(request, tmp_path_factory):
+    pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    R = request.param
+    tmp = tmp_path_factory.mktemp(f"torch{R}")
+    cases = _cases(R, tmp)
+    ck = next(c for c in cases if c["name"] == "ckpt")
+    shard_checkpoint(_ckpt_model(ck), ck["load"], 2)
+    return R, {**launch("torch", R, cases, tmp), "_ckpt_case": ck}
+
+
+def _have_mpi() -> bool:
+    """mpi4py importable with a loadable MPI library, and a launcher (checked in a subprocess, so this
+    process never initialises MPI)."""
+    if importlib.util.find_spec("mpi4py") is None or _mpirun() is None:
+        return False
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", "from mpi4py import MPI"], env=_env(), capture_output=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return res.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def mpi_run(tmp_path_factory):
+    if not _have_mpi():
+        pytest.skip("mpi4py with a loadable MPI library, or mpirun, is not available (README: MPI)")
+    R = 3
+    tmp = tmp_path_factory.mktemp("mpi3")
+    cases = _cases(R, tmp)
+    ck = next(c for c in cases if c["name"] == "ckpt")
+    shard_checkpoint(_ckpt_model(ck), ck["load"], 2)
+    return R, {**launch("mpi", R, cases, tmp), "_ckpt_case": ck}
+
+
+# ---------------------------------------------------------------- one-process references
+
+
+def _ref_neighbors(case: dict):
+    E = W.make_table(case["N"], case["D"], case["seed"], case.get("ties", False))
+    return qg.class_neighbors(E, case["k"], return_similarity=True, n_threads=1)
+
+
+def _close(a, b, what: str) -> None:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, f"{what}: shape {a.shape} vs {b.shape}"
+    scale = max(float(np.abs(b).max(initial=0.0)), 1e-30)
+    err = float(np.abs(a - b).max(initial=0.0))
+    assert err <= RTOL * scale, f"{what}: max abs diff {err:.3g} > {RTOL} * {scale:.3g}"
+
+
+def _check_step(case: dict, ranks: list[dict]) -> None:
+    X, y, _ = W.make_batch(case)
+    model = qg.QAConvGS(**W.model_config(case))
+    out = model.forward_backward(X, y)
+    want = np.array([out.loss, out.loss_cls, out.loss_triplet, out.acc_cls, out.acc_triplet])
+    for r, d in enumerate(ranks):
+        np.testing.assert_allclose(d["loss"], want, rtol=RTOL, atol=1e-7, err_msg=f"rank {r}")
+        for k, g in out.grad_head.items():  # replicated: every rank has the global gradient
+            # the bias gradients are 0 up to rounding (batch-statistics BN cancels them): atol
+            np.testing.assert_allclose(d["gh." + k], g, rtol=RTOL, atol=1e-6, err_msg=f"rank {r} {k}")
+        for k, v in model.head_state.items():  # running statistics updated identically
+            np.testing.assert_allclose(d["head." + k], np.asarray(v), rtol=1e-6, err_msg=f"rank {r} {k}")
+    cat = {k: np.concatenate([d[k] for d in ranks]) for k in ("scores", "candidates", "grad_features", "nbr")}
+    np.testing.assert_array_equal(cat["nbr"], model.class_neighbors)
+    np.testing.assert_array_equal(cat["candidates"], out.candidates)
+    np.testing.assert_allclose(cat["scores"], out.scores, rtol=RTOL, atol=1e-6)
+    _close(cat["grad_features"], out.grad_features, "grad_features")
+    ids = np.concatenate([d["grad_embed_ids"] for d in ranks])
+    rows = np.concatenate([d["grad_embed_rows"] for d in ranks])
+    np.testing.assert_array_equal(ids, out.grad_embed_ids)  # shards are contiguous: ids stay sorted
+    _close(rows, out.grad_embed_rows, "grad_embed_rows")
+
+
+# ---------------------------------------------------------------- multi-process tests
+
+
+def _check_comm(R: int, ranks: list[dict]) -> None:
+    gather = np.concatenate(
+        [np.arange(q + 1, dtype=np.float32)[:, None] * np.ones((1, 3)) + 10 * q for q in range(R)]
+    )
+    for r, d in enumerate(ranks):
+        np.testing.assert_array_equal(d["gather"], gather)
+        assert d["gather_empty"].shape == (sum(range(R)), 2) and d["gather_empty"].dtype == np.int64
+        # float64, added in rank order: identical bits on every rank
+        want = np.zeros(3)
+        for q in range(R):
+            want += np.array([0.1 * (q + 1), 1e16, -1e16 + q])
+        np.testing.assert_array_equal(d["sum"], want)
+        np.testing.assert_array_equal(d["isum"], [R * (R - 1) // 2, R * (R - 1)])
+        np.testing.assert_array_equal(d["bcast"], np.full((2, 2), 7.5))
+        np.testing.assert_array_equal(d["ring"], [(r - 1) % R])
+        want_a2a = np.concatenate([np.full(r + 1, 100 * q + r) for q in range(R)])
+        np.testing.assert_array_equal(d["a2a"], want_a2a)
+
+
+def test_torch_collectives(torch_run):
+    R, res = torch_run
+    _check_comm(R, res["comm"])
+
+
+def test_torch_bad_input_on_one_rank_raises_everywhere(torch_run):
+    R, res = torch_run
+    _check_agree(R, res["agree"])
+
+
+def _check_agree(R: int, ranks: list[dict]) -> None:
+    errs = [str(d["err"]) for d in ranks]
+    assert errs[-1].startswith("ValueError") and "labels" in errs[-1], errs
+    for e in errs[:-1]:
+        assert e.startswith("RuntimeError") and f"[{R - 1}]" in e, errs
+
+
+@pytest.mark.parametrize("name", ["nb_ties", "nb_full_k", "nb_k1"])
+def test_torch_sharded_neighbors_bit_identical(torch_run, name):
+    R, res = torch_run
+    case = next(c for c in _cases(R) if c["name"] == name)
+    idx, sim = _ref_neighbors(case)
+    got_i = np.concatenate([d["idx"] for d in res[name]])
+    got_s = np.concatenate([d["sim"] for d in res[name]])
+    np.testing.assert_array_equal(got_i, idx)
+    np.testing.assert_array_equal(got_s, sim)  # the same float32 bits
+
+
+@pytest.mark.parametrize("name", ["step_sep", "step_shared_batch", "step_batch"])
+def test_torch_sharded_step_equals_one_process(torch_run, name):
+    R, res = torch_run
+    case = next(c for c in _cases(R) if c["name"] == name)
+    _check_step(case, res[name])
+
+
+def test_torch_trainer_steps_equal_one_process(torch_run):
+    """Three Trainer steps (dense embedding updates, a neighbour refresh before the third) give the
+    one-process parameters."""
+    R, res = torch_run
+    _check_train(next(c for c in _cases(R) if c["name"] == "train"), res["train"])
+
+
+def _check_train(case: dict, ranks: list[dict]) -> None:
+    model = qg.QAConvGS(**W.model_config(case))
+    trainer = qg.Trainer(model, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, **case["trainer"])
+    losses = []
+    for step in range(case["steps"]):
+        if step == case["refresh_at"]:
+            model.on_epoch_start()
+        X, y, _ = W.make_batch({**case, "data_seed": case["data_seed"] + step})
+        losses.append(trainer.step(X, y).loss)
+    for d in ranks:
+        np.testing.assert_allclose(d["losses"], losses, rtol=RTOL)
+        for k in ("bn.weight", "fc.weight", "logit_bn.weight", "bn.running_var", "logit_bn.running_mean"):
+            np.testing.assert_allclose(d["head." + k], np.asarray(model.head_state[k]), rtol=RTOL, atol=1e-7)
+    _close(np.concatenate([d["embed"] for d in ranks]), model.class_embed, "class_embed")
+    np.testing.assert_array_equal(np.concatenate([d["nbr"] for d in ranks]), model.class_neighbors)
+
+
+def test_mpi_backend(mpi_run):
+    R, res = mpi_run
+    _check_comm(R, res["comm"])
+    for name in ("nb_ties", "nb_full_k"):
+        case = next(c for c in _cases(R) if c["name"] == name)
+        idx, sim = _ref_neighbors(case)
+        np.testing.assert_array_equal(np.concatenate([d["idx"] for d in res[name]]), idx)
+        np.testing.assert_array_equal(np.concatenate([d["sim"] for d in res[name]]), sim)
+    for name in ("step_sep", "step_shared_batch", "step_batch"):
+        _check_step(next(c for c in _cases(R) if c["name"] == name), res[name])
+    _check_train(next(c for c in _cases(R) if c["name"] == "train"), res["train"])
+    _check_agree(R, res["agree"])
+    _check_ckpt(R, res["_ckpt_case"], res["ckpt"])
+
+
+# ---------------------------------------------------------------- in-process tests
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.zeros((0, 5), np.int64),
+        np.array(3.5),
+        np.arange(6, dtype=">f8").reshape(2, 3)[:, ::2],
+        np.array([1, 2], np.uint16),
+    ],
+)
+def test_pack_roundtrip(arr):
+    out = _unpack(_pack(arr))
+    assert out.shape == arr.shape and out.dtype == arr.dtype
+    np.testing.assert_array_equal(out, arr)
+    assert out.flags.writeable and out.flags.c_contiguous
+
+
+def test_unpack_rejects_garbage():
+    with pytest.raises(RuntimeError, match="malformed"):
+        _unpack(np.zeros(10, np.uint8))
+    with pytest.raises(TypeError, match="object"):
+        _pack(np.array([object()]))
+
+
+def test_single_process_communicator():
+    c = SingleProcessCommunicator()
+    assert isinstance(c, Communicator) and (c.rank, c.size, c.world_size) == (0, 1, 1)
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    np.testing.assert_array_equal(c.allgather_concat(x), x)
+    assert c.allreduce_sum(x).dtype == np.float64
+    assert c.allreduce_sum(np.array([1, 2], np.int32)).dtype == np.int64
+    np.testing.assert_array_equal(c.broadcast(x), x)
+    np.testing.assert_array_equal(c.ring_shift(x), x)
+    np.testing.assert_array_equal(c.alltoallv([x])[0], x)
+    c.barrier()
+    with pytest.raises(ValueError, match="root"):
+        c.broadcast(x, root=1)
+    with pytest.raises(TypeError, match="dest"):
+        c.sendrecv(x, dest=0.5, source=0)
+    with pytest.raises(ValueError, match="send"):
+        c.alltoallv([x, x])
+    with pytest.raises(TypeError, match="numeric"):
+        c.allreduce_sum(np.array(["a"]))
+
+
+def test_shard_layout():
+    lay = ShardLayout.even(10, 3)
+    assert lay.bounds == (0, 4, 7, 10)
+    assert [lay.range(r) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    np.testing.assert_array_equal(lay.owner([0, 3, 4, 6, 7, 9]), [0, 0, 1, 1, 2, 2])
+    small = ShardLayout.even(2, 4)  # empty ranks own nothing
+    assert [small.size_of(r) for r in range(4)] == [1, 1, 0, 0]
+    np.testing.assert_array_equal(small.owner([0, 1]), [0, 1])
+    with pytest.raises(ValueError, match="world_size"):
+        ShardLayout.even(4, 0)
+
+
+def test_merge_topk_matches_sort():
+    rng = np.random.default_rng(0)
+    n, N, k = 6, 40, 5
+    sims = rng.integers(0, 6, size=(n, N)).astype(np.float32)  # many ties
+    parts = np.array_split(np.arange(N), 4)
+    idx_parts = [np.broadcast_to(p, (n, p.size)) for p in parts] + [
+        np.broadcast_to(parts[0], (n, parts[0].size))
+    ]
+    sim_parts = [sims[:, p] for p in parts] + [sims[:, parts[0]]]  # a repeated list (deduplicated)
+    got_i, got_s = merge_topk(idx_parts, sim_parts, k)
+    for i in range(n):
+        order = np.lexsort((np.arange(N), -sims[i]))[:k]
+        np.testing.assert_array_equal(got_i[i], order)
+        np.testing.assert_array_equal(got_s[i], sims[i, order])
+
+
+def test_sharded_neighbors_single_process_is_class_neighbors():
+    E = W.make_table(30, 12, 3, ties=True)
+    idx, sim = qg.class_neighbors(E, 6, return_similarity=True)
+    got = sharded_class_neighbors(E, 6, return_similarity=True)
+    np.testing.assert_array_equal(got[0], idx)
+    np.testing.assert_array_equal(got[1], sim)
+    with pytest.raises(ValueError, match="k"):
+        sharded_class_neighbors(E, 30)
+    with pytest.raises(ValueError, match="E_local"):
+        sharded_class_neighbors(np.full((3, 2), np.nan), 1)
+    with pytest.raises(ValueError, match="layout"):
+        sharded_class_neighbors(E, 2, layout=ShardLayout.even(31, 1))
+
+
+def test_draw_shard_is_the_full_draw():
+    full = np.random.default_rng(7).standard_normal((13, 2, 3, 1), dtype=np.float32)
+    for lo, hi in [(0, 13), (0, 5), (5, 9), (12, 13), (4, 4)]:
+        rng = np.random.default_rng(7)
+        got = _draw_shard(rng, 13, (2, 3, 1), lo, hi)
+        np.testing.assert_array_equal(got, full[lo:hi])
+    rng = np.random.default_rng(7)
+    _draw_shard(rng, 13, (2, 3, 1), 2, 3)  # generator state afterwards: as after the full draw
+    ref = np.random.default_rng(7)
+    ref.standard_normal((13, 2, 3, 1), dtype=np.float32)
+    assert rng.uniform() == ref.uniform()
+
+
+@pytest.mark.parametrize("fc", ["separate", "shared"])
+def test_sharded_head_single_process_matches_c_head(fc):
+    rng = np.random.default_rng(1)
+    S, M = 10, 40
+    mp, mg = rng.random((M, S), dtype=np.float32), rng.random((M, S), dtype=np.float32)
+    h1 = qg.functional.init_head(S, fc, np.random.default_rng(2))
+    h1["bn.weight"][...] = 1.3
+    h1["logit_bn.weight"][...] = 0.7
+    h2 = {k: np.array(v, copy=True) for k, v in h1.items()}
+    o1, c1 = qg.functional.head_forward(mp, mg, h1, fc=fc)
+    comm = SingleProcessCommunicator()
+    o2, c2 = sharded_head_forward(mp, mg, h2, fc, comm)
+    np.testing.assert_allclose(o2, o1, rtol=1e-6, atol=1e-6)
+    for k in h1:
+        np.testing.assert_allclose(np.asarray(h2[k]), np.asarray(h1[k]), rtol=1e-6)
+    g = rng.standard_normal(M).astype(np.float32)
+    a, b = qg.functional.head_backward(g, c1), sharded_head_backward(g, c2, comm)
+    _close(b[0], a[0], "grad_mp")
+    _close(b[1], a[1], "grad_mg")
+    for k in a[2]:
+        np.testing.assert_allclose(b[2][k], a[2][k], rtol=1e-5, atol=1e-9, err_msg=k)
+    with pytest.raises(ValueError, match="M >= 2"):
+        sharded_head_forward(mp[:1], mg[:1], h2, fc, comm)
+
+
+@pytest.mark.parametrize("triplet", ["class", "batch"])
+def test_sharded_model_single_process_equals_qaconvgs(triplet):
+    case = {
+        "N": 15,
+        "C": 6,
+        "H": 2,
+        "W": 3,
+        "k": 5,
+        "seed": 11,
+        "data_seed": 2,
+        "counts": [8],
+        "triplet": triplet,
+    }
+    got = _single_step(case)
+    _check_step(case, [got])
+    if triplet == "class":  # one rank: the same kernel calls and the same head arithmetic, so the same bits
+        X, y, _ = W.make_batch(case)
+        out = qg.QAConvGS(**W.model_config(case)).forward_backward(X, y)
+        np.testing.assert_array_equal(got["scores"], out.scores)
+        np.testing.assert_array_equal(got["grad_features"], out.grad_features)
+        np.testing.assert_array_equal(got["grad_embed_rows"], out.grad_embed_rows)
+
+
+def _single_step(case: dict) -> dict:
+    X, y, _ = W.make_batch(case)
+    model = ShardedQAConvGS(**W.model_config(case))
+    out = model.forward_backward(X, y)
+    d = {
+        "loss": np.array([out.loss, out.loss_cls, out.loss_triplet, out.acc_cls, out.acc_triplet]),
+        "scores": out.scores,
+        "candidates": out.candidates,
+        "grad_features": out.grad_features,
+        "grad_embed_ids": out.grad_embed_class_ids,
+        "grad_embed_rows": out.grad_embed_rows,
+        "nbr": model.local_neighbors,
+    }
+    d.update({"gh." + k: v for k, v in out.grad_head.items()})
+    d.update({"head." + k: np.asarray(v) for k, v in model.head_state.items()})
+    return d
+
+
+def test_sharded_model_construction_and_gather():
+    m = qg.QAConvGS(num_classes=12, channels=4, height=2, width=2, k_nearest=3, seed=5)
+    s = ShardedQAConvGS(num_classes=12, channels=4, height=2, width=2, k_nearest=3, seed=5)
+    np.testing.assert_array_equal(s.class_embed, m.class_embed)
+    for k, v in m.head_state.items():
+        np.testing.assert_array_equal(np.asarray(s.head_state[k]), np.asarray(v))
+    f = ShardedQAConvGS.from_model(m)
+    np.testing.assert_array_equal(f.class_embed, m.class_embed)
+    f.refresh_neighbors()
+    g = f.gather_model()
+    np.testing.assert_array_equal(g.class_embed, m.class_embed)
+    assert not g.neighbors_stale
+    np.testing.assert_array_equal(g.class_neighbors, m.class_neighbors)
+    assert s.parameters()["class_embed"] is s.class_embed
+    assert "rank 0/1" in repr(s)
+    unseeded = ShardedQAConvGS(num_classes=4, channels=2, height=1, width=1, k_nearest=1)
+    assert isinstance(unseeded.seed, int)
+    with pytest.raises(ValueError, match="k_nearest"):
+        ShardedQAConvGS(num_classes=4, channels=2, height=1, width=1, k_nearest=4)
+    with pytest.raises(ValueError, match="fc"):
+        ShardedQAConvGS(num_classes=4, channels=2, height=1, width=1, k_nearest=1, fc="x")
+    with pytest.raises(TypeError, match="comm"):
+        ShardedQAConvGS(num_classes=4, channels=2, height=1, width=1, k_nearest=1, comm=object())
+    with pytest.raises(ValueError, match="layout"):
+        ShardedQAConvGS(
+            num_classes=4, channels=2, height=1, width=1, k_nearest=1, layout=ShardLayout.even(4, 2)
+        )
+    with pytest.raises(ValueError, match="features"):
+        s.forward_backward(np.zeros((2, 3, 2, 2)), [0, 1])
+    with pytest.raises(ValueError, match="labels"):
+        s.forward_backward(np.zeros((2, 4, 2, 2)), [0, 12])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_torch_sharded_checkpoint_roundtrip(torch_run):
+    """A 2-shard checkpoint loads on R ranks; what R ranks save after a step loads on 1 and on 3 ranks."""
+    R, res = torch_run
+    _check_ckpt(R, res["_ckpt_case"], res["ckpt"])
+
+
+def _check_ckpt(R: int, case: dict, ranks: list[dict]) -> None:
+    model = _ckpt_model(case)
+    np.testing.assert_array_equal(np.concatenate([d["loaded"] for d in ranks]), model.class_embed)
+    np.testing.assert_array_equal(np.concatenate([d["loaded_nbr"] for d in ranks]), model.class_neighbors)
+    X, y, _ = W.make_batch(case)
+    trainer = qg.Trainer(model, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, sparse_embed=False)
+    loss = trainer.step(X, y).loss
+    for d in ranks:
+        np.testing.assert_allclose(d["loss"], [loss], rtol=RTOL)
+    one = load_sharded_model(case["save"])
+    _close(one.class_embed, model.class_embed, "class_embed")
+    for k, v in model.head_state.items():
+        np.testing.assert_allclose(np.asarray(one.head_state[k]), np.asarray(v), rtol=RTOL, atol=1e-7)
+    three = [load_sharded(case["save"], _RankView(r, 3)) for r in range(3)]
+    np.testing.assert_array_equal(np.concatenate([m.class_embed for m in three]), one.class_embed)
+    files = sorted(os.listdir(case["save"]))
+    assert len(files) == R + 2, files  # one generation left: R shards, the head, the manifest
+
+
+class _RankView(Communicator):
+    """rank / size only: for loading one rank's shard in this process (loading needs no collective)."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        self.rank, self.size = rank, size
+
+    def _allgather_bytes(self, buf):
+        raise AssertionError("collective called")
+
+    _broadcast_bytes = _sendrecv_bytes = barrier = _allgather_bytes
+
+
+def test_sharded_checkpoint_in_process(tmp_path):
+    model = qg.QAConvGS(num_classes=10, channels=3, height=2, width=2, k_nearest=3, seed=4)
+    model.refresh_neighbors()
+    shard_checkpoint(model, tmp_path / "ck", 3)
+    for R in (1, 2, 4):
+        parts = [load_sharded(tmp_path / "ck", _RankView(r, R)) for r in range(R)]
+        np.testing.assert_array_equal(np.concatenate([p.class_embed for p in parts]), model.class_embed)
+        np.testing.assert_array_equal(
+            np.concatenate([p.local_neighbors for p in parts]), model.class_neighbors
+        )
+    back = load_sharded_model(tmp_path / "ck")
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(back.state_dict()[k], v)
+    # a one-process .npz checkpoint loads into shards too
+    model.save(tmp_path / "one.npz")
+    parts = [load_sharded(tmp_path / "one.npz", _RankView(r, 2)) for r in range(2)]
+    np.testing.assert_array_equal(np.concatenate([p.class_embed for p in parts]), model.class_embed)
+    # the single-process sharded model saves (1 shard) and loads back
+    s = ShardedQAConvGS.from_model(model)
+    s.save(tmp_path / "s1")
+    np.testing.assert_array_equal(ShardedQAConvGS.load(tmp_path / "s1").class_embed, model.class_embed)
+
+
+def test_sharded_checkpoint_errors(tmp_path):
+    model = qg.QAConvGS(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=1)
+    ck = tmp_path / "ck"
+    shard_checkpoint(model, ck, 2)
+    with pytest.raises(ValueError, match="manifest"):
+        load_sharded(tmp_path / "missing")
+    man = json.loads((ck / "manifest.json").read_text())
+    # a shard from another save (generation mismatch) is refused
+    other = tmp_path / "other"
+    shard_checkpoint(model, other, 2)
+    om = json.loads((other / "manifest.json").read_text())
+    os.replace(other / om["shards"][1]["file"], ck / man["shards"][1]["file"])
+    with pytest.raises(ValueError, match="generation"):
+        load_sharded_model(ck)
+    bad = dict(man, bounds=[0, 4, 5])
+    (ck / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="bounds"):
+        load_sharded_model(ck)
+    (ck / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="manifest"):
+        load_sharded_model(ck)
+
+
+# ---------------------------------------------------------------- R ranks as threads (in-process)
+
+
+@given(
+    R=st.integers(1, 6),
+    N=st.integers(2, 40),
+    D=st.integers(1, 40),
+    kf=st.floats(0.0, 1.0),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_threads_sharded_neighbors_property(R, N, D, kf, ties, seed):
+    """Any world size (empty ranks when N < R), any k: the same indices and similarity bits."""
+    k = 1 + int(kf * (N - 2))
+    E = W.make_table(N, D, seed, ties)
+    lay = ShardLayout.even(N, R)
+    res = run_threads(
+        R, lambda c: sharded_class_neighbors(E[slice(*lay.range(c.rank))], k, c, return_similarity=True)
+    )
+    idx, sim = qg.class_neighbors(E, k, return_similarity=True)
+    np.testing.assert_array_equal(np.concatenate([r[0] for r in res]), idx)
+    np.testing.assert_array_equal(np.concatenate([r[1] for r in res]), sim)
+
+
+def _thread_step(case: dict, R: int) -> list[dict]:
+    X, y, counts = W.make_batch(case)
+
+    def rank(c):
+        off = sum(counts[: c.rank])
+        sl = slice(off, off + counts[c.rank])
+        m = ShardedQAConvGS(**W.model_config(case), comm=c)
+        out = m.forward_backward(X[sl], y[sl])
+        d = {
+            "loss": np.array([out.loss, out.loss_cls, out.loss_triplet, out.acc_cls, out.acc_triplet]),
+            "scores": out.scores,
+            "candidates": out.candidates,
+            "grad_features": out.grad_features,
+            "grad_embed_ids": out.grad_embed_class_ids,
+            "grad_embed_rows": out.grad_embed_rows,
+            "nbr": m.local_neighbors,
+        }
+        d.update({"gh." + k: v for k, v in out.grad_head.items()})
+        d.update({"head." + k: np.asarray(v) for k, v in m.head_state.items()})
+        return d
+
+    return run_threads(R, rank)
+
+
+@given(
+    counts=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    N=st.integers(2, 25),
+    kf=st.floats(0.0, 1.0),
+    fc=st.sampled_from(["separate", "shared"]),
+    triplet=st.sampled_from(["class", "batch"]),
+    seed=st.integers(0, 1000),
+)
+def test_threads_sharded_step_property(counts, N, kf, fc, triplet, seed):
+    """Any world size, uneven batches, empty shards, both fc and triplet modes: equal to one process."""
+    k = 1 + int(kf * (N - 2))
+    case = {"N": N, "C": 5, "H": 2, "W": 2, "k": k, "seed": seed, "data_seed": seed + 1, "counts": counts}
+    case.update(fc=fc, triplet=triplet)
+    _check_step(case, _thread_step(case, len(counts)))
+
+
+def test_run_threads_errors():
+    def fails_on_one(c):
+        if c.rank == 1:
+            raise KeyError("boom")
+        c.barrier()  # the other ranks would wait for rank 1 forever without the abort
+        return c.rank
+
+    with pytest.raises(KeyError, match="boom"):
+        run_threads(3, fails_on_one, timeout_s=20)
+    assert run_threads(2, lambda c: c.allreduce_sum(np.array([c.rank + 1.0]))[0]) == [3.0, 3.0]
+    with pytest.raises(ValueError, match="size"):
+        run_threads(0, lambda c: None)
+
+    def agree(c):
+        try:
+            c.agree(ValueError("labels: bad") if c.rank == 0 else None)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    out = run_threads(3, agree)
+    assert out[0] == "ValueError: labels: bad" and all(
+        o.startswith("RuntimeError") and "[0]" in o for o in out[1:]
+    )
+
+
+def test_threads_sharded_checkpoint_with_row_extra(tmp_path):
+    """Saved by 3 thread ranks with per-row optimiser state; re-sharded on 2 and 1 ranks."""
+    model = qg.QAConvGS(num_classes=11, channels=3, height=2, width=1, k_nearest=2, seed=8)
+    model.refresh_neighbors()
+    mom = np.arange(11 * 6, dtype=np.float32).reshape(11, 3, 2, 1)
+    ck = tmp_path / "ck"
+
+    def save(c):
+        s = ShardedQAConvGS.from_model(model, comm=c)
+        s.save(ck, row_extra={"momentum": mom[s.lo : s.hi]}, extra={"step": np.array(7)})
+        return s.lo, s.hi
+
+    run_threads(3, save)
+    for R in (1, 2, 4):
+        parts = [load_sharded(ck, _RankView(r, R), return_extra=True) for r in range(R)]
+        np.testing.assert_array_equal(np.concatenate([p[0].class_embed for p in parts]), model.class_embed)
+        np.testing.assert_array_equal(np.concatenate([p[1]["momentum"] for p in parts]), mom)
+        assert all(int(p[2]["step"]) == 7 for p in parts)
+    one = load_sharded_model(ck)
+    np.testing.assert_array_equal(one.class_embed, model.class_embed)
+    np.testing.assert_array_equal(one.class_neighbors, model.class_neighbors)
+
+    def bad_rows(c):
+        s = ShardedQAConvGS.from_model(model, comm=c)
+        rows = mom[s.lo : s.hi] if c.rank else mom[:1]
+        try:
+            s.save(tmp_path / "bad", row_extra={"momentum": rows})
+        except (ValueError, RuntimeError) as exc:
+            return type(exc).__name__ + ": " + str(exc)
+
+    out = run_threads(2, bad_rows)
+    assert out[0].startswith("ValueError") and "row_extra" in out[0] and out[1].startswith("RuntimeError")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_threads_rows_for_step_and_global_norm():
+    """rows_for_step(labels) lists exactly the rows the next step reads (and reuses its gather); the
+    result's grad_embed_sqnorm is the squared norm of the whole (one-process) embedding gradient."""
+    case = {"N": 17, "C": 4, "H": 2, "W": 2, "k": 3, "seed": 2, "data_seed": 3, "counts": [3, 5, 2]}
+    X, y, counts = W.make_batch(case)
+
+    def rank(c):
+        off = sum(counts[: c.rank])
+        sl = slice(off, off + counts[c.rank])
+        m = ShardedQAConvGS(**W.model_config(case), comm=c)
+        rows = m.rows_for_step(y[sl])
+        sent = c.bytes_sent
+        out = m.forward_backward(X[sl], y[sl])
+        gathered_again = c.bytes_sent - sent
+        plain = m.forward_backward(X[sl], y[sl])  # without rows_for_step: gathers the labels itself
+        return rows, out, gathered_again, c.bytes_sent - sent - gathered_again, plain
+
+    res = run_threads(3, rank)
+    ref = qg.QAConvGS(**W.model_config(case)).forward_backward(X, y)
+    for rows, out, with_prep, without_prep, plain in res:
+        np.testing.assert_array_equal(rows, out.grad_embed_ids)
+        np.testing.assert_array_equal(out.scores, plain.scores)
+        assert with_prep < without_prep  # the label / candidate gathers were skipped
+        np.testing.assert_allclose(
+            out.grad_embed_sqnorm, np.square(ref.grad_embed_rows, dtype=np.float64).sum()
+        )
