@@ -21,13 +21,12 @@
  * position) and the epilogue do not depend on threads; the top-k keeps the total order
  * (similarity desc, index asc), so the insertion order does not matter either.
  */
-#include "qg_neighbors.h"
+#include "qg_neighbors_impl.h"
 
 #include <math.h>
 #include <string.h>
 
-#define QG_NB_BLOCK 128 /* rows per block (multiple of MR and NR) */
-#define QG_NB_PANEL 256 /* D columns per panel (float32 partial sums over at most this many terms) */
+#define QG_NB_BLOCK 128 /* rows per block of the portable variant (multiple of MR and NR) */
 #define QG_NB_MR 4
 #define QG_NB_NR 8
 
@@ -38,23 +37,6 @@
 #else
 #define QG_NB_NOINLINE
 #endif
-
-/* ------------------------------------------------------------------ top-k lists */
-
-/* Row list: s[0..k) descending, ties by ascending index; sentinel (-inf, INT64_MAX). */
-static inline void qg_topk_push(float *s, int64_t *ix, int64_t k, float v, int64_t j)
-{
-    float ws = s[k - 1];
-    if (!(v > ws || (v == ws && j < ix[k - 1]))) return;
-    int64_t p = k - 1;
-    while (p > 0 && (s[p - 1] < v || (s[p - 1] == v && ix[p - 1] > j))) {
-        s[p] = s[p - 1];
-        ix[p] = ix[p - 1];
-        --p;
-    }
-    s[p] = v;
-    ix[p] = j;
-}
 
 /* ------------------------------------------------------------------ packing */
 
@@ -110,18 +92,17 @@ QG_NB_NOINLINE static void qg_nb_micro(int64_t dp, const float *restrict ap, con
 
 /* ------------------------------------------------------------------ one block pair */
 
-typedef struct qg_nb_job {
-    const float *E;
-    int64_t N, D, k;
-    const float *scale;  /* [N] power-of-two prescale */
-    const double *w;     /* [N] 2^e / max(||x||, 1e-12) */
-    float *tops;         /* [N, k] */
-    int64_t *topi;       /* [N, k] */
-} qg_nb_job;
+typedef struct qg_nb_scratch {
+    float packA[QG_NB_BLOCK * QG_NB_PANEL];
+    float packB[QG_NB_BLOCK * QG_NB_PANEL];
+    double acc[QG_NB_BLOCK * QG_NB_BLOCK];
+} qg_nb_scratch;
 
-static void qg_nb_match(const qg_nb_job *job, int64_t bi, int64_t bj, float *packA, float *packB,
-                        double *acc)
+static void qg_nb_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scratch)
 {
+    qg_nb_scratch *sc = (qg_nb_scratch *)scratch;
+    float *packA = sc->packA, *packB = sc->packB;
+    double *acc = sc->acc;
     const int64_t N = job->N, D = job->D, k = job->k;
     const int64_t i0 = bi * QG_NB_BLOCK, j0 = bj * QG_NB_BLOCK;
     const int64_t ni = (N - i0 < QG_NB_BLOCK) ? N - i0 : QG_NB_BLOCK;
@@ -159,23 +140,53 @@ static void qg_nb_match(const qg_nb_job *job, int64_t bi, int64_t bj, float *pac
         for (int64_t j = diag ? i + 1 : 0; j < nj; ++j) {
             const int64_t gj = j0 + j;
             const float s = (float)(acc[i * ldc + j] * (wi * job->w[gj]));
-            qg_topk_push(si, xi, k, s, gj);
-            qg_topk_push(job->tops + gj * k, job->topi + gj * k, k, s, gi);
+            qg_nb_push(si, xi, job->kth + gi, k, s, gj);
+            qg_nb_push(job->tops + gj * k, job->topi + gj * k, job->kth + gj, k, s, gi);
         }
     }
 }
 
-/* Round-robin tournament over T (even) teams: round r in [0, T-1), match m in [0, T/2). */
-static inline void qg_nb_pairing(int64_t T, int64_t r, int64_t m, int64_t *a, int64_t *b)
+static const qg_nb_variant qg_nb_variant_portable = {QG_NB_BLOCK, (int64_t)sizeof(qg_nb_scratch), qg_nb_match};
+
+static const qg_nb_variant *qg_nb_pick(const qg_ctx *ctx)
 {
-    if (m == 0) {
-        *a = T - 1;
-        *b = r;
-    } else {
-        *a = (r + m) % (T - 1);
-        *b = (r - m + (T - 1)) % (T - 1);
-    }
+#if QG_X86
+    if (ctx && ctx->isa >= QG_ISA_AVX2) return &qg_nb_variant_avx2;
+#endif
+    (void)ctx;
+    return &qg_nb_variant_portable;
 }
+
+/* ------------------------------------------------------------------ schedule */
+
+/* Match m of the fixed list: the round-robin tournament over T (even) blocks (circle method,
+ * T - 1 rounds of T/2 matches, a block past nblk is a "bye"), then the nblk diagonal matches.
+ * Consecutive matches of a round share no block, which keeps the scheduler's scan short; the
+ * cheap diagonal matches last even out the threads' finishing times. Returns 0 for a bye. */
+static int qg_nb_match_at(int64_t nblk, int64_t T, int64_t m, int64_t *a, int64_t *b)
+{
+    const int64_t per = T / 2, nrr = (T - 1) * per;
+    if (m >= nrr) {
+        *a = *b = m - nrr;
+        return 1;
+    }
+    const int64_t r = m / per, q = m % per;
+    int64_t x, y;
+    if (q == 0) {
+        x = T - 1;
+        y = r;
+    } else {
+        x = (r + q) % (T - 1);
+        y = (r - q + (T - 1)) % (T - 1);
+    }
+    if (x >= nblk || y >= nblk) return 0;
+    *a = x < y ? x : y;
+    *b = x < y ? y : x;
+    return 1;
+}
+
+/* Minimum multiply-adds per thread before a second thread is worth waking. */
+#define QG_NB_MIN_WORK_PER_THREAD ((int64_t)1 << 23)
 
 /* ------------------------------------------------------------------ kernel */
 
@@ -186,29 +197,37 @@ int qg_neighbors_topk_f32(const float *E, int64_t N, int64_t D, int64_t k, int64
     int64_t nd, nk;
     if (qg_mul_overflow(N, D, &nd) || qg_mul_overflow(N, k, &nk)) return QG_EOVERFLOW;
     if (nk > INT64_MAX / 8 || N > INT64_MAX / 16) return QG_EOVERFLOW;
-    (void)nd;
 
-    const int64_t nblk = (N + QG_NB_BLOCK - 1) / QG_NB_BLOCK;
+    const qg_nb_variant *var = qg_nb_pick(ctx);
+    const int64_t B = var->block;
+    const int64_t nblk = (N + B - 1) / B;
     const int64_t T = nblk + (nblk & 1); /* teams incl. a dummy "bye" block when odd */
-    const int nt = qg_threads_for(ctx, nblk); /* the largest round (the diagonal one) has nblk matches */
+    const int64_t nmatch = (T - 1) * (T / 2) + nblk;
+    /* work in multiply-adds (N^2 D / 2, saturating); small problems stay on one thread */
+    const double macs = 0.5 * (double)N * (double)N * (double)D;
+    const double cap = macs / (double)QG_NB_MIN_WORK_PER_THREAD;
+    int nt = qg_threads_for(ctx, nblk * (nblk + 1) / 2);
+    if ((double)nt > cap) nt = cap < 1.0 ? 1 : (int)cap;
+    const int64_t per_thread = (var->scratch_bytes + 63) / 64 * 64;
 
-    const int64_t pack_floats = (int64_t)QG_NB_BLOCK * QG_NB_PANEL;
-    const int64_t acc_doubles = (int64_t)QG_NB_BLOCK * QG_NB_BLOCK;
-    const int64_t per_thread = 2 * pack_floats * (int64_t)sizeof(float) + acc_doubles * (int64_t)sizeof(double);
-
-    double *w = (double *)qg_malloc(N * (int64_t)(sizeof(double) + sizeof(float)));
+    /* w [N] double, kth [N] float, scale [N] float; then the schedule's flags */
+    char *small = (char *)qg_malloc(N * (int64_t)(sizeof(double) + 2 * sizeof(float)) + nmatch + nblk);
     float *tops = sim ? sim : (float *)qg_malloc(nk * (int64_t)sizeof(float));
     char *scratch = (char *)qg_malloc(per_thread * nt);
     int status = QG_OK;
-    if (!w || !tops || !scratch) {
+    if (!small || !tops || !scratch) {
         status = QG_ENOMEM;
         goto done;
     }
-    float *scale = (float *)(w + N);
+    double *w = (double *)small;
+    float *kth = (float *)(w + N);
+    float *scale = kth + N;
+    unsigned char *claimed = (unsigned char *)(scale + N);
+    unsigned char *busy = claimed + nmatch;
 
     /* 1. norms, scales, finiteness (one row per iteration, owned by one thread) */
     int bad = 0;
-    QG_OMP(parallel for schedule(static) num_threads(qg_threads_for(ctx, N)) reduction(|:bad))
+    QG_OMP(parallel for schedule(static) num_threads(qg_threads_for(ctx, nd >> 16)) reduction(|:bad))
     for (int64_t i = 0; i < N; ++i) {
         const float *x = E + i * D;
         double ss = 0.0;
@@ -242,36 +261,54 @@ int qg_neighbors_topk_f32(const float *E, int64_t N, int64_t D, int64_t k, int64
         tops[t] = -INFINITY;
         idx[t] = INT64_MAX;
     }
+    for (int64_t i = 0; i < N; ++i) kth[i] = -INFINITY;
+    memset(claimed, 0, (size_t)(nmatch + nblk));
 
-    qg_nb_job job = {E, N, D, k, scale, w, tops, idx};
+    qg_nb_job job = {E, N, D, k, scale, w, tops, idx, kth};
     int stop = 0;
-    /* 2./3. tournament rounds (T - 1 of them) then the diagonal round */
+    int64_t first = 0; /* every match before it is claimed */
+    /* 2./3. a list scheduler over the fixed match list: a thread claims the first unclaimed match
+     * whose two blocks no running match holds, so each row's top-k list has one writer at a time
+     * (the critical section orders one match's writes before the next claimant's reads). Which
+     * thread runs which match varies; the result does not: every pair's value is computed once by
+     * the same code, and a top-k list under a total order does not depend on the push order. */
     QG_OMP(parallel num_threads(nt))
     {
-        char *mine = scratch + (int64_t)qg_thread_num() * per_thread;
-        float *packA = (float *)mine;
-        float *packB = packA + pack_floats;
-        double *acc = (double *)(packB + pack_floats);
-        for (int64_t r = 0; r < T; ++r) {
-            const int64_t nm = (r < T - 1) ? T / 2 : nblk;
-            QG_OMP(for schedule(dynamic, 1))
-            for (int64_t m = 0; m < nm; ++m) {
-                if (qg_stop_requested(&stop)) continue;
-                int64_t a, b;
-                if (r < T - 1) {
-                    qg_nb_pairing(T, r, m, &a, &b);
-                    if (a >= nblk || b >= nblk) continue; /* bye */
-                    if (a > b) {
-                        int64_t t = a;
-                        a = b;
-                        b = t;
-                    }
+        void *mine = scratch + (int64_t)qg_thread_num() * per_thread;
+        int64_t a = -1, b = -1;
+        for (;;) {
+            int64_t got = -1;
+            int finished = 0;
+            const int stopping = qg_stop_requested(&stop);
+            QG_OMP(critical(qg_nb_sched))
+            {
+                if (a >= 0) busy[a] = busy[b] = 0;
+                a = b = -1;
+                while (first < nmatch && claimed[first]) ++first;
+                if (first == nmatch || stopping) {
+                    finished = 1;
                 } else {
-                    a = b = m;
+                    for (int64_t m = first; m < nmatch; ++m) {
+                        if (claimed[m]) continue;
+                        int64_t x, y;
+                        if (!qg_nb_match_at(nblk, T, m, &x, &y)) {
+                            claimed[m] = 1; /* bye */
+                            continue;
+                        }
+                        if (busy[x] || busy[y]) continue;
+                        claimed[m] = 1;
+                        busy[x] = busy[y] = 1;
+                        a = x;
+                        b = y;
+                        got = m;
+                        break;
+                    }
                 }
-                qg_nb_match(&job, a, b, packA, packB, acc);
-                qg_poll_block(ctx, &stop);
             }
+            if (finished) break;
+            if (got < 0) continue; /* the remaining matches wait for a running one */
+            var->match(&job, a, b, mine);
+            qg_poll_block(ctx, &stop);
         }
     }
     if (stop) status = QG_EINTR;
@@ -279,6 +316,6 @@ int qg_neighbors_topk_f32(const float *E, int64_t N, int64_t D, int64_t k, int64
 done:
     if (tops && tops != sim) qg_free(tops);
     qg_free(scratch);
-    qg_free(w);
+    qg_free(small);
     return status;
 }

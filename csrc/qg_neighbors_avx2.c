@@ -1,0 +1,278 @@
+/*
+ * qg_neighbors_avx2.c - AVX2+FMA block-pair kernel for qg_neighbors_topk_f32 (x86-64-v3).
+ *
+ * Compiled with -mavx2 -mfma (setup.py, x86-64 only); chosen by qg_neighbors.c when
+ * ctx->isa >= QG_ISA_AVX2. Same driver, block-pair contract and error budget as the portable
+ * variant (qg_neighbors_impl.h); only the accumulation inside a panel differs (fused multiply-add,
+ * one rounding per term instead of two), so results may differ from the portable path in the
+ * last bits but are bit-identical for any thread count.
+ *
+ * Per block pair (I, J) of QG_NB2_BLOCK rows each, per D-panel of QG_NB_PANEL columns:
+ *   - pack: the rows of I into micro-panels of 6 rows (stride 8, lanes 6-7 zero), the rows of J
+ *     into micro-panels of 16 rows, both d-major and scaled by the rows' power-of-two prescale,
+ *     through 8x8 in-register transposes. A block's pack is 192 KiB (L2), a B micro-panel 16 KiB
+ *     (stays in L1 while the A micro-panels stream past it).
+ *   - micro-kernel 6x16: 12 ymm accumulators, per d one 16-wide load pair of B, 6 broadcasts of
+ *     A and 12 FMAs; lane (a, b) sums its products d = 0, 1, ... sequentially with FMA, whatever
+ *     the tile position, so a pair's value never depends on where it sits in the block.
+ *   - the panel's float32 sums are widened and added into a double [I, J] accumulator.
+ * Epilogue: sim = (float)(acc * (w_i * w_j)) for 8 candidates at a time, compared (>=) with the
+ * row's current k-th value and with the 8 column rows' k-th values; only the lanes that pass
+ * reach the scalar insertion (qg_nb_push re-checks the exact order, ties by index).
+ */
+#include "qg_neighbors_impl.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#include <string.h>
+
+#define QG_NB2_BLOCK 192 /* rows per block: a multiple of 6, 8 and 16 */
+#define QG_NB2_MR 6
+#define QG_NB2_NR 16
+#define QG_NB2_APANELS (QG_NB2_BLOCK / QG_NB2_MR)
+#define QG_NB2_BPANELS (QG_NB2_BLOCK / QG_NB2_NR)
+
+#ifndef QG_NB2_PF_HINT
+#define QG_NB2_PF_HINT _MM_HINT_T1
+#endif
+#define QG_NB2_NOINLINE __attribute__((noinline))
+
+static const float qg_nb2_zeros[QG_NB_PANEL] __attribute__((aligned(64)));
+
+/* ------------------------------------------------------------------ packing */
+
+static inline void qg_nb2_transpose8(__m256 r[8])
+{
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+    r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+    r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+/* out[d * ld + a] = src[a][d] * sc[a] for a < 8, d < dp (rows past the block point at zeros). */
+static void qg_nb2_pack8(const float *const src[8], const float sc[8], int64_t dp, float *out, int64_t ld)
+{
+    int64_t d = 0;
+    for (; d + 8 <= dp; d += 8) {
+        __m256 r[8];
+        for (int a = 0; a < 8; ++a) r[a] = _mm256_mul_ps(_mm256_loadu_ps(src[a] + d), _mm256_set1_ps(sc[a]));
+        qg_nb2_transpose8(r);
+        for (int t = 0; t < 8; ++t) _mm256_storeu_ps(out + (d + t) * ld, r[t]);
+    }
+    for (; d < dp; ++d)
+        for (int a = 0; a < 8; ++a) out[d * ld + a] = src[a][d] * sc[a];
+}
+
+/* Rows [r0, r0 + nr) x columns [d0, d0 + dp) into micro-panels of `mr` rows (6 or 16), each
+ * d-major with row stride `ld` (8 or 16); micro-panel t starts at out + t * dp * ld. */
+static void qg_nb2_pack(const qg_nb_job *job, int64_t r0, int64_t nr, int64_t d0, int64_t dp, int mr,
+                        int64_t ld, float *out)
+{
+    const float *src[8];
+    float sc[8];
+    for (int64_t t = 0; t * mr < nr; ++t) {
+        for (int64_t g = 0; g < mr; g += 8) {
+            for (int a = 0; a < 8; ++a) {
+                int64_t r = t * mr + g + a;
+                int ok = (g + a < mr) && r < nr;
+                src[a] = ok ? job->E + (r0 + r) * job->D + d0 : qg_nb2_zeros;
+                sc[a] = ok ? job->scale[r0 + r] : 0.0f;
+            }
+            qg_nb2_pack8(src, sc, dp, out + t * dp * ld + g, ld);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ micro-kernel */
+
+#define QG_NB2_STEP(dd)                                                                        \
+    do {                                                                                       \
+        const __m256 b0 = _mm256_load_ps(bp + (dd) * 16), b1 = _mm256_load_ps(bp + (dd) * 16 + 8); \
+        __m256 x;                                                                              \
+        x = _mm256_broadcast_ss(ap + (dd) * 8 + 0);                                            \
+        c00 = _mm256_fmadd_ps(x, b0, c00);                                                     \
+        c01 = _mm256_fmadd_ps(x, b1, c01);                                                     \
+        x = _mm256_broadcast_ss(ap + (dd) * 8 + 1);                                            \
+        c10 = _mm256_fmadd_ps(x, b0, c10);                                                     \
+        c11 = _mm256_fmadd_ps(x, b1, c11);                                                     \
+        x = _mm256_broadcast_ss(ap + (dd) * 8 + 2);                                            \
+        c20 = _mm256_fmadd_ps(x, b0, c20);                                                     \
+        c21 = _mm256_fmadd_ps(x, b1, c21);                                                     \
+        x = _mm256_broadcast_ss(ap + (dd) * 8 + 3);                                            \
+        c30 = _mm256_fmadd_ps(x, b0, c30);                                                     \
+        c31 = _mm256_fmadd_ps(x, b1, c31);                                                     \
+        x = _mm256_broadcast_ss(ap + (dd) * 8 + 4);                                            \
+        c40 = _mm256_fmadd_ps(x, b0, c40);                                                     \
+        c41 = _mm256_fmadd_ps(x, b1, c41);                                                     \
+        x = _mm256_broadcast_ss(ap + (dd) * 8 + 5);                                            \
+        c50 = _mm256_fmadd_ps(x, b0, c50);                                                     \
+        c51 = _mm256_fmadd_ps(x, b1, c51);                                                     \
+    } while (0)
+
+static inline void qg_nb2_addrow(double *c, __m256 lo, __m256 hi)
+{
+    _mm256_storeu_pd(c, _mm256_add_pd(_mm256_loadu_pd(c), _mm256_cvtps_pd(_mm256_castps256_ps128(lo))));
+    _mm256_storeu_pd(c + 4, _mm256_add_pd(_mm256_loadu_pd(c + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1))));
+    _mm256_storeu_pd(c + 8, _mm256_add_pd(_mm256_loadu_pd(c + 8), _mm256_cvtps_pd(_mm256_castps256_ps128(hi))));
+    _mm256_storeu_pd(c + 12,
+                     _mm256_add_pd(_mm256_loadu_pd(c + 12), _mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1))));
+}
+
+/* c[a * ldc + b] += sum_d ap[d * 8 + a] * bp[d * 16 + b] for a < ma, b < nb (float32 FMA chain
+ * per lane, d ascending; then widened). Out of line so the 12 accumulators get the registers. */
+QG_NB2_NOINLINE static void qg_nb2_micro(int64_t dp, const float *restrict ap, const float *restrict bp,
+                                         double *restrict c, int64_t ldc, int ma, int nb)
+{
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    int64_t d = 0;
+    for (; d + 4 <= dp; d += 4, ap += 32, bp += 64) {
+        QG_NB2_STEP(0);
+        QG_NB2_STEP(1);
+        QG_NB2_STEP(2);
+        QG_NB2_STEP(3);
+    }
+    for (; d < dp; ++d, ap += 8, bp += 16) QG_NB2_STEP(0);
+
+    if (ma == QG_NB2_MR && nb == QG_NB2_NR) {
+        qg_nb2_addrow(c + 0 * ldc, c00, c01);
+        qg_nb2_addrow(c + 1 * ldc, c10, c11);
+        qg_nb2_addrow(c + 2 * ldc, c20, c21);
+        qg_nb2_addrow(c + 3 * ldc, c30, c31);
+        qg_nb2_addrow(c + 4 * ldc, c40, c41);
+        qg_nb2_addrow(c + 5 * ldc, c50, c51);
+        return;
+    }
+    float t[QG_NB2_MR][QG_NB2_NR];
+    _mm256_storeu_ps(t[0], c00), _mm256_storeu_ps(t[0] + 8, c01);
+    _mm256_storeu_ps(t[1], c10), _mm256_storeu_ps(t[1] + 8, c11);
+    _mm256_storeu_ps(t[2], c20), _mm256_storeu_ps(t[2] + 8, c21);
+    _mm256_storeu_ps(t[3], c30), _mm256_storeu_ps(t[3] + 8, c31);
+    _mm256_storeu_ps(t[4], c40), _mm256_storeu_ps(t[4] + 8, c41);
+    _mm256_storeu_ps(t[5], c50), _mm256_storeu_ps(t[5] + 8, c51);
+    for (int a = 0; a < ma; ++a)
+        for (int b = 0; b < nb; ++b) c[a * ldc + b] += (double)t[a][b];
+}
+
+/* ------------------------------------------------------------------ one block pair */
+
+typedef struct qg_nb2_scratch {
+    float packA[QG_NB2_APANELS * QG_NB_PANEL * 8];
+    float packB[QG_NB2_BPANELS * QG_NB_PANEL * QG_NB2_NR];
+    double acc[QG_NB2_BLOCK * QG_NB2_BLOCK];
+} qg_nb2_scratch;
+
+/* Both lists of the pair (gi, gj) with similarity s. */
+static inline void qg_nb2_push2(const qg_nb_job *job, int64_t gi, int64_t gj, float s)
+{
+    const int64_t k = job->k;
+    qg_nb_push(job->tops + gi * k, job->topi + gi * k, job->kth + gi, k, s, gj);
+    qg_nb_push(job->tops + gj * k, job->topi + gj * k, job->kth + gj, k, s, gi);
+}
+
+#include <stdlib.h>
+static int qg_pfmode = -1, qg_hack = 0;
+static void qg_nb2_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scratch)
+{
+    qg_nb2_scratch *sc = (qg_nb2_scratch *)scratch;
+    const int64_t N = job->N, D = job->D;
+    const int64_t i0 = bi * QG_NB2_BLOCK, j0 = bj * QG_NB2_BLOCK;
+    const int64_t ni = (N - i0 < QG_NB2_BLOCK) ? N - i0 : QG_NB2_BLOCK;
+    const int64_t nj = (N - j0 < QG_NB2_BLOCK) ? N - j0 : QG_NB2_BLOCK;
+    const int diag = (bi == bj);
+    const int64_t ldc = QG_NB2_BLOCK;
+    double *acc = sc->acc;
+    if (qg_pfmode < 0) qg_hack = getenv("QG_NB_HACK") ? atoi(getenv("QG_NB_HACK")) : 0;
+    if (qg_pfmode < 0) qg_pfmode = getenv("QG_NB_PF") ? atoi(getenv("QG_NB_PF")) : 2;
+
+    for (int64_t i = 0; i < ni; ++i) memset(acc + i * ldc, 0, (size_t)nj * sizeof(double));
+
+    for (int64_t d0 = 0; d0 < D; d0 += QG_NB_PANEL) {
+        const int64_t dp = (D - d0 < QG_NB_PANEL) ? D - d0 : QG_NB_PANEL;
+        if (!(qg_hack & 1) || d0 == 0) {
+        qg_nb2_pack(job, i0, ni, d0, dp, QG_NB2_MR, 8, sc->packA);
+        qg_nb2_pack(job, j0, nj, d0, dp, QG_NB2_NR, QG_NB2_NR, sc->packB);
+        }
+        /* prefetch the next panel's source rows (DRAM latency, not bandwidth, limits the pack):
+         * spread over this panel's micro-kernel calls, a few cache lines before each */
+        const int64_t dn = d0 + QG_NB_PANEL;
+        const int64_t npf_rows = (dn < D) ? (diag ? ni : ni + nj) : 0;
+        const int64_t lines = (((D - dn < QG_NB_PANEL) ? D - dn : QG_NB_PANEL) + 15) / 16;
+        const int64_t npf = npf_rows * lines;
+        int64_t pf = 0;
+        const int64_t calls = (diag ? (ni / QG_NB2_MR + 1) * (nj / QG_NB2_NR + 1) / 2 : (ni / QG_NB2_MR) * (nj / QG_NB2_NR)) + 1;
+        const int64_t pf_step = npf / calls + 1;
+        for (int64_t jb = 0; jb < nj; jb += QG_NB2_NR) {
+            const int nb = (int)((nj - jb < QG_NB2_NR) ? nj - jb : QG_NB2_NR);
+            const float *bp = sc->packB + (jb / QG_NB2_NR) * dp * QG_NB2_NR;
+            for (int64_t ia = 0; ia < ni; ia += QG_NB2_MR) {
+                /* diagonal block: only pairs j > i are used; skip tiles without any */
+                if (diag && jb + QG_NB2_NR - 1 <= ia) break;
+                for (int64_t e = pf + pf_step; pf < npf && pf < e; ++pf) {
+                    const int64_t r = pf / lines, l = pf % lines;
+                    const int64_t row = r < ni ? i0 + r : j0 + (r - ni);
+                    const char *pa = (const char *)(job->E + row * D + dn + l * 16);
+                    switch (qg_pfmode) {
+                    case 1: _mm_prefetch(pa, _MM_HINT_T0); break;
+                    case 2: _mm_prefetch(pa, _MM_HINT_T1); break;
+                    case 3: _mm_prefetch(pa, _MM_HINT_T2); break;
+                    case 4: _mm_prefetch(pa, _MM_HINT_NTA); break;
+                    default: break;
+                    }
+                }
+                const int ma = (int)((ni - ia < QG_NB2_MR) ? ni - ia : QG_NB2_MR);
+                qg_nb2_micro(dp, sc->packA + (ia / QG_NB2_MR) * dp * 8, bp, acc + ia * ldc + jb, ldc, ma, nb);
+            }
+        }
+    }
+
+    /* epilogue: one similarity per pair, fed to both rows; a vector compare with the rows'
+     * current k-th values rejects most candidates without scalar work */
+    if (qg_hack & 2) return;
+    const double *w = job->w;
+    const float *kth = job->kth;
+    for (int64_t i = 0; i < ni; ++i) {
+        const int64_t gi = i0 + i;
+        const double wi = w[gi];
+        const __m256d wiv = _mm256_set1_pd(wi);
+        const double *arow = acc + i * ldc;
+        int64_t j = diag ? i + 1 : 0;
+        for (; j + 8 <= nj; j += 8) {
+            const int64_t gj = j0 + j;
+            __m128 s0 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_loadu_pd(arow + j), _mm256_mul_pd(wiv, _mm256_loadu_pd(w + gj))));
+            __m128 s1 = _mm256_cvtpd_ps(
+                _mm256_mul_pd(_mm256_loadu_pd(arow + j + 4), _mm256_mul_pd(wiv, _mm256_loadu_pd(w + gj + 4))));
+            __m256 s = _mm256_set_m128(s1, s0);
+            int m = _mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_set1_ps(kth[gi]), _CMP_GE_OQ)) |
+                    _mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_loadu_ps(kth + gj), _CMP_GE_OQ));
+            if (!m) continue;
+            float sv[8];
+            _mm256_storeu_ps(sv, s);
+            while (m) {
+                const int l = __builtin_ctz((unsigned)m);
+                m &= m - 1;
+                qg_nb2_push2(job, gi, gj + l, sv[l]);
+            }
+        }
+        for (; j < nj; ++j) {
+            const int64_t gj = j0 + j;
+            qg_nb2_push2(job, gi, gj, (float)(arow[j] * (wi * w[gj])));
+        }
+    }
+}
+
+const qg_nb_variant qg_nb_variant_avx2 = {QG_NB2_BLOCK, (int64_t)sizeof(qg_nb2_scratch), qg_nb2_match};
+
+#endif
