@@ -26,17 +26,19 @@
 #include <immintrin.h>
 #include <string.h>
 
+#ifndef QG_NB2_BLOCK
 #define QG_NB2_BLOCK 192 /* rows per block: a multiple of 6, 8 and 16 */
+#endif
 #define QG_NB2_MR 6
 #define QG_NB2_NR 16
-#define QG_NB2_APANELS (QG_NB2_BLOCK / QG_NB2_MR)
-#define QG_NB2_BPANELS (QG_NB2_BLOCK / QG_NB2_NR)
 
 #ifndef QG_NB2_PF_HINT
 #define QG_NB2_PF_HINT _MM_HINT_T1
 #endif
 #define QG_NB2_NOINLINE __attribute__((noinline))
 
+#include <stdlib.h>
+static int qg_pfmode = -1, qg_hack = 0;
 static const float qg_nb2_zeros[QG_NB_PANEL] __attribute__((aligned(64)));
 
 /* ------------------------------------------------------------------ packing */
@@ -95,28 +97,44 @@ static void qg_nb2_pack(const qg_nb_job *job, int64_t r0, int64_t nr, int64_t d0
     }
 }
 
+/* Rows [r0, r0 + nr) x columns [d0, d0 + dp) of E, scaled, row-major with row stride lda; rows
+ * [nr, nr_pad) are zero (they feed only the discarded lanes of the last tile). */
+static void qg_nb2_copy(const qg_nb_job *job, int64_t r0, int64_t nr, int64_t nr_pad, int64_t d0, int64_t dp,
+                        int64_t lda, float *out)
+{
+    for (int64_t r = 0; r < nr; ++r) {
+        const float *src = job->E + (r0 + r) * job->D + d0;
+        float *o = out + r * lda;
+        const __m256 sc = _mm256_set1_ps(job->scale[r0 + r]);
+        int64_t d = 0;
+        for (; d + 8 <= dp; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(src + d), sc));
+        for (; d < dp; ++d) o[d] = src[d] * job->scale[r0 + r];
+    }
+    for (int64_t r = nr; r < nr_pad; ++r) memset(out + r * lda, 0, (size_t)dp * sizeof(float));
+}
+
 /* ------------------------------------------------------------------ micro-kernel */
 
 #define QG_NB2_STEP(dd)                                                                        \
     do {                                                                                       \
         const __m256 b0 = _mm256_load_ps(bp + (dd) * 16), b1 = _mm256_load_ps(bp + (dd) * 16 + 8); \
         __m256 x;                                                                              \
-        x = _mm256_broadcast_ss(ap + (dd) * 8 + 0);                                            \
+        x = _mm256_broadcast_ss(a0 + d + (dd));                                                \
         c00 = _mm256_fmadd_ps(x, b0, c00);                                                     \
         c01 = _mm256_fmadd_ps(x, b1, c01);                                                     \
-        x = _mm256_broadcast_ss(ap + (dd) * 8 + 1);                                            \
+        x = _mm256_broadcast_ss(a1 + d + (dd));                                                \
         c10 = _mm256_fmadd_ps(x, b0, c10);                                                     \
         c11 = _mm256_fmadd_ps(x, b1, c11);                                                     \
-        x = _mm256_broadcast_ss(ap + (dd) * 8 + 2);                                            \
+        x = _mm256_broadcast_ss(a2 + d + (dd));                                                \
         c20 = _mm256_fmadd_ps(x, b0, c20);                                                     \
         c21 = _mm256_fmadd_ps(x, b1, c21);                                                     \
-        x = _mm256_broadcast_ss(ap + (dd) * 8 + 3);                                            \
+        x = _mm256_broadcast_ss(a3 + d + (dd));                                                \
         c30 = _mm256_fmadd_ps(x, b0, c30);                                                     \
         c31 = _mm256_fmadd_ps(x, b1, c31);                                                     \
-        x = _mm256_broadcast_ss(ap + (dd) * 8 + 4);                                            \
+        x = _mm256_broadcast_ss(a4 + d + (dd));                                                \
         c40 = _mm256_fmadd_ps(x, b0, c40);                                                     \
         c41 = _mm256_fmadd_ps(x, b1, c41);                                                     \
-        x = _mm256_broadcast_ss(ap + (dd) * 8 + 5);                                            \
+        x = _mm256_broadcast_ss(a5 + d + (dd));                                                \
         c50 = _mm256_fmadd_ps(x, b0, c50);                                                     \
         c51 = _mm256_fmadd_ps(x, b1, c51);                                                     \
     } while (0)
@@ -130,21 +148,25 @@ static inline void qg_nb2_addrow(double *c, __m256 lo, __m256 hi)
                      _mm256_add_pd(_mm256_loadu_pd(c + 12), _mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1))));
 }
 
-/* c[a * ldc + b] += sum_d ap[d * 8 + a] * bp[d * 16 + b] for a < ma, b < nb (float32 FMA chain
- * per lane, d ascending; then widened). Out of line so the 12 accumulators get the registers. */
-QG_NB2_NOINLINE static void qg_nb2_micro(int64_t dp, const float *restrict ap, const float *restrict bp,
-                                         double *restrict c, int64_t ldc, int ma, int nb)
+/* c[a * ldc + b] += sum_d ap[a * lda + d] * bp[d * 16 + b] for a < ma, b < nb (float32 FMA chain
+ * per lane, d ascending; then widened). A is row-major (broadcast loads need no transpose), B is
+ * d-major. Out of line so the 12 accumulators get the registers. */
+QG_NB2_NOINLINE static void qg_nb2_micro(int64_t dp, const float *restrict ap, int64_t lda,
+                                         const float *restrict bp, double *restrict c, int64_t ldc, int ma,
+                                         int nb)
 {
+    const float *a0 = ap, *a1 = ap + lda, *a2 = ap + 2 * lda, *a3 = ap + 3 * lda, *a4 = ap + 4 * lda,
+                *a5 = ap + 5 * lda;
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     int64_t d = 0;
-    for (; d + 4 <= dp; d += 4, ap += 32, bp += 64) {
+    for (; d + 4 <= dp; d += 4, bp += 64) {
         QG_NB2_STEP(0);
         QG_NB2_STEP(1);
         QG_NB2_STEP(2);
         QG_NB2_STEP(3);
     }
-    for (; d < dp; ++d, ap += 8, bp += 16) QG_NB2_STEP(0);
+    for (; d < dp; ++d, bp += 16) QG_NB2_STEP(0);
 
     if (ma == QG_NB2_MR && nb == QG_NB2_NR) {
         qg_nb2_addrow(c + 0 * ldc, c00, c01);
@@ -169,8 +191,8 @@ QG_NB2_NOINLINE static void qg_nb2_micro(int64_t dp, const float *restrict ap, c
 /* ------------------------------------------------------------------ one block pair */
 
 typedef struct qg_nb2_scratch {
-    float packA[QG_NB2_APANELS * QG_NB_PANEL * 8];
-    float packB[QG_NB2_BPANELS * QG_NB_PANEL * QG_NB2_NR];
+    float packA[QG_NB2_BLOCK * QG_NB_PANEL];
+    float packB[QG_NB_PANEL * QG_NB2_NR];
     double acc[QG_NB2_BLOCK * QG_NB2_BLOCK];
 } qg_nb2_scratch;
 
@@ -182,58 +204,114 @@ static inline void qg_nb2_push2(const qg_nb_job *job, int64_t gi, int64_t gj, fl
     qg_nb_push(job->tops + gj * k, job->topi + gj * k, job->kth + gj, k, s, gi);
 }
 
-#include <stdlib.h>
-static int qg_pfmode = -1, qg_hack = 0;
+/* A prefetch stream: `nrows` rows of `lines` cache lines each, `stride` bytes apart, issued a
+ * few lines at a time between micro-kernel calls (so the misses overlap the arithmetic and the
+ * lines arrive shortly before they are needed, instead of stalling the pack or the epilogue). */
+typedef struct qg_nb2_pfs {
+    const char *base;
+    int64_t stride, nrows, lines, r, l;
+} qg_nb2_pfs;
+
+static inline void qg_nb2_pfs_set(qg_nb2_pfs *p, const void *base, int64_t stride, int64_t nrows, int64_t lines)
+{
+    p->base = (const char *)base;
+    p->stride = stride;
+    p->nrows = nrows;
+    p->lines = lines;
+    p->r = p->l = 0;
+}
+
+static inline void qg_nb2_pfs_issue(qg_nb2_pfs *p, int64_t n)
+{
+    for (; n > 0 && p->r < p->nrows; --n) {
+        _mm_prefetch(p->base + p->r * p->stride + p->l * 64, _MM_HINT_T0);
+        if (++p->l == p->lines) {
+            p->l = 0;
+            ++p->r;
+        }
+    }
+}
+
 static void qg_nb2_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scratch)
 {
     qg_nb2_scratch *sc = (qg_nb2_scratch *)scratch;
-    const int64_t N = job->N, D = job->D;
+    const int64_t N = job->N, D = job->D, k = job->k;
     const int64_t i0 = bi * QG_NB2_BLOCK, j0 = bj * QG_NB2_BLOCK;
     const int64_t ni = (N - i0 < QG_NB2_BLOCK) ? N - i0 : QG_NB2_BLOCK;
     const int64_t nj = (N - j0 < QG_NB2_BLOCK) ? N - j0 : QG_NB2_BLOCK;
     const int diag = (bi == bj);
     const int64_t ldc = QG_NB2_BLOCK;
+    const int64_t ni_pad = (ni + QG_NB2_MR - 1) / QG_NB2_MR * QG_NB2_MR;
+    const int64_t ntiles_i = ni_pad / QG_NB2_MR, ntiles_j = (nj + QG_NB2_NR - 1) / QG_NB2_NR;
+    /* micro-kernel calls per panel (an upper bound on the diagonal) */
+    const int64_t calls = diag ? ntiles_i * ntiles_j / 2 + ntiles_i + 1 : ntiles_i * ntiles_j;
     double *acc = sc->acc;
     if (qg_pfmode < 0) qg_hack = getenv("QG_NB_HACK") ? atoi(getenv("QG_NB_HACK")) : 0;
-    if (qg_pfmode < 0) qg_pfmode = getenv("QG_NB_PF") ? atoi(getenv("QG_NB_PF")) : 2;
+    if (qg_pfmode < 0) qg_pfmode = getenv("QG_NB_PF") ? atoi(getenv("QG_NB_PF")) : 1;
 
     for (int64_t i = 0; i < ni; ++i) memset(acc + i * ldc, 0, (size_t)nj * sizeof(double));
 
+    qg_nb2_pfs pa, pl[4];
     for (int64_t d0 = 0; d0 < D; d0 += QG_NB_PANEL) {
         const int64_t dp = (D - d0 < QG_NB_PANEL) ? D - d0 : QG_NB_PANEL;
-        if (!(qg_hack & 1) || d0 == 0) {
-        qg_nb2_pack(job, i0, ni, d0, dp, QG_NB2_MR, 8, sc->packA);
-        qg_nb2_pack(job, j0, nj, d0, dp, QG_NB2_NR, QG_NB2_NR, sc->packB);
+        const int64_t dn = d0 + QG_NB_PANEL, dpn = (D - dn < QG_NB_PANEL) ? D - dn : QG_NB_PANEL;
+        const int last = dn >= D;
+        if (!(qg_hack & 1) || d0 == 0) qg_nb2_copy(job, i0, ni, ni_pad, d0, dp, QG_NB_PANEL, sc->packA);
+        /* during this panel: the rows of I for the next panel; during the last one, the top-k
+         * lists the epilogue updates (contiguous row ranges of tops and topi) */
+        int64_t npf;
+        if (!last) {
+            qg_nb2_pfs_set(&pa, job->E + i0 * D + dn, D * 4, ni, (dpn + 15) / 16);
+            npf = ni * ((dpn + 15) / 16);
+        } else {
+            const int64_t ls = (ni * k * 4 + 63) / 64 + 1, lx = (ni * k * 8 + 63) / 64 + 1;
+            const int64_t ms = (nj * k * 4 + 63) / 64 + 1, mx = (nj * k * 8 + 63) / 64 + 1;
+            qg_nb2_pfs_set(&pl[0], job->tops + i0 * k, 0, 1, ls);
+            qg_nb2_pfs_set(&pl[1], job->topi + i0 * k, 0, 1, lx);
+            qg_nb2_pfs_set(&pl[2], job->tops + j0 * k, 0, diag ? 0 : 1, ms);
+            qg_nb2_pfs_set(&pl[3], job->topi + j0 * k, 0, diag ? 0 : 1, mx);
+            npf = ls + lx + (diag ? 0 : ms + mx);
         }
-        /* prefetch the next panel's source rows (DRAM latency, not bandwidth, limits the pack):
-         * spread over this panel's micro-kernel calls, a few cache lines before each */
-        const int64_t dn = d0 + QG_NB_PANEL;
-        const int64_t npf_rows = (dn < D) ? (diag ? ni : ni + nj) : 0;
-        const int64_t lines = (((D - dn < QG_NB_PANEL) ? D - dn : QG_NB_PANEL) + 15) / 16;
-        const int64_t npf = npf_rows * lines;
-        int64_t pf = 0;
-        const int64_t calls = (diag ? (ni / QG_NB2_MR + 1) * (nj / QG_NB2_NR + 1) / 2 : (ni / QG_NB2_MR) * (nj / QG_NB2_NR)) + 1;
-        const int64_t pf_step = npf / calls + 1;
-        for (int64_t jb = 0; jb < nj; jb += QG_NB2_NR) {
+        const int64_t step = qg_pfmode ? npf / calls + 1 : 0;
+        for (int64_t tj = 0; tj < ntiles_j; ++tj) {
+            const int64_t jb = tj * QG_NB2_NR;
             const int nb = (int)((nj - jb < QG_NB2_NR) ? nj - jb : QG_NB2_NR);
-            const float *bp = sc->packB + (jb / QG_NB2_NR) * dp * QG_NB2_NR;
-            for (int64_t ia = 0; ia < ni; ia += QG_NB2_MR) {
-                /* diagonal block: only pairs j > i are used; skip tiles without any */
-                if (diag && jb + QG_NB2_NR - 1 <= ia) break;
-                for (int64_t e = pf + pf_step; pf < npf && pf < e; ++pf) {
-                    const int64_t r = pf / lines, l = pf % lines;
-                    const int64_t row = r < ni ? i0 + r : j0 + (r - ni);
-                    const char *pa = (const char *)(job->E + row * D + dn + l * 16);
-                    switch (qg_pfmode) {
-                    case 1: _mm_prefetch(pa, _MM_HINT_T0); break;
-                    case 2: _mm_prefetch(pa, _MM_HINT_T1); break;
-                    case 3: _mm_prefetch(pa, _MM_HINT_T2); break;
-                    case 4: _mm_prefetch(pa, _MM_HINT_NTA); break;
-                    default: break;
-                    }
+            /* B micro-panel packed just in time (16 KiB, stays in L1 across the A tiles); the
+             * next one's source rows are prefetched while this one is used */
+            if (!(qg_hack & 1) || d0 == 0) qg_nb2_pack(job, j0 + jb, nb, d0, dp, QG_NB2_NR, QG_NB2_NR, sc->packB);
+            qg_nb2_pfs pb = {0};
+            int64_t nbn = 0;
+            if (tj + 1 < ntiles_j) {
+                nbn = (nj - jb - QG_NB2_NR < QG_NB2_NR) ? nj - jb - QG_NB2_NR : QG_NB2_NR;
+                qg_nb2_pfs_set(&pb, job->E + (j0 + jb + QG_NB2_NR) * D + d0, D * 4, nbn, (dp + 15) / 16);
+                nbn *= (dp + 15) / 16;
+            } else if (!last) {
+                nbn = nj < QG_NB2_NR ? nj : QG_NB2_NR;
+                qg_nb2_pfs_set(&pb, job->E + j0 * D + dn, D * 4, nbn, (dpn + 15) / 16);
+                nbn *= (dpn + 15) / 16;
+            }
+            /* A tiles that hold a pair j > i (all of them off the diagonal) */
+            const int64_t ta_end = diag ? ((jb + QG_NB2_NR - 1) / QG_NB2_MR + 1 < ntiles_i
+                                               ? (jb + QG_NB2_NR - 1) / QG_NB2_MR + 1
+                                               : ntiles_i)
+                                        : ntiles_i;
+            const int64_t stepb = qg_pfmode ? nbn / (ta_end > 0 ? ta_end : 1) + 1 : 0;
+            for (int64_t ta = 0; ta < ta_end; ++ta) {
+                const int64_t ia = ta * QG_NB2_MR;
+                if (step) {
+                    if (!last)
+                        qg_nb2_pfs_issue(&pa, step);
+                    else
+                        for (int q = 0, n = (int)step; q < 4 && n > 0; ++q) {
+                            int64_t before = (pl[q].nrows - pl[q].r) * pl[q].lines - pl[q].l;
+                            qg_nb2_pfs_issue(&pl[q], n);
+                            n -= (int)(before < n ? before : n);
+                        }
                 }
+                if (stepb) qg_nb2_pfs_issue(&pb, stepb);
                 const int ma = (int)((ni - ia < QG_NB2_MR) ? ni - ia : QG_NB2_MR);
-                qg_nb2_micro(dp, sc->packA + (ia / QG_NB2_MR) * dp * 8, bp, acc + ia * ldc + jb, ldc, ma, nb);
+                qg_nb2_micro(dp, sc->packA + ia * QG_NB_PANEL, QG_NB_PANEL, sc->packB, acc + ia * ldc + jb, ldc, ma,
+                             nb);
             }
         }
     }
