@@ -251,7 +251,7 @@ static void qg_nb2_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scr
 
     for (int64_t i = 0; i < ni; ++i) memset(acc + i * ldc, 0, (size_t)nj * sizeof(double));
 
-    qg_nb2_pfs pa, pl[4];
+    qg_nb2_pfs pa = {0}, pl[4] = {{0}};
     for (int64_t d0 = 0; d0 < D; d0 += QG_NB_PANEL) {
         const int64_t dp = (D - d0 < QG_NB_PANEL) ? D - d0 : QG_NB_PANEL;
         const int64_t dn = d0 + QG_NB_PANEL, dpn = (D - dn < QG_NB_PANEL) ? D - dn : QG_NB_PANEL;
