@@ -1,25 +1,30 @@
 /*
- * qg_neighbors.c - blocked, symmetric cosine kNN between the rows of E (contract in qg_neighbors.h).
+ * qg_neighbors.c - blocked, symmetric cosine kNN between the rows of E (contract in qg_neighbors.h):
+ * the driver, the portable block-pair kernel, and the choice of the ISA variant.
  *
- * Plan (memory beyond E: O(N) norms + O(N*k) top-k + O(threads * block scratch)):
+ * Plan (memory beyond E: O(N) norms + O(N*k) top-k + O(threads * block scratch) + one byte per
+ * block pair for the schedule):
  *   1. One pass over E: per row, the sum of squares in double (also the NaN/Inf check), the
  *      power-of-two scale that brings the row to norm ~1 (exact, so no overflow/underflow in the
  *      float32 products even for |x| ~ 1e30), and the weight w_i = 2^e_i / max(||x_i||, 1e-12).
- *   2. Rows are cut into blocks of QG_NB_BLOCK rows (independent of the thread count). Every
- *      block pair (I, J), I <= J, is computed exactly once ("match"): for each D-panel of
- *      QG_NB_PANEL columns both blocks are packed (scaled, d-major micro-panels) and a register-
- *      blocked MR x NR outer-product micro-kernel accumulates the panel in float32; panel sums
- *      are added into a double [BI, BJ] accumulator. Each similarity is then
- *      (float)(dot * (w_i * w_j)) and feeds the top-k of row i (candidate j) and of row j
- *      (candidate i): one value, the same bits for both rows.
- *   3. Matches are scheduled as a round-robin tournament (circle method) plus one round of the
- *      diagonal blocks (I, I): within a round every block appears at most once, so the top-k
- *      lists of a round's rows are owned by one thread -- no locks, no atomics.
+ *   2. Rows are cut into blocks of variant->block rows (128 portable, 192 AVX2; independent of
+ *      the thread count). Every block pair (I, J), I <= J, is computed exactly once ("match") by
+ *      the variant's kernel: per D-panel of QG_NB_PANEL columns, packed panels and a register-
+ *      blocked micro-kernel accumulate the panel in float32, panel sums are added into a double
+ *      [BI, BJ] accumulator; each similarity is then (float)(dot * (w_i * w_j)) and feeds the
+ *      top-k of row i (candidate j) and of row j (candidate i): one value, the same bits for both.
+ *   3. Scheduling: a list scheduler over a fixed list of matches (round-robin tournament order,
+ *      then the diagonal blocks). A thread claims, in a critical section, the first unclaimed
+ *      match whose two blocks no running match holds, so a row's top-k list has one writer at a
+ *      time -- no locks on the lists, no atomics, no barrier per round (threads never idle while
+ *      another finishes a round; only the last matches can wait). Small problems run on fewer
+ *      threads (QG_NB_MIN_WORK_PER_THREAD) so they do not pay the OpenMP wake-up.
  *
  * Bit-identical for any thread count: the block partition, the panel split, the per-pair
  * summation order (lane (a, b) of the micro-kernel sums d sequentially, whatever the tile
  * position) and the epilogue do not depend on threads; the top-k keeps the total order
- * (similarity desc, index asc), so the insertion order does not matter either.
+ * (similarity desc, index asc), so the insertion order (which does vary) does not matter.
+ * Different ISA variants may differ in the last bits (FMA vs separate multiply and add).
  */
 #include "qg_neighbors_impl.h"
 
@@ -155,6 +160,28 @@ static const qg_nb_variant *qg_nb_pick(const qg_ctx *ctx)
 #endif
     (void)ctx;
     return &qg_nb_variant_portable;
+}
+
+/* ------------------------------------------------------------------ peak probe */
+
+double qg_neighbors_fma_probe(int64_t iters, const qg_ctx *ctx, float *sink)
+{
+    if (iters < 0) iters = 0;
+#if QG_X86
+    if (ctx && ctx->isa >= QG_ISA_AVX2) return qg_nb_fma_probe_avx2(iters, sink);
+#endif
+    (void)ctx;
+    float a[12][8];
+    for (int c = 0; c < 12; ++c)
+        for (int l = 0; l < 8; ++l) a[c][l] = 1e-3f;
+    for (int64_t it = 0; it < iters; ++it)
+        for (int c = 0; c < 12; ++c)
+            for (int l = 0; l < 8; ++l) a[c][l] = a[c][l] * 0.999f + 1e-3f;
+    float t = 0.0f;
+    for (int c = 0; c < 12; ++c)
+        for (int l = 0; l < 8; ++l) t += a[c][l];
+    if (sink) *sink = t;
+    return (double)iters * 12.0 * 8.0 * 2.0;
 }
 
 /* ------------------------------------------------------------------ schedule */

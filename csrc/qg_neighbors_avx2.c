@@ -7,18 +7,22 @@
  * one rounding per term instead of two), so results may differ from the portable path in the
  * last bits but are bit-identical for any thread count.
  *
- * Per block pair (I, J) of QG_NB2_BLOCK rows each, per D-panel of QG_NB_PANEL columns:
- *   - pack: the rows of I into micro-panels of 6 rows (stride 8, lanes 6-7 zero), the rows of J
- *     into micro-panels of 16 rows, both d-major and scaled by the rows' power-of-two prescale,
- *     through 8x8 in-register transposes. A block's pack is 192 KiB (L2), a B micro-panel 16 KiB
- *     (stays in L1 while the A micro-panels stream past it).
- *   - micro-kernel 6x16: 12 ymm accumulators, per d one 16-wide load pair of B, 6 broadcasts of
- *     A and 12 FMAs; lane (a, b) sums its products d = 0, 1, ... sequentially with FMA, whatever
- *     the tile position, so a pair's value never depends on where it sits in the block.
- *   - the panel's float32 sums are widened and added into a double [I, J] accumulator.
+ * Per block pair (I, J) of QG_NB2_BLOCK = 192 rows each, per D-panel of QG_NB_PANEL = 256 columns:
+ *   - A side: the rows of I copied row-major and scaled by their power-of-two prescale (192 KiB,
+ *     L2); the micro-kernel broadcasts A values straight from the rows, so no transpose.
+ *   - B side: for each 16 rows of J, a d-major micro-panel packed just in time through 8x8
+ *     in-register transposes (16 KiB: stays in L1 while all A tiles stream past it).
+ *   - micro-kernel 6x16: 12 ymm accumulators; per d two 8-wide loads of B, 6 broadcasts of A,
+ *     12 FMAs (K-loop unrolled 4x). Lane (a, b) sums its products d = 0, 1, ... sequentially with
+ *     FMA whatever the tile position, so a pair's value never depends on where it sits.
+ *   - the panel's float32 sums are widened and added into a double [I, J] accumulator (288 KiB).
+ *   - between micro-kernel calls, a few prefetches for what comes next (the next B micro-panel's
+ *     rows, the next panel's rows of I, in the last panel the top-k lists of I and J), so DRAM
+ *     latency overlaps the arithmetic.
  * Epilogue: sim = (float)(acc * (w_i * w_j)) for 8 candidates at a time, compared (>=) with the
  * row's current k-th value and with the 8 column rows' k-th values; only the lanes that pass
  * reach the scalar insertion (qg_nb_push re-checks the exact order, ties by index).
+ * Scratch per thread: ~500 KiB (qg_nb2_scratch).
  */
 #include "qg_neighbors_impl.h"
 
@@ -26,19 +30,12 @@
 #include <immintrin.h>
 #include <string.h>
 
-#ifndef QG_NB2_BLOCK
-#define QG_NB2_BLOCK 192 /* rows per block: a multiple of 6, 8 and 16 */
-#endif
+#define QG_NB2_BLOCK 192 /* rows per block: a multiple of 6 and 16 (fits the L2 of one core) */
 #define QG_NB2_MR 6
 #define QG_NB2_NR 16
 
-#ifndef QG_NB2_PF_HINT
-#define QG_NB2_PF_HINT _MM_HINT_T1
-#endif
 #define QG_NB2_NOINLINE __attribute__((noinline))
 
-#include <stdlib.h>
-static int qg_pfmode = -1, qg_hack = 0;
 static const float qg_nb2_zeros[QG_NB_PANEL] __attribute__((aligned(64)));
 
 /* ------------------------------------------------------------------ packing */
@@ -77,23 +74,19 @@ static void qg_nb2_pack8(const float *const src[8], const float sc[8], int64_t d
         for (int a = 0; a < 8; ++a) out[d * ld + a] = src[a][d] * sc[a];
 }
 
-/* Rows [r0, r0 + nr) x columns [d0, d0 + dp) into micro-panels of `mr` rows (6 or 16), each
- * d-major with row stride `ld` (8 or 16); micro-panel t starts at out + t * dp * ld. */
-static void qg_nb2_pack(const qg_nb_job *job, int64_t r0, int64_t nr, int64_t d0, int64_t dp, int mr,
-                        int64_t ld, float *out)
+/* Rows [r0, r0 + nr), nr <= 16, x columns [d0, d0 + dp) of E, scaled, into one d-major B
+ * micro-panel: out[d * 16 + b] (rows past nr are zero). */
+static void qg_nb2_pack(const qg_nb_job *job, int64_t r0, int64_t nr, int64_t d0, int64_t dp, float *out)
 {
     const float *src[8];
     float sc[8];
-    for (int64_t t = 0; t * mr < nr; ++t) {
-        for (int64_t g = 0; g < mr; g += 8) {
-            for (int a = 0; a < 8; ++a) {
-                int64_t r = t * mr + g + a;
-                int ok = (g + a < mr) && r < nr;
-                src[a] = ok ? job->E + (r0 + r) * job->D + d0 : qg_nb2_zeros;
-                sc[a] = ok ? job->scale[r0 + r] : 0.0f;
-            }
-            qg_nb2_pack8(src, sc, dp, out + t * dp * ld + g, ld);
+    for (int64_t g = 0; g < QG_NB2_NR; g += 8) {
+        for (int a = 0; a < 8; ++a) {
+            const int64_t r = g + a;
+            src[a] = r < nr ? job->E + (r0 + r) * job->D + d0 : qg_nb2_zeros;
+            sc[a] = r < nr ? job->scale[r0 + r] : 0.0f;
         }
+        qg_nb2_pack8(src, sc, dp, out + g, QG_NB2_NR);
     }
 }
 
@@ -246,8 +239,6 @@ static void qg_nb2_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scr
     /* micro-kernel calls per panel (an upper bound on the diagonal) */
     const int64_t calls = diag ? ntiles_i * ntiles_j / 2 + ntiles_i + 1 : ntiles_i * ntiles_j;
     double *acc = sc->acc;
-    if (qg_pfmode < 0) qg_hack = getenv("QG_NB_HACK") ? atoi(getenv("QG_NB_HACK")) : 0;
-    if (qg_pfmode < 0) qg_pfmode = getenv("QG_NB_PF") ? atoi(getenv("QG_NB_PF")) : 1;
 
     for (int64_t i = 0; i < ni; ++i) memset(acc + i * ldc, 0, (size_t)nj * sizeof(double));
 
@@ -256,7 +247,7 @@ static void qg_nb2_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scr
         const int64_t dp = (D - d0 < QG_NB_PANEL) ? D - d0 : QG_NB_PANEL;
         const int64_t dn = d0 + QG_NB_PANEL, dpn = (D - dn < QG_NB_PANEL) ? D - dn : QG_NB_PANEL;
         const int last = dn >= D;
-        if (!(qg_hack & 1) || d0 == 0) qg_nb2_copy(job, i0, ni, ni_pad, d0, dp, QG_NB_PANEL, sc->packA);
+        qg_nb2_copy(job, i0, ni, ni_pad, d0, dp, QG_NB_PANEL, sc->packA);
         /* during this panel: the rows of I for the next panel; during the last one, the top-k
          * lists the epilogue updates (contiguous row ranges of tops and topi) */
         int64_t npf;
@@ -264,21 +255,21 @@ static void qg_nb2_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scr
             qg_nb2_pfs_set(&pa, job->E + i0 * D + dn, D * 4, ni, (dpn + 15) / 16);
             npf = ni * ((dpn + 15) / 16);
         } else {
-            const int64_t ls = (ni * k * 4 + 63) / 64 + 1, lx = (ni * k * 8 + 63) / 64 + 1;
-            const int64_t ms = (nj * k * 4 + 63) / 64 + 1, mx = (nj * k * 8 + 63) / 64 + 1;
+            const int64_t ls = (ni * k * 4 + 63) / 64, lx = (ni * k * 8 + 63) / 64;
+            const int64_t ms = (nj * k * 4 + 63) / 64, mx = (nj * k * 8 + 63) / 64;
             qg_nb2_pfs_set(&pl[0], job->tops + i0 * k, 0, 1, ls);
             qg_nb2_pfs_set(&pl[1], job->topi + i0 * k, 0, 1, lx);
             qg_nb2_pfs_set(&pl[2], job->tops + j0 * k, 0, diag ? 0 : 1, ms);
             qg_nb2_pfs_set(&pl[3], job->topi + j0 * k, 0, diag ? 0 : 1, mx);
             npf = ls + lx + (diag ? 0 : ms + mx);
         }
-        const int64_t step = qg_pfmode ? npf / calls + 1 : 0;
+        const int64_t step = npf / calls + 1;
         for (int64_t tj = 0; tj < ntiles_j; ++tj) {
             const int64_t jb = tj * QG_NB2_NR;
             const int nb = (int)((nj - jb < QG_NB2_NR) ? nj - jb : QG_NB2_NR);
             /* B micro-panel packed just in time (16 KiB, stays in L1 across the A tiles); the
              * next one's source rows are prefetched while this one is used */
-            if (!(qg_hack & 1) || d0 == 0) qg_nb2_pack(job, j0 + jb, nb, d0, dp, QG_NB2_NR, QG_NB2_NR, sc->packB);
+            qg_nb2_pack(job, j0 + jb, nb, d0, dp, sc->packB);
             qg_nb2_pfs pb = {0};
             int64_t nbn = 0;
             if (tj + 1 < ntiles_j) {
@@ -295,20 +286,19 @@ static void qg_nb2_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scr
                                                ? (jb + QG_NB2_NR - 1) / QG_NB2_MR + 1
                                                : ntiles_i)
                                         : ntiles_i;
-            const int64_t stepb = qg_pfmode ? nbn / (ta_end > 0 ? ta_end : 1) + 1 : 0;
+            const int64_t stepb = nbn / (ta_end > 0 ? ta_end : 1) + 1;
             for (int64_t ta = 0; ta < ta_end; ++ta) {
                 const int64_t ia = ta * QG_NB2_MR;
-                if (step) {
-                    if (!last)
-                        qg_nb2_pfs_issue(&pa, step);
-                    else
-                        for (int q = 0, n = (int)step; q < 4 && n > 0; ++q) {
-                            int64_t before = (pl[q].nrows - pl[q].r) * pl[q].lines - pl[q].l;
-                            qg_nb2_pfs_issue(&pl[q], n);
-                            n -= (int)(before < n ? before : n);
-                        }
+                if (!last) {
+                    qg_nb2_pfs_issue(&pa, step);
+                } else {
+                    for (int q = 0, n = (int)step; q < 4 && n > 0; ++q) {
+                        const int64_t left = (pl[q].nrows - pl[q].r) * pl[q].lines - pl[q].l;
+                        qg_nb2_pfs_issue(&pl[q], n);
+                        n -= (int)(left < n ? left : n);
+                    }
                 }
-                if (stepb) qg_nb2_pfs_issue(&pb, stepb);
+                qg_nb2_pfs_issue(&pb, stepb);
                 const int ma = (int)((ni - ia < QG_NB2_MR) ? ni - ia : QG_NB2_MR);
                 qg_nb2_micro(dp, sc->packA + ia * QG_NB_PANEL, QG_NB_PANEL, sc->packB, acc + ia * ldc + jb, ldc, ma,
                              nb);
@@ -318,7 +308,6 @@ static void qg_nb2_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scr
 
     /* epilogue: one similarity per pair, fed to both rows; a vector compare with the rows'
      * current k-th values rejects most candidates without scalar work */
-    if (qg_hack & 2) return;
     const double *w = job->w;
     const float *kth = job->kth;
     for (int64_t i = 0; i < ni; ++i) {
@@ -349,6 +338,26 @@ static void qg_nb2_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scr
             qg_nb2_push2(job, gi, gj, (float)(arow[j] * (wi * w[gj])));
         }
     }
+}
+
+double qg_nb_fma_probe_avx2(int64_t iters, float *sink)
+{
+    const __m256 x = _mm256_set1_ps(0.999f), y = _mm256_set1_ps(1e-3f);
+    __m256 a0 = y, a1 = y, a2 = y, a3 = y, a4 = y, a5 = y, a6 = y, a7 = y, a8 = y, a9 = y, a10 = y, a11 = y;
+    for (int64_t it = 0; it < iters; ++it) {
+        a0 = _mm256_fmadd_ps(a0, x, y), a1 = _mm256_fmadd_ps(a1, x, y), a2 = _mm256_fmadd_ps(a2, x, y);
+        a3 = _mm256_fmadd_ps(a3, x, y), a4 = _mm256_fmadd_ps(a4, x, y), a5 = _mm256_fmadd_ps(a5, x, y);
+        a6 = _mm256_fmadd_ps(a6, x, y), a7 = _mm256_fmadd_ps(a7, x, y), a8 = _mm256_fmadd_ps(a8, x, y);
+        a9 = _mm256_fmadd_ps(a9, x, y), a10 = _mm256_fmadd_ps(a10, x, y), a11 = _mm256_fmadd_ps(a11, x, y);
+        /* keep the 12 chains in registers and the loop from being folded */
+        __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3), "+x"(a4), "+x"(a5), "+x"(a6), "+x"(a7),
+                         "+x"(a8), "+x"(a9), "+x"(a10), "+x"(a11));
+    }
+    __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                             _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+    t = _mm256_add_ps(t, _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11)));
+    if (sink) *sink = _mm256_cvtss_f32(t);
+    return (double)iters * 12.0 * 8.0 * 2.0;
 }
 
 const qg_nb_variant qg_nb_variant_avx2 = {QG_NB2_BLOCK, (int64_t)sizeof(qg_nb2_scratch), qg_nb2_match};

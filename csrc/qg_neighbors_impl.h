@@ -35,6 +35,7 @@ typedef struct qg_nb_variant {
 
 #if QG_X86
 extern const qg_nb_variant qg_nb_variant_avx2;
+double qg_nb_fma_probe_avx2(int64_t iters, float *sink);
 #endif
 
 /* Row list: s[0..k) descending, ties by ascending index; sentinel (-inf, INT64_MAX). The final
