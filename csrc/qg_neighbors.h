@@ -18,11 +18,12 @@ extern "C" {
  * N x N matrix is never formed. Each block pair (I, J), I <= J, is computed once and feeds the
  * top-k of both I's and J's rows.
  * Precision: float32 products summed in float32 over D-panels of 256 columns (in d order, one
- * chain per pair; multiply-add fused on the AVX2 path, separate on the portable one), panels
- * summed in double, then (float)(dot * (w_i * w_j)) with w = 1 / max(||x||, 1e-12) from double
- * norms (rows are prescaled by exact powers of two, so |x| up to FLT_MAX does not overflow).
- * Error: |sim - exact| <~ 256 * 2^-24 * sum_d |x_d y_d| / (||x|| ||y||) <= 1.5e-5 in the worst
- * case, ~1e-7 typically (random signs); the tests ask for rtol 1e-5 / atol 1e-6 vs float64.
+ * chain per pair), then the panel sums added in d order -- in double on the portable path, in
+ * float32 on the AVX2 path (multiply-adds fused there) -- then (float)(dot * (w_i * w_j)) with
+ * w = 1 / max(||x||, 1e-12) from double norms (rows are prescaled by exact powers of two, so
+ * |x| up to FLT_MAX does not overflow). Error of the cosine: <= 256 * 2^-24 (portable) or
+ * (256 + D/256) * 2^-24 (AVX2) times sum_d |x_d y_d| / (||x|| ||y||) <= 1, i.e. <= 1.5e-5 /
+ * 2.1e-5 (D = 25,088) in the worst case, ~1e-7 typically; tests use rtol 1e-5 / atol 1e-6.
  * The order and the tie rule apply to these returned float32 values; a pair's value is computed
  * once, so it is the same bits in both rows' lists.
  * Threads: ctx->n_threads at most, fewer for small problems; ISA: ctx->isa picks the variant

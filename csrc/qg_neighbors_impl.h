@@ -8,8 +8,8 @@
 #include "qg_cpu.h"
 #include "qg_neighbors.h"
 
-/* D columns per panel: every variant sums a pair's products in float32 over one panel and adds
- * the panel sums in double, so all variants share this error budget (see qg_neighbors.h). */
+/* D columns per panel: every variant sums a pair's products in float32 over one panel, then adds
+ * the panel sums (in double on the portable path, in float32 on the AVX2 path; qg_neighbors.h). */
 #define QG_NB_PANEL 256
 
 typedef struct qg_nb_job {

@@ -447,7 +447,9 @@ def test_extra_memory_is_o_nk_plus_blocks():
     grew, ebytes = map(int, out.stdout.split())
     outputs = n * k * (8 + 4)
     chunk_mask = (1 << 24) // 4  # bool mask of one finiteness chunk (16 MB of rows)
-    scratch = 2 * (2 * 128 * 256 * 4 + 128 * 128 * 8)  # two threads' packs + accumulators
+    portable = 2 * 128 * 256 * 4 + 128 * 128 * 8  # packs + double accumulator of a 128-row block pair
+    avx2 = 192 * 256 * 4 + 256 * 16 * 4 + 192 * 192 * 4  # A rows, a B micro-panel, float accumulator
+    scratch = 2 * max(portable, avx2) + (n // 128) ** 2  # two threads + the schedule's flags
     bound = outputs + n * 12 + chunk_mask + scratch + (4 << 20)  # + allocator slack
     assert grew < bound, (grew, bound)
     assert bound < min(ebytes, n * n * 4) // 2  # the bound itself rules out a copy of E or N x N
