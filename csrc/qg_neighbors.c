@@ -257,8 +257,14 @@ int qg_neighbors_topk_f32(const float *E, int64_t N, int64_t D, int64_t k, int64
     QG_OMP(parallel for schedule(static) num_threads(qg_threads_for(ctx, nd >> 16)) reduction(|:bad))
     for (int64_t i = 0; i < N; ++i) {
         const float *x = E + i * D;
-        double ss = 0.0;
-        for (int64_t d = 0; d < D; ++d) ss += (double)x[d] * (double)x[d];
+        /* 8 interleaved double partial sums (lane = d mod 8, vectorisable without reassociation),
+         * combined in a fixed tree: deterministic, and ~4x faster than one dependent chain */
+        double part[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8)
+            for (int l = 0; l < 8; ++l) part[l] += (double)x[d + l] * (double)x[d + l];
+        for (; d < D; ++d) part[0] += (double)x[d] * (double)x[d];
+        const double ss = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
         if (!isfinite(ss)) {
             bad |= 1;
             scale[i] = 1.0f;
