@@ -18,6 +18,8 @@ GF/s counts N*N*D useful flops for every method: computing each pair's dot produ
 pairs x D multiply-adds x 2 flops). faiss and NumPy compute the full Gram matrix (twice the
 arithmetic), ours the upper triangle of block pairs -- the same useful result, so the columns
 compare, and ours is directly comparable with the measured FMA peak (2 flops per FMA lane).
+FMA peak: a 12-chain FMA loop of the SIMD path in use (qaconv_gs._native.neighbors_fma_probe),
+flops per CPU-second of one core, times the thread count.
 Peak extra memory: VmHWM growth of the worker process during the method's first run (the
 high-water mark is reset through /proc/self/clear_refs first), beyond the input E.
 Before timing counts, the neighbour lists are cross-checked against ours (mean set overlap and
@@ -231,7 +233,9 @@ def _plot(path: str, report: dict) -> None:
     ax.set_xticks(range(len(runs)), [f"{run['threads']} thread(s)" for run in runs])
     cfg = report["config"]
     ax.set_ylabel("useful GF/s  (N*N*D / wall time)")
-    ax.set_title(f"class_neighbors N={cfg['n']} D={cfg['d']} k={cfg['k']}  ({report['cpu']})", fontsize=9)
+    load = report["loadavg_start"][0]
+    title = f"class_neighbors N={cfg['n']} D={cfg['d']} k={cfg['k']}  ({report['cpu']}, load avg {load:.1f})"
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_ylim(0, max(run["peak_gflops"] for run in runs) * 1.25)
     fig.tight_layout()
@@ -293,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         if r.returncode != 0 or not line:
             sys.exit(f"worker failed (threads={t}):\n{r.stdout}\n{r.stderr}")
         res = json.loads(line[0][len("RESULT ") :])
-        peak = res["peak_per_core"]["gflops_wall"] * t
+        # per-core FMA throughput while the probe runs (CPU time: robust to other jobs) x threads
+        peak = res["peak_per_core"]["gflops_cpu"] * t
         run = {"threads": t, "isa": res["isa"], "peak_gflops": peak, "peak_per_core": res["peak_per_core"]}
         run["rows"] = {}
         if "ours_digest" in res:
