@@ -211,6 +211,113 @@ def test_torch_oracle_sets(rng):
             assert abs(S64[i, j] - kth) <= 1e-6 + 1e-5 * abs(kth)  # only boundary ties may differ
 
 
+# ---------------------------------------------------------------- every SIMD path
+
+_LEVELS = ["portable", "avx2", "avx512"]
+
+
+def _isa_levels() -> list[str]:
+    from qaconv_gs import _native
+
+    return _LEVELS[: _LEVELS.index(_native.best_isa()) + 1]
+
+
+@pytest.fixture(params=_isa_levels())
+def isa(request):
+    """Run the test on one SIMD level <= the CPU's best (restored afterwards)."""
+    from qaconv_gs import _native
+
+    before = _native.isa()
+    _native.set_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        _native.set_isa(before)
+
+
+@pytest.mark.parametrize(
+    "n, d, k",
+    [
+        (2, 1, 1),
+        (50, 7, 49),  # D < 8: the vector packs' scalar tails only
+        (193, 37, 5),  # one full AVX2 block (192) + a 1-row block
+        (400, 300, 12),  # 3 blocks (odd: a bye every round), a ragged second D-panel
+        (257, 513, 256),  # k = N - 1, three panels (256 + 256 + 1)
+    ],
+)
+def test_every_isa_vs_float64(isa, rng, n, d, k):
+    E = _clustered(rng, n, d)
+    idx, sim = qg.class_neighbors(E, k, return_similarity=True, n_threads=2)
+    assert_neighbors_close(idx, sim, E, k)
+
+
+def test_every_isa_exact_on_integer_grid(isa, rng):
+    # small integers, D < 2^24 / 4: every product and partial sum is exact in float32 with or
+    # without FMA, so each path must equal the C reference bit for bit, ties included
+    E = rng.integers(-2, 3, size=(450, 40)).astype(np.float32)
+    E[17] = E[300]  # exact duplicates across blocks
+    E[5] = 0.0
+    i_fast, s_fast = qg.class_neighbors(E, 30, return_similarity=True, n_threads=2)
+    i_ref, s_ref = _class_neighbors_ref(E, 30, return_similarity=True)
+    np.testing.assert_array_equal(i_fast, i_ref)
+    np.testing.assert_array_equal(s_fast.view(np.uint32), s_ref.view(np.uint32))
+
+
+def test_every_isa_threads_bit_identical(isa, rng):
+    # 1349 rows = 7 full AVX2 blocks + a 5-row block (11 portable blocks): many matches, so the
+    # list scheduler hands them out in varying orders; the results must not move by a bit
+    E = _clustered(rng, 1349, 45, centres=40, noise=0.3)
+    E[700:720] = E[3]  # exact ties spread over blocks
+    runs = [qg.class_neighbors(E, 20, return_similarity=True, n_threads=t) for t in (1, 2, 3, 5)]
+    for idx, sim in runs[1:]:
+        np.testing.assert_array_equal(idx, runs[0][0])
+        np.testing.assert_array_equal(sim.view(np.uint32), runs[0][1].view(np.uint32))
+    assert_neighbors_close(runs[0][0], runs[0][1], E, 20)
+
+
+def test_every_isa_agrees_with_c_reference(isa, rng):
+    # on rows without near-ties in the top k+1 the same lists as the scalar C reference;
+    # similarities everywhere within the documented float32 panel-summation error
+    n, k = 230, 10
+    E = rng.standard_normal((n, 600)).astype(np.float32)
+    _, ref_sim = knn64(E, k + 1)
+    clear = (-np.diff(ref_sim, axis=1)).min(axis=1) > 1e-6  # rows without near-ties
+    assert clear.mean() > 0.8
+    i_fast, s_fast = qg.class_neighbors(E, k, return_similarity=True, n_threads=2)
+    i_ref, s_ref = _class_neighbors_ref(E, k, return_similarity=True)
+    np.testing.assert_array_equal(i_fast[clear], i_ref[clear])
+    np.testing.assert_allclose(s_fast, s_ref, rtol=1e-5, atol=1e-6)
+    assert_neighbors_close(i_fast, s_fast, E, k)
+
+
+def test_simd_paths_agree_to_rounding(rng):
+    # the paths differ only in fused vs separate multiply-add: same lists, sims within rounding
+    from qaconv_gs import _native
+
+    E = _clustered(rng, 300, 250)
+    before = _native.isa()
+    try:
+        out = {}
+        for level in _isa_levels():
+            _native.set_isa(level)
+            out[level] = qg.class_neighbors(E, 8, return_similarity=True)
+    finally:
+        _native.set_isa(before)
+    base_i, base_s = out["portable"]
+    for idx, sim in out.values():
+        np.testing.assert_allclose(sim, base_s, rtol=0, atol=2e-6)
+        assert_neighbors_close(idx, sim, E, 8)
+
+
+def test_fma_probe_binding():
+    from qaconv_gs import _native
+
+    assert _native.neighbors_fma_probe(1000) == 1000 * 12 * 8 * 2
+    assert _native.neighbors_fma_probe(0) == 0
+    with pytest.raises(ValueError, match="iters"):
+        _native.neighbors_fma_probe(-1)
+
+
 # ---------------------------------------------------------------- input zoo
 
 
@@ -340,7 +447,9 @@ def test_extra_memory_is_o_nk_plus_blocks():
     grew, ebytes = map(int, out.stdout.split())
     outputs = n * k * (8 + 4)
     chunk_mask = (1 << 24) // 4  # bool mask of one finiteness chunk (16 MB of rows)
-    scratch = 2 * (2 * 128 * 256 * 4 + 128 * 128 * 8)  # two threads' packs + accumulators
+    portable = 2 * 128 * 256 * 4 + 128 * 128 * 8  # packs + double accumulator of a 128-row block pair
+    avx2 = 192 * 256 * 4 + 256 * 16 * 4 + 192 * 192 * 4  # A rows, a B micro-panel, float accumulator
+    scratch = 2 * max(portable, avx2) + (n // 128) ** 2  # two threads + the schedule's flags
     bound = outputs + n * 12 + chunk_mask + scratch + (4 << 20)  # + allocator slack
     assert grew < bound, (grew, bound)
     assert bound < min(ebytes, n * n * 4) // 2  # the bound itself rules out a copy of E or N x N

@@ -1,0 +1,59 @@
+/*
+ * qg_neighbors_impl.h - private to qg_neighbors*.c: the block-pair job shared by the driver
+ * (qg_neighbors.c) and the ISA variants of the block-pair kernel (portable in qg_neighbors.c,
+ * AVX2+FMA in qg_neighbors_avx2.c).
+ */
+#ifndef QG_NEIGHBORS_IMPL_H
+#define QG_NEIGHBORS_IMPL_H
+#include "qg_cpu.h"
+#include "qg_neighbors.h"
+
+/* D columns per panel: every variant sums a pair's products in float32 over one panel, then adds
+ * the panel sums (in double on the portable path, in float32 on the AVX2 path; qg_neighbors.h). */
+#define QG_NB_PANEL 256
+
+typedef struct qg_nb_job {
+    const float *E;
+    int64_t N, D, k;
+    const float *scale; /* [N] power-of-two prescale */
+    const double *w;    /* [N] 2^e / max(||x||, 1e-12) */
+    float *tops;        /* [N, k] similarities, descending */
+    int64_t *topi;      /* [N, k] indices */
+    float *kth;         /* [N] tops[i, k-1]: the admission threshold of row i, kept in sync */
+} qg_nb_job;
+
+/* One block pair (bi <= bj): every pair (i in bi, j in bj), j > i on the diagonal, is computed
+ * once and pushed into the lists of rows i and j. The caller guarantees that no other thread
+ * touches the rows of bi and bj meanwhile. `scratch` holds `scratch_bytes` (64-byte aligned). */
+typedef void (*qg_nb_match_fn)(const qg_nb_job *job, int64_t bi, int64_t bj, void *scratch);
+
+typedef struct qg_nb_variant {
+    int64_t block;         /* rows per block: fixed per variant, never depends on the thread count */
+    int64_t scratch_bytes; /* per thread */
+    qg_nb_match_fn match;
+} qg_nb_variant;
+
+#if QG_X86
+extern const qg_nb_variant qg_nb_variant_avx2;
+double qg_nb_fma_probe_avx2(int64_t iters, float *sink);
+#endif
+
+/* Row list: s[0..k) descending, ties by ascending index; sentinel (-inf, INT64_MAX). The final
+ * list is the k best of the candidates pushed under the total order (sim desc, index asc), so it
+ * does not depend on the order of the pushes. kth mirrors s[k-1]. */
+static inline void qg_nb_push(float *s, int64_t *ix, float *kth, int64_t k, float v, int64_t j)
+{
+    float ws = s[k - 1];
+    if (!(v > ws || (v == ws && j < ix[k - 1]))) return;
+    int64_t p = k - 1;
+    while (p > 0 && (s[p - 1] < v || (s[p - 1] == v && ix[p - 1] > j))) {
+        s[p] = s[p - 1];
+        ix[p] = ix[p - 1];
+        --p;
+    }
+    s[p] = v;
+    ix[p] = j;
+    *kth = s[k - 1];
+}
+
+#endif
