@@ -17,6 +17,7 @@
  * each output element is owned by one item and summed in double over pairs in a fixed order.
  */
 #include "qg_match.h"
+#include "qg_match_impl.h"
 
 #include <math.h>
 #include <string.h>
@@ -406,101 +407,21 @@ typedef int32_t qg_v4i __attribute__((vector_size(16)));
 #define QG_V4_MAX(a, b) QG_V4_SELF(QG_V4_GT((a), (b)), (a), (b))
 #define QG_NR_BASE 8
 QG_DEFINE_PAIR(base, , qg_v4f, qg_v4i, 2, 8, QG_V4)
-#if defined(__x86_64__) && !defined(QG_NO_DISPATCH)
-/* AVX2 clone chosen at run time: 32-byte vectors, 6 x 16 tile. Same sums, same bits. */
-#define QG_HAVE_AVX2_PATH 1
-typedef float qg_v8f __attribute__((vector_size(32)));
-typedef int32_t qg_v8i __attribute__((vector_size(32)));
-#define QG_V8_GT(a, b) ((qg_v8i)((a) > (b)))
-#define QG_V8_SELF(m, a, b) ((qg_v8f)QG_VSELI((m), (qg_v8i)(a), (qg_v8i)(b)))
-#define QG_V8_SELI(m, a, b) QG_VSELI((m), (a), (b))
-#define QG_V8_MAX(a, b) QG_V8_SELF(QG_V8_GT((a), (b)), (a), (b))
-QG_DEFINE_PAIR(avx2, __attribute__((target("avx2"))), qg_v8f, qg_v8i, 2, 16, QG_V8)
-#endif
 #else
 /* Portable scalar fallback: "vectors" of one float. */
 #define QG_NR_BASE 8
 QG_DEFINE_PAIR(base, , float, int32_t, 8, 8, QG_S)
 #endif
 
-/* 1 if the AVX2 path is available on this CPU. */
-static int qg_use_avx2(void)
-{
-#ifdef QG_HAVE_AVX2_PATH
-    static int cached = -1;
-    int v;
-    QG_OMP(atomic read)
-    v = cached;
-    if (v < 0) {
-        __builtin_cpu_init();
-        v = __builtin_cpu_supports("avx2") ? 1 : 0;
-        QG_OMP(atomic write)
-        cached = v;
-    }
-    return v;
-#else
-    return 0;
-#endif
-}
-
-/* Pair maxima from packed maps on the chosen path (wide: AVX2, NR = 16; else NR = QG_NR_BASE). */
-static int qg_pair(int wide, const float *pa, const float *pb, int64_t C, int64_t S, float *mp, float *mg,
-                   uint16_t *ap, uint16_t *ag, int want, const qg_ctx *ctx, int *stop)
-{
-#ifdef QG_HAVE_AVX2_PATH
-    if (wide) return qg_pair_avx2(pa, pb, C, S, mp, mg, ap, ag, want, ctx, stop);
-#else
-    (void)wide;
-#endif
-    return qg_pair_base(pa, pb, C, S, mp, mg, ap, ag, want, ctx, stop);
-}
-
 /* ------------------------------------------------------------------ forward: pair drivers */
 
-/*
- * Pair q (0 <= q < nA*K) is A[q / K] against B[cand ? cand[q] : q % K].
- * Outputs: either maxima (mp, mg [npairs, S], ap/ag or NULL) or fused scores (w != NULL:
- * out[q] = sum_s w[s] mp[s] + sum_r w[S+r] mg[r] + bias, summed in double in index order).
- */
-typedef struct qg_pairs_job {
-    const float *A;
-    int64_t nA;
-    const float *B;
-    int64_t nB;
-    const int64_t *cand; /* NULL: all pairs */
-    int64_t K;
-    int64_t C, S;
-    float *mp, *mg;
-    uint16_t *ap, *ag;
-    const float *w;
-    float bias;
-    float *out;
-} qg_pairs_job;
-
-static int qg_run_pairs(const qg_pairs_job *job, const qg_ctx *ctx)
+/* Portable engine: each pair computed by one thread from its packed maps (A in MR panels, packed once
+ * per block of pairs sharing the probe; B in QG_NR_BASE panels). */
+static int qg_match_pairs_portable(const qg_pairs_job *job, const qg_ctx *ctx)
 {
-    const int64_t C = job->C, S = job->S, K = job->K;
-    int64_t cs, npairs, tmp;
-    if (job->nA < 0 || job->nB < 0 || K < 0 || C < 1 || S < 1) return QG_EINVAL;
-    if (S > QG_MAX_LOCATIONS) return QG_EINVAL;
-    if (qg_mul_overflow(C, S, &cs) || qg_mul_overflow(job->nA, K, &npairs) ||
-        qg_mul_overflow(npairs, S, &tmp) || qg_mul_overflow(cs, job->nA, &tmp) ||
-        qg_mul_overflow(cs, job->nB, &tmp))
-        return QG_EOVERFLOW;
-    if (npairs == 0) return QG_OK;
-    if (!job->A || !job->B) return QG_EINVAL;
-    if (job->w ? !job->out : (!job->mp || !job->mg)) return QG_EINVAL;
-    if ((job->ap == NULL) != (job->ag == NULL)) return QG_EINVAL;
-    if (job->cand) {
-        for (int64_t q = 0; q < npairs; ++q)
-            if (job->cand[q] < 0 || job->cand[q] >= job->nB) return QG_ERANGE;
-    } else if (job->nB != K) {
-        return QG_EINVAL;
-    }
-
+    const int64_t C = job->C, S = job->S, K = job->K, cs = C * S, npairs = job->nA * K;
     const int64_t nsp = (S + QG_MR - 1) / QG_MR;
-    const int wide = qg_use_avx2();
-    const int64_t nr = wide ? 16 : QG_NR_BASE;
+    const int64_t nr = QG_NR_BASE;
     const int64_t nrp = (S + nr - 1) / nr;
     int64_t la, lb;
     if (qg_mul_overflow(nsp * QG_MR, C, &la) || qg_mul_overflow(nrp * nr, C, &lb)) return QG_EOVERFLOW;
@@ -510,13 +431,14 @@ static int qg_run_pairs(const qg_pairs_job *job, const qg_ctx *ctx)
     const int64_t per = la + lb + lm;
 
     /* Blocks of consecutive pairs share the probe map; small enough to balance the threads. */
-    int nt = qg_threads_for(ctx, npairs);
+    const double macs = (double)npairs * (double)C * (double)S * (double)S;
+    int nt = qg_match_threads(ctx, macs, npairs);
     int64_t bs = npairs / ((int64_t)nt * 8);
     if (bs < 1) bs = 1;
     if (bs > K) bs = K;
     if (bs > 64) bs = 64;
     const int64_t nblk = (npairs + bs - 1) / bs;
-    nt = qg_threads_for(ctx, nblk);
+    nt = qg_match_threads(ctx, macs, nblk);
 
     int64_t nbytes;
     if (qg_mul_overflow(per, (int64_t)nt * (int64_t)sizeof(float), &nbytes)) return QG_EOVERFLOW;
@@ -542,18 +464,13 @@ static int qg_run_pairs(const qg_pairs_job *job, const qg_ctx *ctx)
             qg_pack_b(job->B + ib * cs, C, S, nr, pb);
             int stopped;
             if (job->w) {
-                stopped = qg_pair(wide, pa, pb, C, S, tm, tm + S, NULL, NULL, 0, ctx, &stop);
-                if (!stopped) {
-                    double acc = 0.0;
-                    for (int64_t s = 0; s < S; ++s) acc += (double)job->w[s] * (double)tm[s];
-                    for (int64_t r = 0; r < S; ++r) acc += (double)job->w[S + r] * (double)tm[S + r];
-                    job->out[q] = (float)(acc + (double)job->bias);
-                }
+                stopped = qg_pair_base(pa, pb, C, S, tm, tm + S, NULL, NULL, 0, ctx, &stop);
+                if (!stopped) job->out[q] = qg_pair_score(job->w, job->bias, tm, tm + S, S);
             } else if (job->ap) {
-                stopped = qg_pair(wide, pa, pb, C, S, job->mp + q * S, job->mg + q * S, job->ap + q * S,
-                                  job->ag + q * S, 1, ctx, &stop);
+                stopped = qg_pair_base(pa, pb, C, S, job->mp + q * S, job->mg + q * S, job->ap + q * S,
+                                       job->ag + q * S, 1, ctx, &stop);
             } else {
-                stopped = qg_pair(wide, pa, pb, C, S, job->mp + q * S, job->mg + q * S, NULL, NULL, 0, ctx, &stop);
+                stopped = qg_pair_base(pa, pb, C, S, job->mp + q * S, job->mg + q * S, NULL, NULL, 0, ctx, &stop);
             }
             if (stopped) break;
         }
@@ -561,6 +478,49 @@ static int qg_run_pairs(const qg_pairs_job *job, const qg_ctx *ctx)
     }
     qg_free(scratch);
     return stop ? QG_EINTR : QG_OK;
+}
+
+/* Engines by ISA level (ctx->isa): the best one compiled for a level at or below it. AVX-512 CPUs run
+ * the AVX2 engine (no AVX-512 variant is written: it could not be tested on the project's machines). */
+static qg_pairs_engine qg_pairs_engine_for(int isa)
+{
+    static const qg_pairs_engine table[] = {
+        [QG_ISA_PORTABLE] = qg_match_pairs_portable,
+#if QG_X86
+        [QG_ISA_AVX2] = qg_match_pairs_avx2,
+        [QG_ISA_AVX512] = qg_match_pairs_avx2,
+#else
+        [QG_ISA_AVX2] = qg_match_pairs_portable,
+        [QG_ISA_AVX512] = qg_match_pairs_portable,
+#endif
+    };
+    if (isa < QG_ISA_PORTABLE) isa = QG_ISA_PORTABLE;
+    if (isa > QG_ISA_AVX512) isa = QG_ISA_AVX512;
+    return table[isa];
+}
+
+/* Validate a job, then run it on the engine of ctx->isa. */
+static int qg_run_pairs(const qg_pairs_job *job, const qg_ctx *ctx)
+{
+    const int64_t C = job->C, S = job->S, K = job->K;
+    int64_t cs, npairs, tmp;
+    if (job->nA < 0 || job->nB < 0 || K < 0 || C < 1 || S < 1) return QG_EINVAL;
+    if (S > QG_MAX_LOCATIONS) return QG_EINVAL;
+    if (qg_mul_overflow(C, S, &cs) || qg_mul_overflow(job->nA, K, &npairs) ||
+        qg_mul_overflow(npairs, S, &tmp) || qg_mul_overflow(cs, job->nA, &tmp) ||
+        qg_mul_overflow(cs, job->nB, &tmp) || qg_mul_overflow(npairs, 2 * S, &tmp))
+        return QG_EOVERFLOW;
+    if (npairs == 0) return QG_OK;
+    if (!job->A || !job->B) return QG_EINVAL;
+    if (job->w ? !job->out : (!job->mp || !job->mg)) return QG_EINVAL;
+    if ((job->ap == NULL) != (job->ag == NULL)) return QG_EINVAL;
+    if (job->cand) {
+        for (int64_t q = 0; q < npairs; ++q)
+            if (job->cand[q] < 0 || job->cand[q] >= job->nB) return QG_ERANGE;
+    } else if (job->nB != K) {
+        return QG_EINVAL;
+    }
+    return qg_pairs_engine_for(ctx ? ctx->isa : QG_ISA_PORTABLE)(job, ctx);
 }
 
 int qg_match_maxima_f32(const float *P, int64_t nP, const float *G, int64_t nG,
