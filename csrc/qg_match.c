@@ -1,14 +1,19 @@
 /*
- * qg_match.c - location normalisation and the fused QAConv correlation + two-way max.
+ * qg_match.c - location normalisation, the fused QAConv correlation + two-way max (driver, ISA
+ * table and portable engine) and the backward.
  *
- * Forward design (see qg_match.h for the contracts):
+ * Forward layering: qg_match_*_f32 validate and build a qg_pairs_job (qg_match_impl.h), then run
+ * the engine of ctx->isa from a small table: qg_match_pairs_avx2 (qg_match_avx2.c, AVX2 + FMA,
+ * register-tiled with the maxima in the epilogue) on x86-64 CPUs that have it, else the portable
+ * engine below (also the fallback on other architectures).
+ * Portable engine:
  *   - Each pair (probe map A, gallery map B, both [C, S]) is computed by one thread. The thread
  *     packs A into MR-wide panels [ceil(S/MR)][C][MR] and B into NR-wide panels [ceil(S/NR)][C][NR]
  *     (zero padded) in its own scratch, so the micro-kernel streams contiguous memory.
  *   - The micro-kernel computes one MR x NR tile of Z = A^T B, summing over c = 0..C-1 in order
  *     in float32 (separate multiply and add: the build uses ISO C, so no FMA contraction).
  *     Every Z element is therefore the same sequential float32 sum whatever the tiling, the
- *     thread count or the SIMD width.
+ *     thread count or the vector width of this engine.
  *   - The tile epilogue folds the tile into the running maxima of both directions, replacing
  *     only on strictly greater values, visiting indices in increasing order (gallery panels in
  *     the outer loop, probe panels in the inner loop), so ties keep the first index.
