@@ -588,28 +588,7 @@ static int qg_check_argmax(const uint16_t *a, int64_t n, int64_t S)
     return 1;
 }
 
-/*
- * Generic backward over "rows": row t owns output map out[t] (C x S); its contributions are the
- * pairs list[off[t]..off[t+1]) (pair ids in the order to sum), each with far-side map
- * far[farid(pair)]. Work items are (row, channel block).
- */
-typedef struct qg_bwd_job {
-    int64_t nrows;
-    const int64_t *off;   /* NULL: row t has pairs t*K .. t*K+K-1 (side 0), or t, t+K, ... (side 1) */
-    const int64_t *list;  /* pair ids, CSR order (with off) */
-    const int64_t *rowid; /* output map of row t (NULL: t) */
-    int64_t K;            /* pairs per probe-side map */
-    int64_t nA;           /* probe-side maps (side 1, off == NULL: pairs t + i*K for i < nA) */
-    const int64_t *cand;  /* far-side map of pair q for side 0 (NULL: q % K) */
-    const float *far;
-    int side;
-    int64_t C, S;
-    const float *gmp, *gmg;
-    const uint16_t *ap, *ag;
-    float *out;
-} qg_bwd_job;
-
-static int qg_run_bwd(const qg_bwd_job *job, const qg_ctx *ctx)
+static int qg_run_bwd_portable(const qg_bwd_job *job, const qg_ctx *ctx)
 {
     const int64_t C = job->C, S = job->S, cs = C * S;
     if (job->nrows == 0) return QG_OK;
@@ -660,6 +639,16 @@ static int qg_run_bwd(const qg_bwd_job *job, const qg_ctx *ctx)
     return stop ? QG_EINTR : QG_OK;
 }
 
+/* Backward engine of ctx->isa (the AVX2 one on x86-64 CPUs that have it). */
+static int qg_run_bwd(const qg_bwd_job *job, const qg_ctx *ctx)
+{
+    if (job->nrows == 0) return QG_OK;
+#if QG_X86
+    if (ctx && ctx->isa >= QG_ISA_AVX2) return qg_match_bwd_avx2(job, ctx);
+#endif
+    return qg_run_bwd_portable(job, ctx);
+}
+
 static int qg_bwd_check(int64_t nA, int64_t nB, int64_t K, int64_t C, int64_t S, int64_t *npairs)
 {
     int64_t cs, tmp;
@@ -685,10 +674,10 @@ int qg_match_backward_f32(const float *P, int64_t nP, const float *G, int64_t nG
     }
     if (!P || !G || !gmp || !gmg || !ap || !ag || !gP || !gG) return QG_EINVAL;
     if (!qg_check_argmax(ap, npairs * S, S) || !qg_check_argmax(ag, npairs * S, S)) return QG_ERANGE;
-    qg_bwd_job jp = {nP, NULL, NULL, NULL, nG, nP, NULL, G, 0, C, S, gmp, gmg, ap, ag, gP};
+    qg_bwd_job jp = {nP, NULL, NULL, NULL, nG, nP, NULL, G, nG, 0, C, S, gmp, gmg, ap, ag, gP};
     st = qg_run_bwd(&jp, ctx);
     if (st != QG_OK) return st;
-    qg_bwd_job jg = {nG, NULL, NULL, NULL, nG, nP, NULL, P, 1, C, S, gmp, gmg, ap, ag, gG};
+    qg_bwd_job jg = {nG, NULL, NULL, NULL, nG, nP, NULL, P, nP, 1, C, S, gmp, gmg, ap, ag, gG};
     return qg_run_bwd(&jg, ctx);
 }
 
@@ -713,7 +702,7 @@ int qg_match_backward_restricted_f32(const float *X, int64_t B, const float *E, 
     if (!qg_check_argmax(ap, npairs * S, S) || !qg_check_argmax(ag, npairs * S, S)) return QG_ERANGE;
 
     /* gX: row b sums its pairs j = 0..K-1 in order. */
-    qg_bwd_job jx = {B, NULL, NULL, NULL, K, B, cand, E, 0, C, S, gmp, gmg, ap, ag, gX};
+    qg_bwd_job jx = {B, NULL, NULL, NULL, K, B, cand, E, N, 0, C, S, gmp, gmg, ap, ag, gX};
     st = qg_run_bwd(&jx, ctx);
     if (st != QG_OK) return st;
 
@@ -757,7 +746,7 @@ int qg_match_backward_restricted_f32(const float *X, int64_t B, const float *E, 
         goto done;
     }
     {
-        qg_bwd_job je = {nrows, roff, list, rows, K, B, NULL, X, 1, C, S, gmp, gmg, ap, ag, gE};
+        qg_bwd_job je = {nrows, roff, list, rows, K, B, NULL, X, B, 1, C, S, gmp, gmg, ap, ag, gE};
         st = qg_run_bwd(&je, ctx);
     }
 done:

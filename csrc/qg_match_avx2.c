@@ -572,4 +572,199 @@ int qg_match_pairs_avx2(const qg_pairs_job *job, const qg_ctx *ctx)
     return stop ? QG_EINTR : QG_OK;
 }
 
+/* ------------------------------------------------------------------ backward */
+
+/*
+ * Backward through the argmax (qg_bwd_job in qg_match_impl.h). Every term of an output element is
+ * w * far[c, r] for one (pair, location), w a float gradient; the portable engine sums them in double
+ * per element in pair order (within a pair: probe-direction terms, then gallery-direction terms).
+ * This engine sums the same terms in the same order, so the results are the same bits, but:
+ *   - the far-side maps that occur are transposed once to [S][Cp] float (Cp = C rounded up to 8), so
+ *     a term is a contiguous row of C values;
+ *   - the terms of a row's pairs are bucketed by output location (stable counting sort, chunks of
+ *     QG_BWD_PAIRS pairs), and each location's terms are summed with double accumulators held in
+ *     registers across the terms (4 x 8 doubles per pass), instead of one load/store per term.
+ * Memory: the transposed far maps (distinct ones only) + per thread S*Cp doubles and the term lists.
+ */
+#define QG_BWD_PAIRS 8
+
+typedef struct qg_term {
+    const float *src; /* transposed far row (Cp floats) */
+    double w;
+} qg_term;
+
+/* acc[0..Cp) += sum_k t[k].w * t[k].src[0..Cp), in k order, double accumulators in registers. */
+static void qg_bwd_accumulate(double *acc, const qg_term *t, int64_t n, int64_t Cp)
+{
+    int64_t c0 = 0;
+    for (; c0 + 32 <= Cp; c0 += 32) {
+        __m256d a0 = _mm256_loadu_pd(acc + c0), a1 = _mm256_loadu_pd(acc + c0 + 4);
+        __m256d a2 = _mm256_loadu_pd(acc + c0 + 8), a3 = _mm256_loadu_pd(acc + c0 + 12);
+        __m256d a4 = _mm256_loadu_pd(acc + c0 + 16), a5 = _mm256_loadu_pd(acc + c0 + 20);
+        __m256d a6 = _mm256_loadu_pd(acc + c0 + 24), a7 = _mm256_loadu_pd(acc + c0 + 28);
+        for (int64_t k = 0; k < n; ++k) {
+            const __m256d w = _mm256_set1_pd(t[k].w);
+            const float *x = t[k].src + c0;
+            a0 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x)), a0);
+            a1 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 4)), a1);
+            a2 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 8)), a2);
+            a3 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 12)), a3);
+            a4 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 16)), a4);
+            a5 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 20)), a5);
+            a6 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 24)), a6);
+            a7 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 28)), a7);
+        }
+        _mm256_storeu_pd(acc + c0, a0), _mm256_storeu_pd(acc + c0 + 4, a1);
+        _mm256_storeu_pd(acc + c0 + 8, a2), _mm256_storeu_pd(acc + c0 + 12, a3);
+        _mm256_storeu_pd(acc + c0 + 16, a4), _mm256_storeu_pd(acc + c0 + 20, a5);
+        _mm256_storeu_pd(acc + c0 + 24, a6), _mm256_storeu_pd(acc + c0 + 28, a7);
+    }
+    for (; c0 < Cp; c0 += 8) { /* Cp is a multiple of 8 */
+        __m256d a0 = _mm256_loadu_pd(acc + c0), a1 = _mm256_loadu_pd(acc + c0 + 4);
+        for (int64_t k = 0; k < n; ++k) {
+            const __m256d w = _mm256_set1_pd(t[k].w);
+            const float *x = t[k].src + c0;
+            a0 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x)), a0);
+            a1 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 4)), a1);
+        }
+        _mm256_storeu_pd(acc + c0, a0), _mm256_storeu_pd(acc + c0 + 4, a1);
+    }
+}
+
+/* Pair i of row t (in summation order). */
+static int64_t qg_bwd_pair_id(const qg_bwd_job *job, int64_t t, int64_t i)
+{
+    if (job->off) return job->list[job->off[t] + i];
+    return job->side == 0 ? t * job->K + i : i * job->K + t;
+}
+
+static int64_t qg_bwd_npairs(const qg_bwd_job *job, int64_t t)
+{
+    if (job->off) return job->off[t + 1] - job->off[t];
+    return job->side == 0 ? job->K : job->nA;
+}
+
+static int64_t qg_bwd_far_id(const qg_bwd_job *job, int64_t q)
+{
+    if (job->side == 0) return job->cand ? job->cand[q] : q % job->K;
+    return q / job->K;
+}
+
+int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
+{
+    const int64_t C = job->C, S = job->S, cs = C * S, Cp = qg_rup(C, 8), nfar = job->nfar;
+    if (job->nrows == 0) return QG_OK;
+    int64_t *slot = (int64_t *)qg_malloc(nfar * (int64_t)sizeof(int64_t));
+    if (!slot) return QG_ENOMEM;
+    for (int64_t f = 0; f < nfar; ++f) slot[f] = -1;
+    int64_t maxp = 0;
+    for (int64_t t = 0; t < job->nrows; ++t) {
+        const int64_t n = qg_bwd_npairs(job, t);
+        if (n > maxp) maxp = n;
+        for (int64_t i = 0; i < n; ++i) slot[qg_bwd_far_id(job, qg_bwd_pair_id(job, t, i))] = 0;
+    }
+    int64_t nslots = 0;
+    for (int64_t f = 0; f < nfar; ++f)
+        if (slot[f] == 0) slot[f] = nslots++;
+        else slot[f] = -1;
+    const int64_t pch = qg_min(maxp, QG_BWD_PAIRS);
+    const int64_t nterms = 2 * pch * S;
+    int64_t l_far, tmp;
+    if (qg_mul_overflow(nslots, S * Cp, &l_far) || qg_mul_overflow(l_far, (int64_t)sizeof(float), &tmp)) {
+        qg_free(slot);
+        return QG_EOVERFLOW;
+    }
+    float *farT = (float *)qg_malloc(l_far * (int64_t)sizeof(float));
+    /* threads: one per row at most, and not for tiny jobs */
+    const double macs = 2.0 * (double)job->nrows * (double)maxp * (double)cs;
+    const int nt = qg_match_threads(ctx, macs * 4.0, job->nrows);
+    const int64_t per = qg_rup(S * Cp * (int64_t)sizeof(double) + nterms * (int64_t)sizeof(qg_term) +
+                                   (S + 1) * (int64_t)sizeof(int64_t) + S * (int64_t)sizeof(int64_t),
+                               64);
+    char *scratch = (char *)qg_malloc(per * nt);
+    if (!farT || !scratch) {
+        qg_free(slot);
+        qg_free(farT);
+        qg_free(scratch);
+        return QG_ENOMEM;
+    }
+    int stop = 0;
+    /* transpose the far maps that occur: farT[slot][s][c] = far[f][c][s], zero for c >= C */
+    {
+        const int ntt = qg_match_threads(ctx, (double)nslots * (double)cs * 16.0, nfar);
+        QG_OMP(parallel for schedule(dynamic, 16) num_threads(ntt))
+        for (int64_t f = 0; f < nfar; ++f) {
+            if (slot[f] < 0 || qg_stop_requested(&stop)) continue;
+            const float *src = job->far + f * cs;
+            float *dst = farT + slot[f] * S * Cp;
+            for (int64_t s0 = 0; s0 < S; s0 += 16) {
+                const int64_t s1 = qg_min(S, s0 + 16);
+                for (int64_t c = 0; c < C; ++c)
+                    for (int64_t s = s0; s < s1; ++s) dst[s * Cp + c] = src[c * S + s];
+                for (int64_t s = s0; s < s1; ++s)
+                    for (int64_t c = C; c < Cp; ++c) dst[s * Cp + c] = 0.0f;
+            }
+            qg_poll_block(ctx, &stop);
+        }
+    }
+    if (!stop) {
+        QG_OMP(parallel for schedule(dynamic, 1) num_threads(nt))
+        for (int64_t t = 0; t < job->nrows; ++t) {
+            if (qg_stop_requested(&stop)) continue;
+            char *base = scratch + (int64_t)qg_thread_num() * per;
+            double *acc = (double *)base;
+            qg_term *terms = (qg_term *)(acc + S * Cp);
+            int64_t *start = (int64_t *)(terms + nterms);
+            int64_t *pos = start + S + 1;
+            memset(acc, 0, (size_t)(S * Cp) * sizeof(double));
+            const int64_t np = qg_bwd_npairs(job, t);
+            for (int64_t i0 = 0; i0 < np; i0 += pch) {
+                const int64_t i1 = qg_min(np, i0 + pch);
+                /* count terms per output location, then place them stably */
+                memset(start, 0, (size_t)(S + 1) * sizeof(int64_t));
+                for (int64_t i = i0; i < i1; ++i) {
+                    const int64_t q = qg_bwd_pair_id(job, t, i);
+                    const uint16_t *ap = job->ap + q * S, *ag = job->ag + q * S;
+                    if (job->side == 0) {
+                        for (int64_t s = 0; s < S; ++s) start[s + 1] += 1;
+                        for (int64_t r = 0; r < S; ++r) start[ag[r] + 1] += 1;
+                    } else {
+                        for (int64_t s = 0; s < S; ++s) start[ap[s] + 1] += 1;
+                        for (int64_t r = 0; r < S; ++r) start[r + 1] += 1;
+                    }
+                }
+                for (int64_t s = 0; s < S; ++s) {
+                    start[s + 1] += start[s];
+                    pos[s] = start[s];
+                }
+                for (int64_t i = i0; i < i1; ++i) {
+                    const int64_t q = qg_bwd_pair_id(job, t, i);
+                    const uint16_t *ap = job->ap + q * S, *ag = job->ag + q * S;
+                    const float *gp = job->gmp + q * S, *gg = job->gmg + q * S;
+                    const float *T = farT + slot[qg_bwd_far_id(job, q)] * S * Cp;
+                    if (job->side == 0) { /* acc[s] += gmp[s] T[ap[s]];  acc[ag[r]] += gmg[r] T[r] */
+                        for (int64_t s = 0; s < S; ++s) terms[pos[s]++] = (qg_term){T + ap[s] * Cp, gp[s]};
+                        for (int64_t r = 0; r < S; ++r) terms[pos[ag[r]]++] = (qg_term){T + r * Cp, gg[r]};
+                    } else { /* acc[ap[s]] += gmp[s] T[s];  acc[r] += gmg[r] T[ag[r]] */
+                        for (int64_t s = 0; s < S; ++s) terms[pos[ap[s]]++] = (qg_term){T + s * Cp, gp[s]};
+                        for (int64_t r = 0; r < S; ++r) terms[pos[r]++] = (qg_term){T + ag[r] * Cp, gg[r]};
+                    }
+                }
+                for (int64_t s = 0; s < S; ++s)
+                    if (start[s + 1] > start[s])
+                        qg_bwd_accumulate(acc + s * Cp, terms + start[s], start[s + 1] - start[s], Cp);
+            }
+            const int64_t row = job->rowid ? job->rowid[t] : t;
+            float *o = job->out + row * cs;
+            for (int64_t c = 0; c < C; ++c)
+                for (int64_t s = 0; s < S; ++s) o[c * S + s] = (float)acc[s * Cp + c];
+            qg_poll_block(ctx, &stop);
+        }
+    }
+    qg_free(slot);
+    qg_free(farT);
+    qg_free(scratch);
+    return stop ? QG_EINTR : QG_OK;
+}
+
 #endif /* __AVX2__ && __FMA__ */

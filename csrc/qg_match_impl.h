@@ -27,11 +27,35 @@ typedef struct qg_pairs_job {
     float *out;
 } qg_pairs_job;
 
+/*
+ * Generic backward over "rows": row t owns output map out[t] (C x S); its contributions are the
+ * pairs list[off[t]..off[t+1]) (pair ids in the order to sum), each with far-side map
+ * far[farid(pair)]. Work items are (row, channel block).
+ */
+typedef struct qg_bwd_job {
+    int64_t nrows;
+    const int64_t *off;   /* NULL: row t has pairs t*K .. t*K+K-1 (side 0), or t, t+K, ... (side 1) */
+    const int64_t *list;  /* pair ids, CSR order (with off) */
+    const int64_t *rowid; /* output map of row t (NULL: t) */
+    int64_t K;            /* pairs per probe-side map */
+    int64_t nA;           /* probe-side maps (side 1, off == NULL: pairs t + i*K for i < nA) */
+    const int64_t *cand;  /* far-side map of pair q for side 0 (NULL: q % K) */
+    const float *far;
+    int64_t nfar;         /* far-side maps (far has nfar maps of C x S) */
+    int side;
+    int64_t C, S;
+    const float *gmp, *gmg;
+    const uint16_t *ap, *ag;
+    float *out;
+} qg_bwd_job;
+
 /* An engine runs a validated job (sizes checked, no overflow, candidates in range, npairs > 0). */
 typedef int (*qg_pairs_engine)(const qg_pairs_job *job, const qg_ctx *ctx);
 
 #if QG_X86
 int qg_match_pairs_avx2(const qg_pairs_job *job, const qg_ctx *ctx);
+/* Backward of a validated job (argmax in range), same sums in the same order as the portable one. */
+int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx);
 #endif
 
 /* Fused score of one pair from its maxima: sum_s w[s] mp[s] + sum_r w[S+r] mg[r] + bias, in double,

@@ -317,6 +317,41 @@ def test_pair_maxima_backward_matches_reference(rng, isa, shape):
     np.testing.assert_allclose(gg, rgg, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(5, 7, 45, 7, 7), (3, 40, 130, 4, 6), (9, 2, 8, 1, 3)])
+def test_backward_same_bits_on_every_path(rng, shape):
+    """The backward sums the same double terms in the same order on every SIMD path (given the same
+    argmax): bit-identical, for all pairs and restricted pairs (several pair chunks, C % 8 != 0)."""
+    P, G, C, H, W = shape
+    S = H * W
+    p, g = maps(rng, P, C, H, W), maps(rng, G, C, H, W)
+    ap = rng.integers(0, S, size=(P, G, S)).astype(np.uint16)
+    ag = rng.integers(0, S, size=(P, G, S)).astype(np.uint16)
+    gmp = rng.standard_normal((P, G, S)).astype(np.float32)
+    gmg = rng.standard_normal((P, G, S)).astype(np.float32)
+    cand = rng.integers(0, G, size=(P, 11))
+    rap = rng.integers(0, S, size=(P, 11, S)).astype(np.uint16)
+    rag = rng.integers(0, S, size=(P, 11, S)).astype(np.uint16)
+    rgmp = rng.standard_normal((P, 11, S)).astype(np.float32)
+    rgmg = rng.standard_normal((P, 11, S)).astype(np.float32)
+    outs = []
+    previous = _native.isa()
+    try:
+        for level in ISAS:
+            _native.set_isa(level)
+            for nt in (1, 2):
+                a = m.pair_maxima_backward(gmp, gmg, ap, ag, p, g, n_threads=nt)
+                b = m.pair_maxima_restricted_backward(rgmp, rgmg, rap, rag, p, g, cand, n_threads=nt)
+                outs.append((*a, *b))
+    finally:
+        _native.set_isa(previous)
+    rgp, rgg = ref.pair_maxima_backward_ref(gmp, gmg, ap, ag, p, g)
+    np.testing.assert_allclose(outs[0][0], rgp, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outs[0][1], rgg, rtol=1e-5, atol=1e-6)
+    for other in outs[1:]:
+        for u, v in zip(outs[0], other):
+            np.testing.assert_array_equal(u, v)
+
+
 def test_restricted_backward_repeated_candidates(rng, isa):
     B, N, C, H, W = 4, 6, 8, 5, 3
     x, e = maps(rng, B, C, H, W), maps(rng, N, C, H, W)
