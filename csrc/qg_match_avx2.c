@@ -631,6 +631,45 @@ static void qg_bwd_accumulate(double *acc, const qg_term *t, int64_t n, int64_t 
     }
 }
 
+/* 8 x 8 block: d[j * ldd + i] = a[i * lda + j]. */
+QG_AI void qg_tr8x8(const float *a, int64_t lda, float *d, int64_t ldd)
+{
+    __m256 r0 = _mm256_loadu_ps(a), r1 = _mm256_loadu_ps(a + lda), r2 = _mm256_loadu_ps(a + 2 * lda);
+    __m256 r3 = _mm256_loadu_ps(a + 3 * lda), r4 = _mm256_loadu_ps(a + 4 * lda);
+    __m256 r5 = _mm256_loadu_ps(a + 5 * lda), r6 = _mm256_loadu_ps(a + 6 * lda);
+    __m256 r7 = _mm256_loadu_ps(a + 7 * lda);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    r0 = _mm256_shuffle_ps(t0, t2, 0x44), r1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    r2 = _mm256_shuffle_ps(t1, t3, 0x44), r3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    r4 = _mm256_shuffle_ps(t4, t6, 0x44), r5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    r6 = _mm256_shuffle_ps(t5, t7, 0x44), r7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(d, _mm256_permute2f128_ps(r0, r4, 0x20));
+    _mm256_storeu_ps(d + ldd, _mm256_permute2f128_ps(r1, r5, 0x20));
+    _mm256_storeu_ps(d + 2 * ldd, _mm256_permute2f128_ps(r2, r6, 0x20));
+    _mm256_storeu_ps(d + 3 * ldd, _mm256_permute2f128_ps(r3, r7, 0x20));
+    _mm256_storeu_ps(d + 4 * ldd, _mm256_permute2f128_ps(r0, r4, 0x31));
+    _mm256_storeu_ps(d + 5 * ldd, _mm256_permute2f128_ps(r1, r5, 0x31));
+    _mm256_storeu_ps(d + 6 * ldd, _mm256_permute2f128_ps(r2, r6, 0x31));
+    _mm256_storeu_ps(d + 7 * ldd, _mm256_permute2f128_ps(r3, r7, 0x31));
+}
+
+/* dst [S][Cp] = src [C][S] transposed, zero for c >= C. */
+static void qg_transpose(const float *src, int64_t C, int64_t S, int64_t Cp, float *dst)
+{
+    const int64_t C8 = C & ~(int64_t)7, S8 = S & ~(int64_t)7;
+    for (int64_t s0 = 0; s0 < S8; s0 += 8)
+        for (int64_t c0 = 0; c0 < C8; c0 += 8) qg_tr8x8(src + c0 * S + s0, S, dst + s0 * Cp + c0, Cp);
+    for (int64_t s = S8; s < S; ++s) /* edge rows of dst */
+        for (int64_t c = 0; c < C8; ++c) dst[s * Cp + c] = src[c * S + s];
+    for (int64_t s = 0; s < S; ++s) { /* edge columns of dst, and the zero padding */
+        for (int64_t c = C8; c < C; ++c) dst[s * Cp + c] = src[c * S + s];
+        for (int64_t c = C; c < Cp; ++c) dst[s * Cp + c] = 0.0f;
+    }
+}
+
 /* Pair i of row t (in summation order). */
 static int64_t qg_bwd_pair_id(const qg_bwd_job *job, int64_t t, int64_t i)
 {
@@ -657,53 +696,51 @@ int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
     int64_t *slot = (int64_t *)qg_malloc(nfar * (int64_t)sizeof(int64_t));
     if (!slot) return QG_ENOMEM;
     for (int64_t f = 0; f < nfar; ++f) slot[f] = -1;
-    int64_t maxp = 0;
+    int64_t maxp = 0, total = 0;
     for (int64_t t = 0; t < job->nrows; ++t) {
         const int64_t n = qg_bwd_npairs(job, t);
         if (n > maxp) maxp = n;
+        total += n;
         for (int64_t i = 0; i < n; ++i) slot[qg_bwd_far_id(job, qg_bwd_pair_id(job, t, i))] = 0;
     }
     int64_t nslots = 0;
     for (int64_t f = 0; f < nfar; ++f)
         if (slot[f] == 0) slot[f] = nslots++;
         else slot[f] = -1;
-    const int64_t pch = qg_min(maxp, QG_BWD_PAIRS);
+    /* Far maps used by many pairs (the probe side, a few popular classes) are transposed once up front;
+     * otherwise each chunk transposes its own pairs' maps into a per-thread buffer that stays in L2
+     * (no large buffer to fault in and stream back from memory). Same values either way. */
+    const int global = nslots * 8 <= total;
+    const int64_t pch = qg_min(maxp, global ? QG_BWD_PAIRS : 4);
     const int64_t nterms = 2 * pch * S;
-    int64_t l_far, tmp;
-    if (qg_mul_overflow(nslots, S * Cp, &l_far) || qg_mul_overflow(l_far, (int64_t)sizeof(float), &tmp)) {
+    int64_t l_far = 0, tmp;
+    if (qg_mul_overflow(global ? nslots : pch, S * Cp, &l_far) ||
+        qg_mul_overflow(l_far, (int64_t)sizeof(float), &tmp)) {
         qg_free(slot);
         return QG_EOVERFLOW;
     }
-    float *farT = (float *)qg_malloc(l_far * (int64_t)sizeof(float));
+    float *farT = global ? (float *)qg_malloc(l_far * (int64_t)sizeof(float)) : NULL;
     /* threads: one per row at most, and not for tiny jobs */
-    const double macs = 2.0 * (double)job->nrows * (double)maxp * (double)cs;
+    const double macs = 2.0 * (double)total * (double)cs;
     const int nt = qg_match_threads(ctx, macs * 4.0, job->nrows);
     const int64_t per = qg_rup(S * Cp * (int64_t)sizeof(double) + nterms * (int64_t)sizeof(qg_term) +
-                                   (S + 1) * (int64_t)sizeof(int64_t) + S * (int64_t)sizeof(int64_t),
+                                   (2 * S + 1) * (int64_t)sizeof(int64_t) +
+                                   (global ? 0 : l_far * (int64_t)sizeof(float)),
                                64);
     char *scratch = (char *)qg_malloc(per * nt);
-    if (!farT || !scratch) {
+    if ((global && !farT) || !scratch) {
         qg_free(slot);
         qg_free(farT);
         qg_free(scratch);
         return QG_ENOMEM;
     }
     int stop = 0;
-    /* transpose the far maps that occur: farT[slot][s][c] = far[f][c][s], zero for c >= C */
-    {
+    if (global) {
         const int ntt = qg_match_threads(ctx, (double)nslots * (double)cs * 16.0, nfar);
         QG_OMP(parallel for schedule(dynamic, 16) num_threads(ntt))
         for (int64_t f = 0; f < nfar; ++f) {
             if (slot[f] < 0 || qg_stop_requested(&stop)) continue;
-            const float *src = job->far + f * cs;
-            float *dst = farT + slot[f] * S * Cp;
-            for (int64_t s0 = 0; s0 < S; s0 += 16) {
-                const int64_t s1 = qg_min(S, s0 + 16);
-                for (int64_t c = 0; c < C; ++c)
-                    for (int64_t s = s0; s < s1; ++s) dst[s * Cp + c] = src[c * S + s];
-                for (int64_t s = s0; s < s1; ++s)
-                    for (int64_t c = C; c < Cp; ++c) dst[s * Cp + c] = 0.0f;
-            }
+            qg_transpose(job->far + f * cs, C, S, Cp, farT + slot[f] * S * Cp);
             qg_poll_block(ctx, &stop);
         }
     }
@@ -716,6 +753,7 @@ int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
             qg_term *terms = (qg_term *)(acc + S * Cp);
             int64_t *start = (int64_t *)(terms + nterms);
             int64_t *pos = start + S + 1;
+            float *tb = (float *)(pos + S);
             memset(acc, 0, (size_t)(S * Cp) * sizeof(double));
             const int64_t np = qg_bwd_npairs(job, t);
             for (int64_t i0 = 0; i0 < np; i0 += pch) {
@@ -732,6 +770,8 @@ int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
                         for (int64_t s = 0; s < S; ++s) start[ap[s] + 1] += 1;
                         for (int64_t r = 0; r < S; ++r) start[r + 1] += 1;
                     }
+                    if (!global)
+                        qg_transpose(job->far + qg_bwd_far_id(job, q) * cs, C, S, Cp, tb + (i - i0) * S * Cp);
                 }
                 for (int64_t s = 0; s < S; ++s) {
                     start[s + 1] += start[s];
@@ -741,7 +781,8 @@ int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
                     const int64_t q = qg_bwd_pair_id(job, t, i);
                     const uint16_t *ap = job->ap + q * S, *ag = job->ag + q * S;
                     const float *gp = job->gmp + q * S, *gg = job->gmg + q * S;
-                    const float *T = farT + slot[qg_bwd_far_id(job, q)] * S * Cp;
+                    const float *T =
+                        global ? farT + slot[qg_bwd_far_id(job, q)] * S * Cp : tb + (i - i0) * S * Cp;
                     if (job->side == 0) { /* acc[s] += gmp[s] T[ap[s]];  acc[ag[r]] += gmg[r] T[r] */
                         for (int64_t s = 0; s < S; ++s) terms[pos[s]++] = (qg_term){T + ap[s] * Cp, gp[s]};
                         for (int64_t r = 0; r < S; ++r) terms[pos[ag[r]]++] = (qg_term){T + r * Cp, gg[r]};
