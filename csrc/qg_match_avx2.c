@@ -797,8 +797,17 @@ int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
             }
             const int64_t row = job->rowid ? job->rowid[t] : t;
             float *o = job->out + row * cs;
+            /* round once, then transpose back [S][Cp] -> [C][S] (in place over acc: the floats of
+             * row s end before the doubles of row s start) */
+            float *accf = (float *)acc;
+            for (int64_t s = 0; s < S; ++s)
+                for (int64_t c = 0; c < Cp; c += 4)
+                    _mm_storeu_ps(accf + s * Cp + c, _mm256_cvtpd_ps(_mm256_loadu_pd(acc + s * Cp + c)));
+            const int64_t C8 = C & ~(int64_t)7, S8 = S & ~(int64_t)7;
+            for (int64_t c0 = 0; c0 < C8; c0 += 8)
+                for (int64_t s0 = 0; s0 < S8; s0 += 8) qg_tr8x8(accf + s0 * Cp + c0, Cp, o + c0 * S + s0, S);
             for (int64_t c = 0; c < C; ++c)
-                for (int64_t s = 0; s < S; ++s) o[c * S + s] = (float)acc[s * Cp + c];
+                for (int64_t s = (c < C8 ? S8 : 0); s < S; ++s) o[c * S + s] = accf[s * Cp + c];
             qg_poll_block(ctx, &stop);
         }
     }
