@@ -103,36 +103,34 @@ QG_AI const float *qg_col_map(const qg_geo *g, int64_t i0, int64_t j0, int64_t b
     return job->B + id * g->cs;
 }
 
-/* Columns [0, nb*S) of the unit's column maps -> panels [cols_pad/NR][C][NR], zero padded. */
+/* Columns [0, nb*S) of the unit's column maps -> panels [cols_pad/NR][C][NR], zero padded. Each map is
+ * read once, row by row in memory order (maps often come from far away: candidate rows of a table). */
 static void qg_pack_cols(const qg_geo *g, int64_t i0, int64_t j0, int64_t nb, float *pb)
 {
-    const int64_t C = g->C, S = g->S, cols = nb * S;
-    const int64_t np = (cols + NR - 1) / NR;
-    for (int64_t p = 0; p < np; ++p) {
-        const int64_t c0 = p * NR;
-        float *d = pb + p * C * NR;
-        if (c0 % S + NR <= S) { /* one contiguous run of NR columns in one map */
-            const float *src = qg_col_map(g, i0, j0, c0 / S) + c0 % S;
-            for (int64_t c = 0; c < C; ++c) {
-                _mm256_store_ps(d + c * NR, _mm256_loadu_ps(src + c * S));
-                _mm256_store_ps(d + c * NR + 8, _mm256_loadu_ps(src + c * S + 8));
+    const int64_t C = g->C, S = g->S, cols = nb * S, cols_pad = qg_rup(cols, NR);
+    for (int64_t b = 0; b < nb; ++b) {
+        const float *src = qg_col_map(g, i0, j0, b);
+        const int64_t col0 = b * S;
+        for (int64_t c = 0; c < C; ++c) {
+            const float *sr = src + c * S;
+            int64_t r = 0;
+            while (r < S) {
+                const int64_t col = col0 + r, l = col % NR, len = qg_min(NR - l, S - r);
+                float *d = pb + (col / NR) * C * NR + c * NR + l;
+                if (len == NR) {
+                    _mm256_store_ps(d, _mm256_loadu_ps(sr + r));
+                    _mm256_store_ps(d + 8, _mm256_loadu_ps(sr + r + 8));
+                } else {
+                    for (int64_t k = 0; k < len; ++k) d[k] = sr[r + k];
+                }
+                r += len;
             }
-            continue;
         }
-        int64_t j = 0;
-        while (j < NR) {
-            const int64_t col = c0 + j;
-            if (col >= cols) {
-                for (int64_t c = 0; c < C; ++c)
-                    for (int64_t l = j; l < NR; ++l) d[c * NR + l] = 0.0f;
-                break;
-            }
-            const int64_t r = col % S, len = qg_min(NR - j, S - r);
-            const float *src = qg_col_map(g, i0, j0, col / S) + r;
-            for (int64_t c = 0; c < C; ++c)
-                for (int64_t l = 0; l < len; ++l) d[c * NR + j + l] = src[c * S + l];
-            j += len;
-        }
+    }
+    if (cols < cols_pad) {
+        const int64_t p = cols / NR, l = cols % NR;
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t k = l; k < NR; ++k) pb[p * C * NR + c * NR + k] = 0.0f;
     }
 }
 
