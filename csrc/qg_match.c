@@ -1,14 +1,19 @@
 /*
- * qg_match.c - location normalisation and the fused QAConv correlation + two-way max.
+ * qg_match.c - location normalisation, the fused QAConv correlation + two-way max (driver, ISA
+ * table and portable engine) and the backward.
  *
- * Forward design (see qg_match.h for the contracts):
+ * Forward layering: qg_match_*_f32 validate and build a qg_pairs_job (qg_match_impl.h), then run
+ * the engine of ctx->isa from a small table: qg_match_pairs_avx2 (qg_match_avx2.c, AVX2 + FMA,
+ * register-tiled with the maxima in the epilogue) on x86-64 CPUs that have it, else the portable
+ * engine below (also the fallback on other architectures).
+ * Portable engine:
  *   - Each pair (probe map A, gallery map B, both [C, S]) is computed by one thread. The thread
  *     packs A into MR-wide panels [ceil(S/MR)][C][MR] and B into NR-wide panels [ceil(S/NR)][C][NR]
  *     (zero padded) in its own scratch, so the micro-kernel streams contiguous memory.
  *   - The micro-kernel computes one MR x NR tile of Z = A^T B, summing over c = 0..C-1 in order
  *     in float32 (separate multiply and add: the build uses ISO C, so no FMA contraction).
  *     Every Z element is therefore the same sequential float32 sum whatever the tiling, the
- *     thread count or the SIMD width.
+ *     thread count or the vector width of this engine.
  *   - The tile epilogue folds the tile into the running maxima of both directions, replacing
  *     only on strictly greater values, visiting indices in increasing order (gallery panels in
  *     the outer loop, probe panels in the inner loop), so ties keep the first index.
@@ -17,6 +22,7 @@
  * each output element is owned by one item and summed in double over pairs in a fixed order.
  */
 #include "qg_match.h"
+#include "qg_match_impl.h"
 
 #include <math.h>
 #include <string.h>
@@ -406,101 +412,21 @@ typedef int32_t qg_v4i __attribute__((vector_size(16)));
 #define QG_V4_MAX(a, b) QG_V4_SELF(QG_V4_GT((a), (b)), (a), (b))
 #define QG_NR_BASE 8
 QG_DEFINE_PAIR(base, , qg_v4f, qg_v4i, 2, 8, QG_V4)
-#if defined(__x86_64__) && !defined(QG_NO_DISPATCH)
-/* AVX2 clone chosen at run time: 32-byte vectors, 6 x 16 tile. Same sums, same bits. */
-#define QG_HAVE_AVX2_PATH 1
-typedef float qg_v8f __attribute__((vector_size(32)));
-typedef int32_t qg_v8i __attribute__((vector_size(32)));
-#define QG_V8_GT(a, b) ((qg_v8i)((a) > (b)))
-#define QG_V8_SELF(m, a, b) ((qg_v8f)QG_VSELI((m), (qg_v8i)(a), (qg_v8i)(b)))
-#define QG_V8_SELI(m, a, b) QG_VSELI((m), (a), (b))
-#define QG_V8_MAX(a, b) QG_V8_SELF(QG_V8_GT((a), (b)), (a), (b))
-QG_DEFINE_PAIR(avx2, __attribute__((target("avx2"))), qg_v8f, qg_v8i, 2, 16, QG_V8)
-#endif
 #else
 /* Portable scalar fallback: "vectors" of one float. */
 #define QG_NR_BASE 8
 QG_DEFINE_PAIR(base, , float, int32_t, 8, 8, QG_S)
 #endif
 
-/* 1 if the AVX2 path is available on this CPU. */
-static int qg_use_avx2(void)
-{
-#ifdef QG_HAVE_AVX2_PATH
-    static int cached = -1;
-    int v;
-    QG_OMP(atomic read)
-    v = cached;
-    if (v < 0) {
-        __builtin_cpu_init();
-        v = __builtin_cpu_supports("avx2") ? 1 : 0;
-        QG_OMP(atomic write)
-        cached = v;
-    }
-    return v;
-#else
-    return 0;
-#endif
-}
-
-/* Pair maxima from packed maps on the chosen path (wide: AVX2, NR = 16; else NR = QG_NR_BASE). */
-static int qg_pair(int wide, const float *pa, const float *pb, int64_t C, int64_t S, float *mp, float *mg,
-                   uint16_t *ap, uint16_t *ag, int want, const qg_ctx *ctx, int *stop)
-{
-#ifdef QG_HAVE_AVX2_PATH
-    if (wide) return qg_pair_avx2(pa, pb, C, S, mp, mg, ap, ag, want, ctx, stop);
-#else
-    (void)wide;
-#endif
-    return qg_pair_base(pa, pb, C, S, mp, mg, ap, ag, want, ctx, stop);
-}
-
 /* ------------------------------------------------------------------ forward: pair drivers */
 
-/*
- * Pair q (0 <= q < nA*K) is A[q / K] against B[cand ? cand[q] : q % K].
- * Outputs: either maxima (mp, mg [npairs, S], ap/ag or NULL) or fused scores (w != NULL:
- * out[q] = sum_s w[s] mp[s] + sum_r w[S+r] mg[r] + bias, summed in double in index order).
- */
-typedef struct qg_pairs_job {
-    const float *A;
-    int64_t nA;
-    const float *B;
-    int64_t nB;
-    const int64_t *cand; /* NULL: all pairs */
-    int64_t K;
-    int64_t C, S;
-    float *mp, *mg;
-    uint16_t *ap, *ag;
-    const float *w;
-    float bias;
-    float *out;
-} qg_pairs_job;
-
-static int qg_run_pairs(const qg_pairs_job *job, const qg_ctx *ctx)
+/* Portable engine: each pair computed by one thread from its packed maps (A in MR panels, packed once
+ * per block of pairs sharing the probe; B in QG_NR_BASE panels). */
+static int qg_match_pairs_portable(const qg_pairs_job *job, const qg_ctx *ctx)
 {
-    const int64_t C = job->C, S = job->S, K = job->K;
-    int64_t cs, npairs, tmp;
-    if (job->nA < 0 || job->nB < 0 || K < 0 || C < 1 || S < 1) return QG_EINVAL;
-    if (S > QG_MAX_LOCATIONS) return QG_EINVAL;
-    if (qg_mul_overflow(C, S, &cs) || qg_mul_overflow(job->nA, K, &npairs) ||
-        qg_mul_overflow(npairs, S, &tmp) || qg_mul_overflow(cs, job->nA, &tmp) ||
-        qg_mul_overflow(cs, job->nB, &tmp))
-        return QG_EOVERFLOW;
-    if (npairs == 0) return QG_OK;
-    if (!job->A || !job->B) return QG_EINVAL;
-    if (job->w ? !job->out : (!job->mp || !job->mg)) return QG_EINVAL;
-    if ((job->ap == NULL) != (job->ag == NULL)) return QG_EINVAL;
-    if (job->cand) {
-        for (int64_t q = 0; q < npairs; ++q)
-            if (job->cand[q] < 0 || job->cand[q] >= job->nB) return QG_ERANGE;
-    } else if (job->nB != K) {
-        return QG_EINVAL;
-    }
-
+    const int64_t C = job->C, S = job->S, K = job->K, cs = C * S, npairs = job->nA * K;
     const int64_t nsp = (S + QG_MR - 1) / QG_MR;
-    const int wide = qg_use_avx2();
-    const int64_t nr = wide ? 16 : QG_NR_BASE;
+    const int64_t nr = QG_NR_BASE;
     const int64_t nrp = (S + nr - 1) / nr;
     int64_t la, lb;
     if (qg_mul_overflow(nsp * QG_MR, C, &la) || qg_mul_overflow(nrp * nr, C, &lb)) return QG_EOVERFLOW;
@@ -510,13 +436,14 @@ static int qg_run_pairs(const qg_pairs_job *job, const qg_ctx *ctx)
     const int64_t per = la + lb + lm;
 
     /* Blocks of consecutive pairs share the probe map; small enough to balance the threads. */
-    int nt = qg_threads_for(ctx, npairs);
+    const double macs = (double)npairs * (double)C * (double)S * (double)S;
+    int nt = qg_match_threads(ctx, macs, npairs);
     int64_t bs = npairs / ((int64_t)nt * 8);
     if (bs < 1) bs = 1;
     if (bs > K) bs = K;
     if (bs > 64) bs = 64;
     const int64_t nblk = (npairs + bs - 1) / bs;
-    nt = qg_threads_for(ctx, nblk);
+    nt = qg_match_threads(ctx, macs, nblk);
 
     int64_t nbytes;
     if (qg_mul_overflow(per, (int64_t)nt * (int64_t)sizeof(float), &nbytes)) return QG_EOVERFLOW;
@@ -542,18 +469,13 @@ static int qg_run_pairs(const qg_pairs_job *job, const qg_ctx *ctx)
             qg_pack_b(job->B + ib * cs, C, S, nr, pb);
             int stopped;
             if (job->w) {
-                stopped = qg_pair(wide, pa, pb, C, S, tm, tm + S, NULL, NULL, 0, ctx, &stop);
-                if (!stopped) {
-                    double acc = 0.0;
-                    for (int64_t s = 0; s < S; ++s) acc += (double)job->w[s] * (double)tm[s];
-                    for (int64_t r = 0; r < S; ++r) acc += (double)job->w[S + r] * (double)tm[S + r];
-                    job->out[q] = (float)(acc + (double)job->bias);
-                }
+                stopped = qg_pair_base(pa, pb, C, S, tm, tm + S, NULL, NULL, 0, ctx, &stop);
+                if (!stopped) job->out[q] = qg_pair_score(job->w, job->bias, tm, tm + S, S);
             } else if (job->ap) {
-                stopped = qg_pair(wide, pa, pb, C, S, job->mp + q * S, job->mg + q * S, job->ap + q * S,
-                                  job->ag + q * S, 1, ctx, &stop);
+                stopped = qg_pair_base(pa, pb, C, S, job->mp + q * S, job->mg + q * S, job->ap + q * S,
+                                       job->ag + q * S, 1, ctx, &stop);
             } else {
-                stopped = qg_pair(wide, pa, pb, C, S, job->mp + q * S, job->mg + q * S, NULL, NULL, 0, ctx, &stop);
+                stopped = qg_pair_base(pa, pb, C, S, job->mp + q * S, job->mg + q * S, NULL, NULL, 0, ctx, &stop);
             }
             if (stopped) break;
         }
@@ -561,6 +483,49 @@ static int qg_run_pairs(const qg_pairs_job *job, const qg_ctx *ctx)
     }
     qg_free(scratch);
     return stop ? QG_EINTR : QG_OK;
+}
+
+/* Engines by ISA level (ctx->isa): the best one compiled for a level at or below it. AVX-512 CPUs run
+ * the AVX2 engine (no AVX-512 variant is written: it could not be tested on the project's machines). */
+static qg_pairs_engine qg_pairs_engine_for(int isa)
+{
+    static const qg_pairs_engine table[] = {
+        [QG_ISA_PORTABLE] = qg_match_pairs_portable,
+#if QG_X86
+        [QG_ISA_AVX2] = qg_match_pairs_avx2,
+        [QG_ISA_AVX512] = qg_match_pairs_avx2,
+#else
+        [QG_ISA_AVX2] = qg_match_pairs_portable,
+        [QG_ISA_AVX512] = qg_match_pairs_portable,
+#endif
+    };
+    if (isa < QG_ISA_PORTABLE) isa = QG_ISA_PORTABLE;
+    if (isa > QG_ISA_AVX512) isa = QG_ISA_AVX512;
+    return table[isa];
+}
+
+/* Validate a job, then run it on the engine of ctx->isa. */
+static int qg_run_pairs(const qg_pairs_job *job, const qg_ctx *ctx)
+{
+    const int64_t C = job->C, S = job->S, K = job->K;
+    int64_t cs, npairs, tmp;
+    if (job->nA < 0 || job->nB < 0 || K < 0 || C < 1 || S < 1) return QG_EINVAL;
+    if (S > QG_MAX_LOCATIONS) return QG_EINVAL;
+    if (qg_mul_overflow(C, S, &cs) || qg_mul_overflow(job->nA, K, &npairs) ||
+        qg_mul_overflow(npairs, S, &tmp) || qg_mul_overflow(cs, job->nA, &tmp) ||
+        qg_mul_overflow(cs, job->nB, &tmp) || qg_mul_overflow(npairs, 2 * S, &tmp))
+        return QG_EOVERFLOW;
+    if (npairs == 0) return QG_OK;
+    if (!job->A || !job->B) return QG_EINVAL;
+    if (job->w ? !job->out : (!job->mp || !job->mg)) return QG_EINVAL;
+    if ((job->ap == NULL) != (job->ag == NULL)) return QG_EINVAL;
+    if (job->cand) {
+        for (int64_t q = 0; q < npairs; ++q)
+            if (job->cand[q] < 0 || job->cand[q] >= job->nB) return QG_ERANGE;
+    } else if (job->nB != K) {
+        return QG_EINVAL;
+    }
+    return qg_pairs_engine_for(ctx ? ctx->isa : QG_ISA_PORTABLE)(job, ctx);
 }
 
 int qg_match_maxima_f32(const float *P, int64_t nP, const float *G, int64_t nG,
@@ -623,28 +588,7 @@ static int qg_check_argmax(const uint16_t *a, int64_t n, int64_t S)
     return 1;
 }
 
-/*
- * Generic backward over "rows": row t owns output map out[t] (C x S); its contributions are the
- * pairs list[off[t]..off[t+1]) (pair ids in the order to sum), each with far-side map
- * far[farid(pair)]. Work items are (row, channel block).
- */
-typedef struct qg_bwd_job {
-    int64_t nrows;
-    const int64_t *off;   /* NULL: row t has pairs t*K .. t*K+K-1 (side 0), or t, t+K, ... (side 1) */
-    const int64_t *list;  /* pair ids, CSR order (with off) */
-    const int64_t *rowid; /* output map of row t (NULL: t) */
-    int64_t K;            /* pairs per probe-side map */
-    int64_t nA;           /* probe-side maps (side 1, off == NULL: pairs t + i*K for i < nA) */
-    const int64_t *cand;  /* far-side map of pair q for side 0 (NULL: q % K) */
-    const float *far;
-    int side;
-    int64_t C, S;
-    const float *gmp, *gmg;
-    const uint16_t *ap, *ag;
-    float *out;
-} qg_bwd_job;
-
-static int qg_run_bwd(const qg_bwd_job *job, const qg_ctx *ctx)
+static int qg_run_bwd_portable(const qg_bwd_job *job, const qg_ctx *ctx)
 {
     const int64_t C = job->C, S = job->S, cs = C * S;
     if (job->nrows == 0) return QG_OK;
@@ -695,6 +639,16 @@ static int qg_run_bwd(const qg_bwd_job *job, const qg_ctx *ctx)
     return stop ? QG_EINTR : QG_OK;
 }
 
+/* Backward engine of ctx->isa (the AVX2 one on x86-64 CPUs that have it). */
+static int qg_run_bwd(const qg_bwd_job *job, const qg_ctx *ctx)
+{
+    if (job->nrows == 0) return QG_OK;
+#if QG_X86
+    if (ctx && ctx->isa >= QG_ISA_AVX2) return qg_match_bwd_avx2(job, ctx);
+#endif
+    return qg_run_bwd_portable(job, ctx);
+}
+
 static int qg_bwd_check(int64_t nA, int64_t nB, int64_t K, int64_t C, int64_t S, int64_t *npairs)
 {
     int64_t cs, tmp;
@@ -720,10 +674,10 @@ int qg_match_backward_f32(const float *P, int64_t nP, const float *G, int64_t nG
     }
     if (!P || !G || !gmp || !gmg || !ap || !ag || !gP || !gG) return QG_EINVAL;
     if (!qg_check_argmax(ap, npairs * S, S) || !qg_check_argmax(ag, npairs * S, S)) return QG_ERANGE;
-    qg_bwd_job jp = {nP, NULL, NULL, NULL, nG, nP, NULL, G, 0, C, S, gmp, gmg, ap, ag, gP};
+    qg_bwd_job jp = {nP, NULL, NULL, NULL, nG, nP, NULL, G, nG, 0, C, S, gmp, gmg, ap, ag, gP};
     st = qg_run_bwd(&jp, ctx);
     if (st != QG_OK) return st;
-    qg_bwd_job jg = {nG, NULL, NULL, NULL, nG, nP, NULL, P, 1, C, S, gmp, gmg, ap, ag, gG};
+    qg_bwd_job jg = {nG, NULL, NULL, NULL, nG, nP, NULL, P, nP, 1, C, S, gmp, gmg, ap, ag, gG};
     return qg_run_bwd(&jg, ctx);
 }
 
@@ -748,7 +702,7 @@ int qg_match_backward_restricted_f32(const float *X, int64_t B, const float *E, 
     if (!qg_check_argmax(ap, npairs * S, S) || !qg_check_argmax(ag, npairs * S, S)) return QG_ERANGE;
 
     /* gX: row b sums its pairs j = 0..K-1 in order. */
-    qg_bwd_job jx = {B, NULL, NULL, NULL, K, B, cand, E, 0, C, S, gmp, gmg, ap, ag, gX};
+    qg_bwd_job jx = {B, NULL, NULL, NULL, K, B, cand, E, N, 0, C, S, gmp, gmg, ap, ag, gX};
     st = qg_run_bwd(&jx, ctx);
     if (st != QG_OK) return st;
 
@@ -792,7 +746,7 @@ int qg_match_backward_restricted_f32(const float *X, int64_t B, const float *E, 
         goto done;
     }
     {
-        qg_bwd_job je = {nrows, roff, list, rows, K, B, NULL, X, 1, C, S, gmp, gmg, ap, ag, gE};
+        qg_bwd_job je = {nrows, roff, list, rows, K, B, NULL, X, B, 1, C, S, gmp, gmg, ap, ag, gE};
         st = qg_run_bwd(&je, ctx);
     }
 done:

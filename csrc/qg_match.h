@@ -10,13 +10,20 @@
  * All kernels: inputs never modified, outputs must not alias inputs unless stated,
  * bit-identical for any thread count, float32 storage.
  *
- * Precision: Z[s, r] is summed over c = 0..C-1 in order in float32 (separate multiply and add),
- * so the maxima are the same bits on every SIMD path (AVX2 / SSE / scalar) and thread count.
+ * Precision: Z[s, r] is summed over c = 0..C-1 in order in float32: one fused multiply-add per
+ * channel on the AVX2 path (ctx->isa >= QG_ISA_AVX2, qg_match_avx2.c), a separate multiply and add
+ * on the portable path. On a given path every Z element is the same bits whatever the thread count,
+ * the tiling or the call (all pairs, restricted, fused scores); the two paths may differ in the last
+ * bits (and so, at near ties, in the argmax).
  * Norms, dot products of the normalisation backward, the backward scatter sums and the fused
  * scores are accumulated in double and rounded once.
- * Threading: the forward gives each pair to one thread (dynamic schedule over blocks of pairs);
- * the backward gives each (output map, channel block) to one thread. Memory beyond the outputs:
- * O(threads * C * S) packed maps (forward), O(threads * 8192) doubles (backward).
+ * Threading: the forward splits the pairs into units (a block of probe maps x a block of gallery
+ * maps or candidate slots), each computed by one thread (dynamic schedule); calls with little work
+ * use fewer threads (about one per 2^21 multiply-adds). The backward gives each (output map,
+ * channel block) to one thread (portable), or each output map to one thread (AVX2). Memory beyond
+ * the outputs: O(threads * (rows + cols) * C) packed blocks (forward, cols sized to ~512 KiB);
+ * backward: O(threads * 8192) doubles (portable), or O(threads * S * C) doubles plus transposed
+ * copies of the far-side maps that are reused by many pairs (AVX2; at most the size of the input).
  * Statuses: QG_EINVAL (bad sizes, NULL pointers, only one of ap/ag given), QG_EOVERFLOW,
  * QG_ERANGE (candidate outside [0, N), argmax >= S), QG_ENOMEM, QG_EINTR (polled between
  * blocks of pairs and between gallery panels of a pair). Finite inputs are assumed (the Python

@@ -14,6 +14,20 @@ RTOL = 1e-4
 # Z is a float32 sum of C products of unit-norm entries: its absolute error is a few ulps of 1.
 ATOL = 1e-5
 
+_LEVELS = ("portable", "avx2", "avx512")
+# every SIMD path this CPU can run (the kernels pick theirs from the current level)
+ISAS = _LEVELS[: _LEVELS.index(_native.best_isa()) + 1]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run the test on one SIMD path; the previous level is restored afterwards."""
+    previous = _native.set_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        _native.set_isa(previous)
+
 
 def maps(rng, n, C, H, W, normalize=True):
     x = rng.standard_normal((n, C, H, W)).astype(np.float32)
@@ -120,7 +134,7 @@ def test_normalize_vs_torch_autograd(rng):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_pair_maxima_matches_reference(rng, shape):
+def test_pair_maxima_matches_reference(rng, isa, shape):
     P, G, C, H, W = shape
     p, g = maps(rng, P, C, H, W), maps(rng, G, C, H, W)
     refs = ref.pair_maxima_ref(p, g)
@@ -132,7 +146,7 @@ def test_pair_maxima_matches_reference(rng, shape):
     np.testing.assert_array_equal(mg, out[1])
 
 
-def test_pair_maxima_unnormalised_inputs(rng):
+def test_pair_maxima_unnormalised_inputs(rng, isa):
     p = rng.standard_normal((2, 9, 5, 5)).astype(np.float32) * 4
     g = rng.standard_normal((3, 9, 5, 5)).astype(np.float32) * 0.1
     out = m.pair_maxima(p, g, return_argmax=True)
@@ -144,7 +158,7 @@ def test_pair_maxima_unnormalised_inputs(rng):
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 16, 7, 7), (5, 2, 8, 24, 8), (2, 1, 3, 1, 1)])
-def test_restricted_matches_references(rng, shape):
+def test_restricted_matches_references(rng, isa, shape):
     B, N, C, H, W = shape
     x, e = maps(rng, B, C, H, W), maps(rng, N, C, H, W)
     K = 3
@@ -169,7 +183,7 @@ def test_c_reference_kernel_matches_numpy(rng):
     check_forward(out, ref.pair_maxima_restricted_ref(x, e, cand))
 
 
-def test_ties_take_first_index_across_tiles(rng):
+def test_ties_take_first_index_across_tiles(rng, isa):
     C, H, W = 8, 5, 8  # S = 40: several probe panels (6) and gallery panels (8 or 16)
     S = H * W
     p = maps(rng, 1, C, H, W).reshape(1, C, S).copy()
@@ -196,7 +210,7 @@ def test_ties_take_first_index_across_tiles(rng):
     assert not ap.any() and not ag.any()
 
 
-def test_match_scores_equals_weighted_maxima(rng):
+def test_match_scores_equals_weighted_maxima(rng, isa):
     p, g = maps(rng, 5, 16, 7, 7), maps(rng, 97, 16, 7, 7)
     S = 49
     w = rng.standard_normal(2 * S).astype(np.float32)
@@ -210,18 +224,87 @@ def test_match_scores_equals_weighted_maxima(rng):
     np.testing.assert_allclose(out, ref.match_scores_ref(p, g, w, 0.25), rtol=RTOL, atol=1e-4)
 
 
-def test_match_scores_single_location(rng):
+def test_match_scores_single_location(rng, isa):
     p, g = maps(rng, 3, 4, 1, 1), maps(rng, 2, 4, 1, 1)
     out = m.match_scores(p, g, np.array([1.0, 2.0]), np.float32(-1.0))
     z = np.einsum("pc,gc->pg", p[:, :, 0, 0].astype(np.float64), g[:, :, 0, 0].astype(np.float64))
     np.testing.assert_allclose(out, 3 * z - 1, rtol=1e-6, atol=1e-6)
 
 
+# Shapes that exercise the block layout of the SIMD engine: several row blocks (probes concatenated
+# along locations) and column blocks (sized to the L2 budget), partial last blocks, S not a multiple
+# of the 6 x 16 tile (faces: S = 49), S < 16 (scalar epilogue), S = 1, and large C.
+BLOCK_SHAPES = [  # (P, G, C, H, W)
+    (13, 23, 300, 7, 7),
+    (8, 20, 2000, 3, 3),
+    (5, 7, 40, 4, 4),
+    (6, 9, 33, 17, 1),
+    (4, 5, 64, 6, 8),
+    (3, 4, 50, 5, 10),
+    (20, 3, 7, 2, 3),
+    (30, 31, 5, 1, 1),
+]
+
+
+@pytest.mark.parametrize("shape", BLOCK_SHAPES)
+def test_block_layouts_match_reference(rng, isa, shape):
+    P, G, C, H, W = shape
+    S = H * W
+    p, g = maps(rng, P, C, H, W), maps(rng, G, C, H, W)
+    out = m.pair_maxima(p, g, return_argmax=True, n_threads=2)
+    check_forward(out, ref.pair_maxima_ref(p, g))
+    vals = m.pair_maxima(p, g, n_threads=2)
+    np.testing.assert_array_equal(vals[0], out[0])
+    np.testing.assert_array_equal(vals[1], out[1])
+    # restricted pairs (repeats, several column blocks) are the same bits as the all-pairs ones
+    cand = rng.integers(0, G, size=(P, 2 * G + 1))
+    rout = m.pair_maxima_restricted(p, g, cand, return_argmax=True, n_threads=2)
+    rows = np.arange(P)[:, None]
+    for a, b in zip(rout, out):
+        np.testing.assert_array_equal(a, b[rows, cand])
+    # fused scores: the weighted maxima of the same pairs
+    w = rng.standard_normal(2 * S).astype(np.float32)
+    sc = m.match_scores(p, g, w, -0.5, n_threads=2)
+    exact = out[0].astype(np.float64) @ w[:S].astype(np.float64)
+    exact += out[1].astype(np.float64) @ w[S:].astype(np.float64)
+    np.testing.assert_allclose(sc, exact - 0.5, rtol=1e-6, atol=1e-6)
+
+
+def _second_gap(Z, axis):
+    """Distance between the largest and second-largest value along axis (float64)."""
+    part = -np.partition(-Z, 1, axis=axis)
+    return np.take(part, 0, axis=axis) - np.take(part, 1, axis=axis)
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason="only the portable path runs on this CPU")
+def test_isa_paths_agree(rng):
+    """The FMA paths round once per channel, the portable path twice: values agree to rtol 1e-5 and the
+    argmax wherever the float64 maximum is not a near tie."""
+    p, g = maps(rng, 7, 96, 7, 7), maps(rng, 9, 96, 7, 7)
+    *_, Z = ref.pair_maxima_ref(p, g)
+    clear_p, clear_g = _second_gap(Z, 3) > 1e-5, _second_gap(Z, 2) > 1e-5
+    outs = {}
+    previous = _native.isa()
+    try:
+        for level in ISAS:
+            _native.set_isa(level)
+            outs[level] = m.pair_maxima(p, g, return_argmax=True)
+    finally:
+        _native.set_isa(previous)
+    base = outs["portable"]
+    for level in ISAS[1:]:
+        o = outs[level]
+        np.testing.assert_allclose(o[0], base[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(o[1], base[1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(o[2][clear_p], base[2][clear_p])
+        np.testing.assert_array_equal(o[3][clear_g], base[3][clear_g])
+
+
 # ---------------------------------------------------------------- backward
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_pair_maxima_backward_matches_reference(rng, shape):
+def test_pair_maxima_backward_matches_reference(rng, isa, shape):
     P, G, C, H, W = shape
     p, g = maps(rng, P, C, H, W), maps(rng, G, C, H, W)
     mp, mg, ap, ag = m.pair_maxima(p, g, return_argmax=True)
@@ -234,7 +317,42 @@ def test_pair_maxima_backward_matches_reference(rng, shape):
     np.testing.assert_allclose(gg, rgg, rtol=1e-5, atol=1e-6)
 
 
-def test_restricted_backward_repeated_candidates(rng):
+@pytest.mark.parametrize("shape", [(5, 7, 45, 7, 7), (3, 40, 130, 4, 6), (9, 2, 8, 1, 3)])
+def test_backward_same_bits_on_every_path(rng, shape):
+    """The backward sums the same double terms in the same order on every SIMD path (given the same
+    argmax): bit-identical, for all pairs and restricted pairs (several pair chunks, C % 8 != 0)."""
+    P, G, C, H, W = shape
+    S = H * W
+    p, g = maps(rng, P, C, H, W), maps(rng, G, C, H, W)
+    ap = rng.integers(0, S, size=(P, G, S)).astype(np.uint16)
+    ag = rng.integers(0, S, size=(P, G, S)).astype(np.uint16)
+    gmp = rng.standard_normal((P, G, S)).astype(np.float32)
+    gmg = rng.standard_normal((P, G, S)).astype(np.float32)
+    cand = rng.integers(0, G, size=(P, 11))
+    rap = rng.integers(0, S, size=(P, 11, S)).astype(np.uint16)
+    rag = rng.integers(0, S, size=(P, 11, S)).astype(np.uint16)
+    rgmp = rng.standard_normal((P, 11, S)).astype(np.float32)
+    rgmg = rng.standard_normal((P, 11, S)).astype(np.float32)
+    outs = []
+    previous = _native.isa()
+    try:
+        for level in ISAS:
+            _native.set_isa(level)
+            for nt in (1, 2):
+                a = m.pair_maxima_backward(gmp, gmg, ap, ag, p, g, n_threads=nt)
+                b = m.pair_maxima_restricted_backward(rgmp, rgmg, rap, rag, p, g, cand, n_threads=nt)
+                outs.append((*a, *b))
+    finally:
+        _native.set_isa(previous)
+    rgp, rgg = ref.pair_maxima_backward_ref(gmp, gmg, ap, ag, p, g)
+    np.testing.assert_allclose(outs[0][0], rgp, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outs[0][1], rgg, rtol=1e-5, atol=1e-6)
+    for other in outs[1:]:
+        for u, v in zip(outs[0], other):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_restricted_backward_repeated_candidates(rng, isa):
     B, N, C, H, W = 4, 6, 8, 5, 3
     x, e = maps(rng, B, C, H, W), maps(rng, N, C, H, W)
     # class 2 several times in a row and across rows; classes 4, 5 never (their gradient is 0)
@@ -264,7 +382,7 @@ def test_restricted_backward_repeated_candidates(rng):
     np.testing.assert_allclose(ge, fge, rtol=1e-5, atol=1e-6)
 
 
-def test_backward_vs_torch_autograd(rng):
+def test_backward_vs_torch_autograd(rng, isa):
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
     B, N, K, C, H, W = 3, 5, 3, 12, 6, 4
@@ -361,7 +479,7 @@ def test_finite_differences_composed(rng):
 # ---------------------------------------------------------------- determinism
 
 
-def test_threads_bit_identical(rng):
+def test_threads_bit_identical(rng, isa):
     p, g = maps(rng, 7, 24, 24, 8), maps(rng, 9, 24, 24, 8)
     cand = rng.integers(0, 9, size=(7, 4))
     cand[:, 1] = 3
@@ -383,6 +501,23 @@ def test_threads_bit_identical(rng):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+
+
+def test_threads_bit_identical_faces_layout(rng, isa):
+    """S = 49 (maps concatenated across tiles), enough work for several threads."""
+    p, g = maps(rng, 14, 64, 7, 7), maps(rng, 19, 64, 7, 7)
+    cand = rng.integers(0, 19, size=(14, 6))
+    w = rng.standard_normal(98).astype(np.float32)
+    results = []
+    for nt in (1, 2, 3):
+        out = m.pair_maxima(p, g, return_argmax=True, n_threads=nt)
+        vals = m.pair_maxima(p, g, n_threads=nt)
+        rout = m.pair_maxima_restricted(p, g, cand, return_argmax=True, n_threads=nt)
+        sc = m.match_scores(p, g, w, 0.25, n_threads=nt)
+        results.append((*out, *vals, *rout, sc))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
 
 
@@ -573,8 +708,15 @@ def test_errors_scores(rng):
 def test_property_pair_maxima(P, G, C, H, W, seed, nt):
     rng = np.random.default_rng(seed)
     p, g = maps(rng, P, C, H, W), maps(rng, G, C, H, W)
-    out = m.pair_maxima(p, g, return_argmax=True, n_threads=nt)
-    check_forward(out, ref.pair_maxima_ref(p, g))
+    refs = ref.pair_maxima_ref(p, g)
+    previous = _native.isa()
+    try:
+        for level in ISAS:
+            _native.set_isa(level)
+            out = m.pair_maxima(p, g, return_argmax=True, n_threads=nt)
+            check_forward(out, refs)
+    finally:
+        _native.set_isa(previous)
     gmp = rng.standard_normal(out[0].shape).astype(np.float32)
     gmg = rng.standard_normal(out[0].shape).astype(np.float32)
     gp, gg = m.pair_maxima_backward(gmp, gmg, out[2], out[3], p, g, n_threads=nt)

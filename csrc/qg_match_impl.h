@@ -1,0 +1,82 @@
+/*
+ * qg_match_impl.h - internal interface between the portable pair-maxima driver (qg_match.c) and
+ * its ISA-specific engines (qg_match_avx2.c). Not part of the kernel API; include only from
+ * qg_match*.c.
+ *
+ * A job is a validated list of pairs: pair q (0 <= q < nA*K) is A[q / K] against
+ * B[cand ? cand[q] : q % K] (all pairs: cand == NULL and K == nB). Outputs are either the maxima
+ * (mp, mg [npairs, S], ap/ag or both NULL) or fused scores (w != NULL: out[npairs]).
+ */
+#ifndef QG_MATCH_IMPL_H
+#define QG_MATCH_IMPL_H
+#include "qg_cpu.h"
+#include "qg_match.h"
+
+typedef struct qg_pairs_job {
+    const float *A;
+    int64_t nA;
+    const float *B;
+    int64_t nB;
+    const int64_t *cand; /* NULL: all pairs */
+    int64_t K;
+    int64_t C, S;
+    float *mp, *mg;
+    uint16_t *ap, *ag;
+    const float *w;
+    float bias;
+    float *out;
+} qg_pairs_job;
+
+/*
+ * Generic backward over "rows": row t owns output map out[t] (C x S); its contributions are the
+ * pairs list[off[t]..off[t+1]) (pair ids in the order to sum), each with far-side map
+ * far[farid(pair)]. Work items are (row, channel block).
+ */
+typedef struct qg_bwd_job {
+    int64_t nrows;
+    const int64_t *off;   /* NULL: row t has pairs t*K .. t*K+K-1 (side 0), or t, t+K, ... (side 1) */
+    const int64_t *list;  /* pair ids, CSR order (with off) */
+    const int64_t *rowid; /* output map of row t (NULL: t) */
+    int64_t K;            /* pairs per probe-side map */
+    int64_t nA;           /* probe-side maps (side 1, off == NULL: pairs t + i*K for i < nA) */
+    const int64_t *cand;  /* far-side map of pair q for side 0 (NULL: q % K) */
+    const float *far;
+    int64_t nfar;         /* far-side maps (far has nfar maps of C x S) */
+    int side;
+    int64_t C, S;
+    const float *gmp, *gmg;
+    const uint16_t *ap, *ag;
+    float *out;
+} qg_bwd_job;
+
+/* An engine runs a validated job (sizes checked, no overflow, candidates in range, npairs > 0). */
+typedef int (*qg_pairs_engine)(const qg_pairs_job *job, const qg_ctx *ctx);
+
+#if QG_X86
+int qg_match_pairs_avx2(const qg_pairs_job *job, const qg_ctx *ctx);
+/* Backward of a validated job (argmax in range), same sums in the same order as the portable one. */
+int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx);
+#endif
+
+/* Fused score of one pair from its maxima: sum_s w[s] mp[s] + sum_r w[S+r] mg[r] + bias, in double,
+ * in index order, rounded once (shared so that every engine gives the same score for the same maxima). */
+static inline float qg_pair_score(const float *w, float bias, const float *mp, const float *mg, int64_t S)
+{
+    double acc = 0.0;
+    for (int64_t s = 0; s < S; ++s) acc += (double)w[s] * (double)mp[s];
+    for (int64_t r = 0; r < S; ++r) acc += (double)w[S + r] * (double)mg[r];
+    return (float)(acc + (double)bias);
+}
+
+/* Threads for a job of `macs` multiply-adds split into `units` independent units: at most
+ * ctx->n_threads and units, and one thread per ~2^21 multiply-adds (~0.1 ms) so that small calls
+ * do not pay for waking an OpenMP team. */
+static inline int qg_match_threads(const qg_ctx *ctx, double macs, int64_t units)
+{
+    int nt = qg_threads_for(ctx, units);
+    const double per = 2097152.0;
+    if (macs < per * nt) nt = macs < per ? 1 : (int)(macs / per);
+    return nt < 1 ? 1 : nt;
+}
+
+#endif
