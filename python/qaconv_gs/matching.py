@@ -124,9 +124,13 @@ def normalize_backward(grad_y, y, norms, *, n_threads=None) -> np.ndarray:
     yy = as_float32(y, "y", 4)
     gy = _grad(grad_y, "grad_y", yy.shape)
     M, S = yy.shape[0], yy.shape[2] * yy.shape[3]
-    nrm = _grad(norms, "norms", (M, S))
-    if (nrm < 0).any():
-        raise ValueError("norms: expected non-negative norms (as returned by normalize)")
+    # +inf is a valid norm: normalize returns it for locations whose norm exceeds the float32 range
+    # (the gradient through such a location rounds to 0).
+    nrm = as_float32(norms, "norms", 2, allow_empty=True, check_finite=False)
+    if nrm.shape != (M, S):
+        raise ValueError(f"norms: expected shape {shape_str((M, S))}, got {shape_str(nrm.shape)}")
+    if np.isnan(nrm).any() or (nrm < 0).any():
+        raise ValueError("norms: expected non-negative norms (as returned by normalize), got NaN or < 0")
     gx = _native.norm_backward(_flat(gy), _flat(yy), nrm, nt)
     return gx.reshape(yy.shape)
 
