@@ -208,8 +208,9 @@ class QAConvGS:
         self.num_classes, self.channels, self.height, self.width, self.k_nearest = N, C, H, W, k
         self.fc = _choice(fc, "fc", _FC_MODES)
         self.triplet = _choice(triplet, "triplet", _TRIPLET_MODES)
-        self.triplet_weight = check_real(triplet_weight, "triplet_weight", lo=0.0)
-        self.margin = check_real(margin, "margin", lo=0.0)
+        f32_max = float(np.finfo(np.float32).max)  # the loss kernels take these as float32
+        self.triplet_weight = check_real(triplet_weight, "triplet_weight", lo=0.0, hi=f32_max)
+        self.margin = check_real(margin, "margin", lo=0.0, hi=f32_max)
         self.seed = None if seed is None else check_int(seed, "seed", lo=0)
         if n_threads is not None:
             resolve_threads(n_threads)
