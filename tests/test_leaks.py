@@ -30,6 +30,9 @@ WARMUP = 200
 LEAK_RSS_BYTES = 4 << 20  # allocator noise (glibc arenas, OpenMP) stays well below this
 LEAK_PY_BYTES = 64 << 10
 PAGE = os.sysconf("SC_PAGE_SIZE")
+# Under AddressSanitizer freed memory sits in a quarantine (RSS grows by design): only the tracemalloc and
+# refcount checks apply there; ASan itself checks every access.
+SANITIZED = "asan" in os.environ.get("LD_PRELOAD", "")
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc/self/statm")
 
@@ -187,7 +190,8 @@ def test_calls_do_not_leak(name, calls):
     assert refs1[0] == refs0[0], "reference counts of input arrays changed"
     assert all(abs(a - b) < 16 for a, b in zip(refs1[1], refs0[1])), (refs0[1], refs1[1])
     assert py1 - py0 < LEAK_PY_BYTES, f"Python heap grew by {py1 - py0} bytes over {calls // 10} calls"
-    assert rss1 - rss0 < LEAK_RSS_BYTES, f"RSS grew by {rss1 - rss0} bytes over {calls} calls"
+    if not SANITIZED:
+        assert rss1 - rss0 < LEAK_RSS_BYTES, f"RSS grew by {rss1 - rss0} bytes over {calls} calls"
 
 
 def test_checkpoint_save_load_do_not_leak(tmp_path):
@@ -218,7 +222,8 @@ def test_checkpoint_save_load_do_not_leak(tmp_path):
     finally:
         tracemalloc.stop()
     assert py1 - py0 < LEAK_PY_BYTES
-    assert rss() - rss0 < LEAK_RSS_BYTES
+    if not SANITIZED:
+        assert rss() - rss0 < LEAK_RSS_BYTES
 
 
 def test_the_leak_check_can_fail():
@@ -235,6 +240,7 @@ def test_the_leak_check_can_fail():
     assert py1 - py0 > LEAK_PY_BYTES
 
 
+@pytest.mark.skipif(SANITIZED, reason="RSS is not a leak measure under ASan")
 def test_the_rss_check_can_fail():
     """A C-side leak of one 4 KB scratch buffer per call (what a missed qg_free would do) exceeds the RSS
     bound over the calls of one kernel test."""
