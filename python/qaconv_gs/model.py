@@ -395,7 +395,16 @@ class QAConvGS:
         with self._lock:
             if self._nbr is not None and not self._nbr_stale:
                 extra[_NBR_EXTRA_KEY] = self._nbr
-            save_checkpoint(path, self.config, self.state_dict(), extra=extra)
+            state = self.state_dict()
+            # load() refuses non-finite parameters, so writing them would replace a good checkpoint with
+            # one that cannot be read back (e.g. after a diverged step): refuse and keep the old file.
+            bad = [k for k, v in state.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+            if bad:
+                raise ValueError(
+                    f"model state: {bad} contain NaN or Inf (diverged training?); not writing "
+                    f"{os.fspath(path)} (an existing file is left as it was)"
+                )
+            save_checkpoint(path, self.config, state, extra=extra)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, return_extra: bool = False, n_threads: object = "saved"):
