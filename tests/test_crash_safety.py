@@ -296,3 +296,24 @@ def test_loader_mutation_fuzz_only_raises_value_error(tmp_path):
                 np.testing.assert_array_equal(a[k], b[k])
         outcomes["same"] += 1
     assert outcomes["error"] > 200, outcomes
+
+
+def test_diverged_model_does_not_overwrite_a_good_checkpoint(tmp_path):
+    """A step with an absurd learning rate overflows parameters to inf. load() refuses non-finite state, so
+    saving it would replace the last good checkpoint with an unreadable one: save refuses instead."""
+    p = str(tmp_path / "c.npz")
+    model = _model()
+    trainer = qg.Trainer(model, lr=3e38, seed=0, weight_decay=0.0)
+    trainer.save_checkpoint(p)
+    good = open(p, "rb").read()
+    rng = np.random.default_rng(0)
+    with np.errstate(over="ignore"):
+        trainer.step(rng.standard_normal((4, C, H, W)).astype(np.float32), np.arange(4))
+    assert not np.isfinite(model.class_embed).all()
+    with pytest.raises(ValueError, match="contain NaN or Inf"):
+        trainer.save_checkpoint(p)
+    with pytest.raises(ValueError, match="class_embed"):
+        model.save(p)
+    assert open(p, "rb").read() == good
+    assert [x.name for x in tmp_path.iterdir()] == ["c.npz"]
+    qg.Trainer.from_checkpoint(p)  # still loads
