@@ -98,6 +98,11 @@ def as_labels(
     if a.dtype.kind == "f":
         if a.size and (not np.isfinite(a).all() or (a != np.round(a)).any()):
             raise TypeError(f"{name}: expected integer values, got non-integral floats")
+    # Values outside int64 would be cast to INT64_MIN / wrapped: distinct labels could become equal.
+    if a.size and a.dtype.kind in "fu" and a.dtype.itemsize >= 8:
+        big = int(a.max()) if a.dtype.kind == "u" else float(np.abs(a).max())
+        if big >= 2**63:
+            raise ValueError(f"{name}: values must fit in int64 (|x| < 2**63), got {big}")
     out = np.ascontiguousarray(a, dtype=np.int64)
     if n is not None and out.shape[0] != n:
         raise ValueError(f"{name}: expected length {n}, got {out.shape[0]}")

@@ -145,12 +145,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, OSError) as exc:
+    except (ValueError, TypeError, OSError, MemoryError) as exc:
         print(f"qaconv-gs {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"qaconv-gs {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    """One array from a .npy file; any unreadable file becomes an error naming the argument and the file."""
+    try:
+        a = np.load(path, allow_pickle=False)
+    except OSError:
+        raise  # FileNotFoundError and friends already name the file
+    except Exception as exc:  # EOFError (empty file), ValueError (pickled / corrupt header), ...
+        why = f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"{what}: {path!r} is not a readable .npy array ({why})") from None
+    if not isinstance(a, np.ndarray):
+        a.close()
+        raise ValueError(f"{what}: {path!r} is an .npz archive, expected a single .npy array")
+    return a
 
 
 # ------------------------------------------------------------------------------------------------ info
@@ -291,7 +306,7 @@ def _builtin_bench(args: argparse.Namespace, out: str) -> int:
 def _cmd_neighbors(args: argparse.Namespace) -> int:
     from .neighbors import class_neighbors
 
-    E = np.load(args.input, allow_pickle=False)
+    E = _load_npy(args.input, "input")
     t0 = time.perf_counter()
     if args.similarity:
         idx, sim = class_neighbors(E, args.k, return_similarity=True, n_threads=args.threads)
@@ -322,8 +337,8 @@ def _cmd_match(args: argparse.Namespace) -> int:
     from .evaluate import match
     from .head import init_head
 
-    probe = np.load(args.probe, allow_pickle=False)
-    gallery = np.load(args.gallery, allow_pickle=False)
+    probe = _load_npy(args.probe, "probe")
+    gallery = _load_npy(args.gallery, "gallery")
     if probe.ndim != 4:
         raise ValueError(f"probe: expected a 4-d [P, C, H, W] array, got shape {probe.shape}")
     if args.checkpoint:

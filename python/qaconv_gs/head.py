@@ -19,6 +19,7 @@ from ._validate import as_float32, check_int, check_real, resolve_threads, shape
 __all__ = ["init_head", "head_forward", "head_backward", "head_eval_affine"]
 
 _FC_MODES = ("separate", "shared")
+_F32_MAX = float(np.finfo(np.float32).max)
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 _GRAD_KEYS = ("bn.weight", "bn.bias", "fc.weight", "fc.bias", "logit_bn.weight", "logit_bn.bias")
 
@@ -119,13 +120,26 @@ def _set_entry(head: dict, key: str, value: float | int) -> None:
         head[key] = np.array([value], dtype=np.float32)
 
 
-def _update_running(head: dict, name: str, mean: float, var: float, n: int, momentum: float) -> None:
+def _running_update(head: dict, name: str, mean: float, var: float, n: int, momentum: float) -> tuple:
+    """The new (running_mean, running_var) of BN layer `name`; ValueError if they leave the float32 range."""
     unbiased = var * n / (n - 1)
     rm = _scalar(head, f"{name}.running_mean")
     rv = _scalar(head, f"{name}.running_var")
-    _set_entry(head, f"{name}.running_mean", (1.0 - momentum) * rm + momentum * mean)
-    _set_entry(head, f"{name}.running_var", (1.0 - momentum) * rv + momentum * unbiased)
-    _set_entry(head, f"{name}.num_batches_tracked", _count(head, f"{name}.num_batches_tracked") + 1)
+    new = ((1.0 - momentum) * rm + momentum * mean, (1.0 - momentum) * rv + momentum * unbiased)
+    if not all(math.isfinite(v) and abs(v) <= _F32_MAX for v in new):
+        # Writing them would store inf into the state and poison every later call.
+        raise ValueError(
+            f"mp, mg: values too large: the batch statistics of {name} (mean {mean:.4g}, variance {var:.4g}) "
+            f"overflow the float32 running statistics; the head state was not updated"
+        )
+    return new
+
+
+def _update_running(head: dict, updates: dict) -> None:
+    for name, (rm, rv) in updates.items():
+        _set_entry(head, f"{name}.running_mean", rm)
+        _set_entry(head, f"{name}.running_var", rv)
+        _set_entry(head, f"{name}.num_batches_tracked", _count(head, f"{name}.num_batches_tracked") + 1)
 
 
 def _count(head: dict, key: str) -> int:
@@ -184,9 +198,9 @@ def head_forward(
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"training: expected a bool, got {type(training).__name__}")
     momentum = check_real(momentum, "momentum", lo=0.0, hi=1.0)
-    eps = check_real(eps, "eps")
-    if not eps > 0:
-        raise ValueError(f"eps: expected a number > 0, got {eps}")
+    eps = check_real(eps, "eps", hi=_F32_MAX)
+    if not np.float32(eps) > 0:  # the kernels take eps as float32
+        raise ValueError(f"eps: expected a number > 0 (after rounding to float32), got {eps}")
     nt = resolve_threads(n_threads)
     S = int(mp.shape[-1])
     lead = tuple(int(d) for d in mp.shape[:-1])
@@ -203,8 +217,11 @@ def head_forward(
             f"{shape_str(mp.shape)}"
         )
     _z, out, stats = _native.head_forward_train(mp2, mg2, fcw, params, nt)
-    _update_running(head, "bn", stats[0], stats[1], M * 2 * S, momentum)
-    _update_running(head, "logit_bn", stats[2], stats[3], M, momentum)
+    updates = {  # both checked before either is written
+        "bn": _running_update(head, "bn", stats[0], stats[1], M * 2 * S, momentum),
+        "logit_bn": _running_update(head, "logit_bn", stats[2], stats[3], M, momentum),
+    }
+    _update_running(head, updates)
     fc_shape = (1, fcw.size)
     cache = _HeadCache(mp2, mg2, lead, fcw, fc_shape, params, tuple(stats))
     return out.reshape(lead), cache

@@ -18,6 +18,9 @@ from ._validate import as_float32, as_labels, check_real, resolve_threads, shape
 
 __all__ = ["ClassLoss", "class_loss", "batch_triplet", "pairwise_bce", "focal_class_memory"]
 
+# margin, triplet_weight and gamma are passed as float32: larger values would become inf in the kernel.
+_F32_MAX = float(np.finfo(np.float32).max)
+
 
 class ClassLoss(NamedTuple):
     loss: float
@@ -45,8 +48,8 @@ def class_loss(scores, margin: float = 1.0, triplet_weight: float = 0.5, *, n_th
         raise ValueError(
             f"scores: expected K >= 2 columns (target + at least one other), got {shape_str(s.shape)}"
         )
-    margin = check_real(margin, "margin")
-    triplet_weight = check_real(triplet_weight, "triplet_weight", lo=0.0)
+    margin = check_real(margin, "margin", lo=-_F32_MAX, hi=_F32_MAX)
+    triplet_weight = check_real(triplet_weight, "triplet_weight", lo=0.0, hi=_F32_MAX)
     nt = resolve_threads(n_threads)
     loss, lc, lt, ac, at, grad = _native.loss_class(s, margin, triplet_weight, True, nt)
     return ClassLoss(loss, lc, lt, ac, at, grad)
@@ -63,7 +66,7 @@ def batch_triplet(scores, labels, margin: float = 16.0, *, return_accuracy: bool
     if s.shape[0] != s.shape[1]:
         raise ValueError(f"scores: expected a square (B, B) array, got {shape_str(s.shape)}")
     lab = as_labels(labels, "labels", n=s.shape[0])
-    margin = check_real(margin, "margin")
+    margin = check_real(margin, "margin", lo=-_F32_MAX, hi=_F32_MAX)
     want_acc = _check_flag(return_accuracy, "return_accuracy")
     nt = resolve_threads(n_threads)
     loss, acc, _nv, grad = _native.loss_batch_triplet(s, lab, margin, True, nt)
@@ -100,7 +103,7 @@ def focal_class_memory(scores, targets, gamma: float = 2.0, *, return_accuracy: 
     """
     s = as_float32(scores, "scores", ndim=2)
     t = as_labels(targets, "targets", n=s.shape[0], num_classes=s.shape[1])
-    gamma = check_real(gamma, "gamma", lo=0.0)
+    gamma = check_real(gamma, "gamma", lo=0.0, hi=_F32_MAX)
     want_acc = _check_flag(return_accuracy, "return_accuracy")
     nt = resolve_threads(n_threads)
     loss, acc, grad = _native.loss_focal(s, t, gamma, True, nt)

@@ -97,7 +97,15 @@ def _scalar(x: object, name: str) -> float:
         if a.dtype.kind not in "fiu":
             raise TypeError(f"{name}: expected a real number, got dtype {a.dtype}")
         x = a.reshape(()).item()
-    return check_real(x, name)
+    # the kernels take it as float32: a larger value would turn every result into inf
+    f32_max = float(np.finfo(np.float32).max)
+    return check_real(x, name, lo=-f32_max, hi=f32_max)
+
+
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 # ---------------------------------------------------------------- normalisation
@@ -124,9 +132,13 @@ def normalize_backward(grad_y, y, norms, *, n_threads=None) -> np.ndarray:
     yy = as_float32(y, "y", 4)
     gy = _grad(grad_y, "grad_y", yy.shape)
     M, S = yy.shape[0], yy.shape[2] * yy.shape[3]
-    nrm = _grad(norms, "norms", (M, S))
-    if (nrm < 0).any():
-        raise ValueError("norms: expected non-negative norms (as returned by normalize)")
+    # +inf is a valid norm: normalize returns it for locations whose norm exceeds the float32 range
+    # (the gradient through such a location rounds to 0).
+    nrm = as_float32(norms, "norms", 2, allow_empty=True, check_finite=False)
+    if nrm.shape != (M, S):
+        raise ValueError(f"norms: expected shape {shape_str((M, S))}, got {shape_str(nrm.shape)}")
+    if np.isnan(nrm).any() or (nrm < 0).any():
+        raise ValueError("norms: expected non-negative norms (as returned by normalize), got NaN or < 0")
     gx = _native.norm_backward(_flat(gy), _flat(yy), nrm, nt)
     return gx.reshape(yy.shape)
 
@@ -145,7 +157,7 @@ def pair_maxima(probe, gallery, *, return_argmax: bool = False, n_threads=None):
     p = _maps(probe, "probe")
     g = _maps(gallery, "gallery")
     _same_map_shape(p, g, "probe", "gallery")
-    return _native.match_maxima(_flat(p), _flat(g), bool(return_argmax), nt)
+    return _native.match_maxima(_flat(p), _flat(g), _flag(return_argmax, "return_argmax"), nt)
 
 
 def pair_maxima_restricted(features, embeds, candidates, *, return_argmax: bool = False, n_threads=None):
@@ -157,7 +169,9 @@ def pair_maxima_restricted(features, embeds, candidates, *, return_argmax: bool 
     e = _maps(embeds, "embeds")
     _same_map_shape(x, e, "features", "embeds")
     cand = _candidates(candidates, x.shape[0], e.shape[0])
-    return _native.match_maxima_restricted(_flat(x), _flat(e), cand, bool(return_argmax), nt)
+    return _native.match_maxima_restricted(
+        _flat(x), _flat(e), cand, _flag(return_argmax, "return_argmax"), nt
+    )
 
 
 def pair_maxima_backward(grad_mp, grad_mg, argmax_p, argmax_g, probe, gallery, *, n_threads=None):

@@ -243,8 +243,9 @@ class QAConvGS:
         self.num_classes, self.channels, self.height, self.width, self.k_nearest = N, C, H, W, k
         self.fc = _choice(fc, "fc", _FC_MODES)
         self.triplet = _choice(triplet, "triplet", _TRIPLET_MODES)
-        self.triplet_weight = check_real(triplet_weight, "triplet_weight", lo=0.0)
-        self.margin = check_real(margin, "margin", lo=0.0)
+        f32_max = float(np.finfo(np.float32).max)  # the loss kernels take these as float32
+        self.triplet_weight = check_real(triplet_weight, "triplet_weight", lo=0.0, hi=f32_max)
+        self.margin = check_real(margin, "margin", lo=0.0, hi=f32_max)
         self.seed = None if seed is None else check_int(seed, "seed", lo=0)
         if n_threads is not None:
             resolve_threads(n_threads)
@@ -429,7 +430,16 @@ class QAConvGS:
         with self._lock:
             if self._nbr is not None and not self._nbr_stale:
                 extra[_NBR_EXTRA_KEY] = self._nbr
-            save_checkpoint(path, self.config, self.state_dict(), extra=extra)
+            state = self.state_dict()
+            # load() refuses non-finite parameters, so writing them would replace a good checkpoint with
+            # one that cannot be read back (e.g. after a diverged step): refuse and keep the old file.
+            bad = [k for k, v in state.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+            if bad:
+                raise ValueError(
+                    f"model state: {bad} contain NaN or Inf (diverged training?); not writing "
+                    f"{os.fspath(path)} (an existing file is left as it was)"
+                )
+            save_checkpoint(path, self.config, state, extra=extra)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, return_extra: bool = False, n_threads: object = "saved"):
