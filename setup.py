@@ -103,7 +103,7 @@ class BuildExt(build_ext):
 omp = ["-fopenmp"] if USE_OPENMP else []
 sanitize_link = ["-fsanitize=" + os.environ["QG_SANITIZE"]] if os.environ.get("QG_SANITIZE") else []
 sources = ["python/qaconv_gs/_native.c"] + sorted(glob.glob("csrc/*.c"))
-depends = sorted(glob.glob("csrc/*.h")) + sorted(glob.glob("python/qaconv_gs/*.inc"))
+depends = sorted(glob.glob("csrc/*.h"))
 
 ext = Extension(
     "qaconv_gs._native",

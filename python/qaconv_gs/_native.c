@@ -139,11 +139,1010 @@ static inline int qg_check_threads(int n_threads)
 #define QG_DIM(a, i) ((int64_t)PyArray_DIM((a), (i)))
 
 /* ------------------------------------------------------------------ kernel families */
-/* Each fragment defines static binding functions and a QG_<FAMILY>_METHODS list. */
-#include "_native_neighbors.inc"
-#include "_native_match.inc"
-#include "_native_head.inc"
-#include "_native_loss.inc"
+/* Each family section defines static binding functions and a QG_<FAMILY>_METHODS list. */
+/* ================================================================== neighbors (csrc/qg_neighbors*) */
+/* Bindings for csrc/qg_neighbors.*. */
+
+typedef int (*qg_neighbors_fn)(const float *, int64_t, int64_t, int64_t, int64_t *, float *, const qg_ctx *);
+
+/* neighbors_topk(E [N, D] float32, k, n_threads, want_sim) -> idx [N, k] int64, or (idx, sim). */
+static PyObject *qg_neighbors_common(PyObject *args, PyObject *kwds, qg_neighbors_fn fn, const char *func)
+{
+    static char *kwlist[] = {"E", "k", "n_threads", "want_sim", NULL};
+    PyObject *e_obj = NULL;
+    long long k = 0;
+    int n_threads = 1, want_sim = 0;
+    PyArrayObject *E = NULL, *idx = NULL, *sim = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OLip", kwlist, &e_obj, &k, &n_threads, &want_sim))
+        return NULL;
+    if (qg_check_threads(n_threads) < 0) goto fail;
+    E = qg_array(e_obj, NPY_FLOAT32, 2, "E");
+    if (E == NULL) goto fail;
+    int64_t N = QG_DIM(E, 0), D = QG_DIM(E, 1);
+    if (N < 2) {
+        PyErr_Format(PyExc_ValueError, "E: need at least 2 classes (rows), got %lld", (long long)N);
+        goto fail;
+    }
+    if (D < 1) {
+        PyErr_Format(PyExc_ValueError, "E: expected a non-empty embedding dimension, got %lld", (long long)D);
+        goto fail;
+    }
+    if (k < 1 || k > N - 1) {
+        PyErr_Format(PyExc_ValueError, "k: expected an integer in [1, %lld], got %lld", (long long)(N - 1), k);
+        goto fail;
+    }
+    npy_intp dims[2] = {(npy_intp)N, (npy_intp)k};
+    idx = qg_empty(2, dims, NPY_INT64);
+    if (idx == NULL) goto fail;
+    if (want_sim) {
+        sim = qg_empty(2, dims, NPY_FLOAT32);
+        if (sim == NULL) goto fail;
+    }
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int st = fn(QG_F32(E), N, D, (int64_t)k, QG_I64(idx), sim ? QG_F32(sim) : NULL, &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(st, func) < 0) goto fail;
+    Py_DECREF(E);
+    if (want_sim) return Py_BuildValue("NN", idx, sim);
+    return Py_BuildValue("N", idx);
+fail:
+    Py_XDECREF(E);
+    Py_XDECREF(idx);
+    Py_XDECREF(sim);
+    return NULL;
+}
+
+static PyObject *qg_py_neighbors_topk(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    (void)self;
+    return qg_neighbors_common(args, kwds, qg_neighbors_topk_f32, "class_neighbors");
+}
+
+static PyObject *qg_py_neighbors_topk_ref(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    (void)self;
+    return qg_neighbors_common(args, kwds, qg_neighbors_topk_ref_f32, "class_neighbors (reference)");
+}
+
+/* neighbors_fma_probe(iters) -> flops done by the single-thread FMA peak probe at the current
+ * ISA level (the caller times it; benchmarks only). Runs without the GIL. */
+static PyObject *qg_py_neighbors_fma_probe(PyObject *self, PyObject *args)
+{
+    (void)self;
+    long long iters = 0;
+    if (!PyArg_ParseTuple(args, "L:neighbors_fma_probe", &iters)) return NULL;
+    if (iters < 0) {
+        PyErr_Format(PyExc_ValueError, "iters: expected a non-negative integer, got %lld", iters);
+        return NULL;
+    }
+    qg_call call;
+    qg_call_begin(&call, 1);
+    float sink = 0.0f;
+    double flops = qg_neighbors_fma_probe((int64_t)iters, &call.ctx, &sink);
+    qg_call_end(&call);
+    return PyFloat_FromDouble(flops + 0.0 * (double)sink);
+}
+
+#define QG_NEIGHBORS_METHODS                                                                        \
+    {"neighbors_topk", (PyCFunction)(void (*)(void))qg_py_neighbors_topk, METH_VARARGS | METH_KEYWORDS, \
+     "neighbors_topk(E, k, n_threads, want_sim): blocked cosine kNN (private)."},                   \
+    {"neighbors_topk_ref", (PyCFunction)(void (*)(void))qg_py_neighbors_topk_ref,                    \
+     METH_VARARGS | METH_KEYWORDS, "neighbors_topk_ref(E, k, n_threads, want_sim): scalar reference (private)."}, \
+    {"neighbors_fma_probe", qg_py_neighbors_fma_probe, METH_VARARGS,                                  \
+     "neighbors_fma_probe(iters): flops of the FMA peak probe (private; benchmarks)."},
+
+/* ================================================================== match (csrc/qg_match*) */
+/* Bindings for csrc/qg_match.*.
+ *
+ * Maps arrive as 3-d [M, C, S] float32 (the Python wrappers reshape [M, C, H, W]); maxima and
+ * argmax as 3-d [pairs_a, pairs_b, S]; candidates as [B, K] int64. Shapes are re-checked here.
+ */
+
+typedef int (*qg_norm_fwd_fn)(const float *, int64_t, int64_t, int64_t, float *, float *, const qg_ctx *);
+typedef int (*qg_norm_bwd_fn)(const float *, const float *, const float *, int64_t, int64_t, int64_t,
+                              float *, const qg_ctx *);
+typedef int (*qg_maxr_fn)(const float *, int64_t, const float *, int64_t, const int64_t *, int64_t, int64_t,
+                          int64_t, float *, float *, uint16_t *, uint16_t *, const qg_ctx *);
+typedef int (*qg_bwdr_fn)(const float *, int64_t, const float *, int64_t, const int64_t *, int64_t, int64_t,
+                          int64_t, const float *, const float *, const uint16_t *, const uint16_t *, float *,
+                          float *, const qg_ctx *);
+
+/* ValueError unless a has shape (d0, d1, d2); d < 0 means any. */
+static int qg_match_shape3(PyArrayObject *a, const char *name, int64_t d0, int64_t d1, int64_t d2)
+{
+    const int64_t want[3] = {d0, d1, d2};
+    for (int i = 0; i < 3; ++i) {
+        if (want[i] >= 0 && QG_DIM(a, i) != want[i]) {
+            PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld, %lld, %lld), got (%lld, %lld, %lld)", name,
+                         (long long)d0, (long long)d1, (long long)d2, (long long)QG_DIM(a, 0),
+                         (long long)QG_DIM(a, 1), (long long)QG_DIM(a, 2));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int qg_match_check_S(PyArrayObject *a, const char *name)
+{
+    if (QG_DIM(a, 1) < 1 || QG_DIM(a, 2) < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: expected C >= 1 and S >= 1", name);
+        return -1;
+    }
+    if (QG_DIM(a, 2) > QG_MAX_LOCATIONS) {
+        PyErr_Format(PyExc_ValueError, "%s: at most %d locations (H*W) are supported, got %lld", name,
+                     QG_MAX_LOCATIONS, (long long)QG_DIM(a, 2));
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ normalisation */
+
+static PyObject *qg_norm_forward_impl(PyObject *args, qg_norm_fwd_fn fn, const char *fname)
+{
+    PyObject *xo;
+    int n_threads = 1;
+    PyArrayObject *x = NULL, *y = NULL, *nrm = NULL;
+    if (!PyArg_ParseTuple(args, "Oi", &xo, &n_threads)) return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    x = qg_array(xo, NPY_FLOAT32, 3, "x");
+    if (!x) goto fail;
+    if (QG_DIM(x, 1) < 1 || QG_DIM(x, 2) < 1) {
+        PyErr_SetString(PyExc_ValueError, "x: expected C >= 1 and S >= 1");
+        goto fail;
+    }
+    npy_intp dn[2] = {PyArray_DIM(x, 0), PyArray_DIM(x, 2)};
+    y = qg_empty(3, PyArray_DIMS(x), NPY_FLOAT32);
+    nrm = qg_empty(2, dn, NPY_FLOAT32);
+    if (!y || !nrm) goto fail;
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int st = fn(QG_F32(x), QG_DIM(x, 0), QG_DIM(x, 1), QG_DIM(x, 2), QG_F32(y), QG_F32(nrm), &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(st, fname) < 0) goto fail;
+    Py_DECREF(x);
+    return Py_BuildValue("NN", y, nrm);
+fail:
+    Py_XDECREF(x);
+    Py_XDECREF(y);
+    Py_XDECREF(nrm);
+    return NULL;
+}
+
+static PyObject *qg_py_norm_forward(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return qg_norm_forward_impl(args, qg_norm_forward_f32, "normalize");
+}
+
+static PyObject *qg_py_norm_forward_ref(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return qg_norm_forward_impl(args, qg_norm_forward_ref_f32, "normalize (ref)");
+}
+
+static PyObject *qg_norm_backward_impl(PyObject *args, qg_norm_bwd_fn fn, const char *fname)
+{
+    PyObject *gyo, *yo, *no;
+    int n_threads = 1;
+    PyArrayObject *gy = NULL, *y = NULL, *nrm = NULL, *gx = NULL;
+    if (!PyArg_ParseTuple(args, "OOOi", &gyo, &yo, &no, &n_threads)) return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    gy = qg_array(gyo, NPY_FLOAT32, 3, "grad_y");
+    if (!gy) goto fail;
+    y = qg_array(yo, NPY_FLOAT32, 3, "y");
+    if (!y) goto fail;
+    nrm = qg_array(no, NPY_FLOAT32, 2, "norms");
+    if (!nrm) goto fail;
+    if (QG_DIM(gy, 1) < 1 || QG_DIM(gy, 2) < 1) {
+        PyErr_SetString(PyExc_ValueError, "grad_y: expected C >= 1 and S >= 1");
+        goto fail;
+    }
+    if (qg_match_shape3(y, "y", QG_DIM(gy, 0), QG_DIM(gy, 1), QG_DIM(gy, 2)) < 0) goto fail;
+    if (QG_DIM(nrm, 0) != QG_DIM(gy, 0) || QG_DIM(nrm, 1) != QG_DIM(gy, 2)) {
+        PyErr_Format(PyExc_ValueError, "norms: expected shape (%lld, %lld), got (%lld, %lld)",
+                     (long long)QG_DIM(gy, 0), (long long)QG_DIM(gy, 2), (long long)QG_DIM(nrm, 0),
+                     (long long)QG_DIM(nrm, 1));
+        goto fail;
+    }
+    gx = qg_empty(3, PyArray_DIMS(gy), NPY_FLOAT32);
+    if (!gx) goto fail;
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int st = fn(QG_F32(gy), QG_F32(y), QG_F32(nrm), QG_DIM(gy, 0), QG_DIM(gy, 1), QG_DIM(gy, 2), QG_F32(gx),
+                &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(st, fname) < 0) goto fail;
+    Py_DECREF(gy);
+    Py_DECREF(y);
+    Py_DECREF(nrm);
+    return Py_BuildValue("N", gx);
+fail:
+    Py_XDECREF(gy);
+    Py_XDECREF(y);
+    Py_XDECREF(nrm);
+    Py_XDECREF(gx);
+    return NULL;
+}
+
+static PyObject *qg_py_norm_backward(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return qg_norm_backward_impl(args, qg_norm_backward_f32, "normalize_backward");
+}
+
+static PyObject *qg_py_norm_backward_ref(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return qg_norm_backward_impl(args, qg_norm_backward_ref_f32, "normalize_backward (ref)");
+}
+
+/* ------------------------------------------------------------------ forward */
+
+/* Allocate the forward outputs [n0, n1, S] (argmax only if want). */
+static int qg_match_alloc_fwd(int64_t n0, int64_t n1, int64_t S, int want, PyArrayObject **mp,
+                              PyArrayObject **mg, PyArrayObject **ap, PyArrayObject **ag)
+{
+    npy_intp d[3] = {(npy_intp)n0, (npy_intp)n1, (npy_intp)S};
+    *mp = qg_empty(3, d, NPY_FLOAT32);
+    *mg = qg_empty(3, d, NPY_FLOAT32);
+    if (!*mp || !*mg) return -1;
+    if (want) {
+        *ap = qg_empty(3, d, NPY_UINT16);
+        *ag = qg_empty(3, d, NPY_UINT16);
+        if (!*ap || !*ag) return -1;
+    }
+    return 0;
+}
+
+static PyObject *qg_match_build_fwd(int want, PyArrayObject *mp, PyArrayObject *mg, PyArrayObject *ap,
+                                    PyArrayObject *ag)
+{
+    if (want) return Py_BuildValue("NNNN", mp, mg, ap, ag);
+    return Py_BuildValue("NN", mp, mg);
+}
+
+static PyObject *qg_py_match_maxima(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *po, *go;
+    int want = 0, n_threads = 1;
+    PyArrayObject *P = NULL, *G = NULL, *mp = NULL, *mg = NULL, *ap = NULL, *ag = NULL;
+    if (!PyArg_ParseTuple(args, "OOpi", &po, &go, &want, &n_threads)) return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    P = qg_array(po, NPY_FLOAT32, 3, "probe");
+    if (!P) goto fail;
+    G = qg_array(go, NPY_FLOAT32, 3, "gallery");
+    if (!G) goto fail;
+    if (qg_match_check_S(P, "probe") < 0) goto fail;
+    if (qg_match_shape3(G, "gallery", -1, QG_DIM(P, 1), QG_DIM(P, 2)) < 0) goto fail;
+    const int64_t C = QG_DIM(P, 1), S = QG_DIM(P, 2);
+    if (qg_match_alloc_fwd(QG_DIM(P, 0), QG_DIM(G, 0), S, want, &mp, &mg, &ap, &ag) < 0) goto fail;
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int st = qg_match_maxima_f32(QG_F32(P), QG_DIM(P, 0), QG_F32(G), QG_DIM(G, 0), C, S, QG_F32(mp),
+                                 QG_F32(mg), want ? QG_U16(ap) : NULL, want ? QG_U16(ag) : NULL, &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(st, "pair_maxima") < 0) goto fail;
+    Py_DECREF(P);
+    Py_DECREF(G);
+    return qg_match_build_fwd(want, mp, mg, ap, ag);
+fail:
+    Py_XDECREF(P);
+    Py_XDECREF(G);
+    Py_XDECREF(mp);
+    Py_XDECREF(mg);
+    Py_XDECREF(ap);
+    Py_XDECREF(ag);
+    return NULL;
+}
+
+static PyObject *qg_match_maxima_restricted_impl(PyObject *args, qg_maxr_fn fn, const char *fname)
+{
+    PyObject *xo, *eo, *co;
+    int want = 0, n_threads = 1;
+    PyArrayObject *X = NULL, *E = NULL, *cand = NULL, *mp = NULL, *mg = NULL, *ap = NULL, *ag = NULL;
+    if (!PyArg_ParseTuple(args, "OOOpi", &xo, &eo, &co, &want, &n_threads)) return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    X = qg_array(xo, NPY_FLOAT32, 3, "features");
+    if (!X) goto fail;
+    E = qg_array(eo, NPY_FLOAT32, 3, "embeds");
+    if (!E) goto fail;
+    cand = qg_array(co, NPY_INT64, 2, "candidates");
+    if (!cand) goto fail;
+    if (qg_match_check_S(X, "features") < 0) goto fail;
+    if (qg_match_shape3(E, "embeds", -1, QG_DIM(X, 1), QG_DIM(X, 2)) < 0) goto fail;
+    if (QG_DIM(cand, 0) != QG_DIM(X, 0)) {
+        PyErr_Format(PyExc_ValueError, "candidates: expected %lld rows (one per feature map), got %lld",
+                     (long long)QG_DIM(X, 0), (long long)QG_DIM(cand, 0));
+        goto fail;
+    }
+    const int64_t B = QG_DIM(X, 0), K = QG_DIM(cand, 1), C = QG_DIM(X, 1), S = QG_DIM(X, 2);
+    if (qg_match_alloc_fwd(B, K, S, want, &mp, &mg, &ap, &ag) < 0) goto fail;
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int st = fn(QG_F32(X), B, QG_F32(E), QG_DIM(E, 0), QG_I64(cand), K, C, S, QG_F32(mp), QG_F32(mg),
+                want ? QG_U16(ap) : NULL, want ? QG_U16(ag) : NULL, &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(st, fname) < 0) goto fail;
+    Py_DECREF(X);
+    Py_DECREF(E);
+    Py_DECREF(cand);
+    return qg_match_build_fwd(want, mp, mg, ap, ag);
+fail:
+    Py_XDECREF(X);
+    Py_XDECREF(E);
+    Py_XDECREF(cand);
+    Py_XDECREF(mp);
+    Py_XDECREF(mg);
+    Py_XDECREF(ap);
+    Py_XDECREF(ag);
+    return NULL;
+}
+
+static PyObject *qg_py_match_maxima_restricted(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return qg_match_maxima_restricted_impl(args, qg_match_maxima_restricted_f32, "pair_maxima_restricted");
+}
+
+static PyObject *qg_py_match_maxima_restricted_ref(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return qg_match_maxima_restricted_impl(args, qg_match_maxima_restricted_ref_f32,
+                                           "pair_maxima_restricted (ref)");
+}
+
+static PyObject *qg_py_match_scores(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *po, *go, *wo;
+    double bias = 0.0;
+    int n_threads = 1;
+    PyArrayObject *P = NULL, *G = NULL, *w = NULL, *out = NULL;
+    if (!PyArg_ParseTuple(args, "OOOdi", &po, &go, &wo, &bias, &n_threads)) return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    P = qg_array(po, NPY_FLOAT32, 3, "probe");
+    if (!P) goto fail;
+    G = qg_array(go, NPY_FLOAT32, 3, "gallery");
+    if (!G) goto fail;
+    w = qg_array(wo, NPY_FLOAT32, 1, "weight");
+    if (!w) goto fail;
+    if (qg_match_check_S(P, "probe") < 0) goto fail;
+    if (qg_match_shape3(G, "gallery", -1, QG_DIM(P, 1), QG_DIM(P, 2)) < 0) goto fail;
+    const int64_t C = QG_DIM(P, 1), S = QG_DIM(P, 2);
+    if (QG_DIM(w, 0) != 2 * S) {
+        PyErr_Format(PyExc_ValueError, "weight: expected length 2*S = %lld, got %lld", (long long)(2 * S),
+                     (long long)QG_DIM(w, 0));
+        goto fail;
+    }
+    npy_intp d[2] = {PyArray_DIM(P, 0), PyArray_DIM(G, 0)};
+    out = qg_empty(2, d, NPY_FLOAT32);
+    if (!out) goto fail;
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int st = qg_match_scores_f32(QG_F32(P), QG_DIM(P, 0), QG_F32(G), QG_DIM(G, 0), C, S, QG_F32(w),
+                                 (float)bias, QG_F32(out), &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(st, "match_scores") < 0) goto fail;
+    Py_DECREF(P);
+    Py_DECREF(G);
+    Py_DECREF(w);
+    return Py_BuildValue("N", out);
+fail:
+    Py_XDECREF(P);
+    Py_XDECREF(G);
+    Py_XDECREF(w);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ backward */
+
+/* Coerce and check the four [n0, n1, S] gradient / argmax arrays. */
+static int qg_match_bwd_arrays(PyObject *gmpo, PyObject *gmgo, PyObject *apo, PyObject *ago, int64_t n0,
+                               int64_t n1, int64_t S, PyArrayObject **gmp, PyArrayObject **gmg,
+                               PyArrayObject **ap, PyArrayObject **ag)
+{
+    *gmp = qg_array(gmpo, NPY_FLOAT32, 3, "grad_mp");
+    if (!*gmp || qg_match_shape3(*gmp, "grad_mp", n0, n1, S) < 0) return -1;
+    *gmg = qg_array(gmgo, NPY_FLOAT32, 3, "grad_mg");
+    if (!*gmg || qg_match_shape3(*gmg, "grad_mg", n0, n1, S) < 0) return -1;
+    *ap = qg_array(apo, NPY_UINT16, 3, "argmax_p");
+    if (!*ap || qg_match_shape3(*ap, "argmax_p", n0, n1, S) < 0) return -1;
+    *ag = qg_array(ago, NPY_UINT16, 3, "argmax_g");
+    if (!*ag || qg_match_shape3(*ag, "argmax_g", n0, n1, S) < 0) return -1;
+    return 0;
+}
+
+static PyObject *qg_py_match_backward(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *po, *go, *gmpo, *gmgo, *apo, *ago;
+    int n_threads = 1;
+    PyArrayObject *P = NULL, *G = NULL, *gmp = NULL, *gmg = NULL, *ap = NULL, *ag = NULL;
+    PyArrayObject *gP = NULL, *gG = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOi", &po, &go, &gmpo, &gmgo, &apo, &ago, &n_threads)) return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    P = qg_array(po, NPY_FLOAT32, 3, "probe");
+    if (!P) goto fail;
+    G = qg_array(go, NPY_FLOAT32, 3, "gallery");
+    if (!G) goto fail;
+    if (qg_match_check_S(P, "probe") < 0) goto fail;
+    if (qg_match_shape3(G, "gallery", -1, QG_DIM(P, 1), QG_DIM(P, 2)) < 0) goto fail;
+    const int64_t C = QG_DIM(P, 1), S = QG_DIM(P, 2);
+    if (qg_match_bwd_arrays(gmpo, gmgo, apo, ago, QG_DIM(P, 0), QG_DIM(G, 0), S, &gmp, &gmg, &ap, &ag) < 0)
+        goto fail;
+    gP = qg_empty(3, PyArray_DIMS(P), NPY_FLOAT32);
+    gG = qg_empty(3, PyArray_DIMS(G), NPY_FLOAT32);
+    if (!gP || !gG) goto fail;
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int st = qg_match_backward_f32(QG_F32(P), QG_DIM(P, 0), QG_F32(G), QG_DIM(G, 0), C, S, QG_F32(gmp),
+                                   QG_F32(gmg), QG_U16(ap), QG_U16(ag), QG_F32(gP), QG_F32(gG), &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(st, "pair_maxima_backward") < 0) goto fail;
+    Py_DECREF(P);
+    Py_DECREF(G);
+    Py_DECREF(gmp);
+    Py_DECREF(gmg);
+    Py_DECREF(ap);
+    Py_DECREF(ag);
+    return Py_BuildValue("NN", gP, gG);
+fail:
+    Py_XDECREF(P);
+    Py_XDECREF(G);
+    Py_XDECREF(gmp);
+    Py_XDECREF(gmg);
+    Py_XDECREF(ap);
+    Py_XDECREF(ag);
+    Py_XDECREF(gP);
+    Py_XDECREF(gG);
+    return NULL;
+}
+
+static PyObject *qg_match_backward_restricted_impl(PyObject *args, qg_bwdr_fn fn, const char *fname)
+{
+    PyObject *xo, *eo, *co, *gmpo, *gmgo, *apo, *ago;
+    int n_threads = 1;
+    PyArrayObject *X = NULL, *E = NULL, *cand = NULL, *gmp = NULL, *gmg = NULL, *ap = NULL, *ag = NULL;
+    PyArrayObject *gX = NULL, *gE = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOi", &xo, &eo, &co, &gmpo, &gmgo, &apo, &ago, &n_threads)) return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    X = qg_array(xo, NPY_FLOAT32, 3, "features");
+    if (!X) goto fail;
+    E = qg_array(eo, NPY_FLOAT32, 3, "embeds");
+    if (!E) goto fail;
+    cand = qg_array(co, NPY_INT64, 2, "candidates");
+    if (!cand) goto fail;
+    if (qg_match_check_S(X, "features") < 0) goto fail;
+    if (qg_match_shape3(E, "embeds", -1, QG_DIM(X, 1), QG_DIM(X, 2)) < 0) goto fail;
+    if (QG_DIM(cand, 0) != QG_DIM(X, 0)) {
+        PyErr_Format(PyExc_ValueError, "candidates: expected %lld rows (one per feature map), got %lld",
+                     (long long)QG_DIM(X, 0), (long long)QG_DIM(cand, 0));
+        goto fail;
+    }
+    const int64_t B = QG_DIM(X, 0), K = QG_DIM(cand, 1), C = QG_DIM(X, 1), S = QG_DIM(X, 2);
+    if (qg_match_bwd_arrays(gmpo, gmgo, apo, ago, B, K, S, &gmp, &gmg, &ap, &ag) < 0) goto fail;
+    gX = qg_empty(3, PyArray_DIMS(X), NPY_FLOAT32);
+    gE = qg_empty(3, PyArray_DIMS(E), NPY_FLOAT32);
+    if (!gX || !gE) goto fail;
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int st = fn(QG_F32(X), B, QG_F32(E), QG_DIM(E, 0), QG_I64(cand), K, C, S, QG_F32(gmp), QG_F32(gmg),
+                QG_U16(ap), QG_U16(ag), QG_F32(gX), QG_F32(gE), &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(st, fname) < 0) goto fail;
+    Py_DECREF(X);
+    Py_DECREF(E);
+    Py_DECREF(cand);
+    Py_DECREF(gmp);
+    Py_DECREF(gmg);
+    Py_DECREF(ap);
+    Py_DECREF(ag);
+    return Py_BuildValue("NN", gX, gE);
+fail:
+    Py_XDECREF(X);
+    Py_XDECREF(E);
+    Py_XDECREF(cand);
+    Py_XDECREF(gmp);
+    Py_XDECREF(gmg);
+    Py_XDECREF(ap);
+    Py_XDECREF(ag);
+    Py_XDECREF(gX);
+    Py_XDECREF(gE);
+    return NULL;
+}
+
+static PyObject *qg_py_match_backward_restricted(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return qg_match_backward_restricted_impl(args, qg_match_backward_restricted_f32,
+                                             "pair_maxima_restricted_backward");
+}
+
+static PyObject *qg_py_match_backward_restricted_ref(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return qg_match_backward_restricted_impl(args, qg_match_backward_restricted_ref_f32,
+                                             "pair_maxima_restricted_backward (ref)");
+}
+
+#define QG_MATCH_METHODS                                                                                   \
+    {"norm_forward", qg_py_norm_forward, METH_VARARGS, "norm_forward(x[M,C,S], n_threads) -> (y, norms)"},  \
+    {"norm_forward_ref", qg_py_norm_forward_ref, METH_VARARGS, "scalar reference of norm_forward"},         \
+    {"norm_backward", qg_py_norm_backward, METH_VARARGS,                                                    \
+     "norm_backward(grad_y, y, norms, n_threads) -> grad_x"},                                              \
+    {"norm_backward_ref", qg_py_norm_backward_ref, METH_VARARGS, "scalar reference of norm_backward"},      \
+    {"match_maxima", qg_py_match_maxima, METH_VARARGS,                                                      \
+     "match_maxima(P[nP,C,S], G[nG,C,S], want_argmax, n_threads) -> (mp, mg[, ap, ag])"},                  \
+    {"match_maxima_restricted", qg_py_match_maxima_restricted, METH_VARARGS,                                \
+     "match_maxima_restricted(X, E, cand[B,K], want_argmax, n_threads) -> (mp, mg[, ap, ag])"},            \
+    {"match_maxima_restricted_ref", qg_py_match_maxima_restricted_ref, METH_VARARGS,                        \
+     "scalar reference of match_maxima_restricted"},                                                        \
+    {"match_scores", qg_py_match_scores, METH_VARARGS,                                                      \
+     "match_scores(P, G, w[2S], bias, n_threads) -> [nP, nG]"},                                             \
+    {"match_backward", qg_py_match_backward, METH_VARARGS,                                                  \
+     "match_backward(P, G, gmp, gmg, ap, ag, n_threads) -> (gP, gG)"},                                      \
+    {"match_backward_restricted", qg_py_match_backward_restricted, METH_VARARGS,                            \
+     "match_backward_restricted(X, E, cand, gmp, gmg, ap, ag, n_threads) -> (gX, gE)"},                    \
+    {"match_backward_restricted_ref", qg_py_match_backward_restricted_ref, METH_VARARGS,                    \
+     "scalar reference of match_backward_restricted"},
+
+/* ================================================================== head (csrc/qg_head*) */
+/* Bindings for csrc/qg_head.*.
+ *
+ * Private functions (called from qaconv_gs.head only; `_ref` = scalar reference kernels):
+ *   head_forward_train(mp [M,S], mg [M,S], fc_weight [2S]|[S], params, n_threads)
+ *       -> (z [M], out [M], (mean1, var1, mean2, var2))
+ *   head_forward_eval(mp, mg, fc_weight, params, n_threads) -> out [M]
+ *   head_backward(mp, mg, fc_weight, params, stats, gout [M], n_threads)
+ *       -> (gmp [M,S], gmg [M,S], gfc_weight, (g_bn_weight, g_bn_bias, g_fc_bias, g_lbn_weight, g_lbn_bias))
+ * params = (shared, eps, bn_w, bn_b, bn_rm, bn_rv, fc_b, lbn_w, lbn_b, lbn_rm, lbn_rv).
+ */
+
+typedef int (*qg_head_train_fn)(const float *, const float *, int64_t, int64_t, const qg_head_params *, float *,
+                                float *, qg_head_stats *, const qg_ctx *);
+typedef int (*qg_head_eval_fn)(const float *, const float *, int64_t, int64_t, const qg_head_params *, float *,
+                               const qg_ctx *);
+typedef int (*qg_head_bwd_fn)(const float *, const float *, int64_t, int64_t, const qg_head_params *,
+                              const qg_head_stats *, const float *, const float *, float *, float *,
+                              qg_head_grads *, const qg_ctx *);
+
+/* Parse the shared arguments; on success the three arrays are new references (caller releases). */
+static int qg_head_args(PyObject *omp, PyObject *omg, PyObject *ofw, PyObject *params, PyArrayObject **mp,
+                        PyArrayObject **mg, PyArrayObject **fw, qg_head_params *p, int64_t *M, int64_t *S)
+{
+    *mp = *mg = *fw = NULL;
+    memset(p, 0, sizeof(*p));
+    if (!PyTuple_Check(params)) {
+        PyErr_SetString(PyExc_TypeError, "params: expected a tuple");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(params, "iffffffffff;params: expected 11 numbers", &p->shared, &p->eps, &p->bn_weight,
+                          &p->bn_bias, &p->bn_running_mean, &p->bn_running_var, &p->fc_bias, &p->lbn_weight,
+                          &p->lbn_bias, &p->lbn_running_mean, &p->lbn_running_var))
+        return -1;
+    if (p->shared != 0 && p->shared != 1) {
+        PyErr_Format(PyExc_ValueError, "params: shared must be 0 or 1, got %d", p->shared);
+        return -1;
+    }
+    if (!(*mp = qg_array(omp, NPY_FLOAT32, 2, "mp"))) goto fail;
+    if (!(*mg = qg_array(omg, NPY_FLOAT32, 2, "mg"))) goto fail;
+    if (!(*fw = qg_array(ofw, NPY_FLOAT32, 1, "fc_weight"))) goto fail;
+    *M = QG_DIM(*mp, 0);
+    *S = QG_DIM(*mp, 1);
+    if (QG_DIM(*mg, 0) != *M || QG_DIM(*mg, 1) != *S) {
+        PyErr_Format(PyExc_ValueError, "mg: expected shape (%lld, %lld) like mp, got (%lld, %lld)", (long long)*M,
+                     (long long)*S, (long long)QG_DIM(*mg, 0), (long long)QG_DIM(*mg, 1));
+        goto fail;
+    }
+    if (*M < 1 || *S < 1) {
+        PyErr_Format(PyExc_ValueError, "mp: expected a non-empty (M, S) array, got (%lld, %lld)", (long long)*M,
+                     (long long)*S);
+        goto fail;
+    }
+    int64_t nw = p->shared ? *S : 2 * *S;
+    if (QG_DIM(*fw, 0) != nw) {
+        PyErr_Format(PyExc_ValueError, "fc_weight: expected %lld values, got %lld", (long long)nw,
+                     (long long)QG_DIM(*fw, 0));
+        goto fail;
+    }
+    p->fc_weight = QG_F32(*fw);
+    return 0;
+fail:
+    Py_XDECREF(*mp);
+    Py_XDECREF(*mg);
+    Py_XDECREF(*fw);
+    *mp = *mg = *fw = NULL;
+    return -1;
+}
+
+static PyObject *qg_head_train_impl(PyObject *args, PyObject *kw, qg_head_train_fn fn, const char *name)
+{
+    static char *kwlist[] = {"mp", "mg", "fc_weight", "params", "n_threads", NULL};
+    PyObject *omp, *omg, *ofw, *params;
+    int n_threads = 1;
+    PyArrayObject *mp = NULL, *mg = NULL, *fw = NULL, *z = NULL, *out = NULL;
+    qg_head_params p;
+    qg_head_stats st = {0, 0, 0, 0};
+    int64_t M, S;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|i", kwlist, &omp, &omg, &ofw, &params, &n_threads))
+        return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    if (qg_head_args(omp, omg, ofw, params, &mp, &mg, &fw, &p, &M, &S) < 0) return NULL;
+    if (M < 2) {
+        PyErr_Format(PyExc_ValueError, "mp: expected more than 1 pair when training, got M=%lld", (long long)M);
+        goto fail;
+    }
+    npy_intp dims[1] = {(npy_intp)M};
+    if (!(z = qg_empty(1, dims, NPY_FLOAT32)) || !(out = qg_empty(1, dims, NPY_FLOAT32))) goto fail;
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int rc = fn(QG_F32(mp), QG_F32(mg), M, S, &p, QG_F32(z), QG_F32(out), &st, &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(rc, name) < 0) goto fail;
+    Py_DECREF(mp);
+    Py_DECREF(mg);
+    Py_DECREF(fw);
+    return Py_BuildValue("NN(dddd)", z, out, st.mean1, st.var1, st.mean2, st.var2);
+fail:
+    Py_XDECREF(mp);
+    Py_XDECREF(mg);
+    Py_XDECREF(fw);
+    Py_XDECREF(z);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+static PyObject *qg_head_eval_impl(PyObject *args, PyObject *kw, qg_head_eval_fn fn, const char *name)
+{
+    static char *kwlist[] = {"mp", "mg", "fc_weight", "params", "n_threads", NULL};
+    PyObject *omp, *omg, *ofw, *params;
+    int n_threads = 1;
+    PyArrayObject *mp = NULL, *mg = NULL, *fw = NULL, *out = NULL;
+    qg_head_params p;
+    int64_t M, S;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|i", kwlist, &omp, &omg, &ofw, &params, &n_threads))
+        return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    if (qg_head_args(omp, omg, ofw, params, &mp, &mg, &fw, &p, &M, &S) < 0) return NULL;
+    npy_intp dims[1] = {(npy_intp)M};
+    if (!(out = qg_empty(1, dims, NPY_FLOAT32))) goto fail;
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int rc = fn(QG_F32(mp), QG_F32(mg), M, S, &p, QG_F32(out), &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(rc, name) < 0) goto fail;
+    Py_DECREF(mp);
+    Py_DECREF(mg);
+    Py_DECREF(fw);
+    return Py_BuildValue("N", out);
+fail:
+    Py_XDECREF(mp);
+    Py_XDECREF(mg);
+    Py_XDECREF(fw);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+static PyObject *qg_head_bwd_impl(PyObject *args, PyObject *kw, qg_head_bwd_fn fn, const char *name)
+{
+    static char *kwlist[] = {"mp", "mg", "fc_weight", "params", "stats", "gout", "n_threads", NULL};
+    PyObject *omp, *omg, *ofw, *params, *ogo;
+    int n_threads = 1;
+    PyArrayObject *mp = NULL, *mg = NULL, *fw = NULL, *go = NULL, *gmp = NULL, *gmg = NULL, *gfw = NULL;
+    qg_head_params p;
+    qg_head_stats st;
+    int64_t M, S;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO(dddd)O|i", kwlist, &omp, &omg, &ofw, &params, &st.mean1,
+                                     &st.var1, &st.mean2, &st.var2, &ogo, &n_threads))
+        return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    if (qg_head_args(omp, omg, ofw, params, &mp, &mg, &fw, &p, &M, &S) < 0) return NULL;
+    if (!(go = qg_array(ogo, NPY_FLOAT32, 1, "gout"))) goto fail;
+    if (QG_DIM(go, 0) != M) {
+        PyErr_Format(PyExc_ValueError, "gout: expected %lld values, got %lld", (long long)M,
+                     (long long)QG_DIM(go, 0));
+        goto fail;
+    }
+    if (M < 2) {
+        PyErr_Format(PyExc_ValueError, "mp: expected more than 1 pair when training, got M=%lld", (long long)M);
+        goto fail;
+    }
+    npy_intp d2[2] = {(npy_intp)M, (npy_intp)S}, d1[1] = {(npy_intp)QG_DIM(fw, 0)};
+    if (!(gmp = qg_empty(2, d2, NPY_FLOAT32)) || !(gmg = qg_empty(2, d2, NPY_FLOAT32)) ||
+        !(gfw = qg_empty(1, d1, NPY_FLOAT32)))
+        goto fail;
+    qg_head_grads g = {0, 0, 0, 0, 0, QG_F32(gfw)};
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int rc = fn(QG_F32(mp), QG_F32(mg), M, S, &p, &st, NULL, QG_F32(go), QG_F32(gmp), QG_F32(gmg), &g,
+                &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(rc, name) < 0) goto fail;
+    Py_DECREF(mp);
+    Py_DECREF(mg);
+    Py_DECREF(fw);
+    Py_DECREF(go);
+    return Py_BuildValue("NNN(ddddd)", gmp, gmg, gfw, g.bn_weight, g.bn_bias, g.fc_bias, g.lbn_weight,
+                         g.lbn_bias);
+fail:
+    Py_XDECREF(mp);
+    Py_XDECREF(mg);
+    Py_XDECREF(fw);
+    Py_XDECREF(go);
+    Py_XDECREF(gmp);
+    Py_XDECREF(gmg);
+    Py_XDECREF(gfw);
+    return NULL;
+}
+
+static PyObject *qg_py_head_forward_train(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    return qg_head_train_impl(args, kw, qg_head_forward_train_f32, "head_forward_train");
+}
+static PyObject *qg_py_head_forward_train_ref(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    return qg_head_train_impl(args, kw, qg_head_forward_train_ref_f32, "head_forward_train_ref");
+}
+static PyObject *qg_py_head_forward_eval(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    return qg_head_eval_impl(args, kw, qg_head_forward_eval_f32, "head_forward_eval");
+}
+static PyObject *qg_py_head_forward_eval_ref(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    return qg_head_eval_impl(args, kw, qg_head_forward_eval_ref_f32, "head_forward_eval_ref");
+}
+static PyObject *qg_py_head_backward(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    return qg_head_bwd_impl(args, kw, qg_head_backward_f32, "head_backward");
+}
+static PyObject *qg_py_head_backward_ref(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    return qg_head_bwd_impl(args, kw, qg_head_backward_ref_f32, "head_backward_ref");
+}
+
+#define QG_HEAD_METHODS                                                                                        \
+    {"head_forward_train", (PyCFunction)(void (*)(void))qg_py_head_forward_train, METH_VARARGS | METH_KEYWORDS, \
+     "Head training forward (private)."},                                                                      \
+    {"head_forward_train_ref", (PyCFunction)(void (*)(void))qg_py_head_forward_train_ref,                      \
+     METH_VARARGS | METH_KEYWORDS, "Head training forward, scalar reference (private)."},                      \
+    {"head_forward_eval", (PyCFunction)(void (*)(void))qg_py_head_forward_eval, METH_VARARGS | METH_KEYWORDS,   \
+     "Head eval forward (private)."},                                                                          \
+    {"head_forward_eval_ref", (PyCFunction)(void (*)(void))qg_py_head_forward_eval_ref,                        \
+     METH_VARARGS | METH_KEYWORDS, "Head eval forward, scalar reference (private)."},                          \
+    {"head_backward", (PyCFunction)(void (*)(void))qg_py_head_backward, METH_VARARGS | METH_KEYWORDS,           \
+     "Head backward (private)."},                                                                              \
+    {"head_backward_ref", (PyCFunction)(void (*)(void))qg_py_head_backward_ref, METH_VARARGS | METH_KEYWORDS,   \
+     "Head backward, scalar reference (private)."},
+
+/* ================================================================== loss (csrc/qg_loss*) */
+/* Bindings for csrc/qg_loss.*.
+ *
+ * Private functions (called from qaconv_gs.losses only; `_ref` = scalar reference kernels):
+ *   loss_class(scores [B,K], margin, triplet_weight, want_grad, n_threads)
+ *       -> (loss, loss_cls, loss_triplet, acc_cls, acc_triplet, grad [B,K] or None)
+ *   loss_batch_triplet(scores [B,B], labels [B], margin, want_grad, n_threads) -> (loss, acc, n_valid, grad|None)
+ *   loss_pairwise_bce(scores [P,G], labels [P], gallery_labels [G], want_grad, n_threads) -> (loss, acc, grad|None)
+ *   loss_focal(scores [B,N], targets [B], gamma, want_grad, n_threads) -> (loss, acc, grad|None)
+ */
+
+typedef int (*qg_loss_class_fn)(const float *, int64_t, int64_t, float, float, qg_class_loss_out *, float *,
+                                const qg_ctx *);
+typedef int (*qg_loss_triplet_fn)(const float *, const int64_t *, int64_t, float, double *, double *, int64_t *,
+                                  float *, const qg_ctx *);
+typedef int (*qg_loss_bce_fn)(const float *, int64_t, int64_t, const int64_t *, const int64_t *, double *,
+                              double *, float *, const qg_ctx *);
+typedef int (*qg_loss_focal_fn)(const float *, int64_t, int64_t, const int64_t *, float, double *, double *,
+                                float *, const qg_ctx *);
+
+/* Optional gradient array shaped like `s` (None when not wanted). */
+static int qg_loss_grad_alloc(PyArrayObject *s, int want, PyArrayObject **g)
+{
+    *g = NULL;
+    if (!want) return 0;
+    npy_intp dims[2] = {PyArray_DIM(s, 0), PyArray_DIM(s, 1)};
+    *g = qg_empty(2, dims, NPY_FLOAT32);
+    return *g ? 0 : -1;
+}
+
+static PyObject *qg_loss_grad_obj(PyArrayObject *g)
+{
+    if (g) return (PyObject *)g;
+    Py_RETURN_NONE;
+}
+
+static int qg_loss_nonempty(PyArrayObject *s, const char *name)
+{
+    if (QG_DIM(s, 0) < 1 || QG_DIM(s, 1) < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a non-empty 2-d array, got (%lld, %lld)", name,
+                     (long long)QG_DIM(s, 0), (long long)QG_DIM(s, 1));
+        return -1;
+    }
+    return 0;
+}
+
+static int qg_loss_len(PyArrayObject *a, int64_t n, const char *name)
+{
+    if (QG_DIM(a, 0) != n) {
+        PyErr_Format(PyExc_ValueError, "%s: expected length %lld, got %lld", name, (long long)n,
+                     (long long)QG_DIM(a, 0));
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *qg_loss_class_impl(PyObject *args, PyObject *kw, qg_loss_class_fn fn, const char *name)
+{
+    static char *kwlist[] = {"scores", "margin", "triplet_weight", "want_grad", "n_threads", NULL};
+    PyObject *os;
+    float margin = 1.0f, tw = 0.5f;
+    int want = 1, n_threads = 1;
+    PyArrayObject *s = NULL, *g = NULL;
+    qg_class_loss_out o = {0, 0, 0, 0, 0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ffpi", kwlist, &os, &margin, &tw, &want, &n_threads))
+        return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    if (!(s = qg_array(os, NPY_FLOAT32, 2, "scores"))) return NULL;
+    if (qg_loss_nonempty(s, "scores") < 0) goto fail;
+    if (QG_DIM(s, 1) < 2) {
+        PyErr_Format(PyExc_ValueError, "scores: expected K >= 2 columns, got %lld", (long long)QG_DIM(s, 1));
+        goto fail;
+    }
+    if (qg_loss_grad_alloc(s, want, &g) < 0) goto fail;
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int rc = fn(QG_F32(s), QG_DIM(s, 0), QG_DIM(s, 1), margin, tw, &o, g ? QG_F32(g) : NULL, &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(rc, name) < 0) goto fail;
+    Py_DECREF(s);
+    return Py_BuildValue("dddddN", o.loss, o.loss_cls, o.loss_triplet, o.acc_cls, o.acc_triplet,
+                         qg_loss_grad_obj(g));
+fail:
+    Py_XDECREF(s);
+    Py_XDECREF(g);
+    return NULL;
+}
+
+static PyObject *qg_loss_triplet_impl(PyObject *args, PyObject *kw, qg_loss_triplet_fn fn, const char *name)
+{
+    static char *kwlist[] = {"scores", "labels", "margin", "want_grad", "n_threads", NULL};
+    PyObject *os, *ol;
+    float margin = 16.0f;
+    int want = 1, n_threads = 1;
+    PyArrayObject *s = NULL, *l = NULL, *g = NULL;
+    double loss = 0.0, acc = 0.0;
+    int64_t nv = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|fpi", kwlist, &os, &ol, &margin, &want, &n_threads))
+        return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    if (!(s = qg_array(os, NPY_FLOAT32, 2, "scores"))) return NULL;
+    if (!(l = qg_array(ol, NPY_INT64, 1, "labels"))) goto fail;
+    if (qg_loss_nonempty(s, "scores") < 0) goto fail;
+    if (QG_DIM(s, 0) != QG_DIM(s, 1)) {
+        PyErr_Format(PyExc_ValueError, "scores: expected a square (B, B) array, got (%lld, %lld)",
+                     (long long)QG_DIM(s, 0), (long long)QG_DIM(s, 1));
+        goto fail;
+    }
+    if (qg_loss_len(l, QG_DIM(s, 0), "labels") < 0) goto fail;
+    if (qg_loss_grad_alloc(s, want, &g) < 0) goto fail;
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int rc = fn(QG_F32(s), QG_I64(l), QG_DIM(s, 0), margin, &loss, &acc, &nv, g ? QG_F32(g) : NULL, &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(rc, name) < 0) goto fail;
+    Py_DECREF(s);
+    Py_DECREF(l);
+    return Py_BuildValue("ddLN", loss, acc, (long long)nv, qg_loss_grad_obj(g));
+fail:
+    Py_XDECREF(s);
+    Py_XDECREF(l);
+    Py_XDECREF(g);
+    return NULL;
+}
+
+static PyObject *qg_loss_bce_impl(PyObject *args, PyObject *kw, qg_loss_bce_fn fn, const char *name)
+{
+    static char *kwlist[] = {"scores", "labels", "gallery_labels", "want_grad", "n_threads", NULL};
+    PyObject *os, *olp, *olg;
+    int want = 1, n_threads = 1;
+    PyArrayObject *s = NULL, *lp = NULL, *lg = NULL, *g = NULL;
+    double loss = 0.0, acc = 0.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|pi", kwlist, &os, &olp, &olg, &want, &n_threads))
+        return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    if (!(s = qg_array(os, NPY_FLOAT32, 2, "scores"))) return NULL;
+    if (!(lp = qg_array(olp, NPY_INT64, 1, "labels"))) goto fail;
+    if (!(lg = qg_array(olg, NPY_INT64, 1, "gallery_labels"))) goto fail;
+    if (qg_loss_nonempty(s, "scores") < 0) goto fail;
+    if (qg_loss_len(lp, QG_DIM(s, 0), "labels") < 0 || qg_loss_len(lg, QG_DIM(s, 1), "gallery_labels") < 0)
+        goto fail;
+    if (qg_loss_grad_alloc(s, want, &g) < 0) goto fail;
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int rc = fn(QG_F32(s), QG_DIM(s, 0), QG_DIM(s, 1), QG_I64(lp), QG_I64(lg), &loss, &acc, g ? QG_F32(g) : NULL,
+                &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(rc, name) < 0) goto fail;
+    Py_DECREF(s);
+    Py_DECREF(lp);
+    Py_DECREF(lg);
+    return Py_BuildValue("ddN", loss, acc, qg_loss_grad_obj(g));
+fail:
+    Py_XDECREF(s);
+    Py_XDECREF(lp);
+    Py_XDECREF(lg);
+    Py_XDECREF(g);
+    return NULL;
+}
+
+static PyObject *qg_loss_focal_impl(PyObject *args, PyObject *kw, qg_loss_focal_fn fn, const char *name)
+{
+    static char *kwlist[] = {"scores", "targets", "gamma", "want_grad", "n_threads", NULL};
+    PyObject *os, *ot;
+    float gamma = 2.0f;
+    int want = 1, n_threads = 1;
+    PyArrayObject *s = NULL, *t = NULL, *g = NULL;
+    double loss = 0.0, acc = 0.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|fpi", kwlist, &os, &ot, &gamma, &want, &n_threads))
+        return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    if (!(s = qg_array(os, NPY_FLOAT32, 2, "scores"))) return NULL;
+    if (!(t = qg_array(ot, NPY_INT64, 1, "targets"))) goto fail;
+    if (qg_loss_nonempty(s, "scores") < 0 || qg_loss_len(t, QG_DIM(s, 0), "targets") < 0) goto fail;
+    if (qg_loss_grad_alloc(s, want, &g) < 0) goto fail;
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int rc = fn(QG_F32(s), QG_DIM(s, 0), QG_DIM(s, 1), QG_I64(t), gamma, &loss, &acc, g ? QG_F32(g) : NULL,
+                &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(rc, name) < 0) goto fail;
+    Py_DECREF(s);
+    Py_DECREF(t);
+    return Py_BuildValue("ddN", loss, acc, qg_loss_grad_obj(g));
+fail:
+    Py_XDECREF(s);
+    Py_XDECREF(t);
+    Py_XDECREF(g);
+    return NULL;
+}
+
+#define QG_LOSS_WRAP(pyname, impl, fn)                                             \
+    static PyObject *qg_py_##pyname(PyObject *self, PyObject *args, PyObject *kw) \
+    {                                                                              \
+        (void)self;                                                                \
+        return impl(args, kw, fn, #pyname);                                        \
+    }
+QG_LOSS_WRAP(loss_class, qg_loss_class_impl, qg_loss_class_f32)
+QG_LOSS_WRAP(loss_class_ref, qg_loss_class_impl, qg_loss_class_ref_f32)
+QG_LOSS_WRAP(loss_batch_triplet, qg_loss_triplet_impl, qg_loss_batch_triplet_f32)
+QG_LOSS_WRAP(loss_batch_triplet_ref, qg_loss_triplet_impl, qg_loss_batch_triplet_ref_f32)
+QG_LOSS_WRAP(loss_pairwise_bce, qg_loss_bce_impl, qg_loss_pairwise_bce_f32)
+QG_LOSS_WRAP(loss_pairwise_bce_ref, qg_loss_bce_impl, qg_loss_pairwise_bce_ref_f32)
+QG_LOSS_WRAP(loss_focal, qg_loss_focal_impl, qg_loss_focal_f32)
+QG_LOSS_WRAP(loss_focal_ref, qg_loss_focal_impl, qg_loss_focal_ref_f32)
+#undef QG_LOSS_WRAP
+
+#define QG_LOSS_ENTRY(pyname, doc) \
+    {#pyname, (PyCFunction)(void (*)(void))qg_py_##pyname, METH_VARARGS | METH_KEYWORDS, doc},
+#define QG_LOSS_METHODS                                                                  \
+    QG_LOSS_ENTRY(loss_class, "Restricted class loss (private).")                       \
+    QG_LOSS_ENTRY(loss_class_ref, "Restricted class loss, scalar reference (private).") \
+    QG_LOSS_ENTRY(loss_batch_triplet, "Batch-hard triplet (private).")                  \
+    QG_LOSS_ENTRY(loss_batch_triplet_ref, "Batch-hard triplet, reference (private).")   \
+    QG_LOSS_ENTRY(loss_pairwise_bce, "Pairwise BCE (private).")                         \
+    QG_LOSS_ENTRY(loss_pairwise_bce_ref, "Pairwise BCE, reference (private).")          \
+    QG_LOSS_ENTRY(loss_focal, "Focal class-memory BCE (private).")                      \
+    QG_LOSS_ENTRY(loss_focal_ref, "Focal class-memory BCE, reference (private).")
+
 
 /* ------------------------------------------------------------------ module */
 
