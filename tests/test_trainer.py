@@ -592,3 +592,28 @@ def test_real_model_resume_is_bitwise_and_checkpoint_is_a_model_checkpoint(tmp_p
     np.testing.assert_array_equal(plain.match(x, x), model_b.match(x, x))
     tr_d = Trainer.from_checkpoint(path)
     assert tr_d.epoch == 2 and tr_d.schedule_spec == "multistep:1,3:0.5"
+
+
+def test_step_refuses_a_non_finite_update_and_keeps_parameters():
+    """A diverged step (NaN gradient) raises and leaves every parameter as it was."""
+    from qaconv_gs import QAConvGS
+
+    rng = np.random.default_rng(0)
+    model = QAConvGS(12, 4, 2, 2, k_nearest=3, seed=0)
+    trainer = Trainer(model, lr=0.1)
+    x = rng.standard_normal((6, 4, 2, 2)).astype(np.float32)
+    y = np.array([0, 0, 1, 1, 2, 2])
+    real = model.forward_backward
+
+    def poisoned(features, labels):
+        result = real(features, labels)
+        result.grad_embed_rows[0, 0, 0, 0] = np.nan
+        return result
+
+    model.forward_backward = poisoned
+    before = {k: v.copy() for k, v in model.parameters().items()}
+    with pytest.raises(FloatingPointError, match="parameters are unchanged"):
+        trainer.step(x, y)
+    for name, value in model.parameters().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    assert trainer.global_step == 0

@@ -488,6 +488,14 @@ class Trainer:
             rows_g = np.asarray(result.grad_embed_rows, dtype=np.float32).reshape((ids.size,) + E.shape[1:])
 
         sq = sum(_sqnorm(g) for g in grads.values()) + (0.0 if rows_g is None else _sqnorm(rows_g))
+        if not (math.isfinite(sq) and math.isfinite(float(result.loss))):
+            # A diverged step must not write NaN/Inf into the parameters (the next step and the next
+            # checkpoint would fail far from the cause): refuse it with the parameters as they were.
+            raise FloatingPointError(
+                f"Trainer.step: non-finite loss ({float(result.loss)}) or gradient norm at step {t} "
+                f"(lr={lr:g}); the update was skipped and the parameters are unchanged. "
+                "Lower the learning rate or set clip_grad_norm."
+            )
         self.last_grad_norm = math.sqrt(sq)
         if self.clip_grad_norm is not None:
             coef = self.clip_grad_norm / (self.last_grad_norm + 1e-6)
