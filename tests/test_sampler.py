@@ -164,3 +164,8 @@ def test_input_zoo_and_errors():
         list(bad)
     with pytest.raises(ValueError, match="seed"):
         GraphSampler(y, 4, 2, seed=-1)
+
+
+def test_huge_class_id_names_labels():
+    with pytest.raises(MemoryError, match="labels"):
+        GraphSampler(np.array([0, 10**12]), batch_size=4, num_instances=2)

@@ -77,7 +77,13 @@ class GraphSampler:
 
         self.num_classes = int(self.labels.max()) + 1
         order = np.argsort(self.labels, kind="stable")
-        counts = np.bincount(self.labels, minlength=self.num_classes)
+        try:  # per-class tables are dense in the class id, as the model's class table is
+            counts = np.bincount(self.labels, minlength=self.num_classes)
+        except MemoryError:
+            raise MemoryError(
+                f"labels: the largest class id ({self.num_classes - 1}) needs per-class tables of "
+                f"{self.num_classes} entries; class ids must be 0..N-1 for the model's N classes"
+            ) from None
         starts = np.concatenate([[0], np.cumsum(counts)])
         #: class id -> its sample indices (ascending), for classes with samples
         self.class_indices: dict[int, np.ndarray] = {
