@@ -318,3 +318,25 @@ def test_diverged_model_does_not_overwrite_a_good_checkpoint(tmp_path):
     assert open(p, "rb").read() == good
     assert [x.name for x in tmp_path.iterdir()] == ["c.npz"]
     qg.Trainer.from_checkpoint(p)  # still loads
+
+
+def test_orphaned_temporaries_of_dead_savers_are_swept(tmp_path):
+    """A save removes the temporary files that killed savers of the same target left behind, and only those:
+    files of a live process, of another host or of another target stay."""
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer exists (reaped)
+    host = socket.gethostname()
+    p = tmp_path / "m.npz"
+    orphan = tmp_path / f".m.npz.{host}.{dead.pid}.abc123.tmp"
+    live = tmp_path / f".m.npz.{host}.{os.getpid()}.def456.tmp"
+    other_host = tmp_path / f".m.npz.elsewhere-{host}.{dead.pid}.ghi789.tmp"
+    other_target = tmp_path / f".n.npz.{host}.{dead.pid}.jkl012.tmp"
+    for f in (orphan, live, other_host, other_target):
+        f.write_bytes(b"PK\x03\x04 torn")
+    qg.QAConvGS(4, 2, 2, 2, k_nearest=1, seed=0).save(str(p))
+    assert not orphan.exists()
+    assert live.exists() and other_host.exists() and other_target.exists()
+    assert qg.QAConvGS.load(str(p)).num_classes == 4

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -90,6 +91,38 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+_HOST = socket.gethostname().replace(os.sep, "_") or "host"
+
+
+def _sweep_orphans(directory: str, prefix: str) -> None:
+    """Delete temporary files left by saves to the same target whose process died (SIGKILL, power loss).
+
+    Temporary names are `.<name>.<host>.<pid>.<random>.tmp`; only files of this host whose pid no longer
+    exists are removed, so a save in flight in another live process is never touched.
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid_text = name[len(prefix) :].split(".", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # alive (or pid reused): leave it
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, ValueError):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model_config: Mapping[str, Any],
@@ -126,7 +159,9 @@ def save_checkpoint(
         mode = os.stat(path).st_mode & 0o777
     except OSError:
         pass
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    prefix = f".{os.path.basename(path)}.{_HOST}."
+    _sweep_orphans(directory, prefix)
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
