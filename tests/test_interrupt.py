@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -61,7 +62,16 @@ def _interrupt(body: str, after: str, timeout: float = 90.0):
         got = time.monotonic()
         lines.append(line)
         assert line.startswith("KI"), (line, proc.stderr.read())
-        rest, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        # Read the rest through the same buffered stream: communicate() reads the raw pipe and would lose
+        # what readline() already buffered (e.g. "USABLE" arriving in the same chunk as "KI").
+        killer = threading.Timer(max(1.0, deadline - time.monotonic()), proc.kill)
+        killer.start()
+        try:
+            rest = proc.stdout.read()
+            err = proc.stderr.read()
+            proc.wait()
+        finally:
+            killer.cancel()
         lines.append(rest)
     finally:
         if proc.poll() is None:
