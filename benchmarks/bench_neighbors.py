@@ -34,13 +34,14 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from . import _common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -195,17 +196,6 @@ def worker(args) -> None:
 # ---------------------------------------------------------------- driver
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _plot(path: str, report: dict) -> None:
     import matplotlib
 
@@ -270,13 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     flops = float(args.n) * args.n * args.d
     load0 = os.getloadavg()
     print(f"class_neighbors benchmark: N={args.n} D={args.d} k={args.k}, median of {args.repeats}")
-    print(f"CPU: {_cpu_name()}, {os.cpu_count()} logical CPUs; load average {load0[0]:.2f} {load0[1]:.2f}")
+    cpu = _common.cpu_model()
+    print(f"CPU: {cpu}, {os.cpu_count()} logical CPUs; load average {load0[0]:.2f} {load0[1]:.2f}")
     print(f"useful flops per run: N*N*D = {flops:.3e}")
     head = f"{'thr':>3} {'method':>6} {'wall s':>8} {'cpu s':>8} {'GF/s':>7} {'%peak':>6} {'vs faiss':>8}"
     print(head + f" {'(cpu)':>7} {'extra MB':>9}  check vs ours", flush=True)
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": _cpu_name(),
+        "cpu": _common.cpu_model(),
         "logical_cpus": os.cpu_count(),
         "loadavg_start": load0,
         "config": {k: getattr(args, k) for k in ("n", "d", "k", "repeats", "seed", "methods", "threads")},
