@@ -43,20 +43,48 @@ static int64_t qg_min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* ------------------------------------------------------------------ normalisation */
 
-/* Locations per normalisation work item. */
-#define QG_NORM_SB 256
 
-int qg_norm_forward_f32(const float *x, int64_t M, int64_t C, int64_t S,
-                        float *y, float *norm, const qg_ctx *ctx)
+/* Row m of a normalisation call: x + rows[m] * cs (rows == NULL: m). */
+static const float *qg_norm_row(const float *x, const int64_t *rows, int64_t m, int64_t cs)
 {
-    int64_t cs, total;
-    if (M < 0 || C < 1 || S < 1) return QG_EINVAL;
-    if (qg_mul_overflow(C, S, &cs) || qg_mul_overflow(cs, M, &total)) return QG_EOVERFLOW;
-    if (M == 0) return QG_OK;
-    if (!x || !y || !norm) return QG_EINVAL;
+    return x + (rows ? rows[m] : m) * cs;
+}
+
+/* One work item of the forward: n <= QG_NORM_SB locations of one map, portable C (the AVX2 item in
+ * qg_match_avx2.c does the same operations, four doubles at a time, so the bits are the same). */
+static void qg_norm_fwd_item(const float *xm, int64_t n, int64_t C, int64_t S, float *ym, float *nm)
+{
+    double acc[QG_NORM_SB];
+    float den[QG_NORM_SB];
+    for (int64_t s = 0; s < n; ++s) acc[s] = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+        const float *xr = xm + c * S;
+        for (int64_t s = 0; s < n; ++s) acc[s] += (double)xr[s] * (double)xr[s];
+    }
+    for (int64_t s = 0; s < n; ++s) {
+        const float nr = (float)sqrt(acc[s]);
+        nm[s] = nr;
+        den[s] = nr > QG_NORM_EPS ? nr : QG_NORM_EPS;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        const float *xr = xm + c * S;
+        float *yr = ym + c * S;
+        for (int64_t s = 0; s < n; ++s) yr[s] = xr[s] / den[s];
+    }
+}
+
+/* Shared by qg_norm_forward_f32 and qg_norm_forward_rows_f32 (sizes validated, M > 0). */
+static int qg_norm_fwd(const float *x, const int64_t *rows, int64_t M, int64_t C, int64_t S, float *y,
+                       float *norm, const qg_ctx *ctx)
+{
+    const int64_t cs = C * S;
     const int64_t nsb = (S + QG_NORM_SB - 1) / QG_NORM_SB;
     const int64_t items = M * nsb;
     const int nt = qg_threads_for(ctx, items);
+    qg_norm_fwd_item_fn item = qg_norm_fwd_item;
+#if QG_X86
+    if (ctx && ctx->isa >= QG_ISA_AVX2) item = qg_norm_fwd_item_avx2;
+#endif
     int stop = 0;
     QG_OMP(parallel for schedule(dynamic, 1) num_threads(nt))
     for (int64_t it = 0; it < items; ++it) {
@@ -64,25 +92,117 @@ int qg_norm_forward_f32(const float *x, int64_t M, int64_t C, int64_t S,
         const int64_t m = it / nsb;
         const int64_t s0 = (it % nsb) * QG_NORM_SB;
         const int64_t n = qg_min64(QG_NORM_SB, S - s0);
-        const float *xm = x + m * cs + s0;
-        float *ym = y + m * cs + s0;
-        double acc[QG_NORM_SB];
-        float den[QG_NORM_SB];
-        for (int64_t s = 0; s < n; ++s) acc[s] = 0.0;
-        for (int64_t c = 0; c < C; ++c) {
-            const float *xr = xm + c * S;
-            for (int64_t s = 0; s < n; ++s) acc[s] += (double)xr[s] * (double)xr[s];
+        item(qg_norm_row(x, rows, m, cs) + s0, n, C, S, y + m * cs + s0, norm + m * S + s0);
+        qg_poll_block(ctx, &stop);
+    }
+    return stop ? QG_EINTR : QG_OK;
+}
+
+/* Sizes of a normalisation call; QG_OK with *empty set when there is nothing to do. */
+static int qg_norm_check(int64_t M, int64_t C, int64_t S, int *empty)
+{
+    int64_t cs, total;
+    *empty = 0;
+    if (M < 0 || C < 1 || S < 1) return QG_EINVAL;
+    if (qg_mul_overflow(C, S, &cs) || qg_mul_overflow(cs, M, &total)) return QG_EOVERFLOW;
+    *empty = M == 0;
+    return QG_OK;
+}
+
+/* QG_ERANGE unless every rows[i] is in [0, N). */
+static int qg_norm_check_rows(const int64_t *rows, int64_t R, int64_t N, int64_t cs)
+{
+    int64_t tmp;
+    if (!rows || N < 0) return QG_EINVAL;
+    if (qg_mul_overflow(N, cs, &tmp)) return QG_EOVERFLOW;
+    for (int64_t i = 0; i < R; ++i)
+        if (rows[i] < 0 || rows[i] >= N) return QG_ERANGE;
+    return QG_OK;
+}
+
+int qg_norm_forward_f32(const float *x, int64_t M, int64_t C, int64_t S,
+                        float *y, float *norm, const qg_ctx *ctx)
+{
+    int empty;
+    const int st = qg_norm_check(M, C, S, &empty);
+    if (st != QG_OK || empty) return st;
+    if (!x || !y || !norm) return QG_EINVAL;
+    return qg_norm_fwd(x, NULL, M, C, S, y, norm, ctx);
+}
+
+int qg_norm_forward_rows_f32(const float *E, int64_t N, const int64_t *rows, int64_t R, int64_t C,
+                             int64_t S, float *y, float *norm, const qg_ctx *ctx)
+{
+    int empty;
+    int st = qg_norm_check(R, C, S, &empty);
+    if (st != QG_OK || empty) return st;
+    if (!E || !y || !norm) return QG_EINVAL;
+    if ((st = qg_norm_check_rows(rows, R, N, C * S)) != QG_OK) return st;
+    return qg_norm_fwd(E, rows, R, C, S, y, norm, ctx);
+}
+
+/* One work item of the backward (n <= QG_NORM_SB locations of one map): y is given (raw == 0) or
+ * rebuilt as x / max(norm, eps), the very float32 division of the forward (raw == 1), so both give
+ * the same bits. gym may alias gxm: every element is read before it is written. */
+static void qg_norm_bwd_item(const float *gym, const float *ym, int raw, const float *nm, int64_t n, int64_t C,
+                             int64_t S, float *gxm)
+{
+    double dot[QG_NORM_SB];
+    double den[QG_NORM_SB];
+    float fden[QG_NORM_SB];
+    for (int64_t s = 0; s < n; ++s) {
+        dot[s] = 0.0;
+        fden[s] = nm[s] > QG_NORM_EPS ? nm[s] : QG_NORM_EPS;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        const float *gr = gym + c * S;
+        const float *yr = ym + c * S;
+        if (raw)
+            for (int64_t s = 0; s < n; ++s) dot[s] += (double)(yr[s] / fden[s]) * (double)gr[s];
+        else
+            for (int64_t s = 0; s < n; ++s) dot[s] += (double)yr[s] * (double)gr[s];
+    }
+    for (int64_t s = 0; s < n; ++s) {
+        if (nm[s] >= QG_NORM_EPS) {
+            den[s] = (double)nm[s];
+        } else { /* clamped: y = x / eps does not depend on the norm */
+            den[s] = (double)QG_NORM_EPS;
+            dot[s] = 0.0;
         }
-        for (int64_t s = 0; s < n; ++s) {
-            const float nr = (float)sqrt(acc[s]);
-            norm[m * S + s0 + s] = nr;
-            den[s] = nr > QG_NORM_EPS ? nr : QG_NORM_EPS;
-        }
-        for (int64_t c = 0; c < C; ++c) {
-            const float *xr = xm + c * S;
-            float *yr = ym + c * S;
-            for (int64_t s = 0; s < n; ++s) yr[s] = xr[s] / den[s];
-        }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        const float *gr = gym + c * S;
+        const float *yr = ym + c * S;
+        float *xr = gxm + c * S;
+        if (raw)
+            for (int64_t s = 0; s < n; ++s)
+                xr[s] = (float)(((double)gr[s] - (double)(yr[s] / fden[s]) * dot[s]) / den[s]);
+        else
+            for (int64_t s = 0; s < n; ++s) xr[s] = (float)(((double)gr[s] - (double)yr[s] * dot[s]) / den[s]);
+    }
+}
+
+/* Shared by the two backward entry points (rows == NULL: y given; else y rebuilt from x[rows]). */
+static int qg_norm_bwd(const float *gy, const float *y, const int64_t *rows, const float *norm, int64_t M,
+                       int64_t C, int64_t S, float *gx, const qg_ctx *ctx)
+{
+    const int64_t cs = C * S;
+    const int64_t nsb = (S + QG_NORM_SB - 1) / QG_NORM_SB;
+    const int64_t items = M * nsb;
+    const int nt = qg_threads_for(ctx, items);
+    qg_norm_bwd_item_fn item = qg_norm_bwd_item;
+#if QG_X86
+    if (ctx && ctx->isa >= QG_ISA_AVX2) item = qg_norm_bwd_item_avx2;
+#endif
+    int stop = 0;
+    QG_OMP(parallel for schedule(dynamic, 1) num_threads(nt))
+    for (int64_t it = 0; it < items; ++it) {
+        if (qg_stop_requested(&stop)) continue;
+        const int64_t m = it / nsb;
+        const int64_t s0 = (it % nsb) * QG_NORM_SB;
+        const int64_t n = qg_min64(QG_NORM_SB, S - s0);
+        item(gy + m * cs + s0, qg_norm_row(y, rows, m, cs) + s0, rows != NULL, norm + m * S + s0, n, C, S,
+             gx + m * cs + s0);
         qg_poll_block(ctx, &stop);
     }
     return stop ? QG_EINTR : QG_OK;
@@ -91,51 +211,23 @@ int qg_norm_forward_f32(const float *x, int64_t M, int64_t C, int64_t S,
 int qg_norm_backward_f32(const float *gy, const float *y, const float *norm,
                          int64_t M, int64_t C, int64_t S, float *gx, const qg_ctx *ctx)
 {
-    int64_t cs, total;
-    if (M < 0 || C < 1 || S < 1) return QG_EINVAL;
-    if (qg_mul_overflow(C, S, &cs) || qg_mul_overflow(cs, M, &total)) return QG_EOVERFLOW;
-    if (M == 0) return QG_OK;
+    int empty;
+    const int st = qg_norm_check(M, C, S, &empty);
+    if (st != QG_OK || empty) return st;
     if (!gy || !y || !norm || !gx) return QG_EINVAL;
-    const int64_t nsb = (S + QG_NORM_SB - 1) / QG_NORM_SB;
-    const int64_t items = M * nsb;
-    const int nt = qg_threads_for(ctx, items);
-    int stop = 0;
-    QG_OMP(parallel for schedule(dynamic, 1) num_threads(nt))
-    for (int64_t it = 0; it < items; ++it) {
-        if (qg_stop_requested(&stop)) continue;
-        const int64_t m = it / nsb;
-        const int64_t s0 = (it % nsb) * QG_NORM_SB;
-        const int64_t n = qg_min64(QG_NORM_SB, S - s0);
-        const float *gym = gy + m * cs + s0; /* may alias gxm: every element is read before written */
-        const float *ym = y + m * cs + s0;
-        float *gxm = gx + m * cs + s0;
-        const float *nm = norm + m * S + s0;
-        double dot[QG_NORM_SB];
-        double den[QG_NORM_SB];
-        for (int64_t s = 0; s < n; ++s) dot[s] = 0.0;
-        for (int64_t c = 0; c < C; ++c) {
-            const float *gr = gym + c * S;
-            const float *yr = ym + c * S;
-            for (int64_t s = 0; s < n; ++s) dot[s] += (double)yr[s] * (double)gr[s];
-        }
-        for (int64_t s = 0; s < n; ++s) {
-            if (nm[s] >= QG_NORM_EPS) {
-                den[s] = (double)nm[s];
-            } else { /* clamped: y = x / eps does not depend on the norm */
-                den[s] = (double)QG_NORM_EPS;
-                dot[s] = 0.0;
-            }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-            const float *gr = gym + c * S;
-            const float *yr = ym + c * S;
-            float *xr = gxm + c * S;
-            for (int64_t s = 0; s < n; ++s)
-                xr[s] = (float)(((double)gr[s] - (double)yr[s] * dot[s]) / den[s]);
-        }
-        qg_poll_block(ctx, &stop);
-    }
-    return stop ? QG_EINTR : QG_OK;
+    return qg_norm_bwd(gy, y, NULL, norm, M, C, S, gx, ctx);
+}
+
+int qg_norm_backward_rows_f32(const float *gy, const float *E, int64_t N, const int64_t *rows,
+                              const float *norm, int64_t R, int64_t C, int64_t S, float *gx,
+                              const qg_ctx *ctx)
+{
+    int empty;
+    int st = qg_norm_check(R, C, S, &empty);
+    if (st != QG_OK || empty) return st;
+    if (!gy || !E || !norm || !gx) return QG_EINVAL;
+    if ((st = qg_norm_check_rows(rows, R, N, C * S)) != QG_OK) return st;
+    return qg_norm_bwd(gy, E, rows, norm, R, C, S, gx, ctx);
 }
 
 /* ------------------------------------------------------------------ forward: packing */
@@ -691,20 +783,22 @@ int qg_match_backward_restricted_f32(const float *X, int64_t B, const float *E, 
     int st = qg_bwd_check(B, N, K, C, S, &npairs);
     if (st != QG_OK) return st;
     const int64_t cs = C * S;
+    if (!gX && !gE) return QG_EINVAL;
     if (npairs == 0) {
         if (B > 0 && gX) memset(gX, 0, (size_t)(B * cs) * sizeof(float));
         if (N > 0 && gE) memset(gE, 0, (size_t)(N * cs) * sizeof(float));
         return QG_OK;
     }
-    if (!X || !E || !cand || !gmp || !gmg || !ap || !ag || !gX || !gE) return QG_EINVAL;
+    if (!X || (gX && !E) || !cand || !gmp || !gmg || !ap || !ag) return QG_EINVAL;
     for (int64_t q = 0; q < npairs; ++q)
         if (cand[q] < 0 || cand[q] >= N) return QG_ERANGE;
     if (!qg_check_argmax(ap, npairs * S, S) || !qg_check_argmax(ag, npairs * S, S)) return QG_ERANGE;
 
-    /* gX: row b sums its pairs j = 0..K-1 in order. */
-    qg_bwd_job jx = {B, NULL, NULL, NULL, K, B, cand, E, N, 0, C, S, gmp, gmg, ap, ag, gX};
-    st = qg_run_bwd(&jx, ctx);
-    if (st != QG_OK) return st;
+    if (gX) { /* gX: row b sums its pairs j = 0..K-1 in order. */
+        qg_bwd_job jx = {B, NULL, NULL, NULL, K, B, cand, E, N, 0, C, S, gmp, gmg, ap, ag, gX};
+        st = qg_run_bwd(&jx, ctx);
+        if (st != QG_OK || !gE) return st;
+    }
 
     /* gE: CSR of pairs per E row (counting sort keeps (b, j) order), only rows that occur. */
     int64_t *off = (int64_t *)qg_malloc((N + 1) * (int64_t)sizeof(int64_t));

@@ -48,6 +48,16 @@ int qg_norm_forward_f32(const float *x, int64_t M, int64_t C, int64_t S,
 int qg_norm_backward_f32(const float *gy, const float *y, const float *norm,
                          int64_t M, int64_t C, int64_t S, float *gx, const qg_ctx *ctx);
 
+/* Rows of a table, without a gathered copy: E [N, C, S], rows [R] in [0, N) (else QG_ERANGE).
+ * forward: y [R, C, S] and norm [R, S] are the bits qg_norm_forward_f32 gives for the gathered rows.
+ * backward: y is rebuilt from E[rows[m]] and norm (the forward's float32 division, so the same bits
+ * as y), and gx [R, C, S] (may alias gy) is the bits qg_norm_backward_f32 gives with that y. */
+int qg_norm_forward_rows_f32(const float *E, int64_t N, const int64_t *rows, int64_t R, int64_t C,
+                             int64_t S, float *y, float *norm, const qg_ctx *ctx);
+int qg_norm_backward_rows_f32(const float *gy, const float *E, int64_t N, const int64_t *rows,
+                              const float *norm, int64_t R, int64_t C, int64_t S, float *gx,
+                              const qg_ctx *ctx);
+
 /* ---- pair maxima forward ---- */
 
 /* All pairs: P [nP, C, S], G [nG, C, S] -> mp, mg [nP, nG, S]; ap, ag [nP, nG, S] or both NULL.
@@ -85,7 +95,9 @@ int qg_match_backward_f32(const float *P, int64_t nP, const float *G, int64_t nG
 
 /* Restricted: as the restricted forward. gX [B, C, S] and gE [N, C, S] are overwritten
  * (rows of E that are no candidate get 0). Contributions to one row are summed in
- * (b, j) order whatever the thread count. */
+ * (b, j) order whatever the thread count. Either output may be NULL (that side is skipped, so a
+ * caller can free E before allocating gE: E is read only for gX and may be NULL without it);
+ * both NULL is QG_EINVAL. */
 int qg_match_backward_restricted_f32(const float *X, int64_t B, const float *E, int64_t N,
                                      const int64_t *cand, int64_t K, int64_t C, int64_t S,
                                      const float *gmp, const float *gmg,

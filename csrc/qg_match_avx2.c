@@ -815,4 +815,102 @@ int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
     return stop ? QG_EINTR : QG_OK;
 }
 
+/* ------------------------------------------------------------------ normalisation items */
+
+/*
+ * The normalisation work items of qg_match.c, four locations per double vector. Each location's sums
+ * run over c in order with a separate multiply and add (products of two floats are exact in double,
+ * and this file is compiled in ISO C mode, so nothing is contracted into an FMA); sqrt and the
+ * divisions are correctly rounded: the same bits as the portable items.
+ */
+void qg_norm_fwd_item_avx2(const float *xm, int64_t n, int64_t C, int64_t S, float *ym, float *nm)
+{
+    /* rows of the map (c) outermost, so the map streams through in memory order; the per-location
+     * sums stay in L1 */
+    double acc[QG_NORM_SB];
+    float den[QG_NORM_SB];
+    const int64_t n4 = n & ~(int64_t)3, n8 = n & ~(int64_t)7;
+    int64_t s;
+    for (s = 0; s < n; ++s) acc[s] = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+        const float *xr = xm + c * S;
+        for (s = 0; s < n4; s += 4) {
+            const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(xr + s));
+            _mm256_storeu_pd(acc + s, _mm256_add_pd(_mm256_loadu_pd(acc + s), _mm256_mul_pd(v, v)));
+        }
+        for (; s < n; ++s) acc[s] += (double)xr[s] * (double)xr[s];
+    }
+    const __m128 eps = _mm_set1_ps(QG_NORM_EPS);
+    for (s = 0; s < n4; s += 4) {
+        const __m128 nr = _mm256_cvtpd_ps(_mm256_sqrt_pd(_mm256_loadu_pd(acc + s)));
+        _mm_storeu_ps(nm + s, nr);
+        _mm_storeu_ps(den + s, _mm_max_ps(nr, eps)); /* nr > eps ? nr : eps (NaN -> eps) */
+    }
+    for (; s < n; ++s) {
+        const float nr = (float)sqrt(acc[s]);
+        nm[s] = nr;
+        den[s] = nr > QG_NORM_EPS ? nr : QG_NORM_EPS;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        const float *xr = xm + c * S;
+        float *yr = ym + c * S;
+        for (s = 0; s < n8; s += 8)
+            _mm256_storeu_ps(yr + s, _mm256_div_ps(_mm256_loadu_ps(xr + s), _mm256_loadu_ps(den + s)));
+        for (; s < n; ++s) yr[s] = xr[s] / den[s];
+    }
+}
+
+/* y of 4 locations as doubles: loaded (raw == 0) or rebuilt as x / fden in float32. */
+QG_AI __m256d qg_norm_y4(const float *yr, const float *fden, int raw)
+{
+    const __m128 v = _mm_loadu_ps(yr);
+    return _mm256_cvtps_pd(raw ? _mm_div_ps(v, _mm_loadu_ps(fden)) : v);
+}
+
+void qg_norm_bwd_item_avx2(const float *gym, const float *ym, int raw, const float *nm, int64_t n, int64_t C,
+                           int64_t S, float *gxm)
+{
+    double dot[QG_NORM_SB];
+    double den[QG_NORM_SB];
+    float fden[QG_NORM_SB];
+    const int64_t n4 = n & ~(int64_t)3;
+    int64_t s;
+    for (s = 0; s < n; ++s) {
+        dot[s] = 0.0;
+        fden[s] = nm[s] > QG_NORM_EPS ? nm[s] : QG_NORM_EPS;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        const float *gr = gym + c * S, *yr = ym + c * S;
+        for (s = 0; s < n4; s += 4) {
+            const __m256d p = _mm256_mul_pd(qg_norm_y4(yr + s, fden + s, raw), _mm256_cvtps_pd(_mm_loadu_ps(gr + s)));
+            _mm256_storeu_pd(dot + s, _mm256_add_pd(_mm256_loadu_pd(dot + s), p));
+        }
+        for (; s < n; ++s) {
+            const float y = raw ? yr[s] / fden[s] : yr[s];
+            dot[s] += (double)y * (double)gr[s];
+        }
+    }
+    for (s = 0; s < n; ++s) {
+        if (nm[s] >= QG_NORM_EPS) {
+            den[s] = (double)nm[s];
+        } else { /* clamped: y = x / eps does not depend on the norm */
+            den[s] = (double)QG_NORM_EPS;
+            dot[s] = 0.0;
+        }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        const float *gr = gym + c * S, *yr = ym + c * S;
+        float *xr = gxm + c * S;
+        for (s = 0; s < n4; s += 4) {
+            const __m256d g = _mm256_cvtps_pd(_mm_loadu_ps(gr + s));
+            const __m256d t = _mm256_sub_pd(g, _mm256_mul_pd(qg_norm_y4(yr + s, fden + s, raw), _mm256_loadu_pd(dot + s)));
+            _mm_storeu_ps(xr + s, _mm256_cvtpd_ps(_mm256_div_pd(t, _mm256_loadu_pd(den + s))));
+        }
+        for (; s < n; ++s) {
+            const float y = raw ? yr[s] / fden[s] : yr[s];
+            xr[s] = (float)(((double)gr[s] - (double)y * dot[s]) / den[s]);
+        }
+    }
+}
+
 #endif /* __AVX2__ && __FMA__ */

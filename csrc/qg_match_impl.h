@@ -49,6 +49,16 @@ typedef struct qg_bwd_job {
     float *out;
 } qg_bwd_job;
 
+/* Locations per normalisation work item. */
+#define QG_NORM_SB 256
+
+/* Normalisation work items: n <= QG_NORM_SB locations starting at the given pointers (map row
+ * stride S), as described at qg_norm_fwd_item / qg_norm_bwd_item in qg_match.c; every engine
+ * gives the same bits. */
+typedef void (*qg_norm_fwd_item_fn)(const float *xm, int64_t n, int64_t C, int64_t S, float *ym, float *nm);
+typedef void (*qg_norm_bwd_item_fn)(const float *gym, const float *ym, int raw, const float *nm, int64_t n,
+                                    int64_t C, int64_t S, float *gxm);
+
 /* An engine runs a validated job (sizes checked, no overflow, candidates in range, npairs > 0). */
 typedef int (*qg_pairs_engine)(const qg_pairs_job *job, const qg_ctx *ctx);
 
@@ -56,6 +66,9 @@ typedef int (*qg_pairs_engine)(const qg_pairs_job *job, const qg_ctx *ctx);
 int qg_match_pairs_avx2(const qg_pairs_job *job, const qg_ctx *ctx);
 /* Backward of a validated job (argmax in range), same sums in the same order as the portable one. */
 int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx);
+void qg_norm_fwd_item_avx2(const float *xm, int64_t n, int64_t C, int64_t S, float *ym, float *nm);
+void qg_norm_bwd_item_avx2(const float *gym, const float *ym, int raw, const float *nm, int64_t n, int64_t C,
+                           int64_t S, float *gxm);
 #endif
 
 /* Fused score of one pair from its maxima: sum_s w[s] mp[s] + sum_r w[S+r] mg[r] + bias, in double,

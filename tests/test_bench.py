@@ -166,7 +166,7 @@ def test_tiny_steps_run_on_one_thread_and_big_ones_keep_theirs():
 @pytest.mark.parametrize("triplet", ["class", "batch"])
 def test_step_bit_identical_for_1_and_2_threads_with_threading_forced(monkeypatch, triplet):
     """The small-step guard would run this step on one thread whatever n_threads; switch it off so
-    that the composition (chunked in-place normalize backward included) runs on 2 threads."""
+    that the composition (the features' chunked in-place normalize backward included) runs on 2 threads."""
     from qaconv_gs import model as model_mod
 
     monkeypatch.setattr(model_mod, "_SMALL_STEP_FLOPS", 0.0)
@@ -183,7 +183,7 @@ def test_step_bit_identical_for_1_and_2_threads_with_threading_forced(monkeypatc
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
     for k in a.grad_head:
         np.testing.assert_array_equal(a.grad_head[k], b.grad_head[k], err_msg=k)
-    assert a.grad_embed_ids.shape[0] > 8  # more rows than one chunk: the chunked path ran
+    assert a.grad_features.shape[0] > 8  # more feature rows than one chunk: the chunked path ran
     monkeypatch.setattr(model_mod, "_BACKWARD_CHUNK_BYTES", 1 << 30)  # one call, no chunks
     m, X, y = _model_and_batch("separate", triplet, N=40, k=9, B=16)
     whole = m.forward_backward(X, y)

@@ -130,6 +130,113 @@ def test_normalize_vs_torch_autograd(rng):
     np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=RTOL, atol=1e-5)
 
 
+# ---------------------------------------------------------------- normalisation of table rows
+
+
+@pytest.mark.parametrize("shape", [(7, 16, 7, 7), (1, 1, 1, 1), (30, 5, 24, 8), (97, 3, 1, 2)])
+@pytest.mark.parametrize("nt", [1, 2, 3])
+def test_normalize_rows_same_bits_as_gathered(rng, shape, nt):
+    """norm_forward_rows / norm_backward_rows read rows of the table in place (repeats and any
+    order allowed) and give exactly the bits of the gathered-copy kernels."""
+    E = flat3(rng.standard_normal(shape).astype(np.float32) * 3)
+    E[0, :, 0] = 0.0  # zero location
+    E[-1, :, -1] = 1e-30  # clamped location
+    before = E.copy()
+    rows = rng.integers(0, E.shape[0], size=2 * E.shape[0] + 1).astype(np.int64)
+    rows[:2] = [E.shape[0] - 1, 0]
+    y, n = _native.norm_forward_rows(E, rows, nt)
+    gy_, gn = _native.norm_forward(np.ascontiguousarray(E[rows]), nt)
+    np.testing.assert_array_equal(y, gy_)
+    np.testing.assert_array_equal(n, gn)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    want = _native.norm_backward(g, gy_, gn, nt)
+    got = g.copy()
+    out = _native.norm_backward_rows(got, E, rows, n, nt)
+    assert out is got  # in place
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(E, before)
+    # and against the float64 oracle
+    np.testing.assert_allclose(
+        want.reshape(-1),
+        ref.normalize_backward_ref(g, gy_, gn).reshape(-1),
+        rtol=1e-5,
+        atol=1e-6 * np.abs(want).max(),
+    )
+
+
+@pytest.mark.parametrize(
+    "shape", [(3, 5, 7, 7), (2, 3, 1, 1), (2, 7, 1, 3), (2, 4, 19, 1), (2, 3, 300, 2), (1, 2, 1, 97)]
+)
+def test_normalize_same_bits_on_every_path(rng, isa, shape):
+    """Every ISA path gives the scalar reference's bits (forward and backward, table rows too):
+    location counts around the 4- and 16-wide vector blocks and the 256-location work items."""
+    x = flat3(rng.standard_normal(shape).astype(np.float32) * 2)
+    x[0, :, 0] = 0.0
+    x[-1, :, -1] = 3e-30
+    y, n = _native.norm_forward(x, 2)
+    ry, rn = _native.norm_forward_ref(x, 1)
+    np.testing.assert_array_equal(y, ry)
+    np.testing.assert_array_equal(n, rn)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    np.testing.assert_array_equal(_native.norm_backward(g, y, n, 2), _native.norm_backward_ref(g, ry, rn, 1))
+    rows = np.arange(x.shape[0], dtype=np.int64)[::-1].copy()
+    yr, nr = _native.norm_forward_rows(x, rows, 2)
+    np.testing.assert_array_equal(yr, ry[rows])
+    gr = g[rows].copy()
+    np.testing.assert_array_equal(
+        _native.norm_backward_rows(gr, x, rows, nr, 2),
+        _native.norm_backward_ref(g[rows], ry[rows], rn[rows], 1),
+    )
+
+
+def test_normalize_rows_empty_and_errors(rng):
+    E = rng.standard_normal((5, 4, 3)).astype(np.float32)
+    y, n = _native.norm_forward_rows(E, np.empty(0, np.int64), 1)
+    assert y.shape == (0, 4, 3) and n.shape == (0, 3)
+    for bad in ([5], [-1]):
+        with pytest.raises(ValueError, match="out of range|range"):
+            _native.norm_forward_rows(E, np.array(bad, np.int64), 1)
+    rows = np.array([1, 3], np.int64)
+    y, n = _native.norm_forward_rows(E, rows, 1)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    with pytest.raises(ValueError, match="range"):
+        _native.norm_backward_rows(g.copy(), E, np.array([1, 5], np.int64), n, 1)
+    for bad in (g.astype(np.float64), g[:, :, ::-1], g.tolist(), g.astype(">f4")):
+        with pytest.raises(TypeError, match="in place"):
+            _native.norm_backward_rows(bad, E, rows, n, 1)
+    ro = g.copy()
+    ro.flags.writeable = False
+    with pytest.raises(TypeError, match="in place"):
+        _native.norm_backward_rows(ro, E, rows, n, 1)
+    with pytest.raises(ValueError, match="grad_y"):
+        _native.norm_backward_rows(g[:1].copy(), E, rows, n, 1)
+    with pytest.raises(ValueError, match="norms"):
+        _native.norm_backward_rows(g.copy(), E, rows, n[:, :2], 1)
+    with pytest.raises(ValueError, match="share memory"):
+        _native.norm_backward_rows(E, E, np.arange(5, dtype=np.int64), np.ones((5, 3), np.float32), 1)
+
+
+def test_restricted_backward_one_side_same_bits(rng, isa):
+    """The feature-side and class-side halves of the restricted backward (used by the training step so
+    that it never holds the normalised class rows and their gradient at once) equal the joint call."""
+    B, N, C, H, W = 5, 9, 16, 7, 7
+    x, e = flat3(maps(rng, B, C, H, W)), flat3(maps(rng, N, C, H, W))
+    cand = rng.integers(0, N, size=(B, 4)).astype(np.int64)
+    mp, mg, ap, ag = _native.match_maxima_restricted(x, e, cand, True, 2)
+    gmp = rng.standard_normal(mp.shape).astype(np.float32)
+    gmg = rng.standard_normal(mg.shape).astype(np.float32)
+    gx, ge = _native.match_backward_restricted(x, e, cand, gmp, gmg, ap, ag, 2)
+    fx, none = _native.match_backward_restricted_features(x, e, cand, gmp, gmg, ap, ag, 2)
+    none2, fe = _native.match_backward_restricted_embeds(x, N, cand, gmp, gmg, ap, ag, 2)
+    assert none is None and none2 is None
+    np.testing.assert_array_equal(fx, gx)
+    np.testing.assert_array_equal(fe, ge)
+    with pytest.raises(ValueError, match="n_rows"):
+        _native.match_backward_restricted_embeds(x, -1, cand, gmp, gmg, ap, ag, 1)
+    with pytest.raises(ValueError, match="range|candidate"):
+        _native.match_backward_restricted_embeds(x, 2, cand, gmp, gmg, ap, ag, 1)
+
+
 # ---------------------------------------------------------------- forward
 
 

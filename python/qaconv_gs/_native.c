@@ -378,6 +378,101 @@ static PyObject *qg_py_norm_backward_ref(PyObject *self, PyObject *args)
     return qg_norm_backward_impl(args, qg_norm_backward_ref_f32, "normalize_backward (ref)");
 }
 
+/* table [N, C, S] and rows [R] in [0, N): shared argument checks of the two *_rows bindings. */
+static int qg_norm_rows_args(PyObject *eo, PyObject *ro, PyArrayObject **E, PyArrayObject **rows)
+{
+    *E = qg_array(eo, NPY_FLOAT32, 3, "table");
+    if (!*E) return -1;
+    *rows = qg_array(ro, NPY_INT64, 1, "rows");
+    if (!*rows) return -1;
+    if (QG_DIM(*E, 1) < 1 || QG_DIM(*E, 2) < 1) {
+        PyErr_SetString(PyExc_ValueError, "table: expected C >= 1 and S >= 1");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *qg_py_norm_forward_rows(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *eo, *ro;
+    int n_threads = 1;
+    PyArrayObject *E = NULL, *rows = NULL, *y = NULL, *nrm = NULL;
+    if (!PyArg_ParseTuple(args, "OOi", &eo, &ro, &n_threads)) return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    if (qg_norm_rows_args(eo, ro, &E, &rows) < 0) goto fail;
+    npy_intp dy[3] = {PyArray_DIM(rows, 0), PyArray_DIM(E, 1), PyArray_DIM(E, 2)};
+    npy_intp dn[2] = {PyArray_DIM(rows, 0), PyArray_DIM(E, 2)};
+    y = qg_empty(3, dy, NPY_FLOAT32);
+    nrm = qg_empty(2, dn, NPY_FLOAT32);
+    if (!y || !nrm) goto fail;
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int st = qg_norm_forward_rows_f32(QG_F32(E), QG_DIM(E, 0), QG_I64(rows), QG_DIM(rows, 0), QG_DIM(E, 1),
+                                      QG_DIM(E, 2), QG_F32(y), QG_F32(nrm), &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(st, "normalize (rows)") < 0) goto fail;
+    Py_DECREF(E);
+    Py_DECREF(rows);
+    return Py_BuildValue("NN", y, nrm);
+fail:
+    Py_XDECREF(E);
+    Py_XDECREF(rows);
+    Py_XDECREF(y);
+    Py_XDECREF(nrm);
+    return NULL;
+}
+
+/* norm_backward_rows(grad_y, table, rows, norms, n_threads) -> grad_y, overwritten with grad_x: grad_y
+ * must be a writable, aligned, C-contiguous native float32 [R, C, S] ndarray (the caller's own). */
+static PyObject *qg_py_norm_backward_rows(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *go, *eo, *ro, *no;
+    int n_threads = 1;
+    PyArrayObject *E = NULL, *rows = NULL, *nrm = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOi", &go, &eo, &ro, &no, &n_threads)) return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    if (!PyArray_Check(go) || PyArray_TYPE((PyArrayObject *)go) != NPY_FLOAT32 ||
+        !PyArray_ISCARRAY((PyArrayObject *)go) || !PyArray_ISNOTSWAPPED((PyArrayObject *)go) ||
+        PyArray_NDIM((PyArrayObject *)go) != 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "grad_y: expected a writable C-contiguous native float32 ndarray [R, C, S] (updated in place)");
+        return NULL;
+    }
+    PyArrayObject *gy = (PyArrayObject *)go;
+    if (qg_norm_rows_args(eo, ro, &E, &rows) < 0) goto fail;
+    nrm = qg_array(no, NPY_FLOAT32, 2, "norms");
+    if (!nrm) goto fail;
+    if (qg_match_shape3(gy, "grad_y", QG_DIM(rows, 0), QG_DIM(E, 1), QG_DIM(E, 2)) < 0) goto fail;
+    if (QG_DIM(nrm, 0) != QG_DIM(rows, 0) || QG_DIM(nrm, 1) != QG_DIM(E, 2)) {
+        PyErr_Format(PyExc_ValueError, "norms: expected shape (%lld, %lld), got (%lld, %lld)",
+                     (long long)QG_DIM(rows, 0), (long long)QG_DIM(E, 2), (long long)QG_DIM(nrm, 0),
+                     (long long)QG_DIM(nrm, 1));
+        goto fail;
+    }
+    if (PyArray_DATA(E) == PyArray_DATA(gy)) {
+        PyErr_SetString(PyExc_ValueError, "grad_y: must not share memory with the table");
+        goto fail;
+    }
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int st = qg_norm_backward_rows_f32(QG_F32(gy), QG_F32(E), QG_DIM(E, 0), QG_I64(rows), QG_F32(nrm),
+                                       QG_DIM(rows, 0), QG_DIM(E, 1), QG_DIM(E, 2), QG_F32(gy), &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(st, "normalize_backward (rows)") < 0) goto fail;
+    Py_DECREF(E);
+    Py_DECREF(rows);
+    Py_DECREF(nrm);
+    Py_INCREF(go);
+    return go;
+fail:
+    Py_XDECREF(E);
+    Py_XDECREF(rows);
+    Py_XDECREF(nrm);
+    return NULL;
+}
+
 /* ------------------------------------------------------------------ forward */
 
 /* Allocate the forward outputs [n0, n1, S] (argmax only if want). */
@@ -602,7 +697,9 @@ fail:
     return NULL;
 }
 
-static PyObject *qg_match_backward_restricted_impl(PyObject *args, qg_bwdr_fn fn, const char *fname)
+/* which: 3 = (gX, gE); 1 = (gX, None); 2 = (None, gE), where the second argument is then the number of
+ * rows N of the table instead of the table (the gE side never reads it). */
+static PyObject *qg_match_backward_restricted_impl(PyObject *args, qg_bwdr_fn fn, const char *fname, int which)
 {
     PyObject *xo, *eo, *co, *gmpo, *gmgo, *apo, *ago;
     int n_threads = 1;
@@ -612,12 +709,23 @@ static PyObject *qg_match_backward_restricted_impl(PyObject *args, qg_bwdr_fn fn
     if (qg_check_threads(n_threads) < 0) return NULL;
     X = qg_array(xo, NPY_FLOAT32, 3, "features");
     if (!X) goto fail;
-    E = qg_array(eo, NPY_FLOAT32, 3, "embeds");
-    if (!E) goto fail;
+    if (qg_match_check_S(X, "features") < 0) goto fail;
+    int64_t N;
+    if (which == 2) {
+        N = (int64_t)PyLong_AsLongLong(eo);
+        if (N == -1 && PyErr_Occurred()) goto fail;
+        if (N < 0) {
+            PyErr_Format(PyExc_ValueError, "n_rows: expected >= 0, got %lld", (long long)N);
+            goto fail;
+        }
+    } else {
+        E = qg_array(eo, NPY_FLOAT32, 3, "embeds");
+        if (!E) goto fail;
+        if (qg_match_shape3(E, "embeds", -1, QG_DIM(X, 1), QG_DIM(X, 2)) < 0) goto fail;
+        N = QG_DIM(E, 0);
+    }
     cand = qg_array(co, NPY_INT64, 2, "candidates");
     if (!cand) goto fail;
-    if (qg_match_check_S(X, "features") < 0) goto fail;
-    if (qg_match_shape3(E, "embeds", -1, QG_DIM(X, 1), QG_DIM(X, 2)) < 0) goto fail;
     if (QG_DIM(cand, 0) != QG_DIM(X, 0)) {
         PyErr_Format(PyExc_ValueError, "candidates: expected %lld rows (one per feature map), got %lld",
                      (long long)QG_DIM(X, 0), (long long)QG_DIM(cand, 0));
@@ -625,22 +733,30 @@ static PyObject *qg_match_backward_restricted_impl(PyObject *args, qg_bwdr_fn fn
     }
     const int64_t B = QG_DIM(X, 0), K = QG_DIM(cand, 1), C = QG_DIM(X, 1), S = QG_DIM(X, 2);
     if (qg_match_bwd_arrays(gmpo, gmgo, apo, ago, B, K, S, &gmp, &gmg, &ap, &ag) < 0) goto fail;
-    gX = qg_empty(3, PyArray_DIMS(X), NPY_FLOAT32);
-    gE = qg_empty(3, PyArray_DIMS(E), NPY_FLOAT32);
-    if (!gX || !gE) goto fail;
+    if (which & 1) {
+        gX = qg_empty(3, PyArray_DIMS(X), NPY_FLOAT32);
+        if (!gX) goto fail;
+    }
+    if (which & 2) {
+        npy_intp de[3] = {(npy_intp)N, (npy_intp)C, (npy_intp)S};
+        gE = qg_empty(3, de, NPY_FLOAT32);
+        if (!gE) goto fail;
+    }
     qg_call call;
     qg_call_begin(&call, n_threads);
-    int st = fn(QG_F32(X), B, QG_F32(E), QG_DIM(E, 0), QG_I64(cand), K, C, S, QG_F32(gmp), QG_F32(gmg),
-                QG_U16(ap), QG_U16(ag), QG_F32(gX), QG_F32(gE), &call.ctx);
+    int st = fn(QG_F32(X), B, E ? QG_F32(E) : NULL, N, QG_I64(cand), K, C, S, QG_F32(gmp), QG_F32(gmg),
+                QG_U16(ap), QG_U16(ag), gX ? QG_F32(gX) : NULL, gE ? QG_F32(gE) : NULL, &call.ctx);
     qg_call_end(&call);
     if (qg_check_status(st, fname) < 0) goto fail;
     Py_DECREF(X);
-    Py_DECREF(E);
+    Py_XDECREF(E);
     Py_DECREF(cand);
     Py_DECREF(gmp);
     Py_DECREF(gmg);
     Py_DECREF(ap);
     Py_DECREF(ag);
+    if (!gX) return Py_BuildValue("ON", Py_None, gE);
+    if (!gE) return Py_BuildValue("NO", gX, Py_None);
     return Py_BuildValue("NN", gX, gE);
 fail:
     Py_XDECREF(X);
@@ -659,14 +775,28 @@ static PyObject *qg_py_match_backward_restricted(PyObject *self, PyObject *args)
 {
     (void)self;
     return qg_match_backward_restricted_impl(args, qg_match_backward_restricted_f32,
-                                             "pair_maxima_restricted_backward");
+                                             "pair_maxima_restricted_backward", 3);
+}
+
+static PyObject *qg_py_match_backward_restricted_features(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return qg_match_backward_restricted_impl(args, qg_match_backward_restricted_f32,
+                                             "pair_maxima_restricted_backward", 1);
+}
+
+static PyObject *qg_py_match_backward_restricted_embeds(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return qg_match_backward_restricted_impl(args, qg_match_backward_restricted_f32,
+                                             "pair_maxima_restricted_backward", 2);
 }
 
 static PyObject *qg_py_match_backward_restricted_ref(PyObject *self, PyObject *args)
 {
     (void)self;
     return qg_match_backward_restricted_impl(args, qg_match_backward_restricted_ref_f32,
-                                             "pair_maxima_restricted_backward (ref)");
+                                             "pair_maxima_restricted_backward (ref)", 3);
 }
 
 #define QG_MATCH_METHODS                                                                                   \
@@ -687,8 +817,16 @@ static PyObject *qg_py_match_backward_restricted_ref(PyObject *self, PyObject *a
      "match_backward(P, G, gmp, gmg, ap, ag, n_threads) -> (gP, gG)"},                                      \
     {"match_backward_restricted", qg_py_match_backward_restricted, METH_VARARGS,                            \
      "match_backward_restricted(X, E, cand, gmp, gmg, ap, ag, n_threads) -> (gX, gE)"},                    \
+    {"match_backward_restricted_features", qg_py_match_backward_restricted_features, METH_VARARGS,          \
+     "match_backward_restricted_features(X, E, cand, gmp, gmg, ap, ag, n_threads) -> (gX, None)"},        \
+    {"match_backward_restricted_embeds", qg_py_match_backward_restricted_embeds, METH_VARARGS,              \
+     "match_backward_restricted_embeds(X, n_rows, cand, gmp, gmg, ap, ag, n_threads) -> (None, gE)"},     \
     {"match_backward_restricted_ref", qg_py_match_backward_restricted_ref, METH_VARARGS,                    \
-     "scalar reference of match_backward_restricted"},
+     "scalar reference of match_backward_restricted"},                                                      \
+    {"norm_forward_rows", qg_py_norm_forward_rows, METH_VARARGS,                                            \
+     "norm_forward_rows(table[N,C,S], rows[R], n_threads) -> (y[R,C,S], norms[R,S])"},                     \
+    {"norm_backward_rows", qg_py_norm_backward_rows, METH_VARARGS,                                          \
+     "norm_backward_rows(grad_y[R,C,S], table, rows, norms, n_threads) -> grad_y (overwritten)"},
 
 /* ================================================================== head (csrc/qg_head*) */
 /* Bindings for csrc/qg_head.*.

@@ -607,8 +607,8 @@ class QAConvGS:
         ids = np.unique(cand)
         local = np.searchsorted(ids, cand)
         _lap(laps, "candidates")
-        # Only the candidate rows are gathered and normalised (never the whole table).
-        En, En_norms = _native.norm_forward(self._embed.reshape(-1, C, S)[ids], nt)
+        # Only the candidate rows are normalised (never the whole table), read in place: no gathered copy.
+        En, En_norms = _native.norm_forward_rows(self._embed.reshape(-1, C, S), ids, nt)
         if not np.isfinite(En_norms).all():
             bad = ids[~np.isfinite(En_norms).all(axis=1)]
             raise ValueError(
@@ -681,7 +681,13 @@ class QAConvGS:
             for k in grad_head:
                 grad_head[k] = grad_head[k] + np.asarray(extra_grad_head[k], dtype=np.float32)
         _lap(laps, "head backward")
-        gXn, gEn = _native.match_backward_restricted(Xn, En, local, gmp, gmg, ap, ag, nt)
+        # The feature side first, then En is dropped before the [R, C, S] class-row gradient exists:
+        # the step never holds both (the gE side reads only Xn), and the class rows' normalize
+        # backward rebuilds En from the table (same bits) in place over gEn.
+        gXn, _ = _native.match_backward_restricted_features(Xn, En, local, gmp, gmg, ap, ag, nt)
+        R = En.shape[0]
+        del En
+        _, gEn = _native.match_backward_restricted_embeds(Xn, R, local, gmp, gmg, ap, ag, nt)
         del gmp, gmg, ap, ag
         if extra_grad_xn is not None:
             gXn += extra_grad_xn
@@ -689,8 +695,7 @@ class QAConvGS:
         _lap(laps, "maxima backward")
         grad_x = _normalize_backward_inplace(gXn, Xn, Xn_norms, nt)
         del Xn
-        grad_rows = _normalize_backward_inplace(gEn, En, En_norms, nt)
-        del En
+        grad_rows = _native.norm_backward_rows(gEn, self._embed.reshape(-1, C, self.S), ids, En_norms, nt)
         _lap(laps, "normalize backward")
         loss_cls = float(cl.loss_cls)
         out = StepResult(
