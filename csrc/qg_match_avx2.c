@@ -591,15 +591,23 @@ typedef struct qg_term {
     double w;
 } qg_term;
 
-/* acc[0..Cp) += sum_k t[k].w * t[k].src[0..Cp), in k order, double accumulators in registers. */
-static void qg_bwd_accumulate(double *acc, const qg_term *t, int64_t n, int64_t Cp)
+/* Accumulator value to start from: acc[c0..c0+4) (or 0.0 for the location's first terms, so the
+ * per-row accumulator is never cleared: each location starts with its first chunk of terms). */
+QG_AI __m256d qg_bwd_start(const double *acc, int64_t c0, int fresh)
+{
+    return fresh ? _mm256_setzero_pd() : _mm256_loadu_pd(acc + c0);
+}
+
+/* acc[0..Cp) (= 0 if fresh) += sum_k t[k].w * t[k].src[0..Cp), in k order, double accumulators in
+ * registers. */
+static void qg_bwd_accumulate(double *acc, const qg_term *t, int64_t n, int64_t Cp, int fresh)
 {
     int64_t c0 = 0;
     for (; c0 + 32 <= Cp; c0 += 32) {
-        __m256d a0 = _mm256_loadu_pd(acc + c0), a1 = _mm256_loadu_pd(acc + c0 + 4);
-        __m256d a2 = _mm256_loadu_pd(acc + c0 + 8), a3 = _mm256_loadu_pd(acc + c0 + 12);
-        __m256d a4 = _mm256_loadu_pd(acc + c0 + 16), a5 = _mm256_loadu_pd(acc + c0 + 20);
-        __m256d a6 = _mm256_loadu_pd(acc + c0 + 24), a7 = _mm256_loadu_pd(acc + c0 + 28);
+        __m256d a0 = qg_bwd_start(acc, c0, fresh), a1 = qg_bwd_start(acc, c0 + 4, fresh);
+        __m256d a2 = qg_bwd_start(acc, c0 + 8, fresh), a3 = qg_bwd_start(acc, c0 + 12, fresh);
+        __m256d a4 = qg_bwd_start(acc, c0 + 16, fresh), a5 = qg_bwd_start(acc, c0 + 20, fresh);
+        __m256d a6 = qg_bwd_start(acc, c0 + 24, fresh), a7 = qg_bwd_start(acc, c0 + 28, fresh);
         for (int64_t k = 0; k < n; ++k) {
             const __m256d w = _mm256_set1_pd(t[k].w);
             const float *x = t[k].src + c0;
@@ -618,7 +626,7 @@ static void qg_bwd_accumulate(double *acc, const qg_term *t, int64_t n, int64_t 
         _mm256_storeu_pd(acc + c0 + 24, a6), _mm256_storeu_pd(acc + c0 + 28, a7);
     }
     for (; c0 < Cp; c0 += 8) { /* Cp is a multiple of 8 */
-        __m256d a0 = _mm256_loadu_pd(acc + c0), a1 = _mm256_loadu_pd(acc + c0 + 4);
+        __m256d a0 = qg_bwd_start(acc, c0, fresh), a1 = qg_bwd_start(acc, c0 + 4, fresh);
         for (int64_t k = 0; k < n; ++k) {
             const __m256d w = _mm256_set1_pd(t[k].w);
             const float *x = t[k].src + c0;
@@ -723,7 +731,7 @@ int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
     const int nt = qg_match_threads(ctx, macs * 4.0, job->nrows);
     const int64_t per = qg_rup(S * Cp * (int64_t)sizeof(double) + nterms * (int64_t)sizeof(qg_term) +
                                    (2 * S + 1) * (int64_t)sizeof(int64_t) +
-                                   (global ? 0 : l_far * (int64_t)sizeof(float)),
+                                   (global ? 0 : l_far * (int64_t)sizeof(float)) + S,
                                64);
     char *scratch = (char *)qg_malloc(per * nt);
     if ((global && !farT) || !scratch) {
@@ -752,7 +760,8 @@ int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
             int64_t *start = (int64_t *)(terms + nterms);
             int64_t *pos = start + S + 1;
             float *tb = (float *)(pos + S);
-            memset(acc, 0, (size_t)(S * Cp) * sizeof(double));
+            unsigned char *seen = (unsigned char *)(tb + (global ? 0 : l_far)); /* acc row s holds terms */
+            memset(seen, 0, (size_t)S);
             const int64_t np = qg_bwd_npairs(job, t);
             for (int64_t i0 = 0; i0 < np; i0 += pch) {
                 const int64_t i1 = qg_min(np, i0 + pch);
@@ -790,8 +799,10 @@ int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
                     }
                 }
                 for (int64_t s = 0; s < S; ++s)
-                    if (start[s + 1] > start[s])
-                        qg_bwd_accumulate(acc + s * Cp, terms + start[s], start[s + 1] - start[s], Cp);
+                    if (start[s + 1] > start[s]) {
+                        qg_bwd_accumulate(acc + s * Cp, terms + start[s], start[s + 1] - start[s], Cp, !seen[s]);
+                        seen[s] = 1;
+                    }
             }
             const int64_t row = job->rowid ? job->rowid[t] : t;
             float *o = job->out + row * cs;
@@ -800,7 +811,8 @@ int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
             float *accf = (float *)acc;
             for (int64_t s = 0; s < S; ++s)
                 for (int64_t c = 0; c < Cp; c += 4)
-                    _mm_storeu_ps(accf + s * Cp + c, _mm256_cvtpd_ps(_mm256_loadu_pd(acc + s * Cp + c)));
+                    _mm_storeu_ps(accf + s * Cp + c,
+                                  seen[s] ? _mm256_cvtpd_ps(_mm256_loadu_pd(acc + s * Cp + c)) : _mm_setzero_ps());
             const int64_t C8 = C & ~(int64_t)7, S8 = S & ~(int64_t)7;
             for (int64_t c0 = 0; c0 < C8; c0 += 8)
                 for (int64_t s0 = 0; s0 < S8; s0 += 8) qg_tr8x8(accf + s0 * Cp + c0, Cp, o + c0 * S + s0, S);
