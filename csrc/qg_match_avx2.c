@@ -9,6 +9,9 @@
  *     panels [C][MR]; the column maps are concatenated and packed into NR-column panels [C][NR]
  *     (zero padded at the end of the block only). Concatenation fills the vectors when S is not a
  *     multiple of the tile (faces: S = 49), and the packed column block is sized to stay in L2.
+ *     Restricted pairs: a row block is a run of consecutive probes that share their candidate list
+ *     (the instances of a class in a graph-sampled batch), so the candidate maps are streamed from
+ *     the class table once per run rather than once per probe.
  *   - Micro-kernel: MR x NR = 6 x 16 tile in 12 ymm accumulators, Z[s, r] = fma chain over
  *     c = 0..C-1 in order (vfmadd231ps, one rounding per channel), B vectors loaded, A broadcast.
  *     Every Z element is the same float32 FMA chain whatever its position in a tile, the unit
@@ -473,10 +476,13 @@ int qg_match_pairs_avx2(const qg_pairs_job *job, const qg_ctx *ctx)
     const int64_t S = g.S, C = g.C, nA = job->nA, K = job->K;
     const int want = job->ap != NULL;
 
-    /* Row block: all pairs concatenate probes (least padding for 256..512 rows); restricted pairs
-     * have their own column maps per probe, so one probe per unit. */
+    /* Row block: probes are concatenated (least padding for 256..512 rows). Restricted pairs have
+     * their own column maps per probe, so a row block there is a run of consecutive probes with the
+     * same candidate list (graph-sampled batches: the instances of a class), split evenly into blocks
+     * of at most na: each candidate map is then read and packed once per block instead of once per
+     * probe, and the micro-kernel sees more rows per packed column block. */
     int64_t na = 1;
-    if (!job->cand) {
+    {
         const int64_t lo = (QG_ROWS_LO + S - 1) / S, hi = (QG_ROWS_HI + S - 1) / S;
         double best = 2.0;
         for (int64_t n = lo; n <= hi; ++n) {
@@ -487,6 +493,7 @@ int qg_match_pairs_avx2(const qg_pairs_job *job, const qg_ctx *ctx)
             }
         }
         if (na > nA) na = nA;
+        if (na < 1) na = 1;
     }
     /* Column block: as many maps as fit the L2 budget, least padding among the upper half. */
     int64_t nbmax = QG_COLS_BUDGET / g.cs;
@@ -526,16 +533,37 @@ int qg_match_pairs_avx2(const qg_pairs_job *job, const qg_ctx *ctx)
     const int64_t l_r = qg_rup(l_rv, 16), l_z = MR * NR;
     const int64_t per = l_pa + l_pb + 2 * l_cm + 2 * l_r + l_z + l_tm;
 
-    const int64_t nrb = (nA + na - 1) / na, ncb = (K + nb - 1) / nb;
+    /* row blocks: [first[i], first[i + 1]) */
+    int64_t *first = (int64_t *)qg_malloc((nA + 1) * (int64_t)sizeof(int64_t));
+    if (!first) return QG_ENOMEM;
+    int64_t nrb = 0;
+    if (!job->cand) {
+        for (int64_t i = 0; i < nA; i += na) first[nrb++] = i;
+    } else {
+        const size_t row_bytes = (size_t)K * sizeof(int64_t);
+        for (int64_t i = 0; i < nA;) {
+            int64_t run = 1;
+            while (i + run < nA && memcmp(job->cand + i * K, job->cand + (i + run) * K, row_bytes) == 0) ++run;
+            const int64_t parts = (run + na - 1) / na, size = (run + parts - 1) / parts;
+            for (int64_t j = 0; j < run; j += size) first[nrb++] = i + j;
+            i += run;
+        }
+    }
+    first[nrb] = nA;
+    const int64_t ncb = (K + nb - 1) / nb;
     const int64_t units = nrb * ncb;
     const double macs = (double)nA * (double)K * (double)C * (double)S * (double)S;
     const int nt = qg_match_threads(ctx, macs, units);
 
     int64_t nbytes;
-    if (qg_mul_overflow(per, (int64_t)nt * (int64_t)sizeof(float), &nbytes)) return QG_EOVERFLOW;
+    if (qg_mul_overflow(per, (int64_t)nt * (int64_t)sizeof(float), &nbytes)) {
+        qg_free(first);
+        return QG_EOVERFLOW;
+    }
     float *scratch = (float *)qg_malloc(nbytes);
     qg_scr *scr = (qg_scr *)qg_malloc((int64_t)nt * (int64_t)sizeof(qg_scr));
     if (!scratch || !scr) {
+        qg_free(first);
         qg_free(scratch);
         qg_free(scr);
         return QG_ENOMEM;
@@ -559,12 +587,13 @@ int qg_match_pairs_avx2(const qg_pairs_job *job, const qg_ctx *ctx)
     for (int64_t u = 0; u < units; ++u) {
         if (qg_stop_requested(&stop)) continue;
         qg_scr *sc = &scr[qg_thread_num()];
-        const int64_t i0 = (u / ncb) * na, j0 = (u % ncb) * nb;
-        const int64_t nau = qg_min(na, nA - i0), nbu = qg_min(nb, K - j0);
+        const int64_t i0 = first[u / ncb], j0 = (u % ncb) * nb;
+        const int64_t nau = first[u / ncb + 1] - i0, nbu = qg_min(nb, K - j0);
         const int stopped = want ? qg_unit_idx(&g, sc, i0, nau, j0, nbu, ctx, &stop)
                                  : qg_unit_val(&g, sc, i0, nau, j0, nbu, ctx, &stop);
         if (!stopped) qg_poll_block(ctx, &stop);
     }
+    qg_free(first);
     qg_free(scratch);
     qg_free(scr);
     return stop ? QG_EINTR : QG_OK;

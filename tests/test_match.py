@@ -283,6 +283,34 @@ def test_restricted_matches_references(rng, isa, shape):
         np.testing.assert_array_equal(a, b[rows, cand])
 
 
+@pytest.mark.parametrize("shape", [(16, 7, 7), (8, 24, 8), (5, 3, 5), (4, 1, 1)])
+def test_restricted_runs_of_shared_candidates(rng, isa, shape):
+    """Consecutive probes with the same candidate list (a graph-sampled batch) are computed together
+    in one row block; results are the same bits as the all-pairs kernel on those pairs, and as the
+    same probes computed one by one (interleaved so that no two neighbours share a list)."""
+    C, H, W = shape
+    runs = [4, 1, 7, 2, 3, 4, 13, 1]
+    B, N, K = sum(runs), 23, 6
+    x, e = maps(rng, B, C, H, W), maps(rng, N, C, H, W)
+    lists = [rng.choice(N, K, replace=False) for _ in runs]
+    lists[3] = lists[2].copy()  # two runs with the same list back to back: one longer run
+    cand = np.concatenate([np.tile(lst, (r, 1)) for lst, r in zip(lists, runs)]).astype(np.int64)
+    for want in (True, False):
+        out = m.pair_maxima_restricted(x, e, cand, return_argmax=want)
+        full = m.pair_maxima(x, e, return_argmax=want)
+        rows = np.arange(B)[:, None]
+        for a, b in zip(out, full):
+            np.testing.assert_array_equal(a, b[rows, cand])
+        perm = np.argsort(np.arange(B) % 2, kind="stable")  # even probes first, then odd ones
+        alone = m.pair_maxima_restricted(x[perm], e, cand[perm], return_argmax=want)
+        inv = np.argsort(perm)
+        for a, b in zip(out, alone):
+            np.testing.assert_array_equal(a, b[inv])
+    check_forward(
+        m.pair_maxima_restricted(x, e, cand, return_argmax=True), ref.pair_maxima_restricted_ref(x, e, cand)
+    )
+
+
 def test_c_reference_kernel_matches_numpy(rng):
     x, e = maps(rng, 3, 10, 5, 7), maps(rng, 4, 10, 5, 7)
     cand = np.array([[0, 3], [3, 3], [1, 2]])
