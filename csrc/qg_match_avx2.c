@@ -611,9 +611,14 @@ int qg_match_pairs_avx2(const qg_pairs_job *job, const qg_ctx *ctx)
  *   - the terms of a row's pairs are bucketed by output location (stable counting sort, chunks of
  *     QG_BWD_PAIRS pairs), and each location's terms are summed with double accumulators held in
  *     registers across the terms (4 x 8 doubles per pass), instead of one load/store per term.
- * Memory: the transposed far maps (distinct ones only) + per thread S*Cp doubles and the term lists.
+ *   - consecutive rows that read the same far maps (side 0: probes with one candidate list) form a run
+ *     of up to QG_BWD_RUN rows that share each chunk's transposed maps (one transpose per run).
+ * Memory: the transposed far maps (distinct ones only) + per thread QG_BWD_RUN * S*Cp doubles and the
+ * term lists.
  */
 #define QG_BWD_PAIRS 8
+/* At most this many rows share the transposed far maps of a chunk (their accumulators are live at once). */
+#define QG_BWD_RUN 4
 
 typedef struct qg_term {
     const float *src; /* transposed far row (Cp floats) */
@@ -724,12 +729,99 @@ static int64_t qg_bwd_far_id(const qg_bwd_job *job, int64_t q)
     return q / job->K;
 }
 
+/* Rows t and u read the same far maps in the same order (side 0 of a restricted job: the two probes
+ * have the same candidate list; all pairs: every probe reads every gallery map). */
+static int qg_bwd_same_far(const qg_bwd_job *job, int64_t t, int64_t u)
+{
+    if (job->side != 0 || job->off) return 0;
+    if (!job->cand) return 1;
+    return memcmp(job->cand + t * job->K, job->cand + u * job->K, (size_t)job->K * sizeof(int64_t)) == 0;
+}
+
+/* Per-thread scratch of the backward. */
+typedef struct qg_bwd_scr {
+    double *acc;          /* [QG_BWD_RUN][S][Cp] */
+    unsigned char *seen;  /* [QG_BWD_RUN][S]: acc row s of that output holds terms */
+    qg_term *terms;       /* [2 * pch * S] */
+    int64_t *start, *pos; /* [S + 1], [S] */
+    float *tb;            /* [pch][S][Cp] transposed far maps of a chunk (local mode) */
+} qg_bwd_scr;
+
+/* Pairs [i0, i1) of row t into acc (the row's accumulator): bucket the terms by output location
+ * (stable counting sort: pair order, then probe- before gallery-direction terms), then sum each
+ * location's terms with register accumulators. far(i) is the transposed far map of pair i. */
+static void qg_bwd_row_chunk(const qg_bwd_job *job, int64_t t, int64_t i0, int64_t i1, const float *const *farp,
+                             double *acc, unsigned char *seen, const qg_bwd_scr *sc, int64_t Cp)
+{
+    const int64_t S = job->S;
+    int64_t *start = sc->start, *pos = sc->pos;
+    qg_term *terms = sc->terms;
+    memset(start, 0, (size_t)(S + 1) * sizeof(int64_t));
+    for (int64_t i = i0; i < i1; ++i) {
+        const int64_t q = qg_bwd_pair_id(job, t, i);
+        const uint16_t *ap = job->ap + q * S, *ag = job->ag + q * S;
+        if (job->side == 0) {
+            for (int64_t s = 0; s < S; ++s) start[s + 1] += 1;
+            for (int64_t r = 0; r < S; ++r) start[ag[r] + 1] += 1;
+        } else {
+            for (int64_t s = 0; s < S; ++s) start[ap[s] + 1] += 1;
+            for (int64_t r = 0; r < S; ++r) start[r + 1] += 1;
+        }
+    }
+    for (int64_t s = 0; s < S; ++s) {
+        start[s + 1] += start[s];
+        pos[s] = start[s];
+    }
+    for (int64_t i = i0; i < i1; ++i) {
+        const int64_t q = qg_bwd_pair_id(job, t, i);
+        const uint16_t *ap = job->ap + q * S, *ag = job->ag + q * S;
+        const float *gp = job->gmp + q * S, *gg = job->gmg + q * S;
+        const float *T = farp[i - i0];
+        if (job->side == 0) { /* acc[s] += gmp[s] T[ap[s]];  acc[ag[r]] += gmg[r] T[r] */
+            for (int64_t s = 0; s < S; ++s) terms[pos[s]++] = (qg_term){T + ap[s] * Cp, gp[s]};
+            for (int64_t r = 0; r < S; ++r) terms[pos[ag[r]]++] = (qg_term){T + r * Cp, gg[r]};
+        } else { /* acc[ap[s]] += gmp[s] T[s];  acc[r] += gmg[r] T[ag[r]] */
+            for (int64_t s = 0; s < S; ++s) terms[pos[ap[s]]++] = (qg_term){T + s * Cp, gp[s]};
+            for (int64_t r = 0; r < S; ++r) terms[pos[r]++] = (qg_term){T + ag[r] * Cp, gg[r]};
+        }
+    }
+    for (int64_t s = 0; s < S; ++s)
+        if (start[s + 1] > start[s]) {
+            qg_bwd_accumulate(acc + s * Cp, terms + start[s], start[s + 1] - start[s], Cp, !seen[s]);
+            seen[s] = 1;
+        }
+}
+
+/* Round row t's accumulator once and transpose it back [S][Cp] -> [C][S] into the output (in place over
+ * acc: the floats of row s end before the doubles of row s start). */
+static void qg_bwd_row_store(const qg_bwd_job *job, int64_t t, double *acc, const unsigned char *seen, int64_t Cp)
+{
+    const int64_t C = job->C, S = job->S;
+    const int64_t row = job->rowid ? job->rowid[t] : t;
+    float *o = job->out + row * C * S;
+    float *accf = (float *)acc;
+    for (int64_t s = 0; s < S; ++s)
+        for (int64_t c = 0; c < Cp; c += 4)
+            _mm_storeu_ps(accf + s * Cp + c,
+                          seen[s] ? _mm256_cvtpd_ps(_mm256_loadu_pd(acc + s * Cp + c)) : _mm_setzero_ps());
+    const int64_t C8 = C & ~(int64_t)7, S8 = S & ~(int64_t)7;
+    for (int64_t c0 = 0; c0 < C8; c0 += 8)
+        for (int64_t s0 = 0; s0 < S8; s0 += 8) qg_tr8x8(accf + s0 * Cp + c0, Cp, o + c0 * S + s0, S);
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t s = (c < C8 ? S8 : 0); s < S; ++s) o[c * S + s] = accf[s * Cp + c];
+}
+
 int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
 {
     const int64_t C = job->C, S = job->S, cs = C * S, Cp = qg_rup(C, 8), nfar = job->nfar;
     if (job->nrows == 0) return QG_OK;
     int64_t *slot = (int64_t *)qg_malloc(nfar * (int64_t)sizeof(int64_t));
-    if (!slot) return QG_ENOMEM;
+    int64_t *run = (int64_t *)qg_malloc((job->nrows + 1) * (int64_t)sizeof(int64_t));
+    if (!slot || !run) {
+        qg_free(slot);
+        qg_free(run);
+        return QG_ENOMEM;
+    }
     for (int64_t f = 0; f < nfar; ++f) slot[f] = -1;
     int64_t maxp = 0, total = 0;
     for (int64_t t = 0; t < job->nrows; ++t) {
@@ -744,27 +836,41 @@ int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
         else slot[f] = -1;
     /* Far maps used by many pairs (the probe side, a few popular classes) are transposed once up front;
      * otherwise each chunk transposes its own pairs' maps into a per-thread buffer that stays in L2
-     * (no large buffer to fault in and stream back from memory). Same values either way. */
+     * (no large buffer to fault in and stream back from memory), shared by a run of up to QG_BWD_RUN
+     * consecutive rows that read the same far maps (probes with one candidate list). Same values and
+     * the same summation order per output element either way. */
     const int global = nslots * 8 <= total;
+    int64_t nrun = 0;
+    for (int64_t t = 0; t < job->nrows;) {
+        int64_t u = t + 1;
+        if (!global)
+            while (u < job->nrows && u - t < QG_BWD_RUN && qg_bwd_same_far(job, t, u)) ++u;
+        run[nrun++] = t;
+        t = u;
+    }
+    run[nrun] = job->nrows;
+    const int64_t rmax = global ? 1 : QG_BWD_RUN;
     const int64_t pch = qg_min(maxp, global ? QG_BWD_PAIRS : 4);
     const int64_t nterms = 2 * pch * S;
     int64_t l_far = 0, tmp;
     if (qg_mul_overflow(global ? nslots : pch, S * Cp, &l_far) ||
         qg_mul_overflow(l_far, (int64_t)sizeof(float), &tmp)) {
         qg_free(slot);
+        qg_free(run);
         return QG_EOVERFLOW;
     }
     float *farT = global ? (float *)qg_malloc(l_far * (int64_t)sizeof(float)) : NULL;
-    /* threads: one per row at most, and not for tiny jobs */
+    /* threads: one per run at most, and not for tiny jobs */
     const double macs = 2.0 * (double)total * (double)cs;
-    const int nt = qg_match_threads(ctx, macs * 4.0, job->nrows);
-    const int64_t per = qg_rup(S * Cp * (int64_t)sizeof(double) + nterms * (int64_t)sizeof(qg_term) +
-                                   (2 * S + 1) * (int64_t)sizeof(int64_t) +
-                                   (global ? 0 : l_far * (int64_t)sizeof(float)) + S,
-                               64);
+    const int nt = qg_match_threads(ctx, macs * 4.0, nrun);
+    const int64_t l_acc = rmax * S * Cp * (int64_t)sizeof(double);
+    const int64_t l_terms = nterms * (int64_t)sizeof(qg_term), l_idx = (2 * S + 1) * (int64_t)sizeof(int64_t);
+    const int64_t l_tb = global ? 0 : l_far * (int64_t)sizeof(float);
+    const int64_t per = qg_rup(l_acc + l_terms + l_idx + l_tb + rmax * S, 64);
     char *scratch = (char *)qg_malloc(per * nt);
     if ((global && !farT) || !scratch) {
         qg_free(slot);
+        qg_free(run);
         qg_free(farT);
         qg_free(scratch);
         return QG_ENOMEM;
@@ -781,76 +887,40 @@ int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
     }
     if (!stop) {
         QG_OMP(parallel for schedule(dynamic, 1) num_threads(nt))
-        for (int64_t t = 0; t < job->nrows; ++t) {
+        for (int64_t ru = 0; ru < nrun; ++ru) {
             if (qg_stop_requested(&stop)) continue;
             char *base = scratch + (int64_t)qg_thread_num() * per;
-            double *acc = (double *)base;
-            qg_term *terms = (qg_term *)(acc + S * Cp);
-            int64_t *start = (int64_t *)(terms + nterms);
-            int64_t *pos = start + S + 1;
-            float *tb = (float *)(pos + S);
-            unsigned char *seen = (unsigned char *)(tb + (global ? 0 : l_far)); /* acc row s holds terms */
-            memset(seen, 0, (size_t)S);
-            const int64_t np = qg_bwd_npairs(job, t);
+            qg_bwd_scr sc;
+            sc.acc = (double *)base;
+            sc.terms = (qg_term *)(base + l_acc);
+            sc.start = (int64_t *)(base + l_acc + l_terms);
+            sc.pos = sc.start + S + 1;
+            sc.tb = (float *)(base + l_acc + l_terms + l_idx);
+            sc.seen = (unsigned char *)(base + l_acc + l_terms + l_idx + l_tb);
+            const int64_t t0 = run[ru], nr = run[ru + 1] - t0;
+            memset(sc.seen, 0, (size_t)(nr * S));
+            const int64_t np = qg_bwd_npairs(job, t0); /* the same for every row of a run */
+            const float *farp[QG_BWD_PAIRS];
             for (int64_t i0 = 0; i0 < np; i0 += pch) {
                 const int64_t i1 = qg_min(np, i0 + pch);
-                /* count terms per output location, then place them stably */
-                memset(start, 0, (size_t)(S + 1) * sizeof(int64_t));
                 for (int64_t i = i0; i < i1; ++i) {
-                    const int64_t q = qg_bwd_pair_id(job, t, i);
-                    const uint16_t *ap = job->ap + q * S, *ag = job->ag + q * S;
-                    if (job->side == 0) {
-                        for (int64_t s = 0; s < S; ++s) start[s + 1] += 1;
-                        for (int64_t r = 0; r < S; ++r) start[ag[r] + 1] += 1;
+                    const int64_t f = qg_bwd_far_id(job, qg_bwd_pair_id(job, t0, i));
+                    if (global) {
+                        farp[i - i0] = farT + slot[f] * S * Cp;
                     } else {
-                        for (int64_t s = 0; s < S; ++s) start[ap[s] + 1] += 1;
-                        for (int64_t r = 0; r < S; ++r) start[r + 1] += 1;
-                    }
-                    if (!global)
-                        qg_transpose(job->far + qg_bwd_far_id(job, q) * cs, C, S, Cp, tb + (i - i0) * S * Cp);
-                }
-                for (int64_t s = 0; s < S; ++s) {
-                    start[s + 1] += start[s];
-                    pos[s] = start[s];
-                }
-                for (int64_t i = i0; i < i1; ++i) {
-                    const int64_t q = qg_bwd_pair_id(job, t, i);
-                    const uint16_t *ap = job->ap + q * S, *ag = job->ag + q * S;
-                    const float *gp = job->gmp + q * S, *gg = job->gmg + q * S;
-                    const float *T =
-                        global ? farT + slot[qg_bwd_far_id(job, q)] * S * Cp : tb + (i - i0) * S * Cp;
-                    if (job->side == 0) { /* acc[s] += gmp[s] T[ap[s]];  acc[ag[r]] += gmg[r] T[r] */
-                        for (int64_t s = 0; s < S; ++s) terms[pos[s]++] = (qg_term){T + ap[s] * Cp, gp[s]};
-                        for (int64_t r = 0; r < S; ++r) terms[pos[ag[r]]++] = (qg_term){T + r * Cp, gg[r]};
-                    } else { /* acc[ap[s]] += gmp[s] T[s];  acc[r] += gmg[r] T[ag[r]] */
-                        for (int64_t s = 0; s < S; ++s) terms[pos[ap[s]]++] = (qg_term){T + s * Cp, gp[s]};
-                        for (int64_t r = 0; r < S; ++r) terms[pos[r]++] = (qg_term){T + ag[r] * Cp, gg[r]};
+                        farp[i - i0] = sc.tb + (i - i0) * S * Cp;
+                        qg_transpose(job->far + f * cs, C, S, Cp, sc.tb + (i - i0) * S * Cp);
                     }
                 }
-                for (int64_t s = 0; s < S; ++s)
-                    if (start[s + 1] > start[s]) {
-                        qg_bwd_accumulate(acc + s * Cp, terms + start[s], start[s + 1] - start[s], Cp, !seen[s]);
-                        seen[s] = 1;
-                    }
+                for (int64_t r = 0; r < nr; ++r)
+                    qg_bwd_row_chunk(job, t0 + r, i0, i1, farp, sc.acc + r * S * Cp, sc.seen + r * S, &sc, Cp);
             }
-            const int64_t row = job->rowid ? job->rowid[t] : t;
-            float *o = job->out + row * cs;
-            /* round once, then transpose back [S][Cp] -> [C][S] (in place over acc: the floats of
-             * row s end before the doubles of row s start) */
-            float *accf = (float *)acc;
-            for (int64_t s = 0; s < S; ++s)
-                for (int64_t c = 0; c < Cp; c += 4)
-                    _mm_storeu_ps(accf + s * Cp + c,
-                                  seen[s] ? _mm256_cvtpd_ps(_mm256_loadu_pd(acc + s * Cp + c)) : _mm_setzero_ps());
-            const int64_t C8 = C & ~(int64_t)7, S8 = S & ~(int64_t)7;
-            for (int64_t c0 = 0; c0 < C8; c0 += 8)
-                for (int64_t s0 = 0; s0 < S8; s0 += 8) qg_tr8x8(accf + s0 * Cp + c0, Cp, o + c0 * S + s0, S);
-            for (int64_t c = 0; c < C; ++c)
-                for (int64_t s = (c < C8 ? S8 : 0); s < S; ++s) o[c * S + s] = accf[s * Cp + c];
+            for (int64_t r = 0; r < nr; ++r) qg_bwd_row_store(job, t0 + r, sc.acc + r * S * Cp, sc.seen + r * S, Cp);
             qg_poll_block(ctx, &stop);
         }
     }
     qg_free(slot);
+    qg_free(run);
     qg_free(farT);
     qg_free(scratch);
     return stop ? QG_EINTR : QG_OK;
