@@ -55,6 +55,29 @@ def _slice(counts: list[int], rank: int) -> slice:
     return slice(off, off + counts[rank])
 
 
+TRAINER_KW = {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
+
+
+def train_steps(trainer, case: dict, start: int, stop: int, sl: slice | None = None) -> dict[str, np.ndarray]:
+    """Steps start .. stop-1 of the case's batch sequence (this rank's slice `sl` of each global batch;
+    the neighbours refreshed before step refresh_at), then flush -> losses, rows, neighbour rows, head."""
+    model = trainer.model
+    losses = []
+    for step in range(start, stop):
+        if step == case.get("refresh_at", -1):
+            model.on_epoch_start()
+        X, y, _ = make_batch({**case, "data_seed": case["data_seed"] + step})
+        if sl is not None:
+            X, y = X[sl], y[sl]
+        losses.append(trainer.step(X, y).loss)
+    trainer.flush()
+    nbr = model.local_neighbors if hasattr(model, "local_neighbors") else model.class_neighbors
+    res = {"losses": np.array(losses), "embed": model.class_embed.copy(), "nbr": np.array(nbr)}
+    for k, v in model.head_state.items():
+        res["head." + k] = np.array(v)
+    return res
+
+
 def run_case(case: dict, comm) -> dict[str, np.ndarray]:
     from qaconv_gs.distributed import ShardedQAConvGS, sharded_class_neighbors
 
@@ -101,21 +124,15 @@ def run_case(case: dict, comm) -> dict[str, np.ndarray]:
             return res
         from qaconv_gs import Trainer
 
-        trainer = Trainer(
-            model, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, **case.get("trainer", {})
-        )
-        losses = []
-        for step in range(case["steps"]):
-            if step == case.get("refresh_at", -1):
-                model.on_epoch_start()
-            Xs, ys, _ = make_batch({**case, "data_seed": case["data_seed"] + step})
-            losses.append(trainer.step(Xs[sl], ys[sl]).loss)
-        if hasattr(trainer, "flush"):
-            trainer.flush()
-        res = {"losses": np.array(losses), "embed": model.class_embed, "nbr": model.local_neighbors}
-        for k, v in model.head_state.items():
-            res["head." + k] = np.asarray(v)
-        return res
+        trainer = Trainer(model, **TRAINER_KW, **case.get("trainer", {}))
+        return train_steps(trainer, case, 0, case["steps"], sl)
+    if kind == "resume":  # a trainer checkpoint written by the test (on 2 ranks), continued here
+        from qaconv_gs import Trainer
+
+        model = ShardedQAConvGS(**{**model_config(case), "seed": 99}, comm=comm)  # overwritten by the load
+        trainer = Trainer(model, **TRAINER_KW, **case.get("trainer", {}))
+        trainer.load_checkpoint(case["load"])
+        return train_steps(trainer, case, trainer.global_step, case["steps"], _slice(case["counts"], r))
     if kind == "agree":
         X, y, counts = make_batch(case)
         sl = _slice(counts, r)
@@ -168,6 +185,10 @@ def main() -> int:
             status = 1
         np.savez(os.path.join(outdir, f"{case['name']}.rank{comm.rank}.npz"), **res)
     comm.barrier()
+    if backend == "torch":  # a gloo group left to interpreter exit can abort ("terminate called ...")
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return status
 
 
