@@ -78,6 +78,45 @@ def train_steps(trainer, case: dict, start: int, stop: int, sl: slice | None = N
     return res
 
 
+def torch_steps(crit, case: dict, sl: slice) -> dict[str, np.ndarray]:
+    """SGD steps (torch.optim.SGD's momentum update, written out: importing the optimiser costs seconds
+    of torch._dynamo per process) on a QAConvGSLoss (one process, or this rank's sharded module) with
+    features made by a toy "backbone" from this rank's slice of each global batch; NeighborRefresh before
+    step refresh_at -> losses, per-step gradients of the backbone input, final rows and head."""
+    import torch
+    from qaconv_gs.torch import NeighborRefresh
+
+    params = list(crit.parameters())
+    bufs: list = [None] * len(params)
+
+    def sgd_step() -> None:
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                d = p.grad + 5e-4 * p
+                bufs[i] = d.clone() if bufs[i] is None else bufs[i].mul_(0.9).add_(d)
+                p.add_(bufs[i], alpha=-0.05)
+                p.grad = None
+
+    refresh = NeighborRefresh()
+    res: dict[str, np.ndarray] = {}
+    losses = []
+    for step in range(case["steps"]):
+        if step == case.get("refresh_at", -1):
+            refresh.on_train_epoch_start(None, crit)
+        X, y, _ = make_batch({**case, "data_seed": case["data_seed"] + step})
+        base = torch.from_numpy(X[sl]).requires_grad_(True)
+        loss = crit(base * 1.5, torch.from_numpy(y[sl]))
+        loss.backward()
+        sgd_step()
+        losses.append(loss.item())
+        res[f"grad{step}"] = base.grad.numpy().copy()
+    res["losses"] = np.array(losses)
+    res["refreshes"] = np.array(refresh.calls)
+    for k, v in crit.state_dict().items():
+        res["state." + k] = v.numpy().copy()
+    return res
+
+
 def run_case(case: dict, comm) -> dict[str, np.ndarray]:
     from qaconv_gs.distributed import ShardedQAConvGS, sharded_class_neighbors
 
@@ -133,6 +172,11 @@ def run_case(case: dict, comm) -> dict[str, np.ndarray]:
         trainer = Trainer(model, **TRAINER_KW, **case.get("trainer", {}))
         trainer.load_checkpoint(case["load"])
         return train_steps(trainer, case, trainer.global_step, case["steps"], _slice(case["counts"], r))
+    if kind == "torch_loss":
+        from qaconv_gs.torch import QAConvGSLoss
+
+        crit = QAConvGSLoss(**model_config(case), comm=comm)
+        return torch_steps(crit, case, _slice(case["counts"], r))
     if kind == "agree":
         X, y, counts = make_batch(case)
         sl = _slice(counts, r)

@@ -136,6 +136,7 @@ def _cases(R: int, tmp: Path | None = None) -> list[dict]:
             "trainer": {"sparse_embed": False},
         },
         {"name": "train_sparse_clip", "kind": "train", **_TRAIN_SPARSE_CLIP, "counts": counts},
+        {"name": "torch_loss", "kind": "torch_loss", **_TORCH_LOSS, "counts": counts},
     ] + (
         []
         if tmp is None
@@ -165,6 +166,8 @@ _TRAIN_SPARSE_CLIP = {
     "refresh_at": 2,
     "trainer": {"sparse_embed": True, "clip_grad_norm": 0.05},
 }
+# QAConvGSLoss + torch.optim.SGD + NeighborRefresh, batch-hard triplet (the in-batch pairs cross ranks)
+_TORCH_LOSS = {**_TRAIN_SPARSE_CLIP, "steps": 3, "triplet": "batch"}
 # saved after `saved_at` steps on 2 ranks, resumed up to `steps` on any number of ranks
 _RESUME = {
     **_TRAIN_SPARSE_CLIP,
@@ -348,6 +351,64 @@ def test_torch_trainer_steps_equal_one_process(torch_run, name):
     _check_train(next(c for c in _cases(R) if c["name"] == name), res[name])
 
 
+def test_torch_adapter_sharded_equals_one_process(torch_run):
+    """QAConvGSLoss(comm=...) on R gloo processes: the loss, the gradient reaching each rank's features
+    (through a toy backbone), and the parameters after torch.optim.SGD steps with a NeighborRefresh
+    equal the one-process module's."""
+    pytest.importorskip("torch")
+    R, res = torch_run
+    _check_torch_loss(next(c for c in _cases(R) if c["name"] == "torch_loss"), res["torch_loss"])
+
+
+def _check_torch_loss(case: dict, ranks: list[dict]) -> None:
+    from qaconv_gs.torch import QAConvGSLoss
+
+    want = W.torch_steps(QAConvGSLoss(**W.model_config(case)), case, slice(None))
+    for d in ranks:
+        np.testing.assert_allclose(d["losses"], want["losses"], rtol=RTOL)
+        assert int(d["refreshes"]) == int(want["refreshes"]) == 1
+        for k in want:
+            if k.startswith("state.") and k != "state.class_embed":
+                np.testing.assert_allclose(d[k], want[k], rtol=RTOL, atol=1e-7, err_msg=k)
+    for step in range(case["steps"]):
+        g = np.concatenate([d[f"grad{step}"] for d in ranks])
+        _close(g, want[f"grad{step}"], f"features grad, step {step}")
+    _close(np.concatenate([d["state.class_embed"] for d in ranks]), want["state.class_embed"], "class_embed")
+
+
+def test_threads_torch_adapter_sharded_equals_one_process():
+    """The same on thread ranks, with a rank whose local batch is empty, and the module's helpers."""
+    pytest.importorskip("torch")
+    from qaconv_gs.torch import QAConvGSLoss
+
+    case = {**_TORCH_LOSS, "counts": [5, 0, 7]}
+
+    def rank(c):
+        crit = QAConvGSLoss(**W.model_config(case), comm=c)
+        out = W.torch_steps(crit, case, W._slice(case["counts"], c.rank))
+        assert f"rank {c.rank}/3" in repr(crit)
+        model = crit.to_model()
+        assert isinstance(model, ShardedQAConvGS) and model.comm is c
+        np.testing.assert_array_equal(model.class_embed, crit.class_embed.detach().numpy())
+        back = QAConvGSLoss.from_model(model)
+        assert back.class_embed.shape == crit.class_embed.shape
+        out["nbr_table"] = np.asarray(crit.class_neighbors)  # gathered (collective)
+        X, _, _ = W.make_batch(case)
+        out["ids"] = crit.identify(X[:4], top=2)[0].numpy()
+        out["match"] = crit.match(X[:3], X[:5]).numpy()
+        return out
+
+    ranks = run_threads(3, rank)
+    _check_torch_loss(case, ranks)
+    one = QAConvGSLoss(**W.model_config(case))
+    W.torch_steps(one, case, slice(None))
+    X, _, _ = W.make_batch(case)
+    for d in ranks:
+        np.testing.assert_array_equal(d["nbr_table"], one.class_neighbors)
+        np.testing.assert_array_equal(d["ids"], one.identify(X[:4], top=2)[0].numpy())
+        np.testing.assert_allclose(d["match"], one.match(X[:3], X[:5]).numpy(), rtol=RTOL, atol=1e-6)
+
+
 def test_torch_trainer_resume_on_other_world_size(torch_run):
     """A trainer checkpoint saved on 2 ranks resumes on R processes: the one-process continuation, and on
     2 ranks the very bits of the uninterrupted 2-rank run."""
@@ -392,6 +453,7 @@ def test_mpi_backend(mpi_run):
         _check_step(next(c for c in _cases(R) if c["name"] == name), res[name])
     for name in ("train", "train_sparse_clip"):
         _check_train(next(c for c in _cases(R) if c["name"] == name), res[name])
+    _check_torch_loss(next(c for c in _cases(R) if c["name"] == "torch_loss"), res["torch_loss"])
     _check_resume(R, res["_resume_case"], res["resume"], res["_two_ranks"])
     _check_agree(R, res["agree"])
     _check_ckpt(R, res["_ckpt_case"], res["ckpt"])

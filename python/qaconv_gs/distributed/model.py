@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import evaluate as _evaluate
 from .. import head as _head
 from .. import losses as _losses
 from .. import matching as _matching
@@ -234,6 +235,30 @@ class ShardedQAConvGS:
         out = {"class_embed": self._embed.copy()}
         out.update({k: np.array(v, copy=True) for k, v in self._head.items()})
         return out
+
+    def copy(self) -> ShardedQAConvGS:
+        """An independent copy of this rank's model (rows, head, neighbour rows), on the same communicator
+        and layout. Not collective."""
+        out = type(self)(**{**self.config, "seed": 0}, comm=self.comm, layout=self.layout, _init=False)
+        out.seed = self.seed
+        out._embed = self._embed.copy()
+        out._head = {k: np.array(v, copy=True) for k, v in self._head.items()}
+        out.training = self.training
+        out.neighbor_change, out.neighbor_refreshes = self.neighbor_change, self.neighbor_refreshes
+        if not self.neighbors_stale:
+            out._set_neighbors(self._nbr)
+        return out
+
+    def match(self, probe: object, gallery: object) -> np.ndarray:
+        """Eval-mode QAConv scores [P, G] of probe [P, C, H, W] vs gallery [G, C, H, W], as QAConvGS.match
+        (only the replicated head is used: not collective)."""
+        P = self._features(probe, "probe")
+        G = self._features(gallery, "gallery")
+        if not P.shape[0] or not G.shape[0]:
+            raise ValueError(
+                f"probe, gallery: expected non-empty arrays, got {P.shape[0]} and {G.shape[0]} maps"
+            )
+        return _evaluate.match(P, G, self._head, n_threads=self.n_threads)
 
     def train(self, mode: bool = True) -> ShardedQAConvGS:
         self.training = bool(mode)
