@@ -1101,3 +1101,65 @@ def test_threads_trainer_checkpoint_errors_raise_on_every_rank(tmp_path):
     assert run_threads(2, save_good) == [True, True]
     assert load_sharded_model(tmp_path / "good").head_state["fc.weight"][0, 0] == pytest.approx(1 / 6)
     assert run_threads(2, wrong_arch) == [True, True]
+
+
+# ---------------------------------------------------------------- shared pieces with the one-process model
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_sharded_save_sweeps_temporaries_of_killed_saves(tmp_path):
+    """Temporaries of dead processes (the manifest's, and shards / heads of an older generation whose
+    names no later save reuses) are deleted by the next save; a live process's are left alone."""
+    from qaconv_gs.checkpoint import _HOST
+
+    model = qg.QAConvGS(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=1)
+    ck = tmp_path / "ck"
+    shard_checkpoint(model, ck, 2)
+    dead, live = _dead_pid(), os.getpid()
+    names = {
+        "manifest_dead": f".manifest.json.{_HOST}.{dead}.ab12.tmp",
+        "shard_dead": f".shard-0123456789abcdef-00001-of-00002.npz.{_HOST}.{dead}.cd34.tmp",
+        "head_dead": f".head-0123456789abcdef.npz.{_HOST}.{dead}.ef56.tmp",
+        "shard_live": f".shard-0123456789abcdef-00000-of-00002.npz.{_HOST}.{live}.gh78.tmp",
+        "other_host": f".head-0123456789abcdef.npz.elsewhere.{dead}.ij90.tmp",
+    }
+    for n in names.values():
+        (ck / n).write_bytes(b"partial")
+    ShardedQAConvGS.from_model(model).save(ck)
+    left = set(os.listdir(ck))
+    assert {names["shard_live"], names["other_host"]} <= left
+    assert not {names["manifest_dead"], names["shard_dead"], names["head_dead"]} & left
+    np.testing.assert_array_equal(load_sharded_model(ck).class_embed, model.class_embed)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"num_classes": 1},
+        {"num_classes": 2.5},
+        {"channels": 0},
+        {"height": 300, "width": 300},
+        {"k_nearest": 6},
+        {"k_nearest": 0},
+        {"fc": "both"},
+        {"fc": 3},
+        {"triplet": "pair"},
+        {"triplet_weight": -1.0},
+        {"margin": float("nan")},
+        {"seed": -1},
+        {"n_threads": 0},
+    ],
+)
+def test_sharded_constructor_validates_like_qaconvgs(bad):
+    """One validator: the same exception type and message from both constructors."""
+    cfg = {"num_classes": 6, "channels": 2, "height": 1, "width": 2, "k_nearest": 2, "seed": 0, **bad}
+    with pytest.raises((TypeError, ValueError)) as one:
+        qg.QAConvGS(**cfg)
+    with pytest.raises(one.type) as sharded:
+        ShardedQAConvGS(**cfg)
+    assert str(sharded.value) == str(one.value)

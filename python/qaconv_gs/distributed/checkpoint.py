@@ -24,7 +24,7 @@ import secrets
 
 import numpy as np
 
-from ..checkpoint import _atomic_write, load_checkpoint, save_checkpoint
+from ..checkpoint import _HOST, _atomic_write, _sweep_orphans, load_checkpoint, save_checkpoint
 from ..model import _NBR_EXTRA_KEY, QAConvGS
 from .comm import Communicator, SingleProcessCommunicator
 from .layout import ShardLayout
@@ -104,14 +104,20 @@ def _write_manifest(
     }
     text = json.dumps(manifest, indent=1).encode()
     _atomic_write(os.path.join(path, MANIFEST), lambda f: f.write(text))
-    # the new generation is committed: drop files of older saves
+    # the new generation is committed: drop files of older saves, and the temporaries that killed saves
+    # of older generations left (their names carry the generation, so no later save to them sweeps them)
     keep = set(files) | {head, MANIFEST}
+    stale_tmp = set()
     for f in os.listdir(path):
         if (f.startswith("shard-") or f.startswith("head-")) and f.endswith(".npz") and f not in keep:
             try:
                 os.unlink(os.path.join(path, f))
             except OSError:
                 pass
+        elif f.startswith((".shard-", ".head-")) and f.endswith(".tmp") and f".{_HOST}." in f:
+            stale_tmp.add(f[1:].split(f".{_HOST}.", 1)[0])
+    for name in stale_tmp:
+        _sweep_orphans(path, f".{name}.{_HOST}.")  # only those of dead processes of this host
 
 
 def save_sharded(model, path: str | os.PathLike, *, row_extra=None, extra=None) -> None:
