@@ -84,7 +84,9 @@ class ShardedQAConvGS:
     ShardLayout.even). With the same seed, the union of the shards equals QAConvGS(seed=seed)'s table and
     the head is identical. With seed=None rank 0 draws a seed and broadcasts it (stored in .seed).
     Collective methods (every rank must call them in the same order): the constructor, forward_backward,
-    refresh_neighbors / local_neighbors when stale, gather_model, save (sharded checkpoints).
+    rows_for_step, refresh_neighbors / local_neighbors when stale, gather_neighbors, gather_model, save
+    and load_checkpoint (sharded checkpoints). qaconv_gs.Trainer trains it (one Trainer per rank) and
+    qaconv_gs.torch.QAConvGSLoss wraps it (comm=...).
     """
 
     def __init__(
