@@ -944,6 +944,13 @@ def test_threads_trainer_equals_one_process(sparse, clip, counts):
     _check_train(case, _thread_train(case, counts))
 
 
+@pytest.mark.parametrize("counts", [[6, 6], [2, 0, 3, 7]], ids=["R2", "R4_empty_rank"])
+def test_threads_trainer_shared_fc_batch_triplet(counts):
+    """The other head and loss variants (fc shared, in-batch triplet) train alike on thread ranks."""
+    case = {**_TRAIN_SPARSE_CLIP, "fc": "shared", "triplet": "batch", "trainer": {"clip_grad_norm": 0.5}}
+    _check_train(case, _thread_train(case, counts))
+
+
 def test_threads_trainer_global_norm_and_history():
     """fit() on 2 thread ranks: per-step grad_norm is the one-process global norm (not this rank's part),
     the history's batch_size is the global batch, and the epoch means and neighbour change equal the
@@ -1163,3 +1170,22 @@ def test_sharded_constructor_validates_like_qaconvgs(bad):
     with pytest.raises(one.type) as sharded:
         ShardedQAConvGS(**cfg)
     assert str(sharded.value) == str(one.value)
+
+
+def test_threads_trainer_progress_bar_on_rank_zero_only(monkeypatch):
+    import qaconv_gs.trainer as trainer_mod
+
+    shown = []
+    monkeypatch.setattr(trainer_mod, "_progress_bar", lambda progress, total, desc: shown.append(progress))
+    case = {**_TRAIN_SPARSE_CLIP, "trainer": {}}
+    counts = [5, 7]
+    batches = [W.make_batch({**case, "data_seed": 4 + s})[:2] for s in range(2)]
+
+    def rank(c):
+        t = qg.Trainer(ShardedQAConvGS(**W.model_config(case), comm=c), **W.TRAINER_KW)
+        sl = W._slice(counts, c.rank)
+        t.fit([(X[sl], y[sl]) for X, y in batches], epochs=2, progress=True)
+        return t.rank
+
+    assert run_threads(2, rank) == [0, 1]
+    assert sorted(shown) == [False, False, True, True]  # per epoch: rank 0 asks for a bar, rank 1 not
