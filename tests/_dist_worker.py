@@ -55,6 +55,68 @@ def _slice(counts: list[int], rank: int) -> slice:
     return slice(off, off + counts[rank])
 
 
+TRAINER_KW = {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
+
+
+def train_steps(trainer, case: dict, start: int, stop: int, sl: slice | None = None) -> dict[str, np.ndarray]:
+    """Steps start .. stop-1 of the case's batch sequence (this rank's slice `sl` of each global batch;
+    the neighbours refreshed before step refresh_at), then flush -> losses, rows, neighbour rows, head."""
+    model = trainer.model
+    losses = []
+    for step in range(start, stop):
+        if step == case.get("refresh_at", -1):
+            model.on_epoch_start()
+        X, y, _ = make_batch({**case, "data_seed": case["data_seed"] + step})
+        if sl is not None:
+            X, y = X[sl], y[sl]
+        losses.append(trainer.step(X, y).loss)
+    trainer.flush()
+    nbr = model.local_neighbors if hasattr(model, "local_neighbors") else model.class_neighbors
+    res = {"losses": np.array(losses), "embed": model.class_embed.copy(), "nbr": np.array(nbr)}
+    for k, v in model.head_state.items():
+        res["head." + k] = np.array(v)
+    return res
+
+
+def torch_steps(crit, case: dict, sl: slice) -> dict[str, np.ndarray]:
+    """SGD steps (torch.optim.SGD's momentum update, written out: importing the optimiser costs seconds
+    of torch._dynamo per process) on a QAConvGSLoss (one process, or this rank's sharded module) with
+    features made by a toy "backbone" from this rank's slice of each global batch; NeighborRefresh before
+    step refresh_at -> losses, per-step gradients of the backbone input, final rows and head."""
+    import torch
+    from qaconv_gs.torch import NeighborRefresh
+
+    params = list(crit.parameters())
+    bufs: list = [None] * len(params)
+
+    def sgd_step() -> None:
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                d = p.grad + 5e-4 * p
+                bufs[i] = d.clone() if bufs[i] is None else bufs[i].mul_(0.9).add_(d)
+                p.add_(bufs[i], alpha=-0.05)
+                p.grad = None
+
+    refresh = NeighborRefresh()
+    res: dict[str, np.ndarray] = {}
+    losses = []
+    for step in range(case["steps"]):
+        if step == case.get("refresh_at", -1):
+            refresh.on_train_epoch_start(None, crit)
+        X, y, _ = make_batch({**case, "data_seed": case["data_seed"] + step})
+        base = torch.from_numpy(X[sl]).requires_grad_(True)
+        loss = crit(base * 1.5, torch.from_numpy(y[sl]))
+        loss.backward()
+        sgd_step()
+        losses.append(loss.item())
+        res[f"grad{step}"] = base.grad.numpy().copy()
+    res["losses"] = np.array(losses)
+    res["refreshes"] = np.array(refresh.calls)
+    for k, v in crit.state_dict().items():
+        res["state." + k] = v.numpy().copy()
+    return res
+
+
 def run_case(case: dict, comm) -> dict[str, np.ndarray]:
     from qaconv_gs.distributed import ShardedQAConvGS, sharded_class_neighbors
 
@@ -101,21 +163,20 @@ def run_case(case: dict, comm) -> dict[str, np.ndarray]:
             return res
         from qaconv_gs import Trainer
 
-        trainer = Trainer(
-            model, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, **case.get("trainer", {})
-        )
-        losses = []
-        for step in range(case["steps"]):
-            if step == case.get("refresh_at", -1):
-                model.on_epoch_start()
-            Xs, ys, _ = make_batch({**case, "data_seed": case["data_seed"] + step})
-            losses.append(trainer.step(Xs[sl], ys[sl]).loss)
-        if hasattr(trainer, "flush"):
-            trainer.flush()
-        res = {"losses": np.array(losses), "embed": model.class_embed, "nbr": model.local_neighbors}
-        for k, v in model.head_state.items():
-            res["head." + k] = np.asarray(v)
-        return res
+        trainer = Trainer(model, **TRAINER_KW, **case.get("trainer", {}))
+        return train_steps(trainer, case, 0, case["steps"], sl)
+    if kind == "resume":  # a trainer checkpoint written by the test (on 2 ranks), continued here
+        from qaconv_gs import Trainer
+
+        model = ShardedQAConvGS(**{**model_config(case), "seed": 99}, comm=comm)  # overwritten by the load
+        trainer = Trainer(model, **TRAINER_KW, **case.get("trainer", {}))
+        trainer.load_checkpoint(case["load"])
+        return train_steps(trainer, case, trainer.global_step, case["steps"], _slice(case["counts"], r))
+    if kind == "torch_loss":
+        from qaconv_gs.torch import QAConvGSLoss
+
+        crit = QAConvGSLoss(**model_config(case), comm=comm)
+        return torch_steps(crit, case, _slice(case["counts"], r))
     if kind == "agree":
         X, y, counts = make_batch(case)
         sl = _slice(counts, r)
@@ -168,6 +229,10 @@ def main() -> int:
             status = 1
         np.savez(os.path.join(outdir, f"{case['name']}.rank{comm.rank}.npz"), **res)
     comm.barrier()
+    if backend == "torch":  # a gloo group left to interpreter exit can abort ("terminate called ...")
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return status
 
 

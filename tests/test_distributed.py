@@ -135,6 +135,8 @@ def _cases(R: int, tmp: Path | None = None) -> list[dict]:
             "refresh_at": 2,
             "trainer": {"sparse_embed": False},
         },
+        {"name": "train_sparse_clip", "kind": "train", **_TRAIN_SPARSE_CLIP, "counts": counts},
+        {"name": "torch_loss", "kind": "torch_loss", **_TORCH_LOSS, "counts": counts},
     ] + (
         []
         if tmp is None
@@ -145,9 +147,52 @@ def _cases(R: int, tmp: Path | None = None) -> list[dict]:
                 **step,
                 "load": str(tmp / "ckpt_in"),
                 "save": str(tmp / "ckpt_out"),
-            }
+            },
+            {
+                "name": "resume",
+                "kind": "resume",
+                **_RESUME,
+                "counts": counts,
+                "load": str(tmp / "trainer_ck"),
+            },
         ]
     )
+
+
+# lazily caught-up rows, clipping active (the global norm is ~2.5 here), a refresh mid-way
+_TRAIN_SPARSE_CLIP = {
+    **{"N": 23, "C": 8, "H": 3, "W": 2, "k": 4, "seed": 3, "data_seed": 4, "counts": [5, 7]},
+    "steps": 4,
+    "refresh_at": 2,
+    "trainer": {"sparse_embed": True, "clip_grad_norm": 0.05},
+}
+# QAConvGSLoss + torch.optim.SGD + NeighborRefresh, batch-hard triplet (the in-batch pairs cross ranks)
+_TORCH_LOSS = {**_TRAIN_SPARSE_CLIP, "steps": 3, "triplet": "batch"}
+# saved after `saved_at` steps on 2 ranks, resumed up to `steps` on any number of ranks
+_RESUME = {
+    **_TRAIN_SPARSE_CLIP,
+    "steps": 5,
+    "refresh_at": 3,
+    "saved_at": 3,
+    "trainer": {"clip_grad_norm": 0.5},
+}
+
+
+def _save_trainer_on_two_ranks(case: dict, path) -> list[dict]:
+    """Train case['saved_at'] steps on 2 thread ranks (batch split [5, 7]), save the trainer checkpoint to
+    path, and go on to case['steps'] without interruption -> the 2 ranks' outputs of the whole run."""
+    counts = [5, 7]
+
+    def rank(c):
+        model = ShardedQAConvGS(**W.model_config(case), comm=c)
+        trainer = qg.Trainer(model, **W.TRAINER_KW, **case["trainer"])
+        sl = W._slice(counts, c.rank)
+        first = W.train_steps(trainer, case, 0, case["saved_at"], sl)
+        trainer.save_checkpoint(path)
+        rest = W.train_steps(trainer, case, case["saved_at"], case["steps"], sl)
+        return {**rest, "losses": np.concatenate([first["losses"], rest["losses"]])}
+
+    return run_threads(2, rank)
 
 
 def _ckpt_model(case: dict) -> qg.QAConvGS:
@@ -169,7 +214,9 @@ def torch_run(request, tmp_path_factory):
     cases = _cases(R, tmp)
     ck = next(c for c in cases if c["name"] == "ckpt")
     shard_checkpoint(_ckpt_model(ck), ck["load"], 2)
-    return R, {**launch("torch", R, cases, tmp), "_ckpt_case": ck}
+    resume = next(c for c in cases if c["name"] == "resume")
+    two = _save_trainer_on_two_ranks(resume, resume["load"])
+    return R, {**launch("torch", R, cases, tmp), "_ckpt_case": ck, "_resume_case": resume, "_two_ranks": two}
 
 
 def _have_mpi() -> bool:
@@ -195,7 +242,9 @@ def mpi_run(tmp_path_factory):
     cases = _cases(R, tmp)
     ck = next(c for c in cases if c["name"] == "ckpt")
     shard_checkpoint(_ckpt_model(ck), ck["load"], 2)
-    return R, {**launch("mpi", R, cases, tmp), "_ckpt_case": ck}
+    resume = next(c for c in cases if c["name"] == "resume")
+    two = _save_trainer_on_two_ranks(resume, resume["load"])
+    return R, {**launch("mpi", R, cases, tmp), "_ckpt_case": ck, "_resume_case": resume, "_two_ranks": two}
 
 
 # ---------------------------------------------------------------- one-process references
@@ -294,28 +343,102 @@ def test_torch_sharded_step_equals_one_process(torch_run, name):
     _check_step(case, res[name])
 
 
-def test_torch_trainer_steps_equal_one_process(torch_run):
-    """Three Trainer steps (dense embedding updates, a neighbour refresh before the third) give the
-    one-process parameters."""
+@pytest.mark.parametrize("name", ["train", "train_sparse_clip"])
+def test_torch_trainer_steps_equal_one_process(torch_run, name):
+    """Trainer steps (dense updates; lazy sparse updates with the global-norm clipping active; a
+    neighbour refresh mid-way) give the one-process parameters."""
     R, res = torch_run
-    _check_train(next(c for c in _cases(R) if c["name"] == "train"), res["train"])
+    _check_train(next(c for c in _cases(R) if c["name"] == name), res[name])
 
 
-def _check_train(case: dict, ranks: list[dict]) -> None:
-    model = qg.QAConvGS(**W.model_config(case))
-    trainer = qg.Trainer(model, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, **case["trainer"])
-    losses = []
-    for step in range(case["steps"]):
-        if step == case["refresh_at"]:
-            model.on_epoch_start()
-        X, y, _ = W.make_batch({**case, "data_seed": case["data_seed"] + step})
-        losses.append(trainer.step(X, y).loss)
+def test_torch_adapter_sharded_equals_one_process(torch_run):
+    """QAConvGSLoss(comm=...) on R gloo processes: the loss, the gradient reaching each rank's features
+    (through a toy backbone), and the parameters after torch.optim.SGD steps with a NeighborRefresh
+    equal the one-process module's."""
+    pytest.importorskip("torch")
+    R, res = torch_run
+    _check_torch_loss(next(c for c in _cases(R) if c["name"] == "torch_loss"), res["torch_loss"])
+
+
+def _check_torch_loss(case: dict, ranks: list[dict]) -> None:
+    from qaconv_gs.torch import QAConvGSLoss
+
+    want = W.torch_steps(QAConvGSLoss(**W.model_config(case)), case, slice(None))
     for d in ranks:
-        np.testing.assert_allclose(d["losses"], losses, rtol=RTOL)
+        np.testing.assert_allclose(d["losses"], want["losses"], rtol=RTOL)
+        assert int(d["refreshes"]) == int(want["refreshes"]) == 1
+        for k in want:
+            if k.startswith("state.") and k != "state.class_embed":
+                np.testing.assert_allclose(d[k], want[k], rtol=RTOL, atol=1e-7, err_msg=k)
+    for step in range(case["steps"]):
+        g = np.concatenate([d[f"grad{step}"] for d in ranks])
+        _close(g, want[f"grad{step}"], f"features grad, step {step}")
+    _close(np.concatenate([d["state.class_embed"] for d in ranks]), want["state.class_embed"], "class_embed")
+
+
+def test_threads_torch_adapter_sharded_equals_one_process():
+    """The same on thread ranks, with a rank whose local batch is empty, and the module's helpers."""
+    pytest.importorskip("torch")
+    from qaconv_gs.torch import QAConvGSLoss
+
+    case = {**_TORCH_LOSS, "counts": [5, 0, 7]}
+
+    def rank(c):
+        crit = QAConvGSLoss(**W.model_config(case), comm=c)
+        out = W.torch_steps(crit, case, W._slice(case["counts"], c.rank))
+        assert f"rank {c.rank}/3" in repr(crit)
+        model = crit.to_model()
+        assert isinstance(model, ShardedQAConvGS) and model.comm is c
+        np.testing.assert_array_equal(model.class_embed, crit.class_embed.detach().numpy())
+        back = QAConvGSLoss.from_model(model)
+        assert back.class_embed.shape == crit.class_embed.shape
+        out["nbr_table"] = np.asarray(crit.class_neighbors)  # gathered (collective)
+        X, _, _ = W.make_batch(case)
+        out["ids"] = crit.identify(X[:4], top=2)[0].numpy()
+        out["match"] = crit.match(X[:3], X[:5]).numpy()
+        return out
+
+    ranks = run_threads(3, rank)
+    _check_torch_loss(case, ranks)
+    one = QAConvGSLoss(**W.model_config(case))
+    W.torch_steps(one, case, slice(None))
+    X, _, _ = W.make_batch(case)
+    for d in ranks:
+        np.testing.assert_array_equal(d["nbr_table"], one.class_neighbors)
+        np.testing.assert_array_equal(d["ids"], one.identify(X[:4], top=2)[0].numpy())
+        np.testing.assert_allclose(d["match"], one.match(X[:3], X[:5]).numpy(), rtol=RTOL, atol=1e-6)
+
+
+def test_torch_trainer_resume_on_other_world_size(torch_run):
+    """A trainer checkpoint saved on 2 ranks resumes on R processes: the one-process continuation, and on
+    2 ranks the very bits of the uninterrupted 2-rank run."""
+    R, res = torch_run
+    _check_resume(R, res["_resume_case"], res["resume"], res["_two_ranks"])
+
+
+def _one_process_train(case: dict, start: int = 0) -> tuple[qg.QAConvGS, dict]:
+    model = qg.QAConvGS(**W.model_config(case))
+    trainer = qg.Trainer(model, **W.TRAINER_KW, **case["trainer"])
+    return model, W.train_steps(trainer, case, start, case["steps"])
+
+
+def _check_train(case: dict, ranks: list[dict], ref: dict | None = None) -> None:
+    model, want = _one_process_train(case) if ref is None else (None, ref)
+    for d in ranks:
+        np.testing.assert_allclose(d["losses"], want["losses"][-len(d["losses"]) :], rtol=RTOL)
         for k in ("bn.weight", "fc.weight", "logit_bn.weight", "bn.running_var", "logit_bn.running_mean"):
-            np.testing.assert_allclose(d["head." + k], np.asarray(model.head_state[k]), rtol=RTOL, atol=1e-7)
-    _close(np.concatenate([d["embed"] for d in ranks]), model.class_embed, "class_embed")
-    np.testing.assert_array_equal(np.concatenate([d["nbr"] for d in ranks]), model.class_neighbors)
+            np.testing.assert_allclose(d["head." + k], want["head." + k], rtol=RTOL, atol=1e-7, err_msg=k)
+    _close(np.concatenate([d["embed"] for d in ranks]), want["embed"], "class_embed")
+    np.testing.assert_array_equal(np.concatenate([d["nbr"] for d in ranks]), want["nbr"])
+
+
+def _check_resume(R: int, case: dict, ranks: list[dict], two: list[dict]) -> None:
+    _check_train(case, ranks)
+    if R == 2:  # same world size: the continuation is bit-identical to the run that was not stopped
+        for d, t in zip(ranks, two):
+            np.testing.assert_array_equal(d["losses"], t["losses"][case["saved_at"] :])
+            for k in d.keys() - {"losses"}:
+                np.testing.assert_array_equal(d[k], t[k], err_msg=k)
 
 
 def test_mpi_backend(mpi_run):
@@ -328,7 +451,10 @@ def test_mpi_backend(mpi_run):
         np.testing.assert_array_equal(np.concatenate([d["sim"] for d in res[name]]), sim)
     for name in ("step_sep", "step_shared_batch", "step_batch"):
         _check_step(next(c for c in _cases(R) if c["name"] == name), res[name])
-    _check_train(next(c for c in _cases(R) if c["name"] == "train"), res["train"])
+    for name in ("train", "train_sparse_clip"):
+        _check_train(next(c for c in _cases(R) if c["name"] == name), res[name])
+    _check_torch_loss(next(c for c in _cases(R) if c["name"] == "torch_loss"), res["torch_loss"])
+    _check_resume(R, res["_resume_case"], res["resume"], res["_two_ranks"])
     _check_agree(R, res["agree"])
     _check_ckpt(R, res["_ckpt_case"], res["ckpt"])
 
@@ -771,3 +897,295 @@ def test_threads_rows_for_step_and_global_norm():
         np.testing.assert_allclose(
             out.grad_embed_sqnorm, np.square(ref.grad_embed_rows, dtype=np.float64).sum()
         )
+
+
+# ---------------------------------------------------------------- Trainer on thread ranks (in-process)
+
+
+def test_threads_sharded_step_with_empty_local_batches():
+    """A rank with no sample in the step (B_r = 0) still scores and updates its classes; both triplet
+    modes. A global batch with no sample at all is refused on every rank."""
+    for triplet in ("class", "batch"):
+        for counts in ([3, 0, 4], [0, 5], [0, 0, 2], [2, 0]):
+            case = {"N": 13, "C": 4, "H": 2, "W": 2, "k": 3, "seed": 1, "data_seed": 2, "counts": counts}
+            case["triplet"] = triplet
+            got = _thread_step(case, len(counts))
+            assert [d["grad_features"].shape[0] for d in got] == counts
+            _check_step(case, got)
+
+    def empty(c):
+        m = ShardedQAConvGS(num_classes=5, channels=2, height=1, width=1, k_nearest=2, seed=0, comm=c)
+        with pytest.raises(ValueError, match="global batch is empty"):
+            m.forward_backward(np.zeros((0, 2, 1, 1), np.float32), np.zeros(0, np.int64))
+        return True
+
+    assert run_threads(2, empty) == [True, True]
+
+
+def _thread_train(case: dict, counts: list[int], start: int = 0, load=None) -> list[dict]:
+    def rank(c):
+        model = ShardedQAConvGS(**W.model_config(case), comm=c)
+        trainer = qg.Trainer(model, **W.TRAINER_KW, **case["trainer"])
+        if load is not None:
+            trainer.load_checkpoint(load)
+        return W.train_steps(trainer, case, start, case["steps"], W._slice(counts, c.rank))
+
+    return run_threads(len(counts), rank)
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+@pytest.mark.parametrize("clip", [None, 0.05, 1e6], ids=["noclip", "clip", "clip_inactive"])
+@pytest.mark.parametrize("counts", [[5, 7], [5, 1, 6], [4, 0, 8]], ids=["R2", "R3", "R3_empty_rank"])
+def test_threads_trainer_equals_one_process(sparse, clip, counts):
+    """Trainer steps on R thread ranks give the one-process Trainer's losses and parameters: lazy or
+    dense row updates, clipping by the global norm (active at 0.05: the norm is ~2.5 here), a neighbour
+    refresh mid-way, a rank whose local batch is empty."""
+    case = {**_TRAIN_SPARSE_CLIP, "steps": 4, "trainer": {"sparse_embed": sparse, "clip_grad_norm": clip}}
+    _check_train(case, _thread_train(case, counts))
+
+
+@pytest.mark.parametrize("counts", [[6, 6], [2, 0, 3, 7]], ids=["R2", "R4_empty_rank"])
+def test_threads_trainer_shared_fc_batch_triplet(counts):
+    """The other head and loss variants (fc shared, in-batch triplet) train alike on thread ranks."""
+    case = {**_TRAIN_SPARSE_CLIP, "fc": "shared", "triplet": "batch", "trainer": {"clip_grad_norm": 0.5}}
+    _check_train(case, _thread_train(case, counts))
+
+
+def test_threads_trainer_global_norm_and_history():
+    """fit() on 2 thread ranks: per-step grad_norm is the one-process global norm (not this rank's part),
+    the history's batch_size is the global batch, and the epoch means and neighbour change equal the
+    one-process history on every rank."""
+    case = {**_TRAIN_SPARSE_CLIP, "trainer": {"clip_grad_norm": 1.0}}
+    counts = [5, 7]
+    batches = [W.make_batch({**case, "counts": counts, "data_seed": 4 + s})[:2] for s in range(6)]
+
+    def epoch_batches(rank):
+        sl = W._slice(counts, rank)
+        return lambda epoch: [(X[sl], y[sl]) for X, y in batches[3 * epoch : 3 * epoch + 3]]
+
+    model = qg.QAConvGS(**W.model_config(case))
+    one = qg.Trainer(model, **W.TRAINER_KW, **case["trainer"])
+    one.fit(lambda e: batches[3 * e : 3 * e + 3], epochs=2, progress=False)
+
+    def rank(c):
+        m = ShardedQAConvGS(**W.model_config(case), comm=c)
+        t = qg.Trainer(m, **W.TRAINER_KW, **case["trainer"])
+        t.fit(epoch_batches(c.rank), epochs=2, progress=False)
+        return t.history, t.rank
+
+    res = run_threads(2, rank)
+    assert [r for _, r in res] == [0, 1]
+    for h, _ in res:
+        assert h.steps["batch_size"] == [12] * 6
+        for key in ("loss", "acc_cls", "grad_norm", "lr"):
+            np.testing.assert_allclose(h.steps[key], one.history.steps[key], rtol=RTOL, err_msg=key)
+        for e, f in zip(h.epochs, one.history.epochs):
+            assert e["samples"] == f["samples"] == 36
+            for key in ("loss", "loss_cls", "acc_cls", "acc_triplet"):
+                np.testing.assert_allclose(e[key], f[key], rtol=RTOL, err_msg=key)
+            np.testing.assert_allclose(
+                e["neighbor_change"], f["neighbor_change"], rtol=1e-12
+            )  # NaN, then a fraction
+    assert np.isfinite(res[0][0].epochs[1]["neighbor_change"])
+
+
+def test_threads_trainer_resume_any_world_size(tmp_path):
+    """Saved on 2 ranks after 3 steps; resumed on 2 (bit-identical to not stopping), 1 and 3 thread ranks,
+    in one process with a plain QAConvGS, and through Trainer.from_checkpoint (with and without comm):
+    all continue like the one-process run."""
+    case = _RESUME
+    ck = tmp_path / "ck"
+    two = _save_trainer_on_two_ranks(case, ck)
+    _check_train(case, two)
+    _, ref = _one_process_train(case)
+    start = case["saved_at"]
+    for counts in ([5, 7], [12], [5, 1, 6]):
+        got = _thread_train(case, counts, start=start, load=ck)
+        _check_train(case, got, ref)
+        if len(counts) == 2:
+            _check_resume(2, case, got, two)
+    # one process, plain QAConvGS (a fresh model of another seed: everything comes from the directory)
+    model = qg.QAConvGS(**{**W.model_config(case), "seed": 42})
+    trainer = qg.Trainer(model, **W.TRAINER_KW, **case["trainer"])
+    trainer.load_checkpoint(ck)
+    assert trainer.global_step == start and trainer.epoch == 0
+    _check_train(case, [W.train_steps(trainer, case, start, case["steps"])], ref)
+    trainer = qg.Trainer.from_checkpoint(ck)
+    assert isinstance(trainer.model, qg.QAConvGS) and trainer.clip_grad_norm == 0.5
+    _check_train(case, [W.train_steps(trainer, case, start, case["steps"])], ref)
+
+    def from_ck(c):
+        t = qg.Trainer.from_checkpoint(ck, comm=c)
+        assert isinstance(t.model, ShardedQAConvGS) and t.global_step == start
+        return W.train_steps(t, case, start, case["steps"], W._slice([6, 6], c.rank))
+
+    _check_train(case, run_threads(2, from_ck), ref)
+
+
+def test_threads_trainer_resumes_a_one_process_checkpoint(tmp_path):
+    """A one-process trainer .npz (whole-table momentum and row counters) resumes on 2 thread ranks, each
+    keeping its rows."""
+    case = _RESUME
+    model = qg.QAConvGS(**W.model_config(case))
+    trainer = qg.Trainer(model, **W.TRAINER_KW, **case["trainer"])
+    W.train_steps(trainer, {**case, "steps": case["saved_at"]}, 0, case["saved_at"])
+    trainer.save_checkpoint(tmp_path / "one.npz")
+    _, ref = _one_process_train(case)
+    _check_train(case, _thread_train(case, [7, 5], start=case["saved_at"], load=tmp_path / "one.npz"), ref)
+
+
+class _NaNOnRank(ShardedQAConvGS):
+    """Reports a non-finite embedding gradient norm on one rank only (as if only its rows diverged)."""
+
+    bad_rank = 1
+
+    def forward_backward(self, features, labels):
+        out = super().forward_backward(features, labels)
+        if self.comm.rank == self.bad_rank:
+            out.grad_embed_sqnorm = float("nan")
+        return out
+
+
+def test_threads_trainer_refuses_a_non_finite_step_on_every_rank():
+    case = {**_TRAIN_SPARSE_CLIP, "counts": [5, 7]}
+    X, y, counts = W.make_batch(case)
+
+    def rank(c):
+        m = _NaNOnRank(**W.model_config(case), comm=c)
+        t = qg.Trainer(m, **W.TRAINER_KW)
+        sl = W._slice(counts, c.rank)
+        before = {k: v.copy() for k, v in m.parameters().items()}
+        try:
+            t.step(X[sl], y[sl])
+        except (FloatingPointError, RuntimeError) as exc:
+            err = type(exc).__name__
+        else:
+            err = None
+        unchanged = all(np.array_equal(v, m.parameters()[k]) for k, v in before.items())
+        return err, unchanged, t.global_step
+
+    assert run_threads(2, rank) == [("RuntimeError", True, 0), ("FloatingPointError", True, 0)]
+
+
+def test_threads_trainer_checkpoint_errors_raise_on_every_rank(tmp_path):
+    """A corrupt shard that only one rank reads, or a wrong architecture: every rank raises and no
+    rank's model or trainer changes. A diverged model is not written over a good checkpoint."""
+    case = _RESUME
+    ck = tmp_path / "ck"
+    _save_trainer_on_two_ranks(case, ck)
+    man = json.loads((ck / "manifest.json").read_text())
+    shard1 = ck / man["shards"][1]["file"]
+    raw = bytearray(shard1.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard1.write_bytes(bytes(raw))
+
+    def load(c):
+        m = ShardedQAConvGS(**W.model_config(case), comm=c)
+        t = qg.Trainer(m, **W.TRAINER_KW)
+        before = m.class_embed.copy()
+        try:
+            t.load_checkpoint(ck)
+        except (ValueError, RuntimeError) as exc:
+            err = type(exc).__name__
+        return err, np.array_equal(before, m.class_embed) and m.class_embed is not None, t.global_step
+
+    assert run_threads(2, load) == [("RuntimeError", True, 0), ("ValueError", True, 0)]
+
+    def wrong_arch(c):
+        m = ShardedQAConvGS(**{**W.model_config(case), "channels": 4}, comm=c)
+        with pytest.raises(ValueError, match="channels"):
+            qg.Trainer(m, **W.TRAINER_KW).load_checkpoint(tmp_path / "good")
+        return True
+
+    def save_good(c):
+        m = ShardedQAConvGS(**W.model_config(case), comm=c)
+        qg.Trainer(m, **W.TRAINER_KW).save_checkpoint(tmp_path / "good")
+        m.head_state["fc.weight"][0, 0] = np.nan  # diverged: the next save must refuse
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            m.save(tmp_path / "good")
+        return True
+
+    assert run_threads(2, save_good) == [True, True]
+    assert load_sharded_model(tmp_path / "good").head_state["fc.weight"][0, 0] == pytest.approx(1 / 6)
+    assert run_threads(2, wrong_arch) == [True, True]
+
+
+# ---------------------------------------------------------------- shared pieces with the one-process model
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_sharded_save_sweeps_temporaries_of_killed_saves(tmp_path):
+    """Temporaries of dead processes (the manifest's, and shards / heads of an older generation whose
+    names no later save reuses) are deleted by the next save; a live process's are left alone."""
+    from qaconv_gs.checkpoint import _HOST
+
+    model = qg.QAConvGS(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=1)
+    ck = tmp_path / "ck"
+    shard_checkpoint(model, ck, 2)
+    dead, live = _dead_pid(), os.getpid()
+    names = {
+        "manifest_dead": f".manifest.json.{_HOST}.{dead}.ab12.tmp",
+        "shard_dead": f".shard-0123456789abcdef-00001-of-00002.npz.{_HOST}.{dead}.cd34.tmp",
+        "head_dead": f".head-0123456789abcdef.npz.{_HOST}.{dead}.ef56.tmp",
+        "shard_live": f".shard-0123456789abcdef-00000-of-00002.npz.{_HOST}.{live}.gh78.tmp",
+        "other_host": f".head-0123456789abcdef.npz.elsewhere.{dead}.ij90.tmp",
+    }
+    for n in names.values():
+        (ck / n).write_bytes(b"partial")
+    ShardedQAConvGS.from_model(model).save(ck)
+    left = set(os.listdir(ck))
+    assert {names["shard_live"], names["other_host"]} <= left
+    assert not {names["manifest_dead"], names["shard_dead"], names["head_dead"]} & left
+    np.testing.assert_array_equal(load_sharded_model(ck).class_embed, model.class_embed)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"num_classes": 1},
+        {"num_classes": 2.5},
+        {"channels": 0},
+        {"height": 300, "width": 300},
+        {"k_nearest": 6},
+        {"k_nearest": 0},
+        {"fc": "both"},
+        {"fc": 3},
+        {"triplet": "pair"},
+        {"triplet_weight": -1.0},
+        {"margin": float("nan")},
+        {"seed": -1},
+        {"n_threads": 0},
+    ],
+)
+def test_sharded_constructor_validates_like_qaconvgs(bad):
+    """One validator: the same exception type and message from both constructors."""
+    cfg = {"num_classes": 6, "channels": 2, "height": 1, "width": 2, "k_nearest": 2, "seed": 0, **bad}
+    with pytest.raises((TypeError, ValueError)) as one:
+        qg.QAConvGS(**cfg)
+    with pytest.raises(one.type) as sharded:
+        ShardedQAConvGS(**cfg)
+    assert str(sharded.value) == str(one.value)
+
+
+def test_threads_trainer_progress_bar_on_rank_zero_only(monkeypatch):
+    import qaconv_gs.trainer as trainer_mod
+
+    shown = []
+    monkeypatch.setattr(trainer_mod, "_progress_bar", lambda progress, total, desc: shown.append(progress))
+    case = {**_TRAIN_SPARSE_CLIP, "trainer": {}}
+    counts = [5, 7]
+    batches = [W.make_batch({**case, "data_seed": 4 + s})[:2] for s in range(2)]
+
+    def rank(c):
+        t = qg.Trainer(ShardedQAConvGS(**W.model_config(case), comm=c), **W.TRAINER_KW)
+        sl = W._slice(counts, c.rank)
+        t.fit([(X[sl], y[sl]) for X, y in batches], epochs=2, progress=True)
+        return t.rank
+
+    assert run_threads(2, rank) == [0, 1]
+    assert sorted(shown) == [False, False, True, True]  # per epoch: rank 0 asks for a bar, rank 1 not

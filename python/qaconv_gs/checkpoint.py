@@ -19,8 +19,8 @@ import json
 import os
 import socket
 import tempfile
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -153,6 +153,15 @@ def save_checkpoint(
     arrays = {_META: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
     arrays.update(ordered)
 
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _atomic_write(path: str, write_fn: Callable[[BinaryIO], None]) -> None:
+    """Write `path` atomically: write_fn(f) fills a temporary file in the same directory, which is
+    flushed, fsynced and renamed over `path`; then the directory is fsynced. A crash leaves the old file
+    or the new one, never a torn one. The temporary is `.NAME.<host>.<pid>.<random>.tmp`; temporaries of
+    dead processes saving to the same target are swept first. An existing file's permissions are kept
+    (new files get 0644). On any error (KeyboardInterrupt included) the temporary is removed."""
     directory = os.path.dirname(os.path.abspath(path))
     mode = 0o644
     try:
@@ -164,7 +173,7 @@ def save_checkpoint(
     fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         try:

@@ -68,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=".", help="directory for the curve PNGs (default: current directory)")
     demo.add_argument("--no-full", action="store_true", help="skip the full-scoring comparison run")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument(
+        "--distributed",
+        choices=("auto", "off", "torch", "mpi"),
+        default="auto",
+        help="shard the class table over the ranks of a launcher: 'torch' under torchrun (gloo), 'mpi' "
+        "under mpirun (mpi4py); 'auto' (default) picks torch when WORLD_SIZE > 1, mpi when "
+        "OMPI_COMM_WORLD_SIZE / PMI_SIZE / PMIX_SIZE > 1, else one process ('off'). Rank 0 prints",
+    )
+    demo.add_argument(
+        "--compare-one-process",
+        action="store_true",
+        help="distributed only: rank 0 then trains the restricted run again in one process and prints the "
+        "largest difference of the per-step losses and parameters",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     nb = sub.add_parser(
@@ -145,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, OSError, MemoryError) as exc:
+    except (ValueError, TypeError, OSError, MemoryError, ImportError) as exc:
         print(f"qaconv-gs {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -360,48 +374,86 @@ def _cmd_match(args: argparse.Namespace) -> int:
 
 
 def _rank1(model: Any, features: np.ndarray, labels: np.ndarray) -> float:
+    if callable(getattr(model, "gather_model", None)):  # sharded: identify needs every class (collective)
+        model = model.gather_model()
     ids, _ = model.identify(features, top=1)
     return float(np.mean(np.asarray(ids)[:, 0] == labels))
 
 
-class _DemoReport:
-    """Prints one line per epoch and records the held-out rank-1 into the epoch stats."""
+def _say(comm: Any, *args: Any, **kwargs: Any) -> None:
+    """print on rank 0 only (every rank runs the same program)."""
+    if comm is None or comm.rank == 0:
+        print(*args, **kwargs, flush=True)
 
-    def __init__(self, features: np.ndarray, labels: np.ndarray, epochs: int, tag: str) -> None:
-        self.features, self.labels, self.epochs, self.tag = features, labels, epochs, tag
+
+class _DemoReport:
+    """Prints one line per epoch (rank 0) and records the held-out rank-1 into the epoch stats."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, epochs: int, tag: str, comm: Any) -> None:
+        self.features, self.labels, self.epochs, self.tag, self.comm = features, labels, epochs, tag, comm
 
     def on_epoch_end(self, trainer: Any, epoch: int, stats: dict) -> None:
         stats["rank1"] = _rank1(trainer.model, self.features, self.labels)
         change = stats["neighbor_change"]
         change_s = "   -  " if change != change else f"{change:6.3f}"
-        print(
+        _say(
+            self.comm,
             f"  [{self.tag}] epoch {epoch + 1:>2}/{self.epochs}  loss {stats['loss']:.4f}  "
             f"acc_cls {stats['acc_cls']:.3f}  acc_triplet {stats['acc_triplet']:.3f}  "
             f"held-out rank-1 {stats['rank1']:.3f}  nbr change {change_s}  {stats['time']:.1f} s",
-            flush=True,
         )
 
 
-def _demo_run(args: argparse.Namespace, data: tuple, k: int, tag: str) -> dict[str, Any]:
+class _RankBatches:
+    """This rank's part of every graph-sampled global batch: the batch split into R near-equal slices
+    in rank order, so the global batch, and hence every step, is the one-process demo's."""
+
+    def __init__(self, sampler: Any, features: np.ndarray, labels: np.ndarray, comm: Any) -> None:
+        self.sampler, self.features, self.labels, self.comm = sampler, features, labels, comm
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for idx in self.sampler:
+            part = np.array_split(np.asarray(idx), self.comm.size)[self.comm.rank]
+            yield self.features[part], self.labels[part]
+
+
+def _demo_run(
+    args: argparse.Namespace, data: tuple, k: int, tag: str, comm: Any = None, quiet: bool = False
+) -> dict[str, Any]:
     from .model import QAConvGS
     from .sampler import GraphSampler
     from .trainer import Trainer
 
     xtr, ytr, xte, yte = data
     n_cls, C, H, W = args.classes, xtr.shape[1], xtr.shape[2], xtr.shape[3]
-    model = QAConvGS(n_cls, C, H, W, k_nearest=k, seed=args.seed, n_threads=args.threads)
+    if comm is None:
+        model = QAConvGS(n_cls, C, H, W, k_nearest=k, seed=args.seed, n_threads=args.threads)
+        neighbors = lambda: model.class_neighbors  # noqa: E731
+    else:
+        from .distributed import ShardedQAConvGS
+
+        model = ShardedQAConvGS(
+            n_cls, C, H, W, k_nearest=k, seed=args.seed, n_threads=args.threads, comm=comm
+        )
+        neighbors = model.gather_neighbors  # every rank samples the same batches from the whole table
     trainer = Trainer(model, lr=args.lr, schedule=f"cosine:{args.epochs}:0.05", seed=args.seed)
     sampler = GraphSampler(
-        ytr,
-        batch_size=args.batch_size,
-        num_instances=args.num_instances,
-        neighbors=lambda: model.class_neighbors,
-        seed=args.seed,
+        ytr, batch_size=args.batch_size, num_instances=args.num_instances, neighbors=neighbors, seed=args.seed
     )
+    say = comm if not quiet else _Mute()
     before = _rank1(model, xte, yte)
-    print(f"  [{tag}] before training: held-out rank-1 {before:.3f}", flush=True)
-    report = _DemoReport(xte, yte, args.epochs, tag)
-    trainer.fit((xtr, ytr, sampler), epochs=args.epochs, callbacks=[report], progress=not args.no_progress)
+    _say(say, f"  [{tag}] before training: held-out rank-1 {before:.3f}")
+    report = _DemoReport(xte, yte, args.epochs, tag, say)
+    if comm is None:
+        source: Any = (xtr, ytr, sampler)
+    else:
+        batches = _RankBatches(sampler, xtr, ytr, comm)
+        source = lambda epoch: (sampler.set_epoch(epoch), batches)[1]  # noqa: E731 - as fit does for a sampler
+    progress = not (args.no_progress or quiet)
+    trainer.fit(source, epochs=args.epochs, callbacks=[report], progress=progress)
     h = trainer.history
     return {
         "k": k,
@@ -410,7 +462,48 @@ def _demo_run(args: argparse.Namespace, data: tuple, k: int, tag: str) -> dict[s
         "loss": float(h.epochs[-1]["loss"]),
         "time": float(np.sum(h.epoch_values("time"))),
         "history": h,
+        "model": model,
     }
+
+
+class _Mute:
+    """A stand-in communicator for _say that silences every rank."""
+
+    rank = 1
+
+
+def _demo_comm(mode: str) -> Any:
+    """The communicator of --distributed MODE (None: one process)."""
+    if mode == "auto":
+        mode = "off"
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            mode = "torch"
+        elif any(
+            int(os.environ.get(v, "1") or 1) > 1 for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+        ):
+            mode = "mpi"
+    if mode == "off":
+        return None
+    from .distributed import init_communicator
+
+    if mode == "torch":
+        for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise ValueError(
+                    f"--distributed torch: environment variable {var} is not set; launch with "
+                    "torchrun --nproc_per_node R -m qaconv_gs demo ..."
+                )
+    return init_communicator(mode)
+
+
+def _demo_finish(comm: Any) -> None:
+    if comm is None:
+        return
+    comm.barrier()
+    if type(comm).__name__ == "TorchCommunicator":  # a gloo group left to interpreter exit can abort
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -427,25 +520,66 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--batch-size: expected >= --num-instances ({args.num_instances}), got {args.batch_size}"
         )
-    os.makedirs(args.out, exist_ok=True)
-    x, y = make_synthetic(args.classes, args.samples, seed=args.seed)
+    comm = _demo_comm(args.distributed)
+    if args.compare_one_process and comm is None:
+        raise ValueError("--compare-one-process: needs a distributed run (--distributed torch or mpi)")
+    if comm is None or comm.rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+    x, y = make_synthetic(args.classes, args.samples, seed=args.seed)  # the same data on every rank
     data = split_per_class(x, y, held_out=args.held_out, seed=args.seed)
     threads = resolve_threads(args.threads)
-    print(
+    _say(
+        comm,
         f"qaconv-gs demo: {args.classes} synthetic identities (families share parts), feature maps "
         f"{tuple(x.shape[1:])}, {len(data[1])} training / {len(data[3])} held-out samples; "
         f"{args.epochs} epochs, graph-sampled batches of {args.batch_size} ({args.num_instances} per class), "
         f"{threads} thread(s). Chance rank-1 = {1.0 / args.classes:.3f}",
-        flush=True,
     )
+    if comm is not None:
+        from .distributed import ShardLayout
+
+        sizes = [ShardLayout.even(args.classes, comm.size).size_of(r) for r in range(comm.size)]
+        _say(
+            comm,
+            f"distributed: {comm.size} ranks ({type(comm).__name__}), classes per rank {sizes}, each "
+            "global batch split over the ranks: the same steps as one process",
+        )
     runs = []
-    print(f"restricted scoring: each sample vs its class and the k = {args.k} nearest classes", flush=True)
-    runs.append(("restricted", _demo_run(args, data, args.k, f"k={args.k}")))
+    _say(comm, f"restricted scoring: each sample vs its class and the k = {args.k} nearest classes")
+    runs.append(("restricted", _demo_run(args, data, args.k, f"k={args.k}", comm)))
     if not args.no_full:
         full_k = args.classes - 1
-        print(f"full scoring: each sample vs all classes (k = N-1 = {full_k})", flush=True)
-        runs.append(("full", _demo_run(args, data, full_k, f"k={full_k}")))
+        _say(comm, f"full scoring: each sample vs all classes (k = N-1 = {full_k})")
+        runs.append(("full", _demo_run(args, data, full_k, f"k={full_k}", comm)))
+    if args.compare_one_process:
+        dist_model = runs[0][1]["model"].gather_model()  # collective: before rank 0 goes on alone
+        if comm.rank == 0:
+            _compare_one_process(args, data, runs[0][1], dist_model)
+    if comm is None or comm.rank == 0:
+        _demo_summary(args, runs)
+    _demo_finish(comm)
+    return 0
 
+
+def _compare_one_process(args: argparse.Namespace, data: tuple, run: dict, dist_model: Any) -> None:
+    """Train the restricted run again in this process and print how far the distributed run is from it."""
+    print(f"one-process check: training k={args.k} again in one process ...", flush=True)
+    one = _demo_run(args, data, args.k, f"k={args.k}", None, quiet=True)
+    a = np.asarray(run["history"].steps["loss"], np.float64)
+    b = np.asarray(one["history"].steps["loss"], np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"one-process check: {a.size} distributed steps vs {b.size} one-process steps")
+    E1, E2 = one["model"].class_embed, dist_model.class_embed
+    rel = float(np.abs(E1 - E2).max() / max(float(np.abs(E1).max()), 1e-30))
+    print(
+        f"one-process check: {a.size} steps, max |loss difference| {np.abs(a - b).max():.2e} "
+        f"(largest loss {np.abs(b).max():.3g}); class table max relative difference {rel:.2e}; "
+        f"held-out rank-1 {run['rank1']:.3f} distributed vs {one['rank1']:.3f} one process",
+        flush=True,
+    )
+
+
+def _demo_summary(args: argparse.Namespace, runs: list) -> None:
     print()
     print(f"{'run':<12} {'k':>5} {'train time':>11} {'loss':>8} {'rank-1 before':>14} {'rank-1 after':>13}")
     for name, r in runs:
@@ -464,7 +598,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         path = os.path.join(args.out, f"demo_curves_{name}.png")
         r["history"].plot(path, title=f"qaconv-gs demo, {name} scoring (k={r['k']})")
         print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

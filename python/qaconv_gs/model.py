@@ -183,6 +183,57 @@ def _normalize_backward_inplace(g: np.ndarray, y: np.ndarray, norms: np.ndarray,
     return g
 
 
+def check_config(
+    num_classes: object,
+    channels: object,
+    height: object,
+    width: object,
+    k_nearest: object = 32,
+    fc: object = "separate",
+    triplet: object = "class",
+    triplet_weight: object = 0.5,
+    margin: object = 1.0,
+    seed: object = None,
+    n_threads: object = None,
+) -> dict[str, Any]:
+    """Validate QAConvGS constructor arguments -> the normalised config dict (the keys of `config`).
+
+    Shared by QAConvGS and distributed.ShardedQAConvGS, so both refuse the same inputs with the same
+    messages (TypeError / ValueError naming the argument)."""
+    N = check_int(num_classes, "num_classes")
+    if N < 2:
+        raise ValueError(f"num_classes: expected >= 2 (every class needs at least one neighbour), got {N}")
+    C = check_int(channels, "channels", lo=1)
+    H = check_int(height, "height", lo=1)
+    W = check_int(width, "width", lo=1)
+    if H * W > _MAX_LOCATIONS:
+        raise ValueError(f"height * width: expected at most {_MAX_LOCATIONS} locations, got {H * W}")
+    k = check_int(k_nearest, "k_nearest")
+    if not 1 <= k <= N - 1:
+        raise ValueError(f"k_nearest: expected 1 <= k_nearest <= num_classes - 1 = {N - 1}, got {k}")
+    fc_mode = _choice(fc, "fc", _FC_MODES)
+    triplet_mode = _choice(triplet, "triplet", _TRIPLET_MODES)
+    f32_max = float(np.finfo(np.float32).max)  # the loss kernels take these as float32
+    tw = check_real(triplet_weight, "triplet_weight", lo=0.0, hi=f32_max)
+    mg = check_real(margin, "margin", lo=0.0, hi=f32_max)
+    sd = None if seed is None else check_int(seed, "seed", lo=0)
+    if n_threads is not None:
+        resolve_threads(n_threads)
+    return {
+        "num_classes": N,
+        "channels": C,
+        "height": H,
+        "width": W,
+        "k_nearest": k,
+        "fc": fc_mode,
+        "triplet": triplet_mode,
+        "triplet_weight": tw,
+        "margin": mg,
+        "seed": sd,
+        "n_threads": n_threads,
+    }
+
+
 class QAConvGS:
     """QAConv with class embeddings and neighbour-restricted scoring (QAConv-GS, simulated graph sampling).
 
@@ -227,29 +278,24 @@ class QAConvGS:
         seed: int | None = None,
         n_threads: int | None = None,
     ) -> None:
-        N = check_int(num_classes, "num_classes")
-        if N < 2:
-            raise ValueError(
-                f"num_classes: expected >= 2 (every class needs at least one neighbour), got {N}"
-            )
-        C = check_int(channels, "channels", lo=1)
-        H = check_int(height, "height", lo=1)
-        W = check_int(width, "width", lo=1)
-        if H * W > _MAX_LOCATIONS:
-            raise ValueError(f"height * width: expected at most {_MAX_LOCATIONS} locations, got {H * W}")
-        k = check_int(k_nearest, "k_nearest")
-        if not 1 <= k <= N - 1:
-            raise ValueError(f"k_nearest: expected 1 <= k_nearest <= num_classes - 1 = {N - 1}, got {k}")
-        self.num_classes, self.channels, self.height, self.width, self.k_nearest = N, C, H, W, k
-        self.fc = _choice(fc, "fc", _FC_MODES)
-        self.triplet = _choice(triplet, "triplet", _TRIPLET_MODES)
-        f32_max = float(np.finfo(np.float32).max)  # the loss kernels take these as float32
-        self.triplet_weight = check_real(triplet_weight, "triplet_weight", lo=0.0, hi=f32_max)
-        self.margin = check_real(margin, "margin", lo=0.0, hi=f32_max)
-        self.seed = None if seed is None else check_int(seed, "seed", lo=0)
-        if n_threads is not None:
-            resolve_threads(n_threads)
-        self.n_threads = n_threads
+        cfg = check_config(
+            num_classes,
+            channels,
+            height,
+            width,
+            k_nearest,
+            fc,
+            triplet,
+            triplet_weight,
+            margin,
+            seed,
+            n_threads,
+        )
+        N, C, H, W = cfg["num_classes"], cfg["channels"], cfg["height"], cfg["width"]
+        self.num_classes, self.channels, self.height, self.width = N, C, H, W
+        self.k_nearest, self.fc, self.triplet = cfg["k_nearest"], cfg["fc"], cfg["triplet"]
+        self.triplet_weight, self.margin = cfg["triplet_weight"], cfg["margin"]
+        self.seed, self.n_threads = cfg["seed"], cfg["n_threads"]
         self.training = True
 
         rng = np.random.default_rng(self.seed)

@@ -42,7 +42,11 @@ def _build() -> dict[str, Any]:
     from torch import nn
     from torch.autograd.function import once_differentiable
 
+    from .distributed import ShardedQAConvGS
     from .model import _HEAD_PARAM_KEYS, QAConvGS
+
+    def _sharded(core) -> bool:
+        return isinstance(core, ShardedQAConvGS)
 
     class _QAConvGSStep(torch.autograd.Function):
         """loss = QAConvGS step(features, params); backward returns the gradients the C kernels computed."""
@@ -97,6 +101,16 @@ def _build() -> dict[str, Any]:
         `last_result` holds the StepResult of the last forward (accuracies, scores, candidates).
         Training mode updates the running statistics; eval mode computes the same batch-statistics
         loss without updating them (see QAConvGS.eval).
+
+        Sharded (`comm=` a qaconv_gs.distributed communicator, e.g. init_communicator("torch") under
+        torchrun; or from_model(a ShardedQAConvGS)): every rank builds the module and calls it with its
+        part of the global batch, in the same order (forward is collective). The loss is the global
+        batch's (the same value on every rank); `features.grad` is the gradient of that loss for this
+        rank's samples; `class_embed` holds this rank's rows only (its gradient likewise); the head's
+        gradients are already summed over ranks, so the same optimiser on every rank keeps the head
+        identical. Do not wrap this module in DistributedDataParallel. A backbone under DDP gets the
+        average over ranks of the per-rank gradients, i.e. 1 / world_size of the global-batch gradient
+        (scale its learning rate by world_size to match a one-process run).
         """
 
         def __init__(
@@ -112,13 +126,11 @@ def _build() -> dict[str, Any]:
             margin=1.0,
             seed=None,
             n_threads=None,
+            *,
+            comm=None,
         ):
             super().__init__()
-            core = QAConvGS(
-                num_classes,
-                channels,
-                height,
-                width,
+            kwargs = dict(
                 k_nearest=k_nearest,
                 fc=fc,
                 triplet=triplet,
@@ -127,6 +139,10 @@ def _build() -> dict[str, Any]:
                 seed=seed,
                 n_threads=n_threads,
             )
+            if comm is None:
+                core = QAConvGS(num_classes, channels, height, width, **kwargs)
+            else:
+                core = ShardedQAConvGS(num_classes, channels, height, width, **kwargs, comm=comm)
             self._init_from(core)
 
         def _init_from(self, core: QAConvGS) -> None:
@@ -142,21 +158,34 @@ def _build() -> dict[str, Any]:
             self.last_result = None
 
         @classmethod
-        def from_model(cls, model: QAConvGS) -> QAConvGSLoss:
-            """A loss module with `model`'s config and a copy of its weights and running statistics."""
-            if not isinstance(model, QAConvGS):
-                raise TypeError(f"model: expected a qaconv_gs.QAConvGS, got {type(model).__name__}")
+        def from_model(cls, model: QAConvGS | ShardedQAConvGS) -> QAConvGSLoss:
+            """A loss module with `model`'s config and a copy of its weights and running statistics (a
+            ShardedQAConvGS gives a sharded module on the model's communicator: this rank's rows)."""
+            if not isinstance(model, (QAConvGS, ShardedQAConvGS)):
+                raise TypeError(
+                    f"model: expected a qaconv_gs.QAConvGS or ShardedQAConvGS, got {type(model).__name__}"
+                )
             obj = cls.__new__(cls)
             nn.Module.__init__(obj)
-            core = QAConvGS.from_config(model.config)
-            core.load_state_dict(model.state_dict())
-            core.training = model.training
+            if _sharded(model):
+                core = model.copy()
+            else:
+                core = QAConvGS.from_config(model.config)
+                core.load_state_dict(model.state_dict())
+                core.training = model.training
             obj._init_from(core)
             obj.train(model.training)
             return obj
 
-        def to_model(self) -> QAConvGS:
-            """A standalone NumPy QAConvGS with this module's config and a copy of its current state."""
+        def to_model(self) -> QAConvGS | ShardedQAConvGS:
+            """A standalone NumPy model (QAConvGS, or this rank's ShardedQAConvGS) with this module's
+            config and a copy of its current state."""
+            if _sharded(self._core):
+                m = self._core.copy()
+                state = {k: np.array(v.detach().numpy(), copy=True) for k, v in self.state_dict().items()}
+                m._embed = state.pop("class_embed")
+                m._head = state
+                return m.train(self.training)
             m = QAConvGS.from_config(self._core.config)
             m.load_state_dict(self.state_dict())
             return m.train(self.training)
@@ -238,7 +267,10 @@ def _build() -> dict[str, Any]:
         # ---- neighbours (delegated to the NumPy model)
         @property
         def class_neighbors(self):
+            """[N, k] neighbour table (sharded: the whole table gathered, collective)."""
             self._sync()
+            if _sharded(self._core):
+                return self._core.gather_neighbors()
             return self._core.class_neighbors
 
         def on_epoch_start(self) -> None:
@@ -268,12 +300,17 @@ def _build() -> dict[str, Any]:
             return torch.from_numpy(self._sync().match(probe, gallery))
 
         def identify(self, features, top=5):
-            ids, sc = self._sync().identify(features, top=top)
+            """Eval-mode top classes (sharded: against the gathered table, collective)."""
+            core = self._sync()
+            if _sharded(core):
+                core = core.gather_model()
+            ids, sc = core.identify(features, top=top)
             return torch.from_numpy(ids), torch.from_numpy(sc)
 
         def extra_repr(self) -> str:
             c = self._core
-            return (
+            where = f"rank {c.comm.rank}/{c.comm.size}, rows [{c.lo}, {c.hi}), " if _sharded(c) else ""
+            return where + (
                 f"num_classes={c.num_classes}, channels={c.channels}, height={c.height}, width={c.width}, "
                 f"k_nearest={c.k_nearest}, fc={c.fc!r}, triplet={c.triplet!r}, "
                 f"triplet_weight={c.triplet_weight:g}, margin={c.margin:g}"

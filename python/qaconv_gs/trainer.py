@@ -24,6 +24,8 @@ _STEP_KEYS = ("loss", "loss_cls", "loss_triplet", "acc_cls", "acc_triplet")
 _CHECKPOINT_FORMAT = "qaconv_gs.trainer"
 _CHECKPOINT_VERSION = 1
 _EXTRA_PREFIX = "trainer/"  # the trainer's arrays inside a model checkpoint's extra arrays
+_EMBED_BUF = _EXTRA_PREFIX + "buffer/class_embed"
+_ROW_KEYS = (_EMBED_BUF, _EXTRA_PREFIX + "row_step")  # one row per class: sharded with the class table
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -256,6 +258,18 @@ class Trainer:
          forward pass sees those rows stale (their pending decay and momentum are still applied, at their
          next update).
 
+    Sharded models (:class:`~qaconv_gs.distributed.ShardedQAConvGS`, or anything with ``comm`` and
+    ``rows_for_step(labels)``): every rank builds its own Trainer and calls :meth:`step` / :meth:`fit` with
+    its part of the global batch, in the same order. ``class_embed`` is then this rank's rows (their
+    momentum and row counters stay on the rank); the head's gradients are already summed over ranks by the
+    model, so the replicated head parameters stay identical; the rows a sparse step catches up come from
+    ``model.rows_for_step(labels)``; gradient clipping uses the global norm (the head's plus the model's
+    ``grad_embed_sqnorm``); a non-finite step is refused on every rank together; the history holds
+    global-batch values (``batch_size`` is the global batch), identical on every rank except ``time``;
+    the progress bar shows on rank 0 only. :meth:`save_checkpoint` writes a sharded checkpoint directory
+    (momentum rows and row counters re-sharded on load), which :meth:`load_checkpoint` resumes on any
+    number of ranks, or in one process with a plain QAConvGS.
+
     Args:
         model: the model (``parameters()``, ``forward_backward()``, ``on_epoch_start()``, ...).
         lr: base learning rate (> 0); the epoch's rate is ``lr * schedule(epoch)``.
@@ -294,6 +308,7 @@ class Trainer:
                     f"model: expected an object with a {attr}() method, got {type(model).__name__}"
                 )
         self.model = model
+        self._comm = _sharded_comm(model)
         self.base_lr = check_real(lr, "lr", lo=0.0)
         if self.base_lr <= 0.0:
             raise ValueError(f"lr: expected a number > 0, got {lr}")
@@ -339,6 +354,11 @@ class Trainer:
             f"schedule={self.schedule_spec!r}, clip_grad_norm={self.clip_grad_norm}, epoch={self.epoch}, "
             f"step={self.global_step})"
         )
+
+    @property
+    def rank(self) -> int:
+        """This process's rank for a sharded model (0 otherwise): print, plot and write files on rank 0."""
+        return 0 if self._comm is None else int(self._comm.rank)
 
     def _params(self) -> dict[str, np.ndarray]:
         params = self.model.parameters()
@@ -449,7 +469,10 @@ class Trainer:
             p[rows] = target + step
 
     def _predicted_rows(self, labels: object) -> np.ndarray | None:
-        """Embedding rows the model's forward will read: the labels and their neighbours."""
+        """Embedding rows the model's forward will read: the labels and their neighbours (a sharded
+        model says which of its rows itself, collectively)."""
+        if self._comm is not None:
+            return np.asarray(self.model.rows_for_step(labels), dtype=np.int64)
         try:
             nbrs = self.model.class_neighbors
         except AttributeError:
@@ -487,15 +510,27 @@ class Trainer:
             ids = np.asarray(result.grad_embed_ids, dtype=np.int64).reshape(-1)
             rows_g = np.asarray(result.grad_embed_rows, dtype=np.float32).reshape((ids.size,) + E.shape[1:])
 
-        sq = sum(_sqnorm(g) for g in grads.values()) + (0.0 if rows_g is None else _sqnorm(rows_g))
+        sq = sum(_sqnorm(g) for g in grads.values())
+        if self._comm is not None:
+            # head gradients are global already; the rows' part is the model's sum over all ranks
+            sq += float(result.grad_embed_sqnorm)
+        elif rows_g is not None:
+            sq += _sqnorm(rows_g)
+        err = None
         if not (math.isfinite(sq) and math.isfinite(float(result.loss))):
             # A diverged step must not write NaN/Inf into the parameters (the next step and the next
             # checkpoint would fail far from the cause): refuse it with the parameters as they were.
-            raise FloatingPointError(
+            err = FloatingPointError(
                 f"Trainer.step: non-finite loss ({float(result.loss)}) or gradient norm at step {t} "
                 f"(lr={lr:g}); the update was skipped and the parameters are unchanged. "
                 "Lower the learning rate or set clip_grad_norm."
             )
+        if self._comm is not None:
+            # loss and norm are the same bits on every rank, so every rank decides alike; agreeing
+            # explicitly keeps ranks in step even if that ever stopped being true (one updating, one not)
+            self._comm.agree(err)
+        elif err is not None:
+            raise err
         self.last_grad_norm = math.sqrt(sq)
         if self.clip_grad_norm is not None:
             coef = self.clip_grad_norm / (self.last_grad_norm + 1e-6)
@@ -617,7 +652,7 @@ class Trainer:
             batches, total = source(epoch)
             sums = dict.fromkeys(_STEP_KEYS, 0.0)
             n_steps = n_samples = 0
-            bar = _progress_bar(progress, total, f"epoch {epoch + 1}")
+            bar = _progress_bar(progress and self.rank == 0, total, f"epoch {epoch + 1}")
             try:
                 for batch in batches:
                     features, labels = _unpack(batch)
@@ -625,6 +660,8 @@ class Trainer:
                     result = self.step(features, labels)
                     dt = time.perf_counter() - t0
                     bsz = int(np.shape(labels)[0]) if np.ndim(labels) else 1
+                    # a sharded step's loss averages the global batch: weight the epoch means by it
+                    bsz = int(getattr(result, "global_batch_size", bsz))
                     self._record_step(epoch, bsz, result, dt)
                     n_steps += 1
                     n_samples += bsz
@@ -785,9 +822,21 @@ class Trainer:
         extra=...)`` writes it when it has one (so its current neighbour table is kept too). Rows are saved as
         they are (not flushed), so :meth:`load_checkpoint` continues bit-for-bit; at epoch boundaries (e.g.
         from ``on_epoch_end``) every row is up to date anyway. Returns the path.
+
+        With a sharded model ``path`` is a directory (``distributed.checkpoint`` layout; collective, every
+        rank calls it): the momentum rows and row counters of ``class_embed`` go with each rank's shard, the
+        rest of the trainer state (identical on every rank) with the head.
         """
         extra = self._extra_arrays()
-        if callable(getattr(self.model, "save", None)):
+        if self._comm is not None:
+            rows = {k: extra.pop(k) for k in _ROW_KEYS if k in extra}
+            # every rank must pass the same keys: a rank whose momentum buffer was never created (it
+            # owned no row of any step yet) saves zeros, which is what that buffer holds in effect
+            have = bool(self._comm.allreduce_max(np.array([_EMBED_BUF in rows], np.int8))[0])
+            if have and _EMBED_BUF not in rows:
+                rows[_EMBED_BUF] = np.zeros_like(self._params()["class_embed"])
+            self.model.save(path, row_extra=rows, extra=extra)
+        elif callable(getattr(self.model, "save", None)):
             self.model.save(path, extra=extra)
         else:
             from .checkpoint import save_checkpoint
@@ -797,18 +846,59 @@ class Trainer:
         return os.fspath(path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore a :meth:`save_checkpoint` file into this trainer and its model.
+        """Restore a :meth:`save_checkpoint` file (or sharded directory) into this trainer and its model.
 
         The model must have the saved architecture. The file and the trainer state in it are checked first;
         on any error (missing file: FileNotFoundError; truncated, corrupt, not a trainer checkpoint,
-        mismatched shapes: ValueError) the trainer and the model are left unchanged.
+        mismatched shapes: ValueError) the trainer and the model are left unchanged. A sharded model loads
+        a sharded directory saved with any number of ranks, or a one-process trainer checkpoint (collective:
+        a failure on one rank raises on every rank). A one-process model loads a sharded directory too.
         """
+        if self._comm is not None:
+            self._load_sharded(path)
+            return
+        if os.path.isdir(os.fspath(path)):
+            model, state, extra = _read_sharded_whole(path)
+            parsed = self._parse_state(_trainer_state(extra, path))
+            for key in ("num_classes", "channels", "height", "width", "fc"):
+                mine = getattr(self.model, key, None)
+                if mine is not None and mine != model.config[key]:
+                    raise ValueError(
+                        f"{os.fspath(path)}: checkpoint {key}={model.config[key]!r} does not match this "
+                        f"model's {key}={mine!r}"
+                    )
+            self.model.load_state_dict(state)
+            adopt = getattr(self.model, "_adopt_saved_neighbors", None)
+            if callable(adopt) and not model.neighbors_stale:
+                from .model import _NBR_EXTRA_KEY
+
+                adopt({_NBR_EXTRA_KEY: model.local_neighbors})
+            self._commit(parsed)
+            return
         config, state, extra = _read_checkpoint(path)
         parsed = self._parse_state(_trainer_state(extra, path))
         if callable(getattr(self.model, "load_checkpoint", None)):
             self.model.load_checkpoint(path)
         else:
             self.model.load_state_dict(state)
+        self._commit(parsed)
+
+    def _load_sharded(self, path: str | os.PathLike) -> None:
+        """load_checkpoint for a sharded model: read and check everything, agree, then commit."""
+        model, comm = self.model, self._comm
+        err: BaseException | None = None
+        try:
+            loaded, rows, extra = model._read_checkpoint(path)
+            extra = dict(extra)
+            lo, hi = model.lo, model.hi
+            for k in _ROW_KEYS:  # a one-process trainer checkpoint holds whole-table rows: keep ours
+                if k not in rows and k in extra and np.ndim(extra[k]) and len(extra[k]) == model.num_classes:
+                    rows[k] = np.asarray(extra.pop(k))[lo:hi]
+            parsed = self._parse_state(_trainer_state({**extra, **rows}, path))
+        except (OSError, TypeError, ValueError) as exc:
+            err = exc
+        comm.agree(err)
+        model._assign(loaded)
         self._commit(parsed)
 
     @classmethod
@@ -819,16 +909,26 @@ class Trainer:
         model_cls: Any = None,
         **model_overrides: Any,
     ) -> Trainer:
-        """Rebuild model and trainer from a :meth:`save_checkpoint` file.
+        """Rebuild model and trainer from a :meth:`save_checkpoint` file or sharded directory.
 
         ``schedule`` defaults to the saved one when that was a string or dict (a callable schedule is not
-        saved: pass it again). ``model_cls`` defaults to QAConvGS; ``model_overrides`` (e.g. ``n_threads=4``)
-        replace saved constructor arguments.
+        saved: pass it again). ``model_cls`` defaults to QAConvGS, or to ShardedQAConvGS when a ``comm=``
+        (a ``qaconv_gs.distributed`` communicator) is given (collective then: every rank calls it);
+        ``model_overrides`` (e.g. ``n_threads=4``) replace saved constructor arguments.
         """
-        config, _, extra = _read_checkpoint(path)
-        meta = _trainer_state(extra, path)["meta"]
+        comm = model_overrides.pop("comm", None)
+        if os.path.isdir(os.fspath(path)):
+            config, extra = _sharded_head_extra(path)
+        else:
+            config, _, extra = _read_checkpoint(path)
+        meta = _trainer_state(extra, path, need_rows=False)["meta"]
         if model_cls is None:
-            from .model import QAConvGS as model_cls
+            if comm is None:
+                from .model import QAConvGS as model_cls
+            else:
+                from .distributed import ShardedQAConvGS as model_cls
+        if comm is not None:
+            model_overrides["comm"] = comm
         model = model_cls(**{**config, **model_overrides})
         hyper = meta["hyper"]
         if schedule is None:
@@ -909,7 +1009,42 @@ def _read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarra
     return load_checkpoint(path)
 
 
-def _trainer_state(extra: Mapping[str, np.ndarray], path: str | os.PathLike) -> dict[str, Any]:
+def _sharded_comm(model: Any) -> Any:
+    """The communicator of a sharded model (one with ``comm`` and ``rows_for_step``), else None."""
+    comm = getattr(model, "comm", None)
+    if comm is None or not callable(getattr(model, "rows_for_step", None)):
+        return None
+    for attr in ("agree", "allreduce_max"):
+        if not callable(getattr(comm, attr, None)):
+            raise TypeError(
+                f"model.comm: expected a qaconv_gs.distributed.Communicator, got {type(comm).__name__}"
+            )
+    return comm
+
+
+def _read_sharded_whole(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A sharded checkpoint directory read by one process: (one-rank ShardedQAConvGS, its state dict,
+    extra arrays with the row arrays (whole table) merged in)."""
+    from .distributed.checkpoint import load_sharded
+
+    model, rows, extra = load_sharded(path, return_extra=True)
+    return model, model.state_dict(), {**extra, **rows}
+
+
+def _sharded_head_extra(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config, replicated extra arrays) of a sharded checkpoint directory, reading only the manifest and
+    the head file (not the class rows)."""
+    from .distributed.checkpoint import _GEN_KEY, _load_file, _read_manifest
+
+    path = os.fspath(path)
+    m = _read_manifest(path)
+    _, extra = _load_file(path, m["head"], m["generation"])
+    return dict(m["config"]), {k: v for k, v in extra.items() if k != _GEN_KEY}
+
+
+def _trainer_state(
+    extra: Mapping[str, np.ndarray], path: str | os.PathLike, need_rows: bool = True
+) -> dict[str, Any]:
     """The trainer part of a checkpoint's extra arrays, as state_dict() returns it."""
     key = _EXTRA_PREFIX + "meta"
     if key not in extra:
@@ -926,6 +1061,6 @@ def _trainer_state(extra: Mapping[str, np.ndarray], path: str | os.PathLike) -> 
     arrays = {
         k[len(_EXTRA_PREFIX) :]: v for k, v in extra.items() if k.startswith(_EXTRA_PREFIX) and k != key
     }
-    if "row_step" not in arrays:
+    if need_rows and "row_step" not in arrays:
         raise ValueError(f"checkpoint: {os.fspath(path)!r} lacks the optimizer's row counters")
     return {"meta": meta, "arrays": arrays}

@@ -5,7 +5,9 @@
 - `ShardLayout`: contiguous class ranges per rank;
 - `sharded_class_neighbors`: ring-scheduled neighbour table, equal to `class_neighbors`;
 - `ShardedQAConvGS`: one training step over the gathered batch, class rows sharded, equal to
-  `QAConvGS.forward_backward` on the concatenated batch.
+  `QAConvGS.forward_backward` on the concatenated batch; `qaconv_gs.Trainer` trains it (one Trainer per
+  rank, sharded trainer checkpoints) and `qaconv_gs.torch.QAConvGSLoss(comm=...)` wraps it;
+- sharded checkpoints: `save_sharded`, `load_sharded`, `load_sharded_model`, `shard_checkpoint`.
 """
 
 from .checkpoint import load_sharded, load_sharded_model, save_sharded, shard_checkpoint

@@ -21,11 +21,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tempfile
 
 import numpy as np
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import _HOST, _atomic_write, _sweep_orphans, load_checkpoint, save_checkpoint
 from ..model import _NBR_EXTRA_KEY, QAConvGS
 from .comm import Communicator, SingleProcessCommunicator
 from .layout import ShardLayout
@@ -103,28 +102,22 @@ def _write_manifest(
         "neighbors": bool(nbr),
         "row_extra": sorted(row_keys),
     }
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, os.path.join(path, MANIFEST))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    # the new generation is committed: drop files of older saves
+    text = json.dumps(manifest, indent=1).encode()
+    _atomic_write(os.path.join(path, MANIFEST), lambda f: f.write(text))
+    # the new generation is committed: drop files of older saves, and the temporaries that killed saves
+    # of older generations left (their names carry the generation, so no later save to them sweeps them)
     keep = set(files) | {head, MANIFEST}
+    stale_tmp = set()
     for f in os.listdir(path):
         if (f.startswith("shard-") or f.startswith("head-")) and f.endswith(".npz") and f not in keep:
             try:
                 os.unlink(os.path.join(path, f))
             except OSError:
                 pass
+        elif f.startswith((".shard-", ".head-")) and f.endswith(".tmp") and f".{_HOST}." in f:
+            stale_tmp.add(f[1:].split(f".{_HOST}.", 1)[0])
+    for name in stale_tmp:
+        _sweep_orphans(path, f".{name}.{_HOST}.")  # only those of dead processes of this host
 
 
 def save_sharded(model, path: str | os.PathLike, *, row_extra=None, extra=None) -> None:
@@ -141,6 +134,14 @@ def save_sharded(model, path: str | os.PathLike, *, row_extra=None, extra=None) 
     try:
         rx = _check_extra(row_extra, "row_extra", model.hi - model.lo)
         ex = _check_extra(extra, "extra")
+        # as QAConvGS.save: a diverged model must not replace the last good checkpoint
+        state = {"class_embed": model.class_embed, **model.head_state}
+        bad = [k for k, v in state.items() if np.asarray(v).dtype.kind == "f" and not np.isfinite(v).all()]
+        if bad:
+            raise ValueError(
+                f"model state: {bad} contain NaN or Inf (diverged training?); not writing {path} "
+                "(an existing checkpoint is left as it was)"
+            )
     except (TypeError, ValueError) as exc:
         err = exc
     comm.agree(err)

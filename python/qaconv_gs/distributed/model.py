@@ -20,15 +20,17 @@ may differ in its last float32 bit, and gradients summed over ranks are added in
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import evaluate as _evaluate
 from .. import head as _head
 from .. import losses as _losses
 from .. import matching as _matching
 from .._validate import as_float32, as_labels, check_int, resolve_threads, shape_str
-from ..model import _NBR_EXTRA_KEY, QAConvGS, StepResult
+from ..model import _NBR_EXTRA_KEY, QAConvGS, StepResult, check_config
 from ._head import sharded_head_backward, sharded_head_forward
 from .comm import Communicator, SingleProcessCommunicator
 from .layout import ShardLayout
@@ -54,6 +56,11 @@ class ShardedStepResult(StepResult):
     all_scores: np.ndarray | None = None
     all_candidates: np.ndarray | None = None
 
+    @property
+    def global_batch_size(self) -> int:
+        """B_total, the samples of all ranks in this step (the batch the loss and accuracies average over)."""
+        return 0 if self.all_candidates is None else int(self.all_candidates.shape[0])
+
 
 def _draw_shard(rng: np.random.Generator, N: int, row: tuple[int, ...], lo: int, hi: int) -> np.ndarray:
     """Rows [lo, hi) of rng.standard_normal((N,) + row, float32), drawn in chunks (same stream and same
@@ -77,7 +84,9 @@ class ShardedQAConvGS:
     ShardLayout.even). With the same seed, the union of the shards equals QAConvGS(seed=seed)'s table and
     the head is identical. With seed=None rank 0 draws a seed and broadcasts it (stored in .seed).
     Collective methods (every rank must call them in the same order): the constructor, forward_backward,
-    refresh_neighbors / local_neighbors when stale, gather_model, save (sharded checkpoints).
+    rows_for_step, refresh_neighbors / local_neighbors when stale, gather_neighbors, gather_model, save
+    and load_checkpoint (sharded checkpoints). qaconv_gs.Trainer trains it (one Trainer per rank) and
+    qaconv_gs.torch.QAConvGSLoss wraps it (comm=...).
     """
 
     def __init__(
@@ -101,20 +110,28 @@ class ShardedQAConvGS:
         self.comm = SingleProcessCommunicator() if comm is None else comm
         if not isinstance(self.comm, Communicator):
             raise TypeError(f"comm: expected a qaconv_gs.distributed.Communicator, got {type(comm).__name__}")
-        # validate the configuration exactly as QAConvGS does, on a 2-class stand-in (no big table)
-        N = check_int(num_classes, "num_classes")
-        k = check_int(k_nearest, "k_nearest")
-        if N < 2:
-            raise ValueError(
-                f"num_classes: expected >= 2 (every class needs at least one neighbour), got {N}"
-            )
-        if not 1 <= k <= N - 1:
-            raise ValueError(f"k_nearest: expected 1 <= k_nearest <= num_classes - 1 = {N - 1}, got {k}")
-        probe = QAConvGS(2, channels, height, width, 1, fc, triplet, triplet_weight, margin, seed, n_threads)
-        self.num_classes, self.k_nearest = N, k
-        self.channels, self.height, self.width = probe.channels, probe.height, probe.width
-        self.fc, self.triplet = probe.fc, probe.triplet
-        self.triplet_weight, self.margin, self.n_threads = probe.triplet_weight, probe.margin, probe.n_threads
+        cfg = check_config(
+            num_classes,
+            channels,
+            height,
+            width,
+            k_nearest,
+            fc,
+            triplet,
+            triplet_weight,
+            margin,
+            seed,
+            n_threads,
+        )
+        N = cfg["num_classes"]
+        self.num_classes, self.k_nearest = N, cfg["k_nearest"]
+        self.channels, self.height, self.width = cfg["channels"], cfg["height"], cfg["width"]
+        self.fc, self.triplet = cfg["fc"], cfg["triplet"]
+        self.triplet_weight, self.margin, self.n_threads = (
+            cfg["triplet_weight"],
+            cfg["margin"],
+            cfg["n_threads"],
+        )
         if seed is None:
             entropy = np.random.SeedSequence().entropy if self.comm.rank == 0 else 0
             seed = int(self.comm.broadcast(np.array(entropy % (1 << 63), dtype=np.int64), 0))
@@ -132,6 +149,7 @@ class ShardedQAConvGS:
         self._nbr_version = 0  # bumped whenever the neighbour rows change (invalidates _prepared)
         self._prepared: tuple | None = None  # (nbr version, local labels, counts, labels, candidates)
         self.neighbor_refreshes = 0
+        self.neighbor_change = float("nan")  # as QAConvGS.neighbor_change, over the whole table
         if _init:
             rng = np.random.default_rng(self.seed)
             C, H, W = self.channels, self.height, self.width
@@ -213,6 +231,37 @@ class ShardedQAConvGS:
             out[k] = self._head[k]
         return out
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of this rank's state: class_embed (its rows [hi - lo, C, H, W]) and the head's entries
+        (QAConvGS.state_dict key names)."""
+        out = {"class_embed": self._embed.copy()}
+        out.update({k: np.array(v, copy=True) for k, v in self._head.items()})
+        return out
+
+    def copy(self) -> ShardedQAConvGS:
+        """An independent copy of this rank's model (rows, head, neighbour rows), on the same communicator
+        and layout. Not collective."""
+        out = type(self)(**{**self.config, "seed": 0}, comm=self.comm, layout=self.layout, _init=False)
+        out.seed = self.seed
+        out._embed = self._embed.copy()
+        out._head = {k: np.array(v, copy=True) for k, v in self._head.items()}
+        out.training = self.training
+        out.neighbor_change, out.neighbor_refreshes = self.neighbor_change, self.neighbor_refreshes
+        if not self.neighbors_stale:
+            out._set_neighbors(self._nbr)
+        return out
+
+    def match(self, probe: object, gallery: object) -> np.ndarray:
+        """Eval-mode QAConv scores [P, G] of probe [P, C, H, W] vs gallery [G, C, H, W], as QAConvGS.match
+        (only the replicated head is used: not collective)."""
+        P = self._features(probe, "probe")
+        G = self._features(gallery, "gallery")
+        if not P.shape[0] or not G.shape[0]:
+            raise ValueError(
+                f"probe, gallery: expected non-empty arrays, got {P.shape[0]} and {G.shape[0]} maps"
+            )
+        return _evaluate.match(P, G, self._head, n_threads=self.n_threads)
+
     def train(self, mode: bool = True) -> ShardedQAConvGS:
         self.training = bool(mode)
         return self
@@ -237,11 +286,31 @@ class ShardedQAConvGS:
             self._embed, self.k_nearest, self.comm, layout=self.layout, n_threads=self.n_threads
         )
         table = np.ascontiguousarray(table, dtype=np.int64)
+        self.neighbor_change = self._global_change(self._nbr, table)
         table.setflags(write=False)
         self._nbr, self._nbr_stale = table, False
         self._nbr_version += 1
         self.neighbor_refreshes += 1
         return table
+
+    def _global_change(self, old: np.ndarray | None, new: np.ndarray) -> float:
+        """QAConvGS.neighbor_change over the whole table: the fraction of entries (all ranks) that were
+        not neighbours of the same class before; NaN at the first refresh. Collective."""
+        have = old is not None and old.shape == new.shape
+        changed = 0
+        if have and new.size:
+            # row-specific ids (class id + row * (N + 1)) so np.isin compares within rows only
+            off = np.arange(new.shape[0], dtype=np.int64)[:, None] * (self.num_classes + 1)
+            changed = int(new.size - np.count_nonzero(np.isin(new + off, old + off)))
+        tot = self.comm.allreduce_sum(np.array([changed, new.size, int(have)], np.int64))
+        if int(tot[2]) != self.comm.size or int(tot[1]) == 0:
+            return float("nan")
+        return float(tot[0]) / float(tot[1])
+
+    def gather_neighbors(self) -> np.ndarray:
+        """The whole [N, k] neighbour table (global ids), assembled on every rank (recomputed first when
+        stale). Collective; O(N * k) memory, e.g. for a GraphSampler that every rank runs identically."""
+        return self.comm.allgather_concat(self.local_neighbors)
 
     def _set_neighbors(self, rows: np.ndarray) -> None:
         table = np.array(rows, dtype=np.int64, copy=True)
@@ -260,6 +329,42 @@ class ShardedQAConvGS:
         from .checkpoint import save_sharded
 
         save_sharded(self, path, row_extra=row_extra, extra=extra)
+
+    def load_checkpoint(self, path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Load a checkpoint (sharded directory of any world size, or a one-process .npz) into this model
+        in place -> (row_extra re-sharded to this rank's rows, extra). Collective: if any rank fails to read
+        its part or the architecture differs, every rank raises and no rank's model changes."""
+        err: BaseException | None = None
+        loaded = rx = ex = None
+        try:
+            loaded, rx, ex = self._read_checkpoint(path)
+        except (OSError, TypeError, ValueError) as exc:
+            err = exc
+        self.comm.agree(err)
+        self._assign(loaded)
+        return rx, ex
+
+    def _read_checkpoint(self, path) -> tuple[ShardedQAConvGS, dict, dict]:
+        """(a model holding this rank's rows of `path`, row_extra, extra); self unchanged, no collective."""
+        from .checkpoint import load_sharded
+
+        loaded, rx, ex = load_sharded(path, self.comm, self.layout, return_extra=True)
+        for key in ("num_classes", "channels", "height", "width", "fc"):
+            if getattr(loaded, key) != getattr(self, key):
+                raise ValueError(
+                    f"{os.fspath(path)}: checkpoint {key}={getattr(loaded, key)!r} does not match this "
+                    f"model's {key}={getattr(self, key)!r}"
+                )
+        return loaded, rx, ex
+
+    def _assign(self, other: ShardedQAConvGS) -> None:
+        """Take other's rows, head and neighbour rows (same architecture and layout); hyperparameters stay."""
+        self._embed, self._head = other._embed, other._head
+        self._prepared = None
+        if other.neighbors_stale or other.k_nearest != self.k_nearest:
+            self._nbr, self._nbr_stale = None, True
+        else:
+            self._set_neighbors(other._nbr)
 
     @classmethod
     def load(cls, path, comm: Communicator | None = None, layout: ShardLayout | None = None, **kwargs):
@@ -280,7 +385,8 @@ class ShardedQAConvGS:
     # ------------------------------------------------------------------ training step
 
     def _features(self, x: object, name: str) -> np.ndarray:
-        a = as_float32(x, name, ndim=4)
+        # a rank may have no sample in a step (B_r = 0); the global batch must not be empty (checked later)
+        a = as_float32(x, name, ndim=4, allow_empty=True)
         want = (self.channels, self.height, self.width)
         if a.shape[1:] != want:
             raise ValueError(
@@ -292,7 +398,9 @@ class ShardedQAConvGS:
     def forward_backward(self, features: object, labels: object) -> ShardedStepResult:
         """One step over the batch made of every rank's (features, labels), concatenated in rank order.
 
-        Collective. features [B_r, C, H, W], labels [B_r] global class ids (B_r >= 1 on every rank).
+        Collective. features [B_r, C, H, W], labels [B_r] global class ids. A rank may pass an empty
+        batch (B_r = 0: it still scores the pairs of its classes and updates its rows); every rank raises
+        ValueError when the global batch is empty.
         Equals QAConvGS.forward_backward on the concatenated batch (see the module docstring)."""
         err: BaseException | None = None
         try:
@@ -412,12 +520,18 @@ class ShardedQAConvGS:
         resolve_threads(nt)
         me = comm.rank
         K = self.num_candidates
-        Xn_r, norms_r = _matching.normalize(X, n_threads=nt)
+        Br = X.shape[0]
+        if Br:
+            Xn_r, norms_r = _matching.normalize(X, n_threads=nt)
+        else:  # the kernels refuse empty arrays; nothing to normalise here
+            Xn_r, norms_r = X.copy(), np.empty((0, self.S), np.float32)
         prepared, self._prepared = self._prepared, None
         if prepared is not None and prepared[0] == self._nbr_version and np.array_equal(prepared[1], y_r):
             _, _, counts, y, cand = prepared  # rows_for_step(labels) gathered them already
         else:
             counts, y, cand = self._gather_candidates(y_r)
+        if sum(counts) == 0:  # counts are the same on every rank: every rank raises
+            raise ValueError("features: the global batch is empty (every rank passed B_r = 0 samples)")
         off = int(sum(counts[:me]))
         Xn = comm.allgather_concat(Xn_r)
         B = y.size
@@ -454,7 +568,11 @@ class ShardedQAConvGS:
             cl = _losses.class_loss(scores, self.margin, 0.0, n_threads=nt)
             loss_t = acc_t = 0.0
             if B >= 2:
-                bmp, bmg, bap, bag = _matching.pair_maxima(Xn_r, Xn, return_argmax=True, n_threads=nt)
+                if Br:
+                    bmp, bmg, bap, bag = _matching.pair_maxima(Xn_r, Xn, return_argmax=True, n_threads=nt)
+                else:  # no probe here, but the head statistics and gathers below are collective
+                    bmp = bmg = np.empty((0, B, S), np.float32)
+                    bap = bag = np.empty((0, B, S), np.uint16)
                 b_r, bcache = sharded_head_forward(
                     bmp.reshape(-1, S), bmg.reshape(-1, S), head, self.fc, comm
                 )
@@ -467,9 +585,12 @@ class ShardedQAConvGS:
                 gbmp, gbmg, extra_head = sharded_head_backward(
                     tgrad[off : off + X.shape[0]].reshape(-1), bcache, comm
                 )
-                gp, gg = _matching.pair_maxima_backward(
-                    gbmp.reshape(bmp.shape), gbmg.reshape(bmg.shape), bap, bag, Xn_r, Xn, n_threads=nt
-                )
+                if Br:
+                    gp, gg = _matching.pair_maxima_backward(
+                        gbmp.reshape(bmp.shape), gbmg.reshape(bmg.shape), bap, bag, Xn_r, Xn, n_threads=nt
+                    )
+                else:
+                    gp, gg = np.empty_like(Xn_r), np.zeros_like(Xn)
                 extra_own = gp
                 extra_part = (np.arange(B, dtype=np.int64), gg)
 
@@ -492,7 +613,7 @@ class ShardedQAConvGS:
             gXn_r = (gXn_r.astype(np.float64) + extra_own).astype(np.float32)
         else:
             gXn_r = self._to_owners(gx_part, ub.astype(np.int64), counts)
-        grad_x = _matching.normalize_backward(gXn_r, Xn_r, norms_r, n_threads=nt)
+        grad_x = _matching.normalize_backward(gXn_r, Xn_r, norms_r, n_threads=nt) if Br else gXn_r
         loss_cls = float(cl.loss_cls)
         sl = slice(off, off + X.shape[0])
         sq = float(comm.allreduce_sum(np.array([np.square(grad_rows, dtype=np.float64).sum()]))[0])
