@@ -37,6 +37,7 @@ from qaconv_gs.distributed import (
 from qaconv_gs.distributed._head import sharded_head_backward, sharded_head_forward
 from qaconv_gs.distributed.comm import _pack, _unpack
 from qaconv_gs.distributed.model import _draw_shard
+from qaconv_gs.distributed.neighbors import ring_pairs_per_rank
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _dist_worker as W  # noqa: E402
@@ -660,6 +661,7 @@ def test_threads_sharded_neighbors_property(R, N, D, kf, ties, seed):
 def test_threads_sharded_neighbors_uneven_layouts(bounds):
     N = bounds[-1]
     lay = ShardLayout(N, len(bounds) - 1, bounds)
+    assert sum(ring_pairs_per_rank(lay)) == N * (N - 1) // 2
     E = W.make_table(N, 37, 11, ties=True)
     for k in (1, 9, N - 1):
         res = run_threads(
@@ -720,6 +722,7 @@ def test_threads_sharded_neighbors_every_pair_once_and_balanced(R, monkeypatch):
     np.testing.assert_array_equal(cover, np.ones((N, N), np.int64))  # every pair once (and i == j once)
     per_rank = [work.get(ranks[r], 0) for r in range(R)]
     assert sum(per_rank) == N * (N - 1) // 2
+    assert per_rank == ring_pairs_per_rank(lay)
     n = N // R
     assert max(per_rank) - min(per_rank) <= n * (n + 1) // 2, per_rank
     idx, sim = qg.class_neighbors(E, 7, return_similarity=True)

@@ -39,7 +39,7 @@ from .._validate import as_float32, check_int, resolve_threads, shape_str
 from .comm import Communicator, SingleProcessCommunicator
 from .layout import ShardLayout
 
-__all__ = ["sharded_class_neighbors", "merge_topk"]
+__all__ = ["merge_topk", "ring_pairs_per_rank", "sharded_class_neighbors"]
 
 
 def merge_topk(
@@ -95,6 +95,26 @@ def _cross_topk(
             np.empty((nb, min(k, na)), np.float32),
         )
     return _native.neighbors_cross_topk(a_rows, b_rows, a_start, b_start, k, nt, True)
+
+
+def ring_pairs_per_rank(layout: ShardLayout) -> list[int]:
+    """Similarities (row pairs) each rank computes in `sharded_class_neighbors` under `layout`.
+
+    Their sum is N (N - 1) / 2, the single process's count: every pair is computed once.
+    """
+    R = layout.world_size
+    n = [layout.size_of(q) for q in range(R)]
+    work = [m * (m - 1) // 2 for m in n]
+    for r in range(R):
+        for t in range(1, R // 2 + 1):
+            s = (r + t) % R
+            if 2 * t != R:
+                work[r] += n[r] * n[s]
+            elif r < s:
+                work[r] += (n[r] // 2) * n[s]
+            else:
+                work[r] += (n[s] - n[s] // 2) * n[r]
+    return work
 
 
 def sharded_class_neighbors(
