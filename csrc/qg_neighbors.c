@@ -25,6 +25,14 @@
  * position) and the epilogue do not depend on threads; the top-k keeps the total order
  * (similarity desc, index asc), so the insertion order (which does vary) does not matter.
  * Different ISA variants may differ in the last bits (FMA vs separate multiply and add).
+ *
+ * The cross kernel (qg_neighbors_cross_topk_f32, two disjoint tables A and B, for the sharded
+ * neighbour ring) is the same three steps on a two-sided job: step 1 on each table, step 2 over
+ * every (block of A, block of B) pair with the same variant kernels, step 3 with a Latin-square
+ * match order (a match holds one block of each side). A similarity depends only on its two rows
+ * (their scales and weights, the panel sums in d order; products, FMAs and w_i * w_j are
+ * commutative, so a row's side does not matter): the cross kernel gives a pair the bits the
+ * symmetric kernel gives it on the concatenated table.
  */
 #include "qg_neighbors_impl.h"
 
