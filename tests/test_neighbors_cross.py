@@ -317,3 +317,21 @@ def test_private_binding_rechecks(kernel):
     np.testing.assert_array_equal(ia, [[3, 4]] * 3)  # all similarities 1: ties to the lower id
     np.testing.assert_array_equal(ib, [[0, 1, 2]] * 2)
     assert (sa == 1).all() and (sb == 1).all()
+
+
+def test_ctrl_c_stops_within_a_block():
+    import os
+    import signal
+    import threading
+    import time
+
+    E = np.random.default_rng(3).standard_normal((4000, 4096), dtype=np.float32)  # ~1.5 s of cross work
+    timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _cross_class_neighbors(E[:2000], E[2000:], 8, n_threads=1)
+    finally:
+        timer.cancel()
+    assert time.perf_counter() - t0 < 1.0  # without polling it would raise only after the whole run
