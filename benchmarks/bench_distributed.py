@@ -9,6 +9,7 @@ sent / received per step and per refresh (logical payload counted by the communi
     python benchmarks/bench_distributed.py --quick    # small sizes, a few seconds
     python benchmarks/bench_distributed.py --ranks 1,2,4 --threads 1 --json out.json
     python benchmarks/bench_distributed.py --table 4000x4096 --ranks 2   # the neighbour table alone
+    python benchmarks/bench_distributed.py --backend mpi ...             # mpirun + mpi4py instead of gloo
 
 With --table NxD only the neighbour table is measured: a random [N, D] table split evenly, the sharded
 table (sharded_class_neighbors over the ring) timed on every rank, checked bit for bit against the
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,12 +50,15 @@ def worker(args: argparse.Namespace) -> None:
     from qaconv_gs.distributed import ShardedQAConvGS, init_communicator
 
     cfg = json.loads(args.config)
-    comm = init_communicator(
-        "torch",
-        init_method=os.environ["QG_INIT"],
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-    )
+    if args.backend == "mpi":
+        comm = init_communicator("mpi")
+    else:
+        comm = init_communicator(
+            "torch",
+            init_method=os.environ["QG_INIT"],
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
     if "table_N" in cfg:
         table_worker(args, comm)
         return
@@ -206,8 +211,18 @@ def table_worker(args: argparse.Namespace, comm) -> None:
     comm.barrier()
 
 
-def launch(R: int, cfg: dict, threads: int) -> list[dict]:
+def launch(R: int, cfg: dict, threads: int, backend: str = "torch") -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
+        if backend == "mpi":  # one mpirun for all ranks (mpi4py with an MPI library: README "MPI")
+            launcher = shutil.which("mpirun") or shutil.which("mpiexec")
+            if launcher is None:
+                raise SystemExit("--backend mpi: mpirun / mpiexec not found")
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            cmd = [launcher, "-n", str(R), sys.executable, __file__, "--worker", "--backend", "mpi"]
+            cmd += ["--outdir", tmp, "--config", json.dumps(cfg), "--threads", str(threads)]
+            if subprocess.run(cmd, env=env).returncode != 0:
+                raise SystemExit(f"the R={R} mpirun failed")
+            return [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(R)]
         procs = []
         for r in range(R):
             env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(R), QG_INIT=f"file://{tmp}/store")
@@ -230,6 +245,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--ranks", default="1,2,3")
     ap.add_argument("--threads", type=int, default=1, help="OpenMP threads per rank")
+    ap.add_argument("--backend", choices=["torch", "mpi"], default="torch", help="gloo processes or mpirun")
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument(
         "--table", default=None, help="NxD: measure only the neighbour table of a random [N, D] table"
@@ -253,7 +269,7 @@ def main() -> None:
     head += "  step_sent_MB  step_recv_MB"
     print(head)
     for R in [int(x) for x in args.ranks.split(",")]:
-        res = launch(R, cfg, args.threads)
+        res = launch(R, cfg, args.threads, args.backend)
         results[R] = res
         for d in res:
             print(
@@ -283,7 +299,7 @@ def table_main(args: argparse.Namespace, cfg: dict) -> None:
     )
     results = {}
     for R in [int(x) for x in args.ranks.split(",")]:
-        res = launch(R, cfg, args.threads)
+        res = launch(R, cfg, args.threads, args.backend)
         results[R] = res
         for d in res:
             print(
