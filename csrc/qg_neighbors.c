@@ -25,6 +25,14 @@
  * position) and the epilogue do not depend on threads; the top-k keeps the total order
  * (similarity desc, index asc), so the insertion order (which does vary) does not matter.
  * Different ISA variants may differ in the last bits (FMA vs separate multiply and add).
+ *
+ * The cross kernel (qg_neighbors_cross_topk_f32, two disjoint tables A and B, for the sharded
+ * neighbour ring) is the same three steps on a two-sided job: step 1 on each table, step 2 over
+ * every (block of A, block of B) pair with the same variant kernels, step 3 with a Latin-square
+ * match order (a match holds one block of each side). A similarity depends only on its two rows
+ * (their scales and weights, the panel sums in d order; products, FMAs and w_i * w_j are
+ * commutative, so a row's side does not matter): the cross kernel gives a pair the bits the
+ * symmetric kernel gives it on the concatenated table.
  */
 #include "qg_neighbors_impl.h"
 
@@ -108,11 +116,12 @@ static void qg_nb_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scra
     qg_nb_scratch *sc = (qg_nb_scratch *)scratch;
     float *packA = sc->packA, *packB = sc->packB;
     double *acc = sc->acc;
-    const int64_t N = job->N, D = job->D, k = job->k;
+    const qg_nb_side *A = &job->a, *B = &job->b;
+    const int64_t D = job->D;
     const int64_t i0 = bi * QG_NB_BLOCK, j0 = bj * QG_NB_BLOCK;
-    const int64_t ni = (N - i0 < QG_NB_BLOCK) ? N - i0 : QG_NB_BLOCK;
-    const int64_t nj = (N - j0 < QG_NB_BLOCK) ? N - j0 : QG_NB_BLOCK;
-    const int diag = (bi == bj);
+    const int64_t ni = (A->n - i0 < QG_NB_BLOCK) ? A->n - i0 : QG_NB_BLOCK;
+    const int64_t nj = (B->n - j0 < QG_NB_BLOCK) ? B->n - j0 : QG_NB_BLOCK;
+    const int diag = job->sym && (bi == bj);
     const int64_t ldc = QG_NB_BLOCK;
 
     for (int64_t i = 0; i < ni; ++i)
@@ -120,8 +129,8 @@ static void qg_nb_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scra
 
     for (int64_t d0 = 0; d0 < D; d0 += QG_NB_PANEL) {
         int64_t dp = (D - d0 < QG_NB_PANEL) ? D - d0 : QG_NB_PANEL;
-        qg_nb_pack(job->E, D, i0, ni, d0, dp, job->scale, QG_NB_MR, packA);
-        qg_nb_pack(job->E, D, j0, nj, d0, dp, job->scale, QG_NB_NR, packB);
+        qg_nb_pack(A->E, D, i0, ni, d0, dp, A->scale, QG_NB_MR, packA);
+        qg_nb_pack(B->E, D, j0, nj, d0, dp, B->scale, QG_NB_NR, packB);
         for (int64_t ta = 0; ta * QG_NB_MR < ni; ++ta) {
             int64_t ia = ta * QG_NB_MR;
             int ma = (int)((ni - ia < QG_NB_MR) ? ni - ia : QG_NB_MR);
@@ -136,17 +145,18 @@ static void qg_nb_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scra
         }
     }
 
-    /* epilogue: one similarity per pair, fed to both rows */
+    /* epilogue: one similarity per pair, fed to both rows (w_i * w_j is commutative, so the
+     * value does not depend on which side a row is on) */
     for (int64_t i = 0; i < ni; ++i) {
-        const int64_t gi = i0 + i;
-        const double wi = job->w[gi];
-        float *si = job->tops + gi * k;
-        int64_t *xi = job->topi + gi * k;
+        const int64_t li = i0 + i;
+        const double wi = A->w[li];
+        float *si = A->tops + li * A->k;
+        int64_t *xi = A->topi + li * A->k;
         for (int64_t j = diag ? i + 1 : 0; j < nj; ++j) {
-            const int64_t gj = j0 + j;
-            const float s = (float)(acc[i * ldc + j] * (wi * job->w[gj]));
-            qg_nb_push(si, xi, job->kth + gi, k, s, gj);
-            qg_nb_push(job->tops + gj * k, job->topi + gj * k, job->kth + gj, k, s, gi);
+            const int64_t lj = j0 + j;
+            const float s = (float)(acc[i * ldc + j] * (wi * B->w[lj]));
+            qg_nb_push(si, xi, A->kth + li, A->k, s, B->id0 + lj);
+            qg_nb_push(B->tops + lj * B->k, B->topi + lj * B->k, B->kth + lj, B->k, s, A->id0 + li);
         }
     }
 }
@@ -186,15 +196,55 @@ double qg_neighbors_fma_probe(int64_t iters, const qg_ctx *ctx, float *sink)
 
 /* ------------------------------------------------------------------ schedule */
 
-/* Match m of the fixed list: the round-robin tournament over T (even) blocks (circle method,
- * T - 1 rounds of T/2 matches, a block past nblk is a "bye"), then the nblk diagonal matches.
+/* The fixed match list of a job.
+ *   sym: the round-robin tournament over T (even) blocks (circle method, T - 1 rounds of T/2
+ *        matches, a block past nblk is a "bye"), then the nblk diagonal matches;
+ *   cross: with ns blocks on the shorter side and nl on the longer, nl rounds of ns matches: in
+ *        round r block q of the shorter side meets block (q + r) mod nl of the longer (no byes).
  * Consecutive matches of a round share no block, which keeps the scheduler's scan short; the
- * cheap diagonal matches last even out the threads' finishing times. Returns 0 for a bye. */
-static int qg_nb_match_at(int64_t nblk, int64_t T, int64_t m, int64_t *a, int64_t *b)
+ * cheap diagonal matches last even out the threads' finishing times. */
+typedef struct qg_nb_plan {
+    int sym;
+    int64_t nba, nbb; /* blocks of sides a and b (equal when sym) */
+    int64_t T;        /* sym: teams, nba rounded up to even */
+    int64_t nmatch;   /* entries of the list, byes included */
+    int64_t nreal;    /* real matches */
+    int64_t nbusy;    /* busy flags: one per block of a, then (cross) one per block of b */
+} qg_nb_plan;
+
+static void qg_nb_plan_init(qg_nb_plan *p, int sym, int64_t nba, int64_t nbb)
 {
-    const int64_t per = T / 2, nrr = (T - 1) * per;
+    p->sym = sym;
+    p->nba = nba;
+    p->nbb = nbb;
+    if (sym) {
+        p->T = nba + (nba & 1); /* a dummy "bye" block when odd */
+        p->nmatch = (p->T - 1) * (p->T / 2) + nba;
+        p->nreal = nba * (nba + 1) / 2;
+        p->nbusy = nba;
+    } else {
+        p->T = 0;
+        p->nmatch = p->nreal = nba * nbb;
+        p->nbusy = nba + nbb;
+    }
+}
+
+/* Match m of the list: block *a of side a, block *b of side b, and the busy flags they take
+ * (*fa, *fb). Returns 0 for a bye. */
+static int qg_nb_plan_at(const qg_nb_plan *p, int64_t m, int64_t *a, int64_t *b, int64_t *fa, int64_t *fb)
+{
+    if (!p->sym) {
+        const int64_t ns = p->nba < p->nbb ? p->nba : p->nbb, nl = p->nba < p->nbb ? p->nbb : p->nba;
+        const int64_t r = m / ns, q = m % ns, o = (q + r) % nl;
+        *a = p->nba <= p->nbb ? q : o;
+        *b = p->nba <= p->nbb ? o : q;
+        *fa = *a;
+        *fb = p->nba + *b;
+        return 1;
+    }
+    const int64_t T = p->T, per = T / 2, nrr = (T - 1) * per;
     if (m >= nrr) {
-        *a = *b = m - nrr;
+        *a = *b = *fa = *fb = m - nrr;
         return 1;
     }
     const int64_t r = m / per, q = m % per;
@@ -206,56 +256,104 @@ static int qg_nb_match_at(int64_t nblk, int64_t T, int64_t m, int64_t *a, int64_
         x = (r + q) % (T - 1);
         y = (r - q + (T - 1)) % (T - 1);
     }
-    if (x >= nblk || y >= nblk) return 0;
-    *a = x < y ? x : y;
-    *b = x < y ? y : x;
+    if (x >= p->nba || y >= p->nba) return 0;
+    *a = *fa = x < y ? x : y;
+    *b = *fb = x < y ? y : x;
     return 1;
 }
 
 /* Minimum multiply-adds per thread before a second thread is worth waking. */
 #define QG_NB_MIN_WORK_PER_THREAD ((int64_t)1 << 23)
 
-/* ------------------------------------------------------------------ kernel */
-
-int qg_neighbors_topk_f32(const float *E, int64_t N, int64_t D, int64_t k, int64_t *idx, float *sim,
-                          const qg_ctx *ctx)
+/* Steps 2./3. on a prepared job (weights computed, lists initialised to the sentinel): every
+ * match of the plan once, by a list scheduler. `macs` is the job's multiply-add count (it caps
+ * the threads of small problems). Returns QG_OK, QG_ENOMEM or QG_EINTR. */
+static int qg_nb_run(const qg_nb_job *job, const qg_nb_variant *var, double macs, const qg_ctx *ctx)
 {
-    if (!E || !idx || N < 2 || D < 1 || k < 1 || k > N - 1) return QG_EINVAL;
-    int64_t nd, nk;
-    if (qg_mul_overflow(N, D, &nd) || qg_mul_overflow(N, k, &nk)) return QG_EOVERFLOW;
-    if (nk > INT64_MAX / 8 || N > INT64_MAX / 16) return QG_EOVERFLOW;
-
-    const qg_nb_variant *var = qg_nb_pick(ctx);
     const int64_t B = var->block;
-    const int64_t nblk = (N + B - 1) / B;
-    const int64_t T = nblk + (nblk & 1); /* teams incl. a dummy "bye" block when odd */
-    const int64_t nmatch = (T - 1) * (T / 2) + nblk;
-    /* work in multiply-adds (N^2 D / 2, saturating); small problems stay on one thread */
-    const double macs = 0.5 * (double)N * (double)N * (double)D;
+    qg_nb_plan plan;
+    qg_nb_plan_init(&plan, job->sym, (job->a.n + B - 1) / B, (job->b.n + B - 1) / B);
     const double cap = macs / (double)QG_NB_MIN_WORK_PER_THREAD;
-    int nt = qg_threads_for(ctx, nblk * (nblk + 1) / 2);
+    int nt = qg_threads_for(ctx, plan.nreal);
     if ((double)nt > cap) nt = cap < 1.0 ? 1 : (int)cap;
+    /* a cross match holds a block of each side: no more than the shorter side's blocks run at once */
+    const int64_t conc = plan.nba < plan.nbb ? plan.nba : plan.nbb;
+    if (!plan.sym && nt > conc) nt = (int)conc;
     const int64_t per_thread = (var->scratch_bytes + 63) / 64 * 64;
 
-    /* w [N] double, kth [N] float, scale [N] float; then the schedule's flags */
-    char *small = (char *)qg_malloc(N * (int64_t)(sizeof(double) + 2 * sizeof(float)) + nmatch + nblk);
-    float *tops = sim ? sim : (float *)qg_malloc(nk * (int64_t)sizeof(float));
+    unsigned char *claimed = (unsigned char *)qg_calloc(plan.nmatch + plan.nbusy);
     char *scratch = (char *)qg_malloc(per_thread * nt);
     int status = QG_OK;
-    if (!small || !tops || !scratch) {
+    if (!claimed || !scratch) {
         status = QG_ENOMEM;
         goto done;
     }
-    double *w = (double *)small;
-    float *kth = (float *)(w + N);
-    float *scale = kth + N;
-    unsigned char *claimed = (unsigned char *)(scale + N);
-    unsigned char *busy = claimed + nmatch;
+    unsigned char *busy = claimed + plan.nmatch;
 
-    /* 1. norms, scales, finiteness (one row per iteration, owned by one thread) */
+    int stop = 0;
+    int64_t first = 0; /* every match before it is claimed */
+    /* A thread claims the first unclaimed match whose two blocks no running match holds, so each
+     * row's top-k list has one writer at a time (the critical section orders one match's writes
+     * before the next claimant's reads). Which thread runs which match varies; the result does not:
+     * every pair's value is computed once by the same code, and a top-k list under a total order
+     * does not depend on the push order. */
+    QG_OMP(parallel num_threads(nt))
+    {
+        void *mine = scratch + (int64_t)qg_thread_num() * per_thread;
+        int64_t a = -1, b = -1, fa = -1, fb = -1;
+        for (;;) {
+            int64_t got = -1;
+            int finished = 0;
+            const int stopping = qg_stop_requested(&stop);
+            QG_OMP(critical(qg_nb_sched))
+            {
+                if (fa >= 0) busy[fa] = busy[fb] = 0;
+                a = b = fa = fb = -1;
+                while (first < plan.nmatch && claimed[first]) ++first;
+                if (first == plan.nmatch || stopping) {
+                    finished = 1;
+                } else {
+                    for (int64_t m = first; m < plan.nmatch; ++m) {
+                        if (claimed[m]) continue;
+                        int64_t x, y, gx, gy;
+                        if (!qg_nb_plan_at(&plan, m, &x, &y, &gx, &gy)) {
+                            claimed[m] = 1; /* bye */
+                            continue;
+                        }
+                        if (busy[gx] || busy[gy]) continue;
+                        claimed[m] = 1;
+                        busy[gx] = busy[gy] = 1;
+                        a = x;
+                        b = y;
+                        fa = gx;
+                        fb = gy;
+                        got = m;
+                        break;
+                    }
+                }
+            }
+            if (finished) break;
+            if (got < 0) continue; /* the remaining matches wait for a running one */
+            var->match(job, a, b, mine);
+            qg_poll_block(ctx, &stop);
+        }
+    }
+    if (stop) status = QG_EINTR;
+
+done:
+    qg_free(scratch);
+    qg_free(claimed);
+    return status;
+}
+
+/* Step 1 for the n rows of E: per row the power-of-two prescale and the weight (one row per
+ * iteration, owned by one thread; a row's values depend on that row only, so the symmetric and
+ * the cross kernel give a row the same bits). Returns nonzero if a row holds NaN/Inf. */
+static int qg_nb_norms(const float *E, int64_t n, int64_t D, float *scale, double *w, const qg_ctx *ctx)
+{
     int bad = 0;
-    QG_OMP(parallel for schedule(static) num_threads(qg_threads_for(ctx, nd >> 16)) reduction(|:bad))
-    for (int64_t i = 0; i < N; ++i) {
+    QG_OMP(parallel for schedule(static) num_threads(qg_threads_for(ctx, (n * D) >> 16)) reduction(|:bad))
+    for (int64_t i = 0; i < n; ++i) {
         const float *x = E + i * D;
         /* 8 interleaved double partial sums (lane = d mod 8, vectorisable without reassociation),
          * combined in a fixed tree: deterministic, and ~4x faster than one dependent chain */
@@ -281,7 +379,43 @@ int qg_neighbors_topk_f32(const float *E, int64_t N, int64_t D, int64_t k, int64
         scale[i] = (float)ldexp(1.0, -e);
         w[i] = ldexp(1.0 / (nrm > 1e-12 ? nrm : 1e-12), e);
     }
-    if (bad) {
+    return bad;
+}
+
+/* Every list empty: the sentinel (-inf, INT64_MAX) loses to any candidate. */
+static void qg_nb_lists_init(float *tops, int64_t *topi, float *kth, int64_t n, int64_t k)
+{
+    for (int64_t t = 0; t < n * k; ++t) {
+        tops[t] = -INFINITY;
+        topi[t] = INT64_MAX;
+    }
+    for (int64_t i = 0; i < n; ++i) kth[i] = -INFINITY;
+}
+
+/* ------------------------------------------------------------------ kernels */
+
+int qg_neighbors_topk_f32(const float *E, int64_t N, int64_t D, int64_t k, int64_t *idx, float *sim,
+                          const qg_ctx *ctx)
+{
+    if (!E || !idx || N < 2 || D < 1 || k < 1 || k > N - 1) return QG_EINVAL;
+    int64_t nd, nk;
+    if (qg_mul_overflow(N, D, &nd) || qg_mul_overflow(N, k, &nk)) return QG_EOVERFLOW;
+    if (nk > INT64_MAX / 8 || N > INT64_MAX / 16) return QG_EOVERFLOW;
+
+    const qg_nb_variant *var = qg_nb_pick(ctx);
+    /* w [N] double, kth [N] float, scale [N] float */
+    char *small = (char *)qg_malloc(N * (int64_t)(sizeof(double) + 2 * sizeof(float)));
+    float *tops = sim ? sim : (float *)qg_malloc(nk * (int64_t)sizeof(float));
+    int status = QG_OK;
+    if (!small || !tops) {
+        status = QG_ENOMEM;
+        goto done;
+    }
+    double *w = (double *)small;
+    float *kth = (float *)(w + N);
+    float *scale = kth + N;
+
+    if (qg_nb_norms(E, N, D, scale, w, ctx)) {
         status = QG_ENONFINITE;
         goto done;
     }
@@ -289,66 +423,68 @@ int qg_neighbors_topk_f32(const float *E, int64_t N, int64_t D, int64_t k, int64
         status = QG_EINTR;
         goto done;
     }
-
-    for (int64_t t = 0; t < nk; ++t) {
-        tops[t] = -INFINITY;
-        idx[t] = INT64_MAX;
-    }
-    for (int64_t i = 0; i < N; ++i) kth[i] = -INFINITY;
-    memset(claimed, 0, (size_t)(nmatch + nblk));
-
-    qg_nb_job job = {E, N, D, k, scale, w, tops, idx, kth};
-    int stop = 0;
-    int64_t first = 0; /* every match before it is claimed */
-    /* 2./3. a list scheduler over the fixed match list: a thread claims the first unclaimed match
-     * whose two blocks no running match holds, so each row's top-k list has one writer at a time
-     * (the critical section orders one match's writes before the next claimant's reads). Which
-     * thread runs which match varies; the result does not: every pair's value is computed once by
-     * the same code, and a top-k list under a total order does not depend on the push order. */
-    QG_OMP(parallel num_threads(nt))
-    {
-        void *mine = scratch + (int64_t)qg_thread_num() * per_thread;
-        int64_t a = -1, b = -1;
-        for (;;) {
-            int64_t got = -1;
-            int finished = 0;
-            const int stopping = qg_stop_requested(&stop);
-            QG_OMP(critical(qg_nb_sched))
-            {
-                if (a >= 0) busy[a] = busy[b] = 0;
-                a = b = -1;
-                while (first < nmatch && claimed[first]) ++first;
-                if (first == nmatch || stopping) {
-                    finished = 1;
-                } else {
-                    for (int64_t m = first; m < nmatch; ++m) {
-                        if (claimed[m]) continue;
-                        int64_t x, y;
-                        if (!qg_nb_match_at(nblk, T, m, &x, &y)) {
-                            claimed[m] = 1; /* bye */
-                            continue;
-                        }
-                        if (busy[x] || busy[y]) continue;
-                        claimed[m] = 1;
-                        busy[x] = busy[y] = 1;
-                        a = x;
-                        b = y;
-                        got = m;
-                        break;
-                    }
-                }
-            }
-            if (finished) break;
-            if (got < 0) continue; /* the remaining matches wait for a running one */
-            var->match(&job, a, b, mine);
-            qg_poll_block(ctx, &stop);
-        }
-    }
-    if (stop) status = QG_EINTR;
+    qg_nb_lists_init(tops, idx, kth, N, k);
+    const qg_nb_side side = {E, N, 0, k, scale, w, tops, idx, kth};
+    const qg_nb_job job = {D, 1, side, side};
+    /* work in multiply-adds: N^2 D / 2 (in double: saturates instead of overflowing) */
+    status = qg_nb_run(&job, var, 0.5 * (double)N * (double)N * (double)D, ctx);
 
 done:
     if (tops && tops != sim) qg_free(tops);
-    qg_free(scratch);
+    qg_free(small);
+    return status;
+}
+
+int qg_neighbors_cross_topk_f32(const float *A, int64_t na, int64_t a_id0, const float *B, int64_t nb,
+                                int64_t b_id0, int64_t D, int64_t ka, int64_t *idx_a, float *sim_a, int64_t kb,
+                                int64_t *idx_b, float *sim_b, const qg_ctx *ctx)
+{
+    if (!A || !B || !idx_a || !idx_b || na < 1 || nb < 1 || D < 1 || ka < 1 || ka > nb || kb < 1 || kb > na ||
+        a_id0 < 0 || b_id0 < 0)
+        return QG_EINVAL;
+    int64_t t, nka, nkb;
+    if (qg_mul_overflow(na, D, &t) || qg_mul_overflow(nb, D, &t) || qg_mul_overflow(na, ka, &nka) ||
+        qg_mul_overflow(nb, kb, &nkb))
+        return QG_EOVERFLOW;
+    if (nka > INT64_MAX / 8 || nkb > INT64_MAX / 8 || na > INT64_MAX / 32 || nb > INT64_MAX / 32) return QG_EOVERFLOW;
+    /* ids stay below the sentinel INT64_MAX */
+    if (a_id0 > INT64_MAX - 1 - na || b_id0 > INT64_MAX - 1 - nb) return QG_EOVERFLOW;
+    if (a_id0 < b_id0 + nb && b_id0 < a_id0 + na) return QG_EINVAL; /* id ranges overlap */
+
+    const qg_nb_variant *var = qg_nb_pick(ctx);
+    /* w [na + nb] double, kth [na + nb] float, scale [na + nb] float */
+    const int64_t n = na + nb;
+    char *small = (char *)qg_malloc(n * (int64_t)(sizeof(double) + 2 * sizeof(float)));
+    float *tops_a = sim_a ? sim_a : (float *)qg_malloc(nka * (int64_t)sizeof(float));
+    float *tops_b = sim_b ? sim_b : (float *)qg_malloc(nkb * (int64_t)sizeof(float));
+    int status = QG_OK;
+    if (!small || !tops_a || !tops_b) {
+        status = QG_ENOMEM;
+        goto done;
+    }
+    double *w = (double *)small;
+    float *kth = (float *)(w + n);
+    float *scale = kth + n;
+
+    if (qg_nb_norms(A, na, D, scale, w, ctx) | qg_nb_norms(B, nb, D, scale + na, w + na, ctx)) {
+        status = QG_ENONFINITE;
+        goto done;
+    }
+    if (qg_poll(ctx)) {
+        status = QG_EINTR;
+        goto done;
+    }
+    qg_nb_lists_init(tops_a, idx_a, kth, na, ka);
+    qg_nb_lists_init(tops_b, idx_b, kth + na, nb, kb);
+    const qg_nb_job job = {D,
+                           0,
+                           {A, na, a_id0, ka, scale, w, tops_a, idx_a, kth},
+                           {B, nb, b_id0, kb, scale + na, w + na, tops_b, idx_b, kth + na}};
+    status = qg_nb_run(&job, var, (double)na * (double)nb * (double)D, ctx);
+
+done:
+    if (tops_b && tops_b != sim_b) qg_free(tops_b);
+    if (tops_a && tops_a != sim_a) qg_free(tops_a);
     qg_free(small);
     return status;
 }

@@ -40,6 +40,40 @@ int qg_neighbors_topk_ref_f32(const float *E, int64_t N, int64_t D, int64_t k,
                               int64_t *idx, float *sim, const qg_ctx *ctx);
 
 /*
+ * Cross-block top-k between two disjoint row sets of one class table (the off-diagonal block of
+ * qg_neighbors_topk_f32, for a table sharded over processes): A [na, D] holds the rows with global
+ * ids a_id0 .. a_id0 + na - 1, B [nb, D] those with ids b_id0 .. b_id0 + nb - 1 (row-major float32,
+ * not modified, need not be normalised; the id ranges must not overlap). For each row of A its
+ * ka most similar rows of B, and for each row of B its kb most similar rows of A; A x A and B x B
+ * are never computed.
+ *   idx_a: [na, ka] int64 out, global ids of B's rows; sim_a: [na, ka] float32 out or NULL.
+ *   idx_b: [nb, kb] int64 out, global ids of A's rows; sim_b: [nb, kb] float32 out or NULL.
+ * Requires na, nb >= 1, 1 <= ka <= nb, 1 <= kb <= na (the caller clips k), a_id0, b_id0 >= 0.
+ * Order and tie rule as qg_neighbors_topk_f32: decreasing similarity, ties to the lower global id.
+ * Exactness: on the same ISA variant every similarity has the same float32 bits as
+ * qg_neighbors_topk_f32 gives that pair on the concatenated table (the per-row prescale and
+ * weight depend on the row only, the dot product is summed over the same QG_NB_PANEL-column
+ * panels in d order whatever side a row is on, and the epilogue is symmetric), so merging the
+ * lists of the diagonal and cross blocks of a partition under (sim desc, id asc) reproduces the
+ * single-table result exactly. Same error budget as qg_neighbors_topk_f32.
+ * Memory beyond the inputs and outputs: O(na + nb) + threads * block scratch + one byte per block
+ * pair. Threads: ctx->n_threads at most, and at most the number of blocks of the shorter side
+ * (each block pair holds one block of each side, so every list has one writer at a time).
+ * Bit-identical for any thread count. Polls ctx between blocks.
+ * Returns QG_EINVAL for bad sizes / overlapping ids, QG_EOVERFLOW, QG_ENONFINITE if A or B holds
+ * NaN/Inf, QG_ENOMEM, QG_EINTR.
+ */
+int qg_neighbors_cross_topk_f32(const float *A, int64_t na, int64_t a_id0, const float *B, int64_t nb,
+                                int64_t b_id0, int64_t D, int64_t ka, int64_t *idx_a, float *sim_a, int64_t kb,
+                                int64_t *idx_b, float *sim_b, const qg_ctx *ctx);
+
+/* Scalar reference of qg_neighbors_cross_topk_f32 (single thread, double accumulation, as
+ * qg_neighbors_topk_ref_f32, whose similarity bits it reproduces pair by pair): same contract. */
+int qg_neighbors_cross_topk_ref_f32(const float *A, int64_t na, int64_t a_id0, const float *B, int64_t nb,
+                                    int64_t b_id0, int64_t D, int64_t ka, int64_t *idx_a, float *sim_a,
+                                    int64_t kb, int64_t *idx_b, float *sim_b, const qg_ctx *ctx);
+
+/*
  * Benchmark helper (single thread): `iters` iterations of 12 independent multiply-add chains on
  * the widest vectors of the path chosen by ctx->isa (AVX2: 12 ymm FMA chains, the shape of the
  * 6x16 micro-kernel; portable: what the compiler makes of 12 x 8 float chains). Returns the

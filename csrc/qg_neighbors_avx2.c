@@ -80,15 +80,15 @@ static void qg_nb2_pack8(const float *const src[8], const float sc[8], int64_t d
 
 /* Rows [r0, r0 + nr), nr <= 16, x columns [d0, d0 + dp) of E, scaled, into one d-major B
  * micro-panel: out[d * 16 + b] (rows past nr are zero). */
-static void qg_nb2_pack(const qg_nb_job *job, int64_t r0, int64_t nr, int64_t d0, int64_t dp, float *out)
+static void qg_nb2_pack(const qg_nb_side *sd, int64_t D, int64_t r0, int64_t nr, int64_t d0, int64_t dp, float *out)
 {
     const float *src[8];
     float sc[8];
     for (int64_t g = 0; g < QG_NB2_NR; g += 8) {
         for (int a = 0; a < 8; ++a) {
             const int64_t r = g + a;
-            src[a] = r < nr ? job->E + (r0 + r) * job->D + d0 : qg_nb2_zeros;
-            sc[a] = r < nr ? job->scale[r0 + r] : 0.0f;
+            src[a] = r < nr ? sd->E + (r0 + r) * D + d0 : qg_nb2_zeros;
+            sc[a] = r < nr ? sd->scale[r0 + r] : 0.0f;
         }
         qg_nb2_pack8(src, sc, dp, out + g, QG_NB2_NR);
     }
@@ -96,16 +96,16 @@ static void qg_nb2_pack(const qg_nb_job *job, int64_t r0, int64_t nr, int64_t d0
 
 /* Rows [r0, r0 + nr) x columns [d0, d0 + dp) of E, scaled, row-major with row stride lda; rows
  * [nr, nr_pad) are zero (they feed only the discarded lanes of the last tile). */
-static void qg_nb2_copy(const qg_nb_job *job, int64_t r0, int64_t nr, int64_t nr_pad, int64_t d0, int64_t dp,
-                        int64_t lda, float *out)
+static void qg_nb2_copy(const qg_nb_side *sd, int64_t D, int64_t r0, int64_t nr, int64_t nr_pad, int64_t d0,
+                        int64_t dp, int64_t lda, float *out)
 {
     for (int64_t r = 0; r < nr; ++r) {
-        const float *src = job->E + (r0 + r) * job->D + d0;
+        const float *src = sd->E + (r0 + r) * D + d0;
         float *o = out + r * lda;
-        const __m256 sc = _mm256_set1_ps(job->scale[r0 + r]);
+        const __m256 sc = _mm256_set1_ps(sd->scale[r0 + r]);
         int64_t d = 0;
         for (; d + 8 <= dp; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(src + d), sc));
-        for (; d < dp; ++d) o[d] = src[d] * job->scale[r0 + r];
+        for (; d < dp; ++d) o[d] = src[d] * sd->scale[r0 + r];
     }
     for (int64_t r = nr; r < nr_pad; ++r) memset(out + r * lda, 0, (size_t)dp * sizeof(float));
 }
@@ -190,12 +190,11 @@ typedef struct qg_nb2_scratch {
     float acc[QG_NB2_BLOCK * QG_NB2_BLOCK];
 } qg_nb2_scratch;
 
-/* Both lists of the pair (gi, gj) with similarity s. */
-static inline void qg_nb2_push2(const qg_nb_job *job, int64_t gi, int64_t gj, float s)
+/* Both lists of the pair (row li of side a, row lj of side b) with similarity s. */
+static inline void qg_nb2_push2(const qg_nb_side *A, const qg_nb_side *B, int64_t li, int64_t lj, float s)
 {
-    const int64_t k = job->k;
-    qg_nb_push(job->tops + gi * k, job->topi + gi * k, job->kth + gi, k, s, gj);
-    qg_nb_push(job->tops + gj * k, job->topi + gj * k, job->kth + gj, k, s, gi);
+    qg_nb_push(A->tops + li * A->k, A->topi + li * A->k, A->kth + li, A->k, s, B->id0 + lj);
+    qg_nb_push(B->tops + lj * B->k, B->topi + lj * B->k, B->kth + lj, B->k, s, A->id0 + li);
 }
 
 /* A prefetch stream: `nrows` rows of `lines` cache lines each, `stride` bytes apart, issued a
@@ -229,11 +228,12 @@ static inline void qg_nb2_pfs_issue(qg_nb2_pfs *p, int64_t n)
 static void qg_nb2_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scratch)
 {
     qg_nb2_scratch *sc = (qg_nb2_scratch *)scratch;
-    const int64_t N = job->N, D = job->D, k = job->k;
+    const qg_nb_side *A = &job->a, *B = &job->b;
+    const int64_t D = job->D;
     const int64_t i0 = bi * QG_NB2_BLOCK, j0 = bj * QG_NB2_BLOCK;
-    const int64_t ni = (N - i0 < QG_NB2_BLOCK) ? N - i0 : QG_NB2_BLOCK;
-    const int64_t nj = (N - j0 < QG_NB2_BLOCK) ? N - j0 : QG_NB2_BLOCK;
-    const int diag = (bi == bj);
+    const int64_t ni = (A->n - i0 < QG_NB2_BLOCK) ? A->n - i0 : QG_NB2_BLOCK;
+    const int64_t nj = (B->n - j0 < QG_NB2_BLOCK) ? B->n - j0 : QG_NB2_BLOCK;
+    const int diag = job->sym && (bi == bj);
     const int64_t ldc = QG_NB2_BLOCK;
     const int64_t ni_pad = (ni + QG_NB2_MR - 1) / QG_NB2_MR * QG_NB2_MR;
     const int64_t ntiles_i = ni_pad / QG_NB2_MR, ntiles_j = (nj + QG_NB2_NR - 1) / QG_NB2_NR;
@@ -248,20 +248,20 @@ static void qg_nb2_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scr
         const int64_t dp = (D - d0 < QG_NB_PANEL) ? D - d0 : QG_NB_PANEL;
         const int64_t dn = d0 + QG_NB_PANEL, dpn = (D - dn < QG_NB_PANEL) ? D - dn : QG_NB_PANEL;
         const int last = dn >= D;
-        qg_nb2_copy(job, i0, ni, ni_pad, d0, dp, QG_NB_PANEL, sc->packA);
+        qg_nb2_copy(A, D, i0, ni, ni_pad, d0, dp, QG_NB_PANEL, sc->packA);
         /* during this panel: the rows of I for the next panel; during the last one, the top-k
          * lists the epilogue updates (contiguous row ranges of tops and topi) */
         int64_t npf;
         if (!last) {
-            qg_nb2_pfs_set(&pa, job->E + i0 * D + dn, D * 4, ni, (dpn + 15) / 16);
+            qg_nb2_pfs_set(&pa, A->E + i0 * D + dn, D * 4, ni, (dpn + 15) / 16);
             npf = ni * ((dpn + 15) / 16);
         } else {
-            const int64_t ls = (ni * k * 4 + 63) / 64, lx = (ni * k * 8 + 63) / 64;
-            const int64_t ms = (nj * k * 4 + 63) / 64, mx = (nj * k * 8 + 63) / 64;
-            qg_nb2_pfs_set(&pl[0], job->tops + i0 * k, 0, 1, ls);
-            qg_nb2_pfs_set(&pl[1], job->topi + i0 * k, 0, 1, lx);
-            qg_nb2_pfs_set(&pl[2], job->tops + j0 * k, 0, diag ? 0 : 1, ms);
-            qg_nb2_pfs_set(&pl[3], job->topi + j0 * k, 0, diag ? 0 : 1, mx);
+            const int64_t ls = (ni * A->k * 4 + 63) / 64, lx = (ni * A->k * 8 + 63) / 64;
+            const int64_t ms = (nj * B->k * 4 + 63) / 64, mx = (nj * B->k * 8 + 63) / 64;
+            qg_nb2_pfs_set(&pl[0], A->tops + i0 * A->k, 0, 1, ls);
+            qg_nb2_pfs_set(&pl[1], A->topi + i0 * A->k, 0, 1, lx);
+            qg_nb2_pfs_set(&pl[2], B->tops + j0 * B->k, 0, diag ? 0 : 1, ms);
+            qg_nb2_pfs_set(&pl[3], B->topi + j0 * B->k, 0, diag ? 0 : 1, mx);
             npf = ls + lx + (diag ? 0 : ms + mx);
         }
         const int64_t step = npf / calls + 1;
@@ -270,16 +270,16 @@ static void qg_nb2_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scr
             const int nb = (int)((nj - jb < QG_NB2_NR) ? nj - jb : QG_NB2_NR);
             /* B micro-panel packed just in time (16 KiB, stays in L1 across the A tiles); the
              * next one's source rows are prefetched while this one is used */
-            qg_nb2_pack(job, j0 + jb, nb, d0, dp, sc->packB);
+            qg_nb2_pack(B, D, j0 + jb, nb, d0, dp, sc->packB);
             qg_nb2_pfs pb = {0};
             int64_t nbn = 0;
             if (tj + 1 < ntiles_j) {
                 nbn = (nj - jb - QG_NB2_NR < QG_NB2_NR) ? nj - jb - QG_NB2_NR : QG_NB2_NR;
-                qg_nb2_pfs_set(&pb, job->E + (j0 + jb + QG_NB2_NR) * D + d0, D * 4, nbn, (dp + 15) / 16);
+                qg_nb2_pfs_set(&pb, B->E + (j0 + jb + QG_NB2_NR) * D + d0, D * 4, nbn, (dp + 15) / 16);
                 nbn *= (dp + 15) / 16;
             } else if (!last) {
                 nbn = nj < QG_NB2_NR ? nj : QG_NB2_NR;
-                qg_nb2_pfs_set(&pb, job->E + j0 * D + dn, D * 4, nbn, (dpn + 15) / 16);
+                qg_nb2_pfs_set(&pb, B->E + j0 * D + dn, D * 4, nbn, (dpn + 15) / 16);
                 nbn *= (dpn + 15) / 16;
             }
             /* A tiles that hold a pair j > i (all of them off the diagonal) */
@@ -309,34 +309,34 @@ static void qg_nb2_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scr
 
     /* epilogue: one similarity per pair, fed to both rows; a vector compare with the rows'
      * current k-th values rejects most candidates without scalar work */
-    const double *w = job->w;
-    const float *kth = job->kth;
+    const double *wb = B->w;
+    const float *kthb = B->kth;
     for (int64_t i = 0; i < ni; ++i) {
-        const int64_t gi = i0 + i;
-        const double wi = w[gi];
+        const int64_t li = i0 + i;
+        const double wi = A->w[li];
         const __m256d wiv = _mm256_set1_pd(wi);
         const float *arow = acc + i * ldc;
         int64_t j = diag ? i + 1 : 0;
         for (; j + 8 <= nj; j += 8) {
-            const int64_t gj = j0 + j;
-            __m128 s0 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(arow + j)), _mm256_mul_pd(wiv, _mm256_loadu_pd(w + gj))));
+            const int64_t lj = j0 + j;
+            __m128 s0 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(arow + j)), _mm256_mul_pd(wiv, _mm256_loadu_pd(wb + lj))));
             __m128 s1 = _mm256_cvtpd_ps(
-                _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(arow + j + 4)), _mm256_mul_pd(wiv, _mm256_loadu_pd(w + gj + 4))));
+                _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(arow + j + 4)), _mm256_mul_pd(wiv, _mm256_loadu_pd(wb + lj + 4))));
             __m256 s = _mm256_set_m128(s1, s0);
-            int m = _mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_set1_ps(kth[gi]), _CMP_GE_OQ)) |
-                    _mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_loadu_ps(kth + gj), _CMP_GE_OQ));
+            int m = _mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_set1_ps(A->kth[li]), _CMP_GE_OQ)) |
+                    _mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_loadu_ps(kthb + lj), _CMP_GE_OQ));
             if (!m) continue;
             float sv[8];
             _mm256_storeu_ps(sv, s);
             while (m) {
                 const int l = __builtin_ctz((unsigned)m);
                 m &= m - 1;
-                qg_nb2_push2(job, gi, gj + l, sv[l]);
+                qg_nb2_push2(A, B, li, lj + l, sv[l]);
             }
         }
         for (; j < nj; ++j) {
-            const int64_t gj = j0 + j;
-            qg_nb2_push2(job, gi, gj, (float)((double)arow[j] * (wi * w[gj])));
+            const int64_t lj = j0 + j;
+            qg_nb2_push2(A, B, li, lj, (float)((double)arow[j] * (wi * wb[lj])));
         }
     }
 }

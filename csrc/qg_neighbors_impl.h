@@ -12,19 +12,33 @@
  * the panel sums (in double on the portable path, in float32 on the AVX2 path; qg_neighbors.h). */
 #define QG_NB_PANEL 256
 
+/* One side of a block-pair job: a table of rows, its per-row prescales and weights, and the top-k
+ * lists of its rows. The symmetric kernel's job has the same side twice. */
+typedef struct qg_nb_side {
+    const float *E;     /* [n, D] rows */
+    int64_t n;
+    int64_t id0;        /* global id of row 0: the id the other side's lists record (and tie on) */
+    int64_t k;          /* list width of this side's rows */
+    const float *scale; /* [n] power-of-two prescale */
+    const double *w;    /* [n] 2^e / max(||x||, 1e-12) */
+    float *tops;        /* [n, k] similarities, descending */
+    int64_t *topi;      /* [n, k] global ids */
+    float *kth;         /* [n] tops[i, k-1]: the admission threshold of row i, kept in sync */
+} qg_nb_side;
+
+/* sym: a and b are one table (qg_neighbors_topk_f32): block pairs bi <= bj, and on the diagonal
+ * only the pairs j > i. Otherwise (qg_neighbors_cross_topk_f32) two disjoint row sets: every
+ * (block of a, block of b) pair, every row pair, and nothing within one side. */
 typedef struct qg_nb_job {
-    const float *E;
-    int64_t N, D, k;
-    const float *scale; /* [N] power-of-two prescale */
-    const double *w;    /* [N] 2^e / max(||x||, 1e-12) */
-    float *tops;        /* [N, k] similarities, descending */
-    int64_t *topi;      /* [N, k] indices */
-    float *kth;         /* [N] tops[i, k-1]: the admission threshold of row i, kept in sync */
+    int64_t D;
+    int sym;
+    qg_nb_side a, b;
 } qg_nb_job;
 
-/* One block pair (bi <= bj): every pair (i in bi, j in bj), j > i on the diagonal, is computed
- * once and pushed into the lists of rows i and j. The caller guarantees that no other thread
- * touches the rows of bi and bj meanwhile. `scratch` holds `scratch_bytes` (64-byte aligned). */
+/* One block pair (block bi of side a, block bj of side b; bi <= bj when sym): every pair (i in bi,
+ * j in bj), j > i on the symmetric diagonal, is computed once and pushed into the lists of rows i
+ * and j. The caller guarantees that no other thread touches the lists of bi's and bj's rows
+ * meanwhile. `scratch` holds `scratch_bytes` (64-byte aligned). */
 typedef void (*qg_nb_match_fn)(const qg_nb_job *job, int64_t bi, int64_t bj, void *scratch);
 
 typedef struct qg_nb_variant {

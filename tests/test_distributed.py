@@ -37,6 +37,7 @@ from qaconv_gs.distributed import (
 from qaconv_gs.distributed._head import sharded_head_backward, sharded_head_forward
 from qaconv_gs.distributed.comm import _pack, _unpack
 from qaconv_gs.distributed.model import _draw_shard
+from qaconv_gs.distributed.neighbors import ring_pairs_per_rank
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _dist_worker as W  # noqa: E402
@@ -767,6 +768,90 @@ def test_threads_sharded_neighbors_property(R, N, D, kf, ties, seed):
         R, lambda c: sharded_class_neighbors(E[slice(*lay.range(c.rank))], k, c, return_similarity=True)
     )
     idx, sim = qg.class_neighbors(E, k, return_similarity=True)
+    np.testing.assert_array_equal(np.concatenate([r[0] for r in res]), idx)
+    np.testing.assert_array_equal(np.concatenate([r[1] for r in res]), sim)
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [
+        (0, 1, 30),  # R = 2, rank 0 owns one class: the split pair is computed by rank 1 alone
+        (0, 29, 30),  # R = 2, rank 1 owns one class
+        (0, 0, 30),  # R = 2, rank 0 owns none
+        (0, 1, 1, 20, 30),  # R = 4: sizes 1, 0, 19, 10
+        (0, 8, 15, 23, 30),  # R = 4, even split: distance-2 pairs split by rows
+        (0, 0, 0, 30, 30),  # R = 4, one rank owns everything
+        (0, 10, 11, 11, 25, 30),  # R = 5
+    ],
+)
+def test_threads_sharded_neighbors_uneven_layouts(bounds):
+    N = bounds[-1]
+    lay = ShardLayout(N, len(bounds) - 1, bounds)
+    assert sum(ring_pairs_per_rank(lay)) == N * (N - 1) // 2
+    E = W.make_table(N, 37, 11, ties=True)
+    for k in (1, 9, N - 1):
+        res = run_threads(
+            lay.world_size,
+            lambda c, k=k: sharded_class_neighbors(
+                E[slice(*lay.range(c.rank))], k, c, layout=lay, return_similarity=True, n_threads=2
+            ),
+        )
+        idx, sim = qg.class_neighbors(E, k, return_similarity=True)
+        np.testing.assert_array_equal(np.concatenate([r[0] for r in res]), idx)
+        np.testing.assert_array_equal(
+            np.concatenate([r[1] for r in res]).view(np.uint32), sim.view(np.uint32)
+        )
+
+
+@pytest.mark.parametrize("R", [2, 3, 4, 5, 6])
+def test_threads_sharded_neighbors_every_pair_once_and_balanced(R, monkeypatch):
+    """The ring computes every pair of classes exactly once (diagonal blocks with the symmetric kernel, cross
+    blocks with the cross kernel, never a block with itself twice) and splits the work evenly: per rank
+    within one row-block of N^2 / (2R) pairs (with R = 2 both ranks work)."""
+    import threading
+
+    from qaconv_gs.distributed import neighbors as dn
+
+    N = 48
+    E = W.make_table(N, 20, 5)
+    lay = ShardLayout.even(N, R)
+    cover = np.zeros((N, N), np.int64)
+    work: dict[int, int] = {}
+    ranks: dict[int, int] = {}
+    lock = threading.Lock()
+    real = dn._native
+
+    class Counting:
+        def neighbors_topk(self, rows, k, nt, want):
+            lo = int(np.flatnonzero((E == rows[0]).all(axis=1))[0])
+            with lock:
+                cover[lo : lo + len(rows), lo : lo + len(rows)] += 1
+                work[threading.get_ident()] = (
+                    work.get(threading.get_ident(), 0) + len(rows) * (len(rows) - 1) // 2
+                )
+            return real.neighbors_topk(rows, k, nt, want)
+
+        def neighbors_cross_topk(self, a, b, a0, b0, k, nt, want):
+            with lock:
+                cover[a0 : a0 + len(a), b0 : b0 + len(b)] += 1
+                cover[b0 : b0 + len(b), a0 : a0 + len(a)] += 1
+                work[threading.get_ident()] = work.get(threading.get_ident(), 0) + len(a) * len(b)
+            return real.neighbors_cross_topk(a, b, a0, b0, k, nt, want)
+
+    monkeypatch.setattr(dn, "_native", Counting())
+
+    def rank(c):
+        ranks[c.rank] = threading.get_ident()
+        return sharded_class_neighbors(E[slice(*lay.range(c.rank))], 7, c, return_similarity=True)
+
+    res = run_threads(R, rank)
+    np.testing.assert_array_equal(cover, np.ones((N, N), np.int64))  # every pair once (and i == j once)
+    per_rank = [work.get(ranks[r], 0) for r in range(R)]
+    assert sum(per_rank) == N * (N - 1) // 2
+    assert per_rank == ring_pairs_per_rank(lay)
+    n = N // R
+    assert max(per_rank) - min(per_rank) <= n * (n + 1) // 2, per_rank
+    idx, sim = qg.class_neighbors(E, 7, return_similarity=True)
     np.testing.assert_array_equal(np.concatenate([r[0] for r in res]), idx)
     np.testing.assert_array_equal(np.concatenate([r[1] for r in res]), sim)
 

@@ -126,6 +126,13 @@ CALLS_TABLE = {
     "native-match_maxima-f64": lambda: _native.match_maxima(X_F, G_F, True, 1),
     "native-neighbors-f64": lambda: _native.neighbors_topk(E_F, 3, 1, True),
     "native-err-neighbors-nonfinite": raises(ValueError, _native.neighbors_topk, BAD_E, 3, 1, True),
+    "native-neighbors-cross-f64": lambda: _native.neighbors_cross_topk(E_F[:5], E_F[5:], 0, 5, 3, 1, True),
+    "native-err-neighbors-cross-nonfinite": raises(
+        ValueError, _native.neighbors_cross_topk, E_F, BAD_E, 0, len(E_F), 3, 1, True
+    ),
+    "native-err-neighbors-cross-ids": raises(
+        ValueError, _native.neighbors_cross_topk, E_F, E_F, 0, 1, 3, 1, True
+    ),
     "native-err-restricted-range": raises(
         ValueError, _native.match_maxima_restricted, X_F, E.reshape(N, C, S), OUT_OF_RANGE, True, 1
     ),

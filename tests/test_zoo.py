@@ -979,6 +979,7 @@ _ABI_SCRIPT = textwrap.dedent(
         "match_backward": (P, I(BIG), P, I(BIG), I(8), I(16), P, P, P, P, P, P),
         "match_backward_restricted": (P, I(BIG), P, I(4), P, I(BIG), I(8), I(16), P, P, P, P, P, P),
         "neighbors_topk": (P, I(BIG), I(BIG), I(1), P, P),
+        "neighbors_cross_topk": (P, I(BIG), I(0), P, I(BIG), I(0), I(BIG), I(1), P, P, I(1), P, P),
         "loss_class": (P, I(BIG), I(BIG), f(1), f(0.5), P, P),
         "loss_batch_triplet": (P, P, I(3 << 31), f(1), P, P, P, P),
         "loss_pairwise_bce": (P, I(BIG), I(BIG), P, P, P, P, P),
@@ -987,8 +988,8 @@ _ABI_SCRIPT = textwrap.dedent(
         "head_forward_eval": (P, P, I(BIG), I(BIG), ct.byref(hp), P),
     }
     refs = {"match_maxima_restricted", "match_backward_restricted", "norm_forward", "norm_backward",
-            "neighbors_topk", "loss_class", "loss_batch_triplet", "loss_pairwise_bce", "loss_focal",
-            "head_forward_train", "head_forward_eval"}
+            "neighbors_topk", "neighbors_cross_topk", "loss_class", "loss_batch_triplet", "loss_pairwise_bce",
+            "loss_focal", "head_forward_train", "head_forward_eval"}
     for name, args in calls.items():
         for suffix in ("_f32", "_ref_f32") if name in refs else ("_f32",):
             fn = getattr(lib, "qg_" + name + suffix)
@@ -1007,7 +1008,7 @@ def test_c_kernels_refuse_sizes_that_overflow_int64():
     )
     assert out.returncode == 0, out.stdout + out.stderr
     results = dict(line.split() for line in out.stdout.splitlines())
-    assert len(results) == 25, results
+    assert len(results) == 27, results
     assert set(results.values()) == {"6"}, results
 
 

@@ -205,6 +205,96 @@ static PyObject *qg_py_neighbors_topk_ref(PyObject *self, PyObject *args, PyObje
     return qg_neighbors_common(args, kwds, qg_neighbors_topk_ref_f32, "class_neighbors (reference)");
 }
 
+typedef int (*qg_neighbors_cross_fn)(const float *, int64_t, int64_t, const float *, int64_t, int64_t, int64_t,
+                                     int64_t, int64_t *, float *, int64_t, int64_t *, float *, const qg_ctx *);
+
+/* neighbors_cross_topk(A [na, D], B [nb, D] float32, a_start, b_start, k, n_threads, want_sim)
+ * -> (idx_a [na, min(k, nb)], idx_b [nb, min(k, na)]) int64 global ids, or
+ * (idx_a, sim_a, idx_b, sim_b). Rows of A have ids a_start.., rows of B b_start.. (disjoint). */
+static PyObject *qg_neighbors_cross_common(PyObject *args, PyObject *kwds, qg_neighbors_cross_fn fn,
+                                           const char *func)
+{
+    static char *kwlist[] = {"A", "B", "a_start", "b_start", "k", "n_threads", "want_sim", NULL};
+    PyObject *a_obj = NULL, *b_obj = NULL;
+    long long a_start = 0, b_start = 0, k = 0;
+    int n_threads = 1, want_sim = 0;
+    PyArrayObject *A = NULL, *B = NULL, *idx_a = NULL, *sim_a = NULL, *idx_b = NULL, *sim_b = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOLLLip", kwlist, &a_obj, &b_obj, &a_start, &b_start, &k,
+                                     &n_threads, &want_sim))
+        return NULL;
+    if (qg_check_threads(n_threads) < 0) goto fail;
+    A = qg_array(a_obj, NPY_FLOAT32, 2, "A");
+    if (A == NULL) goto fail;
+    B = qg_array(b_obj, NPY_FLOAT32, 2, "B");
+    if (B == NULL) goto fail;
+    int64_t na = QG_DIM(A, 0), nb = QG_DIM(B, 0), D = QG_DIM(A, 1);
+    if (na < 1 || nb < 1) {
+        PyErr_Format(PyExc_ValueError, "A, B: expected at least 1 row each, got %lld and %lld", (long long)na,
+                     (long long)nb);
+        goto fail;
+    }
+    if (D < 1 || QG_DIM(B, 1) != D) {
+        PyErr_Format(PyExc_ValueError, "B: expected shape [%lld, %lld] (the row size of A, >= 1), got [%lld, %lld]",
+                     (long long)nb, (long long)D, (long long)nb, (long long)QG_DIM(B, 1));
+        goto fail;
+    }
+    if (k < 1) {
+        PyErr_Format(PyExc_ValueError, "k: expected an integer >= 1, got %lld", k);
+        goto fail;
+    }
+    if (a_start < 0 || b_start < 0 || a_start > INT64_MAX - 1 - na || b_start > INT64_MAX - 1 - nb ||
+        (a_start < b_start + nb && b_start < a_start + na)) {
+        PyErr_Format(PyExc_ValueError,
+                     "a_start, b_start: expected disjoint non-negative id ranges, got a_start %lld (%lld rows) "
+                     "and b_start %lld (%lld rows)",
+                     a_start, (long long)na, b_start, (long long)nb);
+        goto fail;
+    }
+    const int64_t ka = k < nb ? k : nb, kb = k < na ? k : na;
+    npy_intp dims_a[2] = {(npy_intp)na, (npy_intp)ka}, dims_b[2] = {(npy_intp)nb, (npy_intp)kb};
+    idx_a = qg_empty(2, dims_a, NPY_INT64);
+    if (idx_a == NULL) goto fail;
+    idx_b = qg_empty(2, dims_b, NPY_INT64);
+    if (idx_b == NULL) goto fail;
+    if (want_sim) {
+        sim_a = qg_empty(2, dims_a, NPY_FLOAT32);
+        if (sim_a == NULL) goto fail;
+        sim_b = qg_empty(2, dims_b, NPY_FLOAT32);
+        if (sim_b == NULL) goto fail;
+    }
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int st = fn(QG_F32(A), na, (int64_t)a_start, QG_F32(B), nb, (int64_t)b_start, D, ka, QG_I64(idx_a),
+                sim_a ? QG_F32(sim_a) : NULL, kb, QG_I64(idx_b), sim_b ? QG_F32(sim_b) : NULL, &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(st, func) < 0) goto fail;
+    Py_DECREF(A);
+    Py_DECREF(B);
+    if (want_sim) return Py_BuildValue("NNNN", idx_a, sim_a, idx_b, sim_b);
+    return Py_BuildValue("NN", idx_a, idx_b);
+fail:
+    Py_XDECREF(A);
+    Py_XDECREF(B);
+    Py_XDECREF(idx_a);
+    Py_XDECREF(sim_a);
+    Py_XDECREF(idx_b);
+    Py_XDECREF(sim_b);
+    return NULL;
+}
+
+static PyObject *qg_py_neighbors_cross_topk(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    (void)self;
+    return qg_neighbors_cross_common(args, kwds, qg_neighbors_cross_topk_f32, "cross_class_neighbors");
+}
+
+static PyObject *qg_py_neighbors_cross_topk_ref(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    (void)self;
+    return qg_neighbors_cross_common(args, kwds, qg_neighbors_cross_topk_ref_f32,
+                                     "cross_class_neighbors (reference)");
+}
+
 /* neighbors_fma_probe(iters) -> flops done by the single-thread FMA peak probe at the current
  * ISA level (the caller times it; benchmarks only). Runs without the GIL. */
 static PyObject *qg_py_neighbors_fma_probe(PyObject *self, PyObject *args)
@@ -229,6 +319,12 @@ static PyObject *qg_py_neighbors_fma_probe(PyObject *self, PyObject *args)
      "neighbors_topk(E, k, n_threads, want_sim): blocked cosine kNN (private)."},                   \
     {"neighbors_topk_ref", (PyCFunction)(void (*)(void))qg_py_neighbors_topk_ref,                    \
      METH_VARARGS | METH_KEYWORDS, "neighbors_topk_ref(E, k, n_threads, want_sim): scalar reference (private)."}, \
+    {"neighbors_cross_topk", (PyCFunction)(void (*)(void))qg_py_neighbors_cross_topk,                \
+     METH_VARARGS | METH_KEYWORDS,                                                                   \
+     "neighbors_cross_topk(A, B, a_start, b_start, k, n_threads, want_sim): cross-block cosine kNN (private)."}, \
+    {"neighbors_cross_topk_ref", (PyCFunction)(void (*)(void))qg_py_neighbors_cross_topk_ref,        \
+     METH_VARARGS | METH_KEYWORDS,                                                                   \
+     "neighbors_cross_topk_ref(A, B, a_start, b_start, k, n_threads, want_sim): scalar reference (private)."}, \
     {"neighbors_fma_probe", qg_py_neighbors_fma_probe, METH_VARARGS,                                  \
      "neighbors_fma_probe(iters): flops of the FMA peak probe (private; benchmarks)."},
 

@@ -83,4 +83,67 @@ def _class_neighbors_ref(E, k, return_similarity=False, n_threads=None):
     return _class_neighbors(E, k, return_similarity, n_threads, _native.neighbors_topk_ref)
 
 
+def _cross_class_neighbors(
+    A,
+    B,
+    k: int,
+    a_start: int = 0,
+    b_start: int | None = None,
+    return_similarity: bool = False,
+    n_threads: int | None = None,
+    *,
+    _kernel=None,
+):
+    """Top-k between two disjoint row sets of one class table (the off-diagonal block of class_neighbors).
+
+    For each row of A its most similar rows of B and for each row of B its most similar rows of A,
+    without computing A x A or B x B (the sharded neighbour ring's cross blocks). Every similarity
+    has the same float32 bits class_neighbors gives that pair on the concatenated table, so the
+    lists of a partition's diagonal and cross blocks merge (merge_topk) into class_neighbors exactly.
+
+    Args:
+        A: [na, C, H, W] or [na, D] rows with global class ids a_start .. a_start + na - 1.
+        B: [nb, ...] rows (same D) with ids b_start .. b_start + nb - 1 (default: right after A's).
+        k: neighbours wanted per row, >= 1; A's lists hold min(k, nb), B's min(k, na).
+        a_start, b_start: global ids of the first rows; the two id ranges must not overlap.
+        return_similarity: also return the float32 similarities.
+        n_threads: None for OpenMP's default, else >= 1. Results are identical for any value.
+
+    Returns:
+        (idx_a [na, min(k, nb)], idx_b [nb, min(k, na)]) int64 global ids, sorted by decreasing
+        similarity, ties to the lower id; or (idx_a, sim_a, idx_b, sim_b) when return_similarity.
+    """
+    a = as_float32(A, "A", (2, 4), check_finite=False)
+    b = as_float32(B, "B", (2, 4), check_finite=False)
+    fa, fb = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    if fb.shape[1] != fa.shape[1]:
+        raise ValueError(
+            f"B: expected rows of D = {fa.shape[1]} values (as A, shape {shape_str(a.shape)}), "
+            f"got shape {shape_str(b.shape)}"
+        )
+    k = check_int(k, "k")
+    if k < 1:
+        raise ValueError(f"k: expected an integer >= 1, got {k}")
+    a_start = check_int(a_start, "a_start")
+    b_start = a_start + fa.shape[0] if b_start is None else check_int(b_start, "b_start")
+    na, nb = int(fa.shape[0]), int(fb.shape[0])
+    if a_start < 0 or b_start < 0 or (a_start < b_start + nb and b_start < a_start + na):
+        raise ValueError(
+            f"a_start, b_start: expected disjoint non-negative id ranges, got [{a_start}, {a_start + na}) "
+            f"and [{b_start}, {b_start + nb})"
+        )
+    if not isinstance(return_similarity, (bool, np.bool_)):
+        raise TypeError(f"return_similarity: expected a bool, got {type(return_similarity).__name__}")
+    nt = resolve_threads(n_threads)
+    kernel = _native.neighbors_cross_topk if _kernel is None else _kernel
+    try:
+        return kernel(fa, fb, a_start, b_start, k, nt, bool(return_similarity))
+    except ValueError as err:
+        if "NaN or Inf" not in str(err):
+            raise
+        _check_finite_rows(fa, A if isinstance(A, np.ndarray) else None, "A")
+        _check_finite_rows(fb, B if isinstance(B, np.ndarray) else None, "B")
+        raise
+
+
 __all__ = ["class_neighbors"]

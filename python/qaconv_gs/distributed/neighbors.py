@@ -1,24 +1,34 @@
 """Sharded class neighbours: each rank holds a contiguous slice of the class table and gets the top-k
 of its own rows, equal (indices and similarity bits) to the single-process `class_neighbors`.
 
-Schedule (R ranks, T = floor(R / 2) rounds). Every unordered rank pair {r, s} is computed once:
-rank r computes {r, r + t} for t = 1 .. T, except that for even R the distance-R/2 pairs are computed
-only by ranks r < R/2. In round t the slices move one step round the ring (each rank sends the slice it
-holds to rank - 1 and receives from rank + 1, so it then holds the slice of rank + t): T slice exchanges
-over neighbour links. The pair computation yields top-k lists for the rows of both slices; the lists of
-the visiting slice go straight back to their owner (one exchange per round: to rank + t, from rank - t),
-and each rank folds every list it gets into a running top-k of its own rows. Memory per rank:
-own slice + one visiting slice + the pair's [2n, D] table + O(n * k) lists.
+Work: the N x N similarity triangle is cut into R diagonal blocks and R(R-1)/2 cross blocks (rank
+pairs); every block is computed exactly once, so the total is the single process's N^2 D / 2
+multiply-adds, and every rank does about 1/R of it:
+- its own diagonal block with the symmetric kernel (`_native.neighbors_topk`, k_sub = min(k, n_r - 1));
+- the cross block {r, r + t} for t = 1 .. ceil(R/2) - 1 with the cross kernel
+  (`_native.neighbors_cross_topk`: slice x slice only, never a slice with itself);
+- for even R, the distance-R/2 pair {p, q = p + R/2} (p < R/2) is split by rows of p's slice: rank p
+  computes the first n_p // 2 rows of its slice against q's slice, rank q the remaining rows (so with
+  R = 2 both ranks do half of the cross block).
 
-Block-pair kernel and exactness: a pair is computed by the package's C kernel on the two slices stacked
-in global row order. The kernel's similarity of two rows depends only on those two rows (row norms and
+Schedule (T = floor(R / 2) rounds): in round t the slices move one step round the ring (each rank sends
+the slice it holds to rank - 1 and receives from rank + 1, so it then holds the slice of rank + t); the
+rank computes its share of the pair {r, r + t}, and the lists of the visiting slice's rows go straight
+back to their owner (one exchange per round: to rank + t, from rank - t). Each rank folds every list of
+its own rows (diagonal, own cross blocks, lists sent back) into a running top-k (a per-row sort of
+the two lists; no class appears in two lists of a row, so unlike `merge_topk` nothing is deduplicated);
+every list of a round covers all of the rank's rows with one width (in the split round the rank's own
+half and the half sent back by its partner are stacked), so the running lists keep one width.
+
+Memory per rank: own slice + one visiting slice (n_r * D * 4 bytes each) + O(n_r * k) lists and the
+kernels' block scratch; nothing n x n, no stacked table. Data moved per refresh: floor(R/2) slices
+and as many list exchanges per rank.
+
+Exactness: the kernels' similarity of two rows depends only on those two rows (row norms and
 power-of-two prescales are per row; the dot product is summed in float32 over fixed 256-column panels,
-panels in double, in column order, whatever the row position), so every similarity has exactly the bits
-the single-process kernel gives it, and the tie rule (lower class id first) is preserved because the
-stacked table keeps the global order. The price: the kernel also recomputes the two diagonal blocks, so a
-round costs (2n)^2 / 2 similarities instead of the n^2 cross block (total work 2x the single process;
-with R = 2 rank 1 computes nothing). A cross-block C kernel (A x B only, same panel arithmetic) removes
-that waste without changing a bit; see the report / README "Scaling".
+then over the panels, in column order, whatever the rows' positions or which side of a cross block
+they are on), so every similarity has exactly the bits the single-process kernel gives it; the cross
+kernel records global ids, and the merge uses the same order (similarity desc, lower class id first).
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from .._validate import as_float32, check_int, resolve_threads, shape_str
 from .comm import Communicator, SingleProcessCommunicator
 from .layout import ShardLayout
 
-__all__ = ["sharded_class_neighbors", "merge_topk"]
+__all__ = ["merge_topk", "ring_pairs_per_rank", "sharded_class_neighbors"]
 
 
 def merge_topk(
@@ -65,17 +75,47 @@ def merge_topk(
     return ids_[take], S[take]
 
 
-def _pair_topk(
-    lo_rows: np.ndarray, lo_start: int, hi_rows: np.ndarray, hi_start: int, k: int, nt: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k over the union of two slices (stacked in global order) -> (idx [n_lo + n_hi, k'], sim),
-    global ids, k' = min(k, n_lo + n_hi - 1)."""
-    n_lo = lo_rows.shape[0]
-    table = np.concatenate([lo_rows, hi_rows], axis=0)
-    k_sub = min(k, table.shape[0] - 1)
-    idx, sim = _native.neighbors_topk(table, k_sub, nt, True)
-    glob = np.where(idx < n_lo, idx + lo_start, idx - n_lo + hi_start)
-    return glob.astype(np.int64), sim
+def _diag_topk(rows: np.ndarray, start: int, k: int, nt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of a slice within itself (symmetric kernel) -> (idx [n, min(k, n - 1)] global ids, sim)."""
+    idx, sim = _native.neighbors_topk(rows, min(k, rows.shape[0] - 1), nt, True)
+    idx += start
+    return idx, sim
+
+
+def _cross_topk(
+    a_rows: np.ndarray, a_start: int, b_rows: np.ndarray, b_start: int, k: int, nt: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cross block of two disjoint slices -> (idx_a [na, min(k, nb)], sim_a, idx_b [nb, min(k, na)],
+    sim_b), global ids; an empty side gives empty lists (width 0 for the other side)."""
+    na, nb = a_rows.shape[0], b_rows.shape[0]
+    if na == 0 or nb == 0:
+        return (
+            np.empty((na, min(k, nb)), np.int64),
+            np.empty((na, min(k, nb)), np.float32),
+            np.empty((nb, min(k, na)), np.int64),
+            np.empty((nb, min(k, na)), np.float32),
+        )
+    return _native.neighbors_cross_topk(a_rows, b_rows, a_start, b_start, k, nt, True)
+
+
+def ring_pairs_per_rank(layout: ShardLayout) -> list[int]:
+    """Similarities (row pairs) each rank computes in `sharded_class_neighbors` under `layout`.
+
+    Their sum is N (N - 1) / 2, the single process's count: every pair is computed once.
+    """
+    R = layout.world_size
+    n = [layout.size_of(q) for q in range(R)]
+    work = [m * (m - 1) // 2 for m in n]
+    for r in range(R):
+        for t in range(1, R // 2 + 1):
+            s = (r + t) % R
+            if 2 * t != R:
+                work[r] += n[r] * n[s]
+            elif r < s:
+                work[r] += (n[r] // 2) * n[s]
+            else:
+                work[r] += (n[s] - n[s] // 2) * n[r]
+    return work
 
 
 def sharded_class_neighbors(
@@ -138,31 +178,33 @@ def sharded_class_neighbors(
 
     best_i = np.empty((n_r, 0), np.int64)
     best_s = np.empty((n_r, 0), np.float32)
+    if n_r >= 2:
+        best_i, best_s = _diag_topk(flat, lo_r, k, nt)
     held = flat
     for t in range(1, R // 2 + 1):
         # ring step: afterwards this rank holds the slice of rank r + t
         held = comm.sendrecv(held, dest=(r - 1) % R, source=(r + 1) % R)
         s = (r + t) % R
-        computes = not (2 * t == R and r >= R // 2)
-        back_i = np.empty((0, 0), np.int64)
-        back_s = np.empty((0, 0), np.float32)
-        if computes and n_r + held.shape[0] >= 2:
-            if held.ndim != 2 or held.shape[0] != layout.size_of(s):
-                raise RuntimeError(f"ring: expected rank {s}'s slice, got shape {shape_str(held.shape)}")
-            lo_s = layout.range(s)[0]
-            if r < s:
-                gi, gs = _pair_topk(flat, lo_r, held, lo_s, k, nt)
-                mine_i, mine_s, back_i, back_s = gi[:n_r], gs[:n_r], gi[n_r:], gs[n_r:]
-            else:
-                gi, gs = _pair_topk(held, lo_s, flat, lo_r, k, nt)
-                n_s = held.shape[0]
-                back_i, back_s, mine_i, mine_s = gi[:n_s], gs[:n_s], gi[n_s:], gs[n_s:]
-            best_i, best_s = _fold(best_i, best_s, mine_i, mine_s, k)
+        lo_s, n_s = layout.range(s)[0], layout.size_of(s)
+        if held.ndim != 2 or held.shape[0] != n_s:
+            raise RuntimeError(f"ring: expected rank {s}'s slice, got shape {shape_str(held.shape)}")
+        if 2 * t != R:  # the whole pair {r, s}; the lists of s's rows go back to s
+            mine_i, mine_s, back_i, back_s = _cross_topk(flat, lo_r, held, lo_s, k, nt)
+        elif r < s:  # split pair, this rank the lower one: the first half of its rows against s
+            h = n_r // 2
+            mine_i, mine_s, back_i, back_s = _cross_topk(flat[:h], lo_r, held, lo_s, k, nt)
+        else:  # split pair, this rank the upper one: the second half of s's rows against this slice
+            h = n_s // 2
+            back_i, back_s, mine_i, mine_s = _cross_topk(held[h:], lo_s + h, flat, lo_r, k, nt)
         # the visiting slice's lists go home; this rank's lists computed by rank r - t arrive
         got_i = comm.sendrecv(back_i, dest=s, source=(r - t) % R)
         got_s = comm.sendrecv(back_s, dest=s, source=(r - t) % R)
-        if got_i.size:
+        if 2 * t == R and r < s:  # own first half (computed here) + second half (computed by s)
+            mine_i, mine_s = np.concatenate([mine_i, got_i]), np.concatenate([mine_s, got_s])
+        elif got_i.size:
             best_i, best_s = _fold(best_i, best_s, got_i, got_s, k)
+        if mine_i.size:
+            best_i, best_s = _fold(best_i, best_s, mine_i, mine_s, k)
     if n_r == 0:  # a rank without classes (N < R)
         best_i, best_s = np.empty((0, k), np.int64), np.empty((0, k), np.float32)
     if best_i.shape[1] != k:  # pragma: no cover - the schedule covers every rank pair
@@ -173,8 +215,19 @@ def sharded_class_neighbors(
 def _fold(
     best_i: np.ndarray, best_s: np.ndarray, new_i: np.ndarray, new_s: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Running top-k: keep at most k per row. Rows of one slice see the same calls, so while a call
-    lists every class of its union they all hold the same number (< k) of distinct candidates."""
+    """Running top-k: keep at most k per row, ordered as the C kernels (similarity desc, id asc).
+
+    The ring computes every pair once, so a class never appears in two lists of one row: no
+    deduplication is needed (merge_topk's general merge does it, ~10x slower: a lexsort over all rows'
+    entries with a row key). Every list folded in covers all the rank's rows with one width, so the
+    rows always hold the same number of candidates (fewer than k only while the lists so far list
+    fewer than k classes).
+    """
     if best_i.shape[0] == 0:
         return best_i, best_s
-    return merge_topk([best_i, new_i], [best_s, new_s], k)
+    if best_i.shape[1] == 0:
+        return new_i, new_s
+    ids = np.concatenate([best_i, new_i], axis=1)
+    sims = np.concatenate([best_s, new_s], axis=1)
+    order = np.lexsort((ids, -sims), axis=1)[:, :k]  # per row; the last key is the primary one
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(sims, order, axis=1)
