@@ -619,6 +619,8 @@ int qg_match_pairs_avx2(const qg_pairs_job *job, const qg_ctx *ctx)
 #define QG_BWD_PAIRS 8
 /* At most this many rows share the transposed far maps of a chunk (their accumulators are live at once). */
 #define QG_BWD_RUN 4
+/* Terms ahead whose source rows are prefetched. */
+#define QG_BWD_AHEAD 4
 
 typedef struct qg_term {
     const float *src; /* transposed far row (Cp floats) */
@@ -645,6 +647,11 @@ static void qg_bwd_accumulate(double *acc, const qg_term *t, int64_t n, int64_t 
         for (int64_t k = 0; k < n; ++k) {
             const __m256d w = _mm256_set1_pd(t[k].w);
             const float *x = t[k].src + c0;
+            /* terms point into far maps all over L2/L3 in no order a prefetcher can follow */
+            if (k + QG_BWD_AHEAD < n) {
+                _mm_prefetch((const char *)(t[k + QG_BWD_AHEAD].src + c0), _MM_HINT_T0);
+                _mm_prefetch((const char *)(t[k + QG_BWD_AHEAD].src + c0 + 16), _MM_HINT_T0);
+            }
             a0 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x)), a0);
             a1 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 4)), a1);
             a2 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 8)), a2);
