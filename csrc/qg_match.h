@@ -23,7 +23,7 @@
  * channel block) to one thread (portable), or each output map to one thread (AVX2). Memory beyond
  * the outputs: O(threads * (rows + cols) * C) packed blocks (forward, cols sized to ~512 KiB);
  * backward: O(threads * 8192) doubles (portable), or O(threads * 4 * S * C) doubles plus transposed
- * copies of the far-side maps that are reused by many pairs (AVX2; at most the size of the input).
+ * copies of the far-side maps that are reused by many pairs (AVX2; at most 64 MiB, else per chunk).
  * Statuses: QG_EINVAL (bad sizes, NULL pointers, only one of ap/ag given), QG_EOVERFLOW,
  * QG_ERANGE (candidate outside [0, N), argmax >= S), QG_ENOMEM, QG_EINTR (polled between
  * blocks of pairs and between gallery panels of a pair). Finite inputs are assumed (the Python

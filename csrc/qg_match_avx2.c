@@ -613,12 +613,15 @@ int qg_match_pairs_avx2(const qg_pairs_job *job, const qg_ctx *ctx)
  *     registers across the terms (4 x 8 doubles per pass), instead of one load/store per term.
  *   - consecutive rows that read the same far maps (side 0: probes with one candidate list) form a run
  *     of up to QG_BWD_RUN rows that share each chunk's transposed maps (one transpose per run).
- * Memory: the transposed far maps (distinct ones only) + per thread QG_BWD_RUN * S*Cp doubles and the
- * term lists.
+ * Memory: the transposed far maps (distinct ones only, at most QG_BWD_GLOBAL_BYTES; else per chunk) + per
+ * thread QG_BWD_RUN * S*Cp doubles and the term lists.
  */
 #define QG_BWD_PAIRS 8
 /* At most this many rows share the transposed far maps of a chunk (their accumulators are live at once). */
 #define QG_BWD_RUN 4
+/* Largest up-front buffer of transposed far maps; beyond it the maps are transposed per chunk (the class
+ * side of a faces step would otherwise copy every candidate row once more: 8052 rows = 808 MB). */
+#define QG_BWD_GLOBAL_BYTES (64.0 * 1024.0 * 1024.0)
 /* Terms ahead whose source rows are prefetched. */
 #define QG_BWD_AHEAD 4
 
@@ -846,7 +849,7 @@ int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
      * (no large buffer to fault in and stream back from memory), shared by a run of up to QG_BWD_RUN
      * consecutive rows that read the same far maps (probes with one candidate list). Same values and
      * the same summation order per output element either way. */
-    const int global = nslots * 8 <= total;
+    const int global = nslots * 8 <= total && (double)nslots * (double)(S * Cp) * 4.0 <= QG_BWD_GLOBAL_BYTES;
     int64_t nrun = 0;
     for (int64_t t = 0; t < job->nrows;) {
         int64_t u = t + 1;
