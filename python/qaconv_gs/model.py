@@ -184,7 +184,7 @@ def _normalize_backward_inplace(g: np.ndarray, y: np.ndarray, norms: np.ndarray,
 
 
 def _eval_affine(head: Mapping[str, np.ndarray], S: int, fc: str) -> tuple[np.ndarray, float]:
-    """The eval-mode head as one affine map of the maxima: (w [2S] float32, bias), as match_scores takes it."""
+    """The eval-mode head as one affine map of the maxima: (w [2S] float32, bias), as match_scores takes."""
     w, b = _head.head_eval_affine(head, S, fc)
     return np.ascontiguousarray(w, dtype=np.float32), float(b)
 
