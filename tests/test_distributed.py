@@ -1186,6 +1186,12 @@ def test_threads_sharded_identify_errors_raise_on_every_rank():
         models=lambda c: ShardedQAConvGS.from_model(other if c.rank == 1 else model, comm=c),
     )
     assert all(e.startswith("ValueError: identify: the ranks' models disagree") for e in mixed), mixed
+    diverged = qg.QAConvGS(**model.config)
+    diverged.load_state_dict(model.state_dict())
+    diverged.parameters()["class_embed"][11, 0, 0, 0] = np.inf  # a class of the last rank
+    out = errors(3, lambda r: (P[:2], 2), models=lambda c: ShardedQAConvGS.from_model(diverged, comm=c))
+    one_bad(out, 2, "ValueError")
+    assert "NaN or Inf" in out[2], out
     # after all that, the same ranks still identify correctly (no message was left in flight)
     ok = errors(2, lambda r: (P[:3] if r == 0 else P[3:], 4))
     assert ok == ["", ""]

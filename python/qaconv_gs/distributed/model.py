@@ -276,9 +276,9 @@ class ShardedQAConvGS:
         min(top, rows); then, in R - 1 paired exchanges, each rank sends every other rank the lists of
         that rank's probes and folds the lists of its own probes that arrive (score desc, id asc, as one
         process). Memory per rank: the gathered probes plus O(B * (top + block)) scores and ids; no rank
-        holds another rank's rows. Bad input on any rank (shape, dtype, non-finite values, top) raises on
-        every rank: ValueError / TypeError on the failing rank, RuntimeError naming it on the others; ranks
-        that disagree on `top` or on the model's shape all raise ValueError.
+        holds another rank's rows. Bad input on any rank (shape, dtype, non-finite values, top) or non-finite
+        class rows raise on every rank: ValueError / TypeError on the failing rank, RuntimeError naming it
+        on the others; ranks that disagree on `top` or on the model's shape all raise ValueError.
         """
         comm = self.comm
         err: BaseException | None = None
@@ -310,7 +310,12 @@ class ShardedQAConvGS:
         Xn_r = _matching.normalize(X, n_threads=nt)[0] if X.shape[0] else X
         Xn = comm.allgather_concat(Xn_r)
         w, b = _eval_affine(self._head, self.S, self.fc)
-        ids, sc = _identify_rows(Xn, self._embed, self.lo, w, b, t, nt)  # [B, min(t, hi - lo)]
+        err = None
+        try:  # e.g. NaN rows (a diverged shard) or no memory: the others must not wait in the exchange
+            ids, sc = _identify_rows(Xn, self._embed, self.lo, w, b, t, nt)  # [B, min(t, hi - lo)]
+        except (ValueError, MemoryError) as exc:
+            err = exc
+        comm.agree(err)
         best_i, best_s = ids[offs[r] : offs[r + 1]], sc[offs[r] : offs[r + 1]]
         for step in range(1, R):
             dest, source = (r + step) % R, (r - step) % R
