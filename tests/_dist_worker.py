@@ -55,6 +55,37 @@ def _slice(counts: list[int], rank: int) -> slice:
     return slice(off, off + counts[rank])
 
 
+def make_identify(case: dict):
+    """(one-process QAConvGS, probes [B, C, H, W], per-rank probe counts) of an identify case.
+
+    One training step in one process gives the head non-trivial running statistics (every rank builds
+    the same model and takes its shard with from_model, so the head has the same bits everywhere);
+    the class rows listed in case["dups"] are copies of case["dups_of"], and the first probes are scaled
+    copies of that row, so equal scores (ties) are at the top of their lists."""
+    from qaconv_gs import QAConvGS
+
+    X, y, _ = make_batch({**case, "counts": [8]})
+    model = QAConvGS(**model_config(case))
+    model.forward_backward(X, y)
+    E = model.parameters()["class_embed"]
+    E[case["dups"]] = E[case["dups_of"]]
+    rng = np.random.default_rng(case["data_seed"] + 1)
+    counts = case["counts"]
+    P = rng.standard_normal((int(sum(counts)), case["C"], case["H"], case["W"]), dtype=np.float32)
+    P[: min(3, P.shape[0])] = E[case["dups_of"]] * np.float32(2.0)
+    return model, P, counts
+
+
+def layout_of(case: dict, R: int):
+    """The case's class layout: case["bounds"][str(R)] when given, else the even split."""
+    from qaconv_gs.distributed import ShardLayout
+
+    bounds = case.get("bounds", {}).get(str(R))
+    if bounds is None:
+        return ShardLayout.even(case["N"], R)
+    return ShardLayout(case["N"], R, tuple(bounds))
+
+
 TRAINER_KW = {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
 
 
@@ -177,6 +208,30 @@ def run_case(case: dict, comm) -> dict[str, np.ndarray]:
 
         crit = QAConvGSLoss(**model_config(case), comm=comm)
         return torch_steps(crit, case, _slice(case["counts"], r))
+    if kind == "identify":
+        model, P, counts = make_identify(case)
+        sharded = ShardedQAConvGS.from_model(model, comm, layout=layout_of(case, R))
+        res = {"lo_hi": np.array([sharded.lo, sharded.hi])}
+        for top in case["tops"]:
+            ids, sc = sharded.identify(P[_slice(counts, r)], top=top)
+            res[f"ids{top}"], res[f"scores{top}"] = ids, sc
+        return res
+    if kind == "identify_errors":  # every rank must come back with an error (nobody waits)
+        model, P, counts = make_identify(case)
+        sharded = ShardedQAConvGS.from_model(model, comm)
+        bad = {
+            "shape": (P[:2, :-1] if r == R - 1 else P[:2], 2),  # wrong C on the last rank only
+            "top_range": (P[:2], case["N"] + 1 if r == 0 else 2),  # out of range on rank 0 only
+            "top_differs": (P[:2], 1 + r),  # each valid, but not the same on every rank
+        }
+        res = {}
+        for name, (feats, top) in bad.items():
+            try:
+                sharded.identify(feats, top=top)
+                res[name] = np.array("")
+            except Exception as exc:
+                res[name] = np.array(f"{type(exc).__name__}: {exc}")
+        return res
     if kind == "agree":
         X, y, counts = make_batch(case)
         sl = _slice(counts, r)

@@ -138,6 +138,8 @@ def _cases(R: int, tmp: Path | None = None) -> list[dict]:
         },
         {"name": "train_sparse_clip", "kind": "train", **_TRAIN_SPARSE_CLIP, "counts": counts},
         {"name": "torch_loss", "kind": "torch_loss", **_TORCH_LOSS, "counts": counts},
+        {"name": "identify", **_IDENTIFY, "counts": {1: [9], 2: [0, 6], 3: [4, 0, 3]}[R]},
+        {"name": "identify_errors", **_IDENTIFY, "kind": "identify_errors", "counts": [2] * R},
     ] + (
         []
         if tmp is None
@@ -176,6 +178,18 @@ _RESUME = {
     "refresh_at": 3,
     "saved_at": 3,
     "trainer": {"clip_grad_norm": 0.5},
+}
+
+
+# identify on uneven layouts: R = 2 rank 0 has no probe, R = 3 rank 0 owns no class and rank 1 has no
+# probe; classes 3, 9 and 12 are copies of class 7 and tie for the best score of the first probes (top = 1
+# and 2 cut the tie, across ranks); top 5 exceeds some ranks' class counts; top = N
+_IDENTIFY = {
+    **{"N": 13, "C": 8, "H": 3, "W": 2, "k": 4, "seed": 6, "data_seed": 7, "kind": "identify"},
+    "dups": [3, 9, 12],
+    "dups_of": 7,
+    "tops": [1, 2, 5, 13],
+    "bounds": {"2": [0, 9, 13], "3": [0, 0, 4, 13]},
 }
 
 
@@ -395,7 +409,12 @@ def test_threads_torch_adapter_sharded_equals_one_process():
         assert back.class_embed.shape == crit.class_embed.shape
         out["nbr_table"] = np.asarray(crit.class_neighbors)  # gathered (collective)
         X, _, _ = W.make_batch(case)
-        out["ids"] = crit.identify(X[:4], top=2)[0].numpy()
+        out["ids"] = crit.identify(X[:4], top=2)[0].numpy()  # the same probes on every rank
+        own = crit.identify(X[W._slice(case["counts"], c.rank)], top=3)  # each rank its own slice
+        out["own_ids"], out["own_scores"] = own[0].numpy(), own[1].numpy()
+        out["full_ids"], out["full_scores"] = model.gather_model().identify(
+            X, top=3
+        )  # same bits, one process
         out["match"] = crit.match(X[:3], X[:5]).numpy()
         return out
 
@@ -408,6 +427,41 @@ def test_threads_torch_adapter_sharded_equals_one_process():
         np.testing.assert_array_equal(d["nbr_table"], one.class_neighbors)
         np.testing.assert_array_equal(d["ids"], one.identify(X[:4], top=2)[0].numpy())
         np.testing.assert_allclose(d["match"], one.match(X[:3], X[:5]).numpy(), rtol=RTOL, atol=1e-6)
+    # the rows trained on thread ranks equal the one-process rows within rounding: bits are compared with
+    # the gathered model, the ids with the one-process module too
+    np.testing.assert_array_equal(np.concatenate([d["own_ids"] for d in ranks]), ranks[0]["full_ids"])
+    np.testing.assert_array_equal(np.concatenate([d["own_scores"] for d in ranks]), ranks[0]["full_scores"])
+    np.testing.assert_array_equal(ranks[0]["full_ids"], one.identify(X, top=3)[0].numpy())
+
+
+def _check_identify(R: int, case: dict, ranks: list[dict]) -> None:
+    """Every rank's results are the one-process identify of its own probes, bit for bit."""
+    model, P, counts = W.make_identify(case)
+    lay = W.layout_of(case, R)
+    assert [tuple(d["lo_hi"]) for d in ranks] == [lay.range(r) for r in range(R)]
+    for top in case["tops"]:
+        ids, sc = model.identify(P, top=top)
+        assert [d[f"ids{top}"].shape for d in ranks] == [(c, top) for c in counts]
+        np.testing.assert_array_equal(np.concatenate([d[f"ids{top}"] for d in ranks]), ids)
+        got = np.concatenate([d[f"scores{top}"] for d in ranks])
+        np.testing.assert_array_equal(got.view(np.uint32), sc.view(np.uint32))  # bits, -0.0 included
+
+
+def _check_identify_errors(R: int, ranks: list[dict]) -> None:
+    shape = [str(d["shape"]) for d in ranks]
+    assert shape[-1].startswith("ValueError: features: expected shape"), shape
+    assert all(e.startswith("RuntimeError") and f"[{R - 1}]" in e for e in shape[:-1]), shape
+    rng = [str(d["top_range"]) for d in ranks]
+    assert rng[0].startswith("ValueError: top:"), rng
+    assert all(e.startswith("RuntimeError") and "[0]" in e for e in rng[1:]), rng
+    differs = [str(d["top_differs"]) for d in ranks]
+    assert all(e.startswith("ValueError: top: every rank must pass the same top") for e in differs), differs
+
+
+def test_torch_sharded_identify_equals_one_process(torch_run):
+    R, res = torch_run
+    _check_identify(R, next(c for c in _cases(R) if c["name"] == "identify"), res["identify"])
+    _check_identify_errors(R, res["identify_errors"])
 
 
 def test_torch_trainer_resume_on_other_world_size(torch_run):
@@ -455,6 +509,8 @@ def test_mpi_backend(mpi_run):
     for name in ("train", "train_sparse_clip"):
         _check_train(next(c for c in _cases(R) if c["name"] == name), res[name])
     _check_torch_loss(next(c for c in _cases(R) if c["name"] == "torch_loss"), res["torch_loss"])
+    _check_identify(R, next(c for c in _cases(R) if c["name"] == "identify"), res["identify"])
+    _check_identify_errors(R, res["identify_errors"])
     _check_resume(R, res["_resume_case"], res["resume"], res["_two_ranks"])
     _check_agree(R, res["agree"])
     _check_ckpt(R, res["_ckpt_case"], res["ckpt"])
@@ -1005,6 +1061,144 @@ def test_threads_sharded_step_with_empty_local_batches():
         return True
 
     assert run_threads(2, empty) == [True, True]
+
+
+# ---------------------------------------------------------------- sharded identify on thread ranks
+
+
+@pytest.mark.parametrize("block", [1024, 2], ids=["one_block", "blocks_of_2"])
+@pytest.mark.parametrize(
+    "bounds, counts",
+    [
+        ((0, 6, 13), [5, 4]),
+        ((0, 13, 13), [0, 7]),  # rank 1 owns no class, rank 0 has no probe
+        ((0, 0, 4, 13), [4, 0, 3]),  # rank 0 owns no class, rank 1 has no probe
+        ((0, 5, 9, 13), [1, 1, 1]),
+        ((0, 1, 1, 10, 13), [3, 0, 2, 4]),  # sizes 1, 0, 9, 3
+        ((0, 3, 6, 10, 13), [0, 0, 0, 5]),  # one rank has every probe
+    ],
+)
+def test_threads_sharded_identify_equals_one_process(monkeypatch, block, bounds, counts):
+    """Each rank's identify of its own probes is the one-process identify of all ranks' probes, bit for
+    bit (ids and score bits), ties to the lower class id across ranks, for top = 1 .. N; several blocks
+    per rank with block = 2."""
+    import qaconv_gs.model as model_mod
+
+    monkeypatch.setattr(model_mod, "_IDENTIFY_BLOCK", block)
+    case = {**_IDENTIFY, "counts": counts}
+    model, P, _ = W.make_identify(case)
+    lay = ShardLayout(case["N"], len(bounds) - 1, bounds)
+    tops = (1, 2, 3, 5, case["N"])
+
+    def rank(c):
+        sharded = ShardedQAConvGS.from_model(model, comm=c, layout=lay)
+        sl = W._slice(counts, c.rank)
+        return [sharded.identify(P[sl], top=t) for t in tops]
+
+    res = run_threads(lay.world_size, rank, timeout_s=60)
+    for i, top in enumerate(tops):
+        ids, sc = model.identify(P, top=top)
+        assert [r[i][0].shape for r in res] == [(c, top) for c in counts]
+        assert all(r[i][0].dtype == np.int64 and r[i][1].dtype == np.float32 for r in res)
+        np.testing.assert_array_equal(np.concatenate([r[i][0] for r in res]), ids, err_msg=f"top {top}")
+        got = np.concatenate([r[i][1] for r in res])
+        np.testing.assert_array_equal(got.view(np.uint32), sc.view(np.uint32), err_msg=f"top {top}")
+    # the case does test ties: the first probe's best four classes are the copies 3, 7, 9, 12
+    ids, sc = model.identify(P[:1], top=4)
+    assert ids[0].tolist() == [3, 7, 9, 12] and len(set(sc[0].tolist())) == 1
+
+
+def test_threads_sharded_identify_moves_probes_not_rows():
+    """Each rank receives the other ranks' normalised probes and the candidate lists of its own probes,
+    far less than one other rank's class rows (the table is never assembled)."""
+    N, C, H, W_ = 300, 8, 3, 2
+    model = qg.QAConvGS(num_classes=N, channels=C, height=H, width=W_, k_nearest=3, seed=4)
+    P = np.random.default_rng(5).standard_normal((6, C, H, W_)).astype(np.float32)
+    top = 5
+
+    def rank(c):
+        sharded = ShardedQAConvGS.from_model(model, comm=c)
+        sl = W._slice([2, 2, 2], c.rank)
+        c.reset_counters()
+        out = sharded.identify(P[sl], top=top)
+        return out, c.bytes_received, sharded.hi - sharded.lo
+
+    res = run_threads(3, rank)
+    want = model.identify(P, top=top)
+    np.testing.assert_array_equal(np.concatenate([r[0][0] for r in res]), want[0])
+    D = C * H * W_
+    for _, received, n_r in res:
+        other_rows = (N - n_r) * D * 4
+        # 4 probes of the other ranks + 2 x 2 lists of [2, top] ids and scores, plus message headers
+        payload = 4 * D * 4 + 2 * 2 * top * (8 + 4)
+        assert payload <= received <= payload + 1024 < other_rows / 10, (received, payload, other_rows)
+
+
+def test_threads_sharded_identify_errors_raise_on_every_rank():
+    """Bad input on one rank raises there (ValueError / TypeError naming the argument) and RuntimeError
+    naming it on the others; disagreements between ranks (top, model shape) and an empty global batch
+    raise ValueError on every rank. Nothing waits (a short communicator timeout would fail the test)."""
+    model, P, _ = W.make_identify({**_IDENTIFY, "counts": [6]})
+    N = model.num_classes
+
+    def errors(R, make_args, models=None):
+        def rank(c):
+            sharded = models(c) if models else ShardedQAConvGS.from_model(model, comm=c)
+            feats, top = make_args(c.rank)
+            try:
+                sharded.identify(feats, top=top)
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"
+            return ""
+
+        return run_threads(R, rank, timeout_s=20)
+
+    def one_bad(out, bad_rank, prefix):
+        assert out[bad_rank].startswith(prefix), out
+        assert all(
+            e.startswith("RuntimeError") and f"[{bad_rank}]" in e for q, e in enumerate(out) if q != bad_rank
+        )
+
+    one_bad(
+        errors(3, lambda r: (P[:2, :-1] if r == 1 else P[:2], 2)), 1, "ValueError: features: expected shape"
+    )
+    one_bad(errors(2, lambda r: (P[:2, :, :, :1] if r == 0 else P[:2], 2)), 0, "ValueError: features")
+    nan = P[:2].copy()
+    nan[1, 0, 0, 0] = np.nan
+    one_bad(errors(3, lambda r: (nan if r == 2 else P[:2], 2)), 2, "ValueError: features")
+    one_bad(
+        errors(2, lambda r: (P[:2].astype(np.complex64) if r == 1 else P[:2], 2)), 1, "TypeError: features"
+    )
+    one_bad(errors(3, lambda r: (P[:2], 0 if r == 2 else 1)), 2, "ValueError: top:")
+    one_bad(errors(2, lambda r: (P[:2], N + 1 if r == 0 else N)), 0, "ValueError: top:")
+    one_bad(errors(2, lambda r: (P[:2], 2.0 if r == 1 else 2)), 1, "TypeError: top")
+    for top in (0, N + 1, -3):  # out of range everywhere: each rank reports its own error
+        assert all(e.startswith("ValueError: top:") for e in errors(3, lambda r, t=top: (P[:1], t)))
+    differs = errors(3, lambda r: (P[:2], 1 + r))
+    assert all(e.startswith("ValueError: top: every rank must pass the same top") for e in differs)
+    empty = errors(2, lambda r: (P[:0], 1))
+    assert all(e.startswith("ValueError: features: the global batch is empty") for e in empty), empty
+
+    other = qg.QAConvGS(**{**model.config, "num_classes": N + 1})
+    mixed = errors(
+        2,
+        lambda r: (P[:2], 2),
+        models=lambda c: ShardedQAConvGS.from_model(other if c.rank == 1 else model, comm=c),
+    )
+    assert all(e.startswith("ValueError: identify: the ranks' models disagree") for e in mixed), mixed
+    diverged = qg.QAConvGS(**model.config)
+    diverged.load_state_dict(model.state_dict())
+    diverged.parameters()["class_embed"][11, 0, 0, 0] = np.inf  # a class of the last rank
+    out = errors(3, lambda r: (P[:2], 2), models=lambda c: ShardedQAConvGS.from_model(diverged, comm=c))
+    one_bad(out, 2, "ValueError")
+    assert "NaN or Inf" in out[2], out
+    # after all that, the same ranks still identify correctly (no message was left in flight)
+    ok = errors(2, lambda r: (P[:3] if r == 0 else P[3:], 4))
+    assert ok == ["", ""]
+
+    single = ShardedQAConvGS.from_model(model)  # one rank: QAConvGS.identify
+    for got, want in zip(single.identify(P, top=3), model.identify(P, top=3)):
+        np.testing.assert_array_equal(got, want)
 
 
 def _thread_train(case: dict, counts: list[int], start: int = 0, load=None) -> list[dict]:

@@ -374,10 +374,17 @@ def _cmd_match(args: argparse.Namespace) -> int:
 
 
 def _rank1(model: Any, features: np.ndarray, labels: np.ndarray) -> float:
-    if callable(getattr(model, "gather_model", None)):  # sharded: identify needs every class (collective)
-        model = model.gather_model()
-    ids, _ = model.identify(features, top=1)
-    return float(np.mean(np.asarray(ids)[:, 0] == labels))
+    """Held-out rank-1 of `model` (the same value on every rank of a sharded model)."""
+    comm = getattr(model, "comm", None)
+    if comm is None:
+        ids, _ = model.identify(features, top=1)
+        return float(np.mean(np.asarray(ids)[:, 0] == labels))
+    # sharded identify is collective and answers each rank's own probes: every rank scores a slice
+    # against its classes, and the hit counts are summed (integers: the one-process value exactly)
+    part = np.array_split(np.arange(labels.shape[0]), comm.size)[comm.rank]
+    ids, _ = model.identify(features[part], top=1)
+    hits = comm.allreduce_sum(np.array([np.count_nonzero(np.asarray(ids)[:, 0] == labels[part])], np.int64))
+    return float(int(hits[0]) / labels.shape[0])
 
 
 def _say(comm: Any, *args: Any, **kwargs: Any) -> None:

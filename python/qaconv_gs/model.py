@@ -183,6 +183,42 @@ def _normalize_backward_inplace(g: np.ndarray, y: np.ndarray, norms: np.ndarray,
     return g
 
 
+def _eval_affine(head: Mapping[str, np.ndarray], S: int, fc: str) -> tuple[np.ndarray, float]:
+    """The eval-mode head as one affine map of the maxima: (w [2S] float32, bias), as match_scores takes."""
+    w, b = _head.head_eval_affine(head, S, fc)
+    return np.ascontiguousarray(w, dtype=np.float32), float(b)
+
+
+def _identify_rows(
+    Xn: np.ndarray, rows: np.ndarray, first_id: int, w: np.ndarray, b: float, top: int, nt: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top classes of normalised probes among the class rows `rows` (global ids first_id, first_id + 1, ...).
+
+    Xn [B, C, H, W] normalised probes; rows [n, C, H, W] raw class embeddings (n >= 0), normalised here
+    block by block; (w [2S], b) the head's eval affine. -> (ids [B, min(top, n)] int64, scores float32),
+    best first, ties to the lower class id. The arithmetic of one score depends only on its probe and its
+    class row (normalisation per row, `match_scores` per pair), not on the block or on which rows are
+    scored together: QAConvGS.identify and the sharded identify (each rank its own rows, then a merge)
+    call this and get the same bits. Memory O(B * (top + block))."""
+    B, n = Xn.shape[0], rows.shape[0]
+    best_ids = np.empty((B, 0), dtype=np.int64)
+    best_sc = np.empty((B, 0), dtype=np.float32)
+    block = max(_IDENTIFY_BLOCK, top)
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        En, _ = _matching.normalize(rows[s:e], n_threads=nt)
+        sc = _matching.match_scores(Xn, En, w, b, n_threads=nt)
+        # Earlier blocks hold lower ids, so a stable sort keeps ties on the lower id.
+        ids = np.concatenate(
+            [best_ids, np.broadcast_to(np.arange(first_id + s, first_id + e, dtype=np.int64), (B, e - s))], 1
+        )
+        cat = np.concatenate([best_sc, sc], axis=1)
+        order = np.argsort(-cat, axis=1, kind="stable")[:, :top]
+        best_ids = np.take_along_axis(ids, order, axis=1)
+        best_sc = np.take_along_axis(cat, order, axis=1)
+    return best_ids, best_sc
+
+
 def check_config(
     num_classes: object,
     channels: object,
@@ -784,8 +820,7 @@ class QAConvGS:
     # ------------------------------------------------------------------ evaluation (running statistics)
 
     def _eval_affine(self) -> tuple[np.ndarray, float]:
-        w, b = _head.head_eval_affine(self._head, self.S, self.fc)
-        return np.ascontiguousarray(w, dtype=np.float32), float(b)
+        return _eval_affine(self._head, self.S, self.fc)
 
     def match(self, probe: object, gallery: object) -> np.ndarray:
         """Eval-mode QAConv scores of every probe against every gallery map.
@@ -825,23 +860,8 @@ class QAConvGS:
         nt = self.n_threads
         w, b = self._eval_affine()
         Xn, _ = _matching.normalize(X, n_threads=nt)
-        B = X.shape[0]
-        best_ids = np.empty((B, 0), dtype=np.int64)
-        best_sc = np.empty((B, 0), dtype=np.float32)
-        block = max(_IDENTIFY_BLOCK, top)
         with self._lock:
-            for s in range(0, self.num_classes, block):
-                e = min(self.num_classes, s + block)
-                En, _ = _matching.normalize(self._embed[s:e], n_threads=nt)
-                sc = _matching.match_scores(Xn, En, w, b, n_threads=nt)
-                # Earlier blocks hold lower ids, so a stable sort keeps ties on the lower id.
-                ids = np.concatenate(
-                    [best_ids, np.broadcast_to(np.arange(s, e, dtype=np.int64), (B, e - s))], 1
-                )
-                cat = np.concatenate([best_sc, sc], axis=1)
-                order = np.argsort(-cat, axis=1, kind="stable")[:, :top]
-                best_ids = np.take_along_axis(ids, order, axis=1)
-                best_sc = np.take_along_axis(cat, order, axis=1)
+            best_ids, best_sc = _identify_rows(Xn, self._embed, 0, w, b, top, nt)
         return np.ascontiguousarray(best_ids), np.ascontiguousarray(best_sc, dtype=np.float32)
 
     # ------------------------------------------------------------------ Python protocol

@@ -300,11 +300,11 @@ def _build() -> dict[str, Any]:
             return torch.from_numpy(self._sync().match(probe, gallery))
 
         def identify(self, features, top=5):
-            """Eval-mode top classes (sharded: against the gathered table, collective)."""
-            core = self._sync()
-            if _sharded(core):
-                core = core.gather_model()
-            ids, sc = core.identify(features, top=top)
+            """Eval-mode top classes: (ids [B, top] int64, scores [B, top] float32) tensors, best first.
+
+            Sharded: collective, ShardedQAConvGS.identify (no rank assembles the table): every rank
+            passes its own probes (B_r = 0 allowed) and the same top, and gets its own probes' results."""
+            ids, sc = self._sync().identify(features, top=top)
             return torch.from_numpy(ids), torch.from_numpy(sc)
 
         def extra_repr(self) -> str:

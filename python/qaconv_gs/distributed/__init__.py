@@ -5,8 +5,9 @@
 - `ShardLayout`: contiguous class ranges per rank;
 - `sharded_class_neighbors`: ring-scheduled neighbour table, equal to `class_neighbors`;
 - `ShardedQAConvGS`: one training step over the gathered batch, class rows sharded, equal to
-  `QAConvGS.forward_backward` on the concatenated batch; `qaconv_gs.Trainer` trains it (one Trainer per
-  rank, sharded trainer checkpoints) and `qaconv_gs.torch.QAConvGSLoss(comm=...)` wraps it;
+  `QAConvGS.forward_backward` on the concatenated batch, and `identify` against the sharded table (each
+  rank its own probes, bit-identical to `QAConvGS.identify`); `qaconv_gs.Trainer` trains it (one Trainer
+  per rank, sharded trainer checkpoints) and `qaconv_gs.torch.QAConvGSLoss(comm=...)` wraps it;
 - sharded checkpoints: `save_sharded`, `load_sharded`, `load_sharded_model`, `shard_checkpoint`.
 """
 

@@ -30,11 +30,11 @@ from .. import head as _head
 from .. import losses as _losses
 from .. import matching as _matching
 from .._validate import as_float32, as_labels, check_int, resolve_threads, shape_str
-from ..model import _NBR_EXTRA_KEY, QAConvGS, StepResult, check_config
+from ..model import _NBR_EXTRA_KEY, QAConvGS, StepResult, _eval_affine, _identify_rows, check_config
 from ._head import sharded_head_backward, sharded_head_forward
 from .comm import Communicator, SingleProcessCommunicator
 from .layout import ShardLayout
-from .neighbors import sharded_class_neighbors
+from .neighbors import _fold, sharded_class_neighbors
 
 __all__ = ["ShardedQAConvGS", "ShardedStepResult"]
 
@@ -84,8 +84,8 @@ class ShardedQAConvGS:
     ShardLayout.even). With the same seed, the union of the shards equals QAConvGS(seed=seed)'s table and
     the head is identical. With seed=None rank 0 draws a seed and broadcasts it (stored in .seed).
     Collective methods (every rank must call them in the same order): the constructor, forward_backward,
-    rows_for_step, refresh_neighbors / local_neighbors when stale, gather_neighbors, gather_model, save
-    and load_checkpoint (sharded checkpoints). qaconv_gs.Trainer trains it (one Trainer per rank) and
+    rows_for_step, identify, refresh_neighbors / local_neighbors when stale, gather_neighbors, gather_model,
+    save and load_checkpoint (sharded checkpoints). qaconv_gs.Trainer trains it (one Trainer per rank) and
     qaconv_gs.torch.QAConvGSLoss wraps it (comm=...).
     """
 
@@ -261,6 +261,78 @@ class ShardedQAConvGS:
                 f"probe, gallery: expected non-empty arrays, got {P.shape[0]} and {G.shape[0]} maps"
             )
         return _evaluate.match(P, G, self._head, n_threads=self.n_threads)
+
+    def identify(self, features: object, top: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """Identification against all N classes, eval mode, without assembling the class table. Collective.
+
+        Every rank passes its own probes, features [B_r, C, H, W] (B_r = 0 is allowed; the global batch
+        of B = sum B_r probes must not be empty) and the same `top` (1 <= top <= num_classes), and gets
+        back the results of ITS OWN probes: (ids [B_r, top] int64 global class ids, scores [B_r, top]
+        float32), best first, ties to the lower class id. They are bit for bit QAConvGS.identify of the
+        one-process model on the probes of all ranks concatenated in rank order (rows sample_range).
+
+        How: the normalised probes are all-gathered (B * C*H*W floats); each rank scores all B probes
+        against its own rows in blocks with the arithmetic of QAConvGS.identify and keeps its top
+        min(top, rows); then, in R - 1 paired exchanges, each rank sends every other rank the lists of
+        that rank's probes and folds the lists of its own probes that arrive (score desc, id asc, as one
+        process). Memory per rank: the gathered probes plus O(B * (top + block)) scores and ids; no rank
+        holds another rank's rows. Bad input on any rank (shape, dtype, non-finite values, top) or non-finite
+        class rows raise on every rank: ValueError / TypeError on the failing rank, RuntimeError naming it
+        on the others; ranks that disagree on `top` or on the model's shape all raise ValueError.
+        """
+        comm = self.comm
+        err: BaseException | None = None
+        X = np.empty((0, self.channels, self.height, self.width), np.float32)
+        t = 0
+        try:
+            X = self._features(features, "features")
+            t = check_int(top, "top", lo=1, hi=self.num_classes)
+        except (TypeError, ValueError) as exc:
+            err = exc
+        comm.agree(err)  # every rank raises together instead of waiting for the failed one
+        me = np.array([X.shape[0], t, self.num_classes, self.channels, self.height, self.width], np.int64)
+        hdr = np.stack(comm.allgather(me))
+        counts = [int(c) for c in hdr[:, 0]]
+        if (hdr[:, 1] != t).any():  # every rank sees the same header: every rank raises
+            raise ValueError(f"top: every rank must pass the same top; ranks passed {hdr[:, 1].tolist()}")
+        if (hdr[:, 2:] != me[2:]).any():
+            raise ValueError(
+                "identify: the ranks' models disagree on (num_classes, channels, height, width): "
+                f"{[tuple(int(v) for v in row) for row in hdr[:, 2:]]}"
+            )
+        if sum(counts) == 0:
+            raise ValueError("features: the global batch is empty (every rank passed 0 probe maps)")
+        nt = self.n_threads
+        resolve_threads(nt)
+        R, r = comm.size, comm.rank
+        offs = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        # Normalisation is per map, so normalising here and gathering gives the one-process bits.
+        Xn_r = _matching.normalize(X, n_threads=nt)[0] if X.shape[0] else X
+        Xn = comm.allgather_concat(Xn_r)
+        w, b = _eval_affine(self._head, self.S, self.fc)
+        err = None
+        try:  # e.g. NaN rows (a diverged shard) or no memory: the others must not wait in the exchange
+            ids, sc = _identify_rows(Xn, self._embed, self.lo, w, b, t, nt)  # [B, min(t, hi - lo)]
+        except (ValueError, MemoryError) as exc:
+            err = exc
+        comm.agree(err)
+        best_i, best_s = ids[offs[r] : offs[r + 1]], sc[offs[r] : offs[r + 1]]
+        for step in range(1, R):
+            dest, source = (r + step) % R, (r - step) % R
+            got_i = comm.sendrecv(ids[offs[dest] : offs[dest + 1]], dest=dest, source=source)
+            got_s = comm.sendrecv(sc[offs[dest] : offs[dest + 1]], dest=dest, source=source)
+            if got_i.shape != got_s.shape or got_i.shape[0] != counts[r]:
+                raise RuntimeError(
+                    f"identify: rank {source} sent lists of shape {shape_str(got_i.shape)} / "
+                    f"{shape_str(got_s.shape)}, expected ({counts[r]}, k)"
+                )
+            # class ids are disjoint between ranks: the fold only orders (score desc, id asc) and cuts
+            best_i, best_s = _fold(best_i, best_s, got_i, got_s, t)
+        if counts[r] == 0:
+            return np.empty((0, t), np.int64), np.empty((0, t), np.float32)
+        if best_i.shape[1] != t:  # pragma: no cover - the ranks' rows together are all N >= top classes
+            raise RuntimeError(f"identify: rank {r} collected {best_i.shape[1]} of {t} classes")
+        return np.ascontiguousarray(best_i, np.int64), np.ascontiguousarray(best_s, np.float32)
 
     def train(self, mode: bool = True) -> ShardedQAConvGS:
         self.training = bool(mode)
