@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import _native
 from .. import evaluate as _evaluate
 from .. import head as _head
 from .. import losses as _losses
@@ -500,42 +501,51 @@ class ShardedQAConvGS:
         return out
 
     def _pairs_maxima(self, Xn, En, loc, buckets, P, nt):
-        """Maxima of the owned pairs (list order) -> mp, mg [P, S] float32, ap, ag [P, S] uint16."""
+        """Maxima of the owned pairs (list order) -> mp, mg [P, S] float32, ap, ag [P, S] uint16.
+
+        Xn [B, C, S] and En [R, C, S] are the step's own validated float32 arrays: the kernels are called
+        directly (no per-bucket re-validation of the whole class-row block)."""
         S = self.S
         mp = np.empty((P, S), np.float32)
         mg = np.empty((P, S), np.float32)
         ap = np.empty((P, S), np.uint16)
         ag = np.empty((P, S), np.uint16)
         for bs, pid in buckets:
-            a, b, c, d = _matching.pair_maxima_restricted(
-                Xn[bs], En, loc[pid], return_argmax=True, n_threads=nt
-            )
+            a, b, c, d = _native.match_maxima_restricted(Xn[bs], En, loc[pid], True, nt)
             flat = pid.reshape(-1)
             mp[flat], mg[flat], ap[flat], ag[flat] = (v.reshape(-1, S) for v in (a, b, c, d))
         return mp, mg, ap, ag
 
     def _pairs_backward(self, gmp, gmg, ap, ag, Xn, En, loc, buckets, nt):
-        """-> (samples [U] having an owned pair, their feature gradients [U], embedding grads [len(En)])."""
+        """-> (samples [U] having an owned pair, their feature gradients [U, C, S], class-row gradients
+        [len(En), C, S]).
+
+        Each bucket's class-row gradient covers only the rows its pairs use (the kernel's class side
+        needs the row count, not the rows), so the cost is O(pairs), not O(buckets x rows)."""
         S = self.S
         ub = np.sort(np.concatenate([bs for bs, _ in buckets]))
         gx = np.empty((ub.size,) + Xn.shape[1:], np.float32)
         ge = None
+        ge64 = None
         for bs, pid in buckets:
             shp = pid.shape + (S,)
-            a, b = _matching.pair_maxima_restricted_backward(
-                gmp[pid].reshape(shp),
-                gmg[pid].reshape(shp),
-                ap[pid].reshape(shp),
-                ag[pid].reshape(shp),
-                Xn[bs],
-                En,
-                loc[pid],
-                n_threads=nt,
-            )
+            args = (gmp[pid].reshape(shp), gmg[pid].reshape(shp), ap[pid].reshape(shp), ag[pid].reshape(shp))
+            Xb = Xn[bs]
+            a, _ = _native.match_backward_restricted_features(Xb, En, loc[pid], *args, nt)
             gx[np.searchsorted(ub, bs)] = a
-            # one bucket (always with one rank): the kernel's own rounding; several: float64 sum
-            ge = b if ge is None else (ge.astype(np.float64) + b)
-        ge = ge.astype(np.float32) if ge is not None else np.zeros_like(En)
+            rows, inv = np.unique(loc[pid], return_inverse=True)
+            _, b = _native.match_backward_restricted_embeds(Xb, rows.size, inv.reshape(pid.shape), *args, nt)
+            if len(buckets) == 1:  # always with one rank: the kernel's own rounding, as QAConvGS
+                ge = np.zeros(En.shape, np.float32)
+                ge[rows] = b
+            else:  # several: float64 sum over the buckets (rows a bucket does not use add exact zeros)
+                if ge64 is None:
+                    ge64 = np.zeros(En.shape, np.float64)
+                ge64[rows] += b
+        if ge64 is not None:
+            ge = ge64.astype(np.float32)
+        elif ge is None:
+            ge = np.zeros_like(En)
         return ub, gx, ge
 
     def _to_owners(self, rows: np.ndarray, ids: np.ndarray, counts: list[int]) -> np.ndarray:
@@ -589,7 +599,7 @@ class ShardedQAConvGS:
 
     def _forward_backward(self, X: np.ndarray, y_r: np.ndarray) -> ShardedStepResult:
         comm, nt = self.comm, self.n_threads
-        resolve_threads(nt)
+        nt = resolve_threads(nt)
         me = comm.rank
         K = self.num_candidates
         Br = X.shape[0]
@@ -615,9 +625,11 @@ class ShardedQAConvGS:
         loc = np.searchsorted(ids, cand[pb, pj]).astype(np.int64)
         S = self.S
         if ids.size:
-            En, En_norms = _matching.normalize(self._embed[ids - self.lo], n_threads=nt)
+            C = self.channels
+            table = self._embed.reshape(-1, C, S)
+            En, En_norms = _native.norm_forward_rows(table, ids - self.lo, nt)
             buckets = self._buckets(owned)
-            mp, mg, ap, ag = self._pairs_maxima(Xn, En, loc, buckets, pb.size, nt)
+            mp, mg, ap, ag = self._pairs_maxima(Xn.reshape(B, C, S), En, loc, buckets, pb.size, nt)
         else:
             En = np.empty((0,) + X.shape[1:], np.float32)
             mp = mg = np.empty((0, S), np.float32)
@@ -670,8 +682,14 @@ class ShardedQAConvGS:
         if extra_head is not None:
             grad_head = {k: grad_head[k] + extra_head[k] for k in grad_head}
         if ids.size:
-            ub, gx_part, gEn = self._pairs_backward(gmp, gmg, ap, ag, Xn, En, loc, buckets, nt)
-            grad_rows = _matching.normalize_backward(gEn, En, En_norms, n_threads=nt)
+            ub, gx_part, gEn = self._pairs_backward(
+                gmp, gmg, ap, ag, Xn.reshape(B, C, S), En, loc, buckets, nt
+            )
+            del En
+            # in place over gEn; the class rows are re-read from the table (the same bits as En)
+            grad_rows = _native.norm_backward_rows(gEn, table, ids - self.lo, En_norms, nt)
+            grad_rows = grad_rows.reshape((ids.size,) + X.shape[1:])
+            gx_part = gx_part.reshape((ub.size,) + X.shape[1:])
         else:
             ub = np.empty(0, np.int64)
             gx_part = np.empty((0,) + X.shape[1:], np.float32)
