@@ -70,4 +70,25 @@ static inline void qg_nb_push(float *s, int64_t *ix, float *kth, int64_t k, floa
     *kth = s[k - 1];
 }
 
+/* Argument and size checks of qg_neighbors_cross_topk_f32 (and its reference): QG_OK, QG_EINVAL or
+ * QG_EOVERFLOW; *nka = na * ka and *nkb = nb * kb on success. */
+static inline int qg_nb_cross_check(const float *A, int64_t na, int64_t a_id0, const float *B, int64_t nb,
+                                    int64_t b_id0, int64_t D, int64_t ka, const int64_t *idx_a, int64_t kb,
+                                    const int64_t *idx_b, int64_t *nka, int64_t *nkb)
+{
+    if (!A || !B || !idx_a || !idx_b || na < 1 || nb < 1 || D < 1 || ka < 1 || ka > nb || kb < 1 || kb > na ||
+        a_id0 < 0 || b_id0 < 0)
+        return QG_EINVAL;
+    int64_t t;
+    if (qg_mul_overflow(na, D, &t) || qg_mul_overflow(nb, D, &t) || qg_mul_overflow(na, ka, nka) ||
+        qg_mul_overflow(nb, kb, nkb))
+        return QG_EOVERFLOW;
+    if (*nka > INT64_MAX / 8 || *nkb > INT64_MAX / 8 || na > INT64_MAX / 32 || nb > INT64_MAX / 32)
+        return QG_EOVERFLOW;
+    /* ids stay below the sentinel INT64_MAX */
+    if (a_id0 > INT64_MAX - 1 - na || b_id0 > INT64_MAX - 1 - nb) return QG_EOVERFLOW;
+    if (a_id0 < b_id0 + nb && b_id0 < a_id0 + na) return QG_EINVAL; /* id ranges overlap */
+    return QG_OK;
+}
+
 #endif

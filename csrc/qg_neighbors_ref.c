@@ -8,7 +8,7 @@
  * qg_neighbors_cross_topk_ref_f32 computes each pair with the same weights and dot product, so
  * its similarities are the symmetric reference's bits.
  */
-#include "qg_neighbors.h"
+#include "qg_neighbors_impl.h"
 
 #include <math.h>
 
@@ -97,16 +97,9 @@ int qg_neighbors_cross_topk_ref_f32(const float *A, int64_t na, int64_t a_id0, c
                                     int64_t b_id0, int64_t D, int64_t ka, int64_t *idx_a, float *sim_a,
                                     int64_t kb, int64_t *idx_b, float *sim_b, const qg_ctx *ctx)
 {
-    if (!A || !B || !idx_a || !idx_b || na < 1 || nb < 1 || D < 1 || ka < 1 || ka > nb || kb < 1 || kb > na ||
-        a_id0 < 0 || b_id0 < 0)
-        return QG_EINVAL;
-    int64_t t, nka, nkb;
-    if (qg_mul_overflow(na, D, &t) || qg_mul_overflow(nb, D, &t) || qg_mul_overflow(na, ka, &nka) ||
-        qg_mul_overflow(nb, kb, &nkb))
-        return QG_EOVERFLOW;
-    if (nka > INT64_MAX / 8 || nkb > INT64_MAX / 8 || na > INT64_MAX / 32 || nb > INT64_MAX / 32) return QG_EOVERFLOW;
-    if (a_id0 > INT64_MAX - 1 - na || b_id0 > INT64_MAX - 1 - nb) return QG_EOVERFLOW;
-    if (a_id0 < b_id0 + nb && b_id0 < a_id0 + na) return QG_EINVAL;
+    int64_t nka, nkb;
+    const int chk = qg_nb_cross_check(A, na, a_id0, B, nb, b_id0, D, ka, idx_a, kb, idx_b, &nka, &nkb);
+    if (chk != QG_OK) return chk;
 
     double *r = (double *)qg_malloc((na + nb) * (int64_t)sizeof(double));
     float *tops_a = sim_a ? sim_a : (float *)qg_malloc(nka * (int64_t)sizeof(float));

@@ -3,6 +3,7 @@ import os
 import numpy as np
 import pytest
 from hypothesis import settings
+from isa_levels import ISAS
 
 settings.register_profile("ci", max_examples=25, deadline=None)
 settings.register_profile("long", max_examples=1000, deadline=None)
@@ -12,6 +13,18 @@ settings.load_profile(os.environ.get("QG_HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run the test on one SIMD path <= the CPU's best; the previous level is restored afterwards."""
+    from qaconv_gs import _native
+
+    previous = _native.set_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        _native.set_isa(previous)
 
 
 if os.environ.get("QG_HIDE_TORCH") == "1":

@@ -7,26 +7,13 @@ import pytest
 import ref_match as ref
 from hypothesis import given
 from hypothesis import strategies as st
+from isa_levels import ISAS
 from qaconv_gs import _native
 from qaconv_gs import matching as m
 
 RTOL = 1e-4
 # Z is a float32 sum of C products of unit-norm entries: its absolute error is a few ulps of 1.
 ATOL = 1e-5
-
-_LEVELS = ("portable", "avx2", "avx512")
-# every SIMD path this CPU can run (the kernels pick theirs from the current level)
-ISAS = _LEVELS[: _LEVELS.index(_native.best_isa()) + 1]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Run the test on one SIMD path; the previous level is restored afterwards."""
-    previous = _native.set_isa(request.param)
-    try:
-        yield request.param
-    finally:
-        _native.set_isa(previous)
 
 
 def maps(rng, n, C, H, W, normalize=True):

@@ -12,6 +12,7 @@ import pytest
 import qaconv_gs as qg
 from hypothesis import given
 from hypothesis import strategies as st
+from isa_levels import ISAS
 from qaconv_gs.neighbors import _class_neighbors_ref
 from ref_neighbors import assert_neighbors_close, cosine64, knn64
 
@@ -213,27 +214,6 @@ def test_torch_oracle_sets(rng):
 
 # ---------------------------------------------------------------- every SIMD path
 
-_LEVELS = ["portable", "avx2", "avx512"]
-
-
-def _isa_levels() -> list[str]:
-    from qaconv_gs import _native
-
-    return _LEVELS[: _LEVELS.index(_native.best_isa()) + 1]
-
-
-@pytest.fixture(params=_isa_levels())
-def isa(request):
-    """Run the test on one SIMD level <= the CPU's best (restored afterwards)."""
-    from qaconv_gs import _native
-
-    before = _native.isa()
-    _native.set_isa(request.param)
-    try:
-        yield request.param
-    finally:
-        _native.set_isa(before)
-
 
 @pytest.mark.parametrize(
     "n, d, k",
@@ -298,7 +278,7 @@ def test_simd_paths_agree_to_rounding(rng):
     before = _native.isa()
     try:
         out = {}
-        for level in _isa_levels():
+        for level in ISAS:
             _native.set_isa(level)
             out[level] = qg.class_neighbors(E, 8, return_similarity=True)
     finally:

@@ -12,23 +12,6 @@ from qaconv_gs import _native
 from qaconv_gs.distributed import merge_topk
 from qaconv_gs.neighbors import _class_neighbors_ref, _cross_class_neighbors
 
-_LEVELS = ["portable", "avx2", "avx512"]
-
-
-def _isa_levels() -> list[str]:
-    return _LEVELS[: _LEVELS.index(_native.best_isa()) + 1]
-
-
-@pytest.fixture(params=_isa_levels())
-def isa(request):
-    """Run the test on one SIMD level <= the CPU's best (restored afterwards)."""
-    before = _native.isa()
-    _native.set_isa(request.param)
-    try:
-        yield request.param
-    finally:
-        _native.set_isa(before)
-
 
 def _full_matrix(E: np.ndarray, ref: bool = False) -> np.ndarray:
     """[N, N] float32 similarities as the single-table kernel returns them (k = N - 1); diagonal NaN."""
