@@ -736,9 +736,24 @@ static int qg_run_bwd(const qg_bwd_job *job, const qg_ctx *ctx)
 {
     if (job->nrows == 0) return QG_OK;
 #if QG_X86
-    if (ctx && ctx->isa >= QG_ISA_AVX2) return qg_match_bwd_avx2(job, ctx);
+    if (ctx && ctx->isa >= QG_ISA_AVX2) return qg_match_bwd_avx2(job, ctx); /* fuses ytab itself */
 #endif
-    return qg_run_bwd_portable(job, ctx);
+    int st = qg_run_bwd_portable(job, ctx);
+    if (st != QG_OK || !job->ytab) return st;
+    /* the normalisation backward of the finished rows, one pass (the same item as the fused engines) */
+    const int64_t C = job->C, S = job->S, cs = C * S, nsb = (S + QG_NORM_SB - 1) / QG_NORM_SB;
+    const int64_t items = job->nrows * nsb;
+    int stop = 0;
+    QG_OMP(parallel for schedule(dynamic, 1) num_threads(qg_threads_for(ctx, items)))
+    for (int64_t it = 0; it < items; ++it) {
+        if (qg_stop_requested(&stop)) continue;
+        const int64_t t = it / nsb, s0 = (it % nsb) * QG_NORM_SB, n = qg_min64(QG_NORM_SB, S - s0);
+        const int64_t row = job->rowid ? job->rowid[t] : t;
+        float *o = job->out + row * cs + s0;
+        qg_norm_bwd_item(o, job->ytab + job->yrow[row] * cs + s0, 1, job->ynorm + row * S + s0, n, C, S, o);
+        qg_poll_block(ctx, &stop);
+    }
+    return stop ? QG_EINTR : QG_OK;
 }
 
 static int qg_bwd_check(int64_t nA, int64_t nB, int64_t K, int64_t C, int64_t S, int64_t *npairs)
@@ -766,18 +781,19 @@ int qg_match_backward_f32(const float *P, int64_t nP, const float *G, int64_t nG
     }
     if (!P || !G || !gmp || !gmg || !ap || !ag || !gP || !gG) return QG_EINVAL;
     if (!qg_check_argmax(ap, npairs * S, S) || !qg_check_argmax(ag, npairs * S, S)) return QG_ERANGE;
-    qg_bwd_job jp = {nP, NULL, NULL, NULL, nG, nP, NULL, G, nG, 0, C, S, gmp, gmg, ap, ag, gP};
+    qg_bwd_job jp = {nP, NULL, NULL, NULL, nG, nP, NULL, G, nG, 0, C, S, gmp, gmg, ap, ag, gP, NULL, NULL, NULL};
     st = qg_run_bwd(&jp, ctx);
     if (st != QG_OK) return st;
-    qg_bwd_job jg = {nG, NULL, NULL, NULL, nG, nP, NULL, P, nP, 1, C, S, gmp, gmg, ap, ag, gG};
+    qg_bwd_job jg = {nG, NULL, NULL, NULL, nG, nP, NULL, P, nP, 1, C, S, gmp, gmg, ap, ag, gG, NULL, NULL, NULL};
     return qg_run_bwd(&jg, ctx);
 }
 
-int qg_match_backward_restricted_f32(const float *X, int64_t B, const float *E, int64_t N,
-                                     const int64_t *cand, int64_t K, int64_t C, int64_t S,
-                                     const float *gmp, const float *gmg,
-                                     const uint16_t *ap, const uint16_t *ag,
-                                     float *gX, float *gE, const qg_ctx *ctx)
+/* The restricted backward; with ytab the class side's output rows get the normalisation backward of
+ * qg_norm_backward_rows_f32 (ytab [.., C, S] raw table, yrow [N] its rows, ynorm [N, S]) applied. */
+static int qg_bwd_restricted(const float *X, int64_t B, const float *E, int64_t N, const int64_t *cand, int64_t K,
+                             int64_t C, int64_t S, const float *gmp, const float *gmg, const uint16_t *ap,
+                             const uint16_t *ag, float *gX, float *gE, const float *ytab, const int64_t *yrow,
+                             const float *ynorm, const qg_ctx *ctx)
 {
     int64_t npairs;
     int st = qg_bwd_check(B, N, K, C, S, &npairs);
@@ -795,7 +811,7 @@ int qg_match_backward_restricted_f32(const float *X, int64_t B, const float *E, 
     if (!qg_check_argmax(ap, npairs * S, S) || !qg_check_argmax(ag, npairs * S, S)) return QG_ERANGE;
 
     if (gX) { /* gX: row b sums its pairs j = 0..K-1 in order. */
-        qg_bwd_job jx = {B, NULL, NULL, NULL, K, B, cand, E, N, 0, C, S, gmp, gmg, ap, ag, gX};
+        qg_bwd_job jx = {B, NULL, NULL, NULL, K, B, cand, E, N, 0, C, S, gmp, gmg, ap, ag, gX, NULL, NULL, NULL};
         st = qg_run_bwd(&jx, ctx);
         if (st != QG_OK || !gE) return st;
     }
@@ -840,7 +856,7 @@ int qg_match_backward_restricted_f32(const float *X, int64_t B, const float *E, 
         goto done;
     }
     {
-        qg_bwd_job je = {nrows, roff, list, rows, K, B, NULL, X, B, 1, C, S, gmp, gmg, ap, ag, gE};
+        qg_bwd_job je = {nrows, roff, list, rows, K, B, NULL, X, B, 1, C, S, gmp, gmg, ap, ag, gE, ytab, yrow, ynorm};
         st = qg_run_bwd(&je, ctx);
     }
 done:
@@ -849,4 +865,30 @@ done:
     qg_free(rows);
     qg_free(roff);
     return st;
+}
+
+int qg_match_backward_restricted_f32(const float *X, int64_t B, const float *E, int64_t N,
+                                     const int64_t *cand, int64_t K, int64_t C, int64_t S,
+                                     const float *gmp, const float *gmg,
+                                     const uint16_t *ap, const uint16_t *ag,
+                                     float *gX, float *gE, const qg_ctx *ctx)
+{
+    return qg_bwd_restricted(X, B, E, N, cand, K, C, S, gmp, gmg, ap, ag, gX, gE, NULL, NULL, NULL, ctx);
+}
+
+int qg_match_backward_restricted_rows_f32(const float *X, int64_t B, const float *E, int64_t NE,
+                                          const int64_t *rows, const float *norm, int64_t R,
+                                          const int64_t *cand, int64_t K, int64_t C, int64_t S,
+                                          const float *gmp, const float *gmg,
+                                          const uint16_t *ap, const uint16_t *ag,
+                                          float *gE, const qg_ctx *ctx)
+{
+    int empty;
+    int st = qg_norm_check(R, C, S, &empty);
+    if (st != QG_OK) return st;
+    if (!empty) {
+        if (!gE || !norm || !E) return QG_EINVAL;
+        if ((st = qg_norm_check_rows(rows, R, NE, C * S)) != QG_OK) return st;
+    }
+    return qg_bwd_restricted(X, B, NULL, R, cand, K, C, S, gmp, gmg, ap, ag, NULL, gE, E, rows, norm, ctx);
 }

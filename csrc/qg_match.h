@@ -104,6 +104,18 @@ int qg_match_backward_restricted_f32(const float *X, int64_t B, const float *E, 
                                      const uint16_t *ap, const uint16_t *ag,
                                      float *gX, float *gE, const qg_ctx *ctx);
 
+/* The class side of the restricted backward on raw table rows, fused with their normalisation
+ * backward: the class rows were normalised from E [NE, C, S] rows `rows` [R] (qg_norm_forward_rows_f32,
+ * norms `norm` [R, S]) and cand [B, K] indexes those R rows. gE [R, C, S] gets the gradient w.r.t. the
+ * raw rows: the bits of qg_match_backward_restricted_f32's gE (with gX NULL) followed by
+ * qg_norm_backward_rows_f32, without a pass over the [R, C, S] gradient in memory in between. */
+int qg_match_backward_restricted_rows_f32(const float *X, int64_t B, const float *E, int64_t NE,
+                                          const int64_t *rows, const float *norm, int64_t R,
+                                          const int64_t *cand, int64_t K, int64_t C, int64_t S,
+                                          const float *gmp, const float *gmg,
+                                          const uint16_t *ap, const uint16_t *ag,
+                                          float *gE, const qg_ctx *ctx);
+
 /* ---- scalar reference versions (fallback and test oracle): same contracts ---- */
 int qg_norm_forward_ref_f32(const float *x, int64_t M, int64_t C, int64_t S,
                             float *y, float *norm, const qg_ctx *ctx);

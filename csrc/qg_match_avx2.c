@@ -819,6 +819,10 @@ static void qg_bwd_row_store(const qg_bwd_job *job, int64_t t, double *acc, cons
         for (int64_t s0 = 0; s0 < S8; s0 += 8) qg_tr8x8(accf + s0 * Cp + c0, Cp, o + c0 * S + s0, S);
     for (int64_t c = 0; c < C; ++c)
         for (int64_t s = (c < C8 ? S8 : 0); s < S; ++s) o[c * S + s] = accf[s * Cp + c];
+    if (job->ytab) /* the row is still in L2: its normalisation backward now, not in a pass over memory */
+        for (int64_t s0 = 0; s0 < S; s0 += QG_NORM_SB)
+            qg_norm_bwd_item_avx2(o + s0, job->ytab + job->yrow[row] * C * S + s0, 1, job->ynorm + row * S + s0,
+                                  qg_min(QG_NORM_SB, S - s0), C, S, o + s0);
 }
 
 int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)

@@ -47,6 +47,12 @@ typedef struct qg_bwd_job {
     const float *gmp, *gmg;
     const uint16_t *ap, *ag;
     float *out;
+    /* Optional (NULL: off): after an output map is complete, apply the normalisation backward to it in
+     * place, with y rebuilt from the raw table: out map m <- norm_bwd(out[m], ytab[yrow[m]], ynorm[m]),
+     * the bits of qg_norm_backward_rows_f32 on the finished output. */
+    const float *ytab;
+    const int64_t *yrow;
+    const float *ynorm;
 } qg_bwd_job;
 
 /* Locations per normalisation work item. */

@@ -224,6 +224,37 @@ def test_restricted_backward_one_side_same_bits(rng, isa):
         _native.match_backward_restricted_embeds(x, 2, cand, gmp, gmg, ap, ag, 1)
 
 
+@pytest.mark.parametrize("shape", [(9, 16, 7, 7), (5, 8, 24, 8), (4, 3, 1, 300), (3, 2, 1, 1)])
+@pytest.mark.parametrize("nt", [1, 3])
+def test_restricted_backward_rows_fused_same_bits(rng, isa, shape, nt):
+    """The class side fused with the class rows' normalisation backward (one pass while each row is in
+    cache) gives the bits of the two separate calls; rows no pair uses get zeros."""
+    B, C, H, W = shape
+    S = H * W
+    N = 13
+    table = flat3(rng.standard_normal((N, C, H, W)).astype(np.float32))
+    table[4, :, 0] = 0.0  # a zero location
+    rows = np.array([11, 4, 0, 7, 2, 9], np.int64)  # class row r of the step is table row rows[r]
+    En, norms = _native.norm_forward_rows(table, rows, nt)
+    x, _ = _native.norm_forward(flat3(rng.standard_normal((B, C, H, W)).astype(np.float32)), nt)
+    cand = rng.integers(0, rows.size - 1, size=(B, 4)).astype(np.int64)  # class row 5 is never used
+    cand[: B // 2] = cand[0]  # a run of probes sharing a list
+    mp, mg, ap, ag = _native.match_maxima_restricted(x, En, cand, True, nt)
+    gmp = rng.standard_normal(mp.shape).astype(np.float32)
+    gmg = rng.standard_normal(mg.shape).astype(np.float32)
+    _, ge = _native.match_backward_restricted_embeds(x, rows.size, cand, gmp, gmg, ap, ag, nt)
+    want = _native.norm_backward_rows(ge, table, rows, norms, nt)
+    got = _native.match_backward_restricted_rows(x, table, rows, norms, cand, gmp, gmg, ap, ag, nt)
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == (rows.size, C, S) and not got[5].any()
+    with pytest.raises(ValueError, match="range"):
+        _native.match_backward_restricted_rows(x, table, rows + 3, norms, cand, gmp, gmg, ap, ag, 1)
+    with pytest.raises(ValueError, match="range|candidate"):
+        _native.match_backward_restricted_rows(x, table, rows[:2], norms[:2], cand, gmp, gmg, ap, ag, 1)
+    with pytest.raises(ValueError, match="norms"):
+        _native.match_backward_restricted_rows(x, table, rows, norms[:-1], cand, gmp, gmg, ap, ag, 1)
+
+
 # ---------------------------------------------------------------- forward
 
 

@@ -888,6 +888,74 @@ static PyObject *qg_py_match_backward_restricted_embeds(PyObject *self, PyObject
                                              "pair_maxima_restricted_backward", 2);
 }
 
+/* match_backward_restricted_rows(X, table, rows, norms, cand, gmp, gmg, ap, ag, n_threads) -> gE [R, C, S]:
+ * the class side of the restricted backward fused with the class rows' normalisation backward. */
+static PyObject *qg_py_match_backward_restricted_rows(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *xo, *eo, *ro, *no, *co, *gmpo, *gmgo, *apo, *ago;
+    int n_threads = 1;
+    PyArrayObject *X = NULL, *E = NULL, *rows = NULL, *nrm = NULL, *cand = NULL, *gmp = NULL, *gmg = NULL,
+                  *ap = NULL, *ag = NULL, *gE = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOi", &xo, &eo, &ro, &no, &co, &gmpo, &gmgo, &apo, &ago, &n_threads))
+        return NULL;
+    if (qg_check_threads(n_threads) < 0) return NULL;
+    X = qg_array(xo, NPY_FLOAT32, 3, "features");
+    if (!X) goto fail;
+    if (qg_match_check_S(X, "features") < 0) goto fail;
+    if (qg_norm_rows_args(eo, ro, &E, &rows) < 0) goto fail;
+    if (qg_match_shape3(E, "table", -1, QG_DIM(X, 1), QG_DIM(X, 2)) < 0) goto fail;
+    nrm = qg_array(no, NPY_FLOAT32, 2, "norms");
+    if (!nrm) goto fail;
+    if (QG_DIM(nrm, 0) != QG_DIM(rows, 0) || QG_DIM(nrm, 1) != QG_DIM(X, 2)) {
+        PyErr_Format(PyExc_ValueError, "norms: expected shape (%lld, %lld), got (%lld, %lld)",
+                     (long long)QG_DIM(rows, 0), (long long)QG_DIM(X, 2), (long long)QG_DIM(nrm, 0),
+                     (long long)QG_DIM(nrm, 1));
+        goto fail;
+    }
+    cand = qg_array(co, NPY_INT64, 2, "candidates");
+    if (!cand) goto fail;
+    if (QG_DIM(cand, 0) != QG_DIM(X, 0)) {
+        PyErr_Format(PyExc_ValueError, "candidates: expected %lld rows (one per feature map), got %lld",
+                     (long long)QG_DIM(X, 0), (long long)QG_DIM(cand, 0));
+        goto fail;
+    }
+    const int64_t B = QG_DIM(X, 0), K = QG_DIM(cand, 1), C = QG_DIM(X, 1), S = QG_DIM(X, 2), R = QG_DIM(rows, 0);
+    if (qg_match_bwd_arrays(gmpo, gmgo, apo, ago, B, K, S, &gmp, &gmg, &ap, &ag) < 0) goto fail;
+    npy_intp de[3] = {(npy_intp)R, (npy_intp)C, (npy_intp)S};
+    gE = qg_empty(3, de, NPY_FLOAT32);
+    if (!gE) goto fail;
+    qg_call call;
+    qg_call_begin(&call, n_threads);
+    int st = qg_match_backward_restricted_rows_f32(QG_F32(X), B, QG_F32(E), QG_DIM(E, 0), QG_I64(rows), QG_F32(nrm),
+                                                   R, QG_I64(cand), K, C, S, QG_F32(gmp), QG_F32(gmg), QG_U16(ap),
+                                                   QG_U16(ag), QG_F32(gE), &call.ctx);
+    qg_call_end(&call);
+    if (qg_check_status(st, "pair_maxima_restricted_backward (rows)") < 0) goto fail;
+    Py_DECREF(X);
+    Py_DECREF(E);
+    Py_DECREF(rows);
+    Py_DECREF(nrm);
+    Py_DECREF(cand);
+    Py_DECREF(gmp);
+    Py_DECREF(gmg);
+    Py_DECREF(ap);
+    Py_DECREF(ag);
+    return Py_BuildValue("N", gE);
+fail:
+    Py_XDECREF(X);
+    Py_XDECREF(E);
+    Py_XDECREF(rows);
+    Py_XDECREF(nrm);
+    Py_XDECREF(cand);
+    Py_XDECREF(gmp);
+    Py_XDECREF(gmg);
+    Py_XDECREF(ap);
+    Py_XDECREF(ag);
+    Py_XDECREF(gE);
+    return NULL;
+}
+
 static PyObject *qg_py_match_backward_restricted_ref(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -917,6 +985,8 @@ static PyObject *qg_py_match_backward_restricted_ref(PyObject *self, PyObject *a
      "match_backward_restricted_features(X, E, cand, gmp, gmg, ap, ag, n_threads) -> (gX, None)"},        \
     {"match_backward_restricted_embeds", qg_py_match_backward_restricted_embeds, METH_VARARGS,              \
      "match_backward_restricted_embeds(X, n_rows, cand, gmp, gmg, ap, ag, n_threads) -> (None, gE)"},     \
+    {"match_backward_restricted_rows", qg_py_match_backward_restricted_rows, METH_VARARGS,                  \
+     "match_backward_restricted_rows(X, table, rows, norms, cand, gmp, gmg, ap, ag, n_threads) -> gE"},     \
     {"match_backward_restricted_ref", qg_py_match_backward_restricted_ref, METH_VARARGS,                    \
      "scalar reference of match_backward_restricted"},                                                      \
     {"norm_forward_rows", qg_py_norm_forward_rows, METH_VARARGS,                                            \

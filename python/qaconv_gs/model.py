@@ -764,12 +764,15 @@ class QAConvGS:
                 grad_head[k] = grad_head[k] + np.asarray(extra_grad_head[k], dtype=np.float32)
         _lap(laps, "head backward")
         # The feature side first, then En is dropped before the [R, C, S] class-row gradient exists:
-        # the step never holds both (the gE side reads only Xn), and the class rows' normalize
-        # backward rebuilds En from the table (same bits) in place over gEn.
+        # the step never holds both. The class side reads only Xn, and its kernel applies the class rows'
+        # normalize backward to each finished row while it is in cache, rebuilding En's rows from the
+        # table (the bits of the separate calls).
         gXn, _ = _native.match_backward_restricted_features(Xn, En, local, gmp, gmg, ap, ag, nt)
-        R = En.shape[0]
         del En
-        _, gEn = _native.match_backward_restricted_embeds(Xn, R, local, gmp, gmg, ap, ag, nt)
+        table = self._embed.reshape(-1, C, self.S)
+        grad_rows = _native.match_backward_restricted_rows(
+            Xn, table, ids, En_norms, local, gmp, gmg, ap, ag, nt
+        )
         del gmp, gmg, ap, ag
         if extra_grad_xn is not None:
             gXn += extra_grad_xn
@@ -777,7 +780,6 @@ class QAConvGS:
         _lap(laps, "maxima backward")
         grad_x = _normalize_backward_inplace(gXn, Xn, Xn_norms, nt)
         del Xn
-        grad_rows = _native.norm_backward_rows(gEn, self._embed.reshape(-1, C, self.S), ids, En_norms, nt)
         _lap(laps, "normalize backward")
         loss_cls = float(cl.loss_cls)
         out = StepResult(
