@@ -58,6 +58,11 @@ HEAD = F.init_head(S, rng=np.random.default_rng(1))
 MP, MG, AP, AG = F.pair_maxima(X, G, return_argmax=True)
 RMP, RMG, RAP, RAG = F.pair_maxima_restricted(X, E, CAND, return_argmax=True, n_threads=1)
 XN, XNORM = F.normalize(X)
+E3_F = np.asfortranarray(E.reshape(N, C, S))
+ROWS = np.unique(CAND)
+LOC = np.searchsorted(ROWS, CAND)
+E_ROWS, NORM_ROWS = _native.norm_forward_rows(np.ascontiguousarray(E3_F), ROWS, 1)
+GY_ROWS = np.ones_like(E_ROWS)
 W2 = np.ones(2 * S, np.float32)
 MODEL = qg.QAConvGS(N, C, H, W, k_nearest=3, seed=0, n_threads=1)
 MODEL_B = qg.QAConvGS(N, C, H, W, k_nearest=3, seed=0, triplet="batch", n_threads=1)
@@ -140,6 +145,33 @@ CALLS_TABLE = {
         ValueError, _native.match_backward, X_F, G_F, MP[:, :2], MG, AP, AG, 1
     ),
     "native-err-focal-range": raises(ValueError, _native.loss_focal, SC, Y5 + 50, 2.0, True, 1),
+    # table-row kernels of the training step (a Fortran-ordered table is copied and freed)
+    "native-norm_forward_rows-f": lambda: _native.norm_forward_rows(E3_F, ROWS, 1),
+    "native-norm_backward_rows": lambda: _native.norm_backward_rows(GY_ROWS.copy(), E3_F, ROWS, NORM_ROWS, 1),
+    "native-restricted-features": lambda: _native.match_backward_restricted_features(
+        X_F, E_ROWS, LOC, RMP, RMG, RAP, RAG, 1
+    ),
+    "native-restricted-embeds": lambda: _native.match_backward_restricted_embeds(
+        X_F, len(ROWS), LOC, RMP, RMG, RAP, RAG, 1
+    ),
+    "native-restricted-rows": lambda: _native.match_backward_restricted_rows(
+        X_F, E3_F, ROWS, NORM_ROWS, LOC, RMP, RMG, RAP, RAG, 1
+    ),
+    "native-err-norm_rows-range": raises(ValueError, _native.norm_forward_rows, E3_F, ROWS + N, 1),
+    "native-err-restricted-rows-range": raises(
+        ValueError,
+        _native.match_backward_restricted_rows,
+        X_F,
+        E3_F,
+        ROWS,
+        NORM_ROWS,
+        LOC + N,
+        RMP,
+        RMG,
+        RAP,
+        RAG,
+        1,
+    ),
 }
 
 
@@ -147,6 +179,7 @@ def _refcounts():
     """Reference counts of every input array (must not move at all) and of the singletons a binding
     might over-reference (None, True, False: +-1 from interpreter caches is fine, +calls is a leak)."""
     objs = [X, G, E, Y, SC, SQ, CAND, MP, MG, AP, AG, XN, XNORM, W2, E_F, X_F, G_F, BAD_E, OUT_OF_RANGE]
+    objs += [E3_F, ROWS, LOC, E_ROWS, NORM_ROWS, GY_ROWS]
     objs += list(HEAD.values())
     return [sys.getrefcount(o) for o in objs], [sys.getrefcount(o) for o in (None, True, False)]
 

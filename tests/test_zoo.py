@@ -973,6 +973,11 @@ _ABI_SCRIPT = textwrap.dedent(
     calls = {
         "norm_forward": (P, I(BIG), I(BIG), I(4), P, P),
         "norm_backward": (P, P, P, I(BIG), I(BIG), I(4), P),
+        "norm_forward_rows": (P, I(4), P, I(BIG), I(BIG), I(4), P, P),
+        "norm_backward_rows": (P, P, I(4), P, P, I(BIG), I(BIG), I(4), P),
+        "match_backward_restricted_rows": (
+            P, I(4), P, I(4), P, P, I(4), P, I(4), I(BIG), I(BIG), P, P, P, P, P
+        ),
         "match_maxima": (P, I(BIG), P, I(BIG), I(8), I(16), P, P, P, P),
         "match_maxima_restricted": (P, I(BIG), P, I(4), P, I(BIG), I(8), I(16), P, P, P, P),
         "match_scores": (P, I(BIG), P, I(BIG), I(8), I(16), P, f(0), P),
@@ -1008,7 +1013,7 @@ def test_c_kernels_refuse_sizes_that_overflow_int64():
     )
     assert out.returncode == 0, out.stdout + out.stderr
     results = dict(line.split() for line in out.stdout.splitlines())
-    assert len(results) == 27, results
+    assert len(results) == 30, results
     assert set(results.values()) == {"6"}, results
 
 
