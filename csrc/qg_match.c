@@ -150,10 +150,8 @@ static void qg_norm_bwd_item(const float *gym, const float *ym, int raw, const f
     double dot[QG_NORM_SB];
     double den[QG_NORM_SB];
     float fden[QG_NORM_SB];
-    for (int64_t s = 0; s < n; ++s) {
-        dot[s] = 0.0;
-        fden[s] = nm[s] > QG_NORM_EPS ? nm[s] : QG_NORM_EPS;
-    }
+    for (int64_t s = 0; s < n; ++s) dot[s] = 0.0;
+    qg_norm_bwd_fden(nm, n, fden);
     for (int64_t c = 0; c < C; ++c) {
         const float *gr = gym + c * S;
         const float *yr = ym + c * S;
@@ -162,14 +160,7 @@ static void qg_norm_bwd_item(const float *gym, const float *ym, int raw, const f
         else
             for (int64_t s = 0; s < n; ++s) dot[s] += (double)yr[s] * (double)gr[s];
     }
-    for (int64_t s = 0; s < n; ++s) {
-        if (nm[s] >= QG_NORM_EPS) {
-            den[s] = (double)nm[s];
-        } else { /* clamped: y = x / eps does not depend on the norm */
-            den[s] = (double)QG_NORM_EPS;
-            dot[s] = 0.0;
-        }
-    }
+    qg_norm_bwd_den(nm, n, dot, den);
     for (int64_t c = 0; c < C; ++c) {
         const float *gr = gym + c * S;
         const float *yr = ym + c * S;
@@ -732,28 +723,26 @@ static int qg_run_bwd_portable(const qg_bwd_job *job, const qg_ctx *ctx)
 }
 
 /* Backward engine of ctx->isa (the AVX2 one on x86-64 CPUs that have it). */
+/* Whether qg_run_bwd's engine applies job->ytab itself (the AVX2 one, to each finished row in cache). */
+static int qg_bwd_fuses_norm(const qg_ctx *ctx)
+{
+#if QG_X86
+    return ctx && ctx->isa >= QG_ISA_AVX2;
+#else
+    (void)ctx;
+    return 0;
+#endif
+}
+
+/* Backward engine of ctx->isa (the AVX2 one on x86-64 CPUs that have it). The portable engine ignores
+ * job->ytab: the caller applies it (qg_bwd_fuses_norm). */
 static int qg_run_bwd(const qg_bwd_job *job, const qg_ctx *ctx)
 {
     if (job->nrows == 0) return QG_OK;
 #if QG_X86
-    if (ctx && ctx->isa >= QG_ISA_AVX2) return qg_match_bwd_avx2(job, ctx); /* fuses ytab itself */
+    if (qg_bwd_fuses_norm(ctx)) return qg_match_bwd_avx2(job, ctx);
 #endif
-    int st = qg_run_bwd_portable(job, ctx);
-    if (st != QG_OK || !job->ytab) return st;
-    /* the normalisation backward of the finished rows, one pass (the same item as the fused engines) */
-    const int64_t C = job->C, S = job->S, cs = C * S, nsb = (S + QG_NORM_SB - 1) / QG_NORM_SB;
-    const int64_t items = job->nrows * nsb;
-    int stop = 0;
-    QG_OMP(parallel for schedule(dynamic, 1) num_threads(qg_threads_for(ctx, items)))
-    for (int64_t it = 0; it < items; ++it) {
-        if (qg_stop_requested(&stop)) continue;
-        const int64_t t = it / nsb, s0 = (it % nsb) * QG_NORM_SB, n = qg_min64(QG_NORM_SB, S - s0);
-        const int64_t row = job->rowid ? job->rowid[t] : t;
-        float *o = job->out + row * cs + s0;
-        qg_norm_bwd_item(o, job->ytab + job->yrow[row] * cs + s0, 1, job->ynorm + row * S + s0, n, C, S, o);
-        qg_poll_block(ctx, &stop);
-    }
-    return stop ? QG_EINTR : QG_OK;
+    return qg_run_bwd_portable(job, ctx);
 }
 
 static int qg_bwd_check(int64_t nA, int64_t nB, int64_t K, int64_t C, int64_t S, int64_t *npairs)
@@ -859,6 +848,8 @@ static int qg_bwd_restricted(const float *X, int64_t B, const float *E, int64_t 
         qg_bwd_job je = {nrows, roff, list, rows, K, B, NULL, X, B, 1, C, S, gmp, gmg, ap, ag, gE, ytab, yrow, ynorm};
         st = qg_run_bwd(&je, ctx);
     }
+    /* rows without pairs are zeros, whose normalisation backward is zeros again: one pass over all N */
+    if (st == QG_OK && ytab && !qg_bwd_fuses_norm(ctx)) st = qg_norm_bwd(gE, ytab, yrow, ynorm, N, C, S, gE, ctx);
 done:
     qg_free(off);
     qg_free(list);

@@ -1000,10 +1000,8 @@ void qg_norm_bwd_item_avx2(const float *gym, const float *ym, int raw, const flo
     float fden[QG_NORM_SB];
     const int64_t n4 = n & ~(int64_t)3;
     int64_t s;
-    for (s = 0; s < n; ++s) {
-        dot[s] = 0.0;
-        fden[s] = nm[s] > QG_NORM_EPS ? nm[s] : QG_NORM_EPS;
-    }
+    for (s = 0; s < n; ++s) dot[s] = 0.0;
+    qg_norm_bwd_fden(nm, n, fden);
     for (int64_t c = 0; c < C; ++c) {
         const float *gr = gym + c * S, *yr = ym + c * S;
         for (s = 0; s < n4; s += 4) {
@@ -1015,14 +1013,7 @@ void qg_norm_bwd_item_avx2(const float *gym, const float *ym, int raw, const flo
             dot[s] += (double)y * (double)gr[s];
         }
     }
-    for (s = 0; s < n; ++s) {
-        if (nm[s] >= QG_NORM_EPS) {
-            den[s] = (double)nm[s];
-        } else { /* clamped: y = x / eps does not depend on the norm */
-            den[s] = (double)QG_NORM_EPS;
-            dot[s] = 0.0;
-        }
-    }
+    qg_norm_bwd_den(nm, n, dot, den);
     for (int64_t c = 0; c < C; ++c) {
         const float *gr = gym + c * S, *yr = ym + c * S;
         float *xr = gxm + c * S;

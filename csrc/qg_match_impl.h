@@ -65,6 +65,26 @@ typedef void (*qg_norm_fwd_item_fn)(const float *xm, int64_t n, int64_t C, int64
 typedef void (*qg_norm_bwd_item_fn)(const float *gym, const float *ym, int raw, const float *nm, int64_t n,
                                     int64_t C, int64_t S, float *gxm);
 
+/* Divisors of a normalisation-backward item (n locations): fden = the forward's float32 max(norm, eps),
+ * to rebuild y = x / fden from a raw table; den = the norm in double, or eps where the norm was clamped,
+ * with dot = 0 there (y = x / eps does not depend on the norm). Shared so every engine divides alike. */
+static inline void qg_norm_bwd_fden(const float *nm, int64_t n, float *fden)
+{
+    for (int64_t s = 0; s < n; ++s) fden[s] = nm[s] > QG_NORM_EPS ? nm[s] : QG_NORM_EPS;
+}
+
+static inline void qg_norm_bwd_den(const float *nm, int64_t n, double *dot, double *den)
+{
+    for (int64_t s = 0; s < n; ++s) {
+        if (nm[s] >= QG_NORM_EPS) {
+            den[s] = (double)nm[s];
+        } else {
+            den[s] = (double)QG_NORM_EPS;
+            dot[s] = 0.0;
+        }
+    }
+}
+
 /* An engine runs a validated job (sizes checked, no overflow, candidates in range, npairs > 0). */
 typedef int (*qg_pairs_engine)(const qg_pairs_job *job, const qg_ctx *ctx);
 
