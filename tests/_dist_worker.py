@@ -148,6 +148,22 @@ def torch_steps(crit, case: dict, sl: slice) -> dict[str, np.ndarray]:
     return res
 
 
+def step_record(model, out) -> dict[str, np.ndarray]:
+    """What a sharded step case reports: the StepResult's arrays, the rank's neighbour rows and head state."""
+    res = {
+        "loss": np.array([out.loss, out.loss_cls, out.loss_triplet, out.acc_cls, out.acc_triplet]),
+        "scores": out.scores,
+        "candidates": out.candidates,
+        "grad_features": out.grad_features,
+        "grad_embed_ids": out.grad_embed_class_ids,
+        "grad_embed_rows": out.grad_embed_rows,
+        "nbr": model.local_neighbors,
+    }
+    res.update({"gh." + k: v for k, v in out.grad_head.items()})
+    res.update({"head." + k: np.asarray(v) for k, v in model.head_state.items()})
+    return res
+
+
 def run_case(case: dict, comm) -> dict[str, np.ndarray]:
     from qaconv_gs.distributed import ShardedQAConvGS, sharded_class_neighbors
 
@@ -177,21 +193,7 @@ def run_case(case: dict, comm) -> dict[str, np.ndarray]:
         sl = _slice(counts, r)
         model = ShardedQAConvGS(**model_config(case), comm=comm)
         if kind == "step":
-            out = model.forward_backward(X[sl], y[sl])
-            res = {
-                "loss": np.array([out.loss, out.loss_cls, out.loss_triplet, out.acc_cls, out.acc_triplet]),
-                "scores": out.scores,
-                "candidates": out.candidates,
-                "grad_features": out.grad_features,
-                "grad_embed_ids": out.grad_embed_class_ids,
-                "grad_embed_rows": out.grad_embed_rows,
-                "nbr": model.local_neighbors,
-            }
-            for k, v in out.grad_head.items():
-                res["gh." + k] = v
-            for k, v in model.head_state.items():
-                res["head." + k] = np.asarray(v)
-            return res
+            return step_record(model, model.forward_backward(X[sl], y[sl]))
         from qaconv_gs import Trainer
 
         trainer = Trainer(model, **TRAINER_KW, **case.get("trainer", {}))

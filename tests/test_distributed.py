@@ -675,19 +675,7 @@ def test_sharded_model_single_process_equals_qaconvgs(triplet):
 def _single_step(case: dict) -> dict:
     X, y, _ = W.make_batch(case)
     model = ShardedQAConvGS(**W.model_config(case))
-    out = model.forward_backward(X, y)
-    d = {
-        "loss": np.array([out.loss, out.loss_cls, out.loss_triplet, out.acc_cls, out.acc_triplet]),
-        "scores": out.scores,
-        "candidates": out.candidates,
-        "grad_features": out.grad_features,
-        "grad_embed_ids": out.grad_embed_class_ids,
-        "grad_embed_rows": out.grad_embed_rows,
-        "nbr": model.local_neighbors,
-    }
-    d.update({"gh." + k: v for k, v in out.grad_head.items()})
-    d.update({"head." + k: np.asarray(v) for k, v in model.head_state.items()})
-    return d
+    return W.step_record(model, model.forward_backward(X, y))
 
 
 def test_sharded_model_construction_and_gather():
@@ -924,19 +912,7 @@ def _thread_step(case: dict, R: int) -> list[dict]:
         off = sum(counts[: c.rank])
         sl = slice(off, off + counts[c.rank])
         m = ShardedQAConvGS(**W.model_config(case), comm=c)
-        out = m.forward_backward(X[sl], y[sl])
-        d = {
-            "loss": np.array([out.loss, out.loss_cls, out.loss_triplet, out.acc_cls, out.acc_triplet]),
-            "scores": out.scores,
-            "candidates": out.candidates,
-            "grad_features": out.grad_features,
-            "grad_embed_ids": out.grad_embed_class_ids,
-            "grad_embed_rows": out.grad_embed_rows,
-            "nbr": m.local_neighbors,
-        }
-        d.update({"gh." + k: v for k, v in out.grad_head.items()})
-        d.update({"head." + k: np.asarray(v) for k, v in m.head_state.items()})
-        return d
+        return W.step_record(m, m.forward_backward(X[sl], y[sl]))
 
     return run_threads(R, rank)
 
