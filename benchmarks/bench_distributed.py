@@ -63,16 +63,16 @@ def worker(args: argparse.Namespace) -> None:
         table_worker(args, comm)
         return
     R, r = comm.size, comm.rank
-    model = ShardedQAConvGS(
-        num_classes=cfg["N"],
-        channels=cfg["C"],
-        height=cfg["H"],
-        width=cfg["W"],
-        k_nearest=cfg["k"],
-        seed=0,
-        n_threads=args.threads,
-        comm=comm,
-    )
+    model_kw = {
+        "num_classes": cfg["N"],
+        "channels": cfg["C"],
+        "height": cfg["H"],
+        "width": cfg["W"],
+        "k_nearest": cfg["k"],
+        "seed": 0,
+        "n_threads": args.threads,
+    }
+    model = ShardedQAConvGS(**model_kw, comm=comm)
     comm.barrier()
     comm.reset_counters()
     t0 = time.perf_counter()
@@ -115,15 +115,7 @@ def worker(args: argparse.Namespace) -> None:
     if R == 1:  # the one-process model on the same batches, for the sharding overhead
         from qaconv_gs import QAConvGS
 
-        m1 = QAConvGS(
-            num_classes=cfg["N"],
-            channels=cfg["C"],
-            height=cfg["H"],
-            width=cfg["W"],
-            k_nearest=cfg["k"],
-            seed=0,
-            n_threads=args.threads,
-        )
+        m1 = QAConvGS(**model_kw)
         m1.refresh_neighbors()
         t1 = Trainer(m1, lr=0.01, momentum=0.9, sparse_embed=True)
         rng = np.random.default_rng(1)
