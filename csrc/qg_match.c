@@ -61,11 +61,7 @@ static void qg_norm_fwd_item(const float *xm, int64_t n, int64_t C, int64_t S, f
         const float *xr = xm + c * S;
         for (int64_t s = 0; s < n; ++s) acc[s] += (double)xr[s] * (double)xr[s];
     }
-    for (int64_t s = 0; s < n; ++s) {
-        const float nr = (float)sqrt(acc[s]);
-        nm[s] = nr;
-        den[s] = nr > QG_NORM_EPS ? nr : QG_NORM_EPS;
-    }
+    qg_norm_fwd_den(acc, 0, n, nm, den);
     for (int64_t c = 0; c < C; ++c) {
         const float *xr = xm + c * S;
         float *yr = ym + c * S;

@@ -971,11 +971,7 @@ void qg_norm_fwd_item_avx2(const float *xm, int64_t n, int64_t C, int64_t S, flo
         _mm_storeu_ps(nm + s, nr);
         _mm_storeu_ps(den + s, _mm_max_ps(nr, eps)); /* nr > eps ? nr : eps (NaN -> eps) */
     }
-    for (; s < n; ++s) {
-        const float nr = (float)sqrt(acc[s]);
-        nm[s] = nr;
-        den[s] = nr > QG_NORM_EPS ? nr : QG_NORM_EPS;
-    }
+    qg_norm_fwd_den(acc, s, n, nm, den);
     for (int64_t c = 0; c < C; ++c) {
         const float *xr = xm + c * S;
         float *yr = ym + c * S;

@@ -12,6 +12,8 @@
 #include "qg_cpu.h"
 #include "qg_match.h"
 
+#include <math.h>
+
 typedef struct qg_pairs_job {
     const float *A;
     int64_t nA;
@@ -64,6 +66,17 @@ typedef struct qg_bwd_job {
 typedef void (*qg_norm_fwd_item_fn)(const float *xm, int64_t n, int64_t C, int64_t S, float *ym, float *nm);
 typedef void (*qg_norm_bwd_item_fn)(const float *gym, const float *ym, int raw, const float *nm, int64_t n,
                                     int64_t C, int64_t S, float *gxm);
+
+/* Locations [s0, n) of a normalisation-forward item: norm = (float)sqrt(sum of squares), the divisor
+ * den = max(norm, eps) (scalar tail of the vector engines, whole item of the portable one). */
+static inline void qg_norm_fwd_den(const double *acc, int64_t s0, int64_t n, float *nm, float *den)
+{
+    for (int64_t s = s0; s < n; ++s) {
+        const float nr = (float)sqrt(acc[s]);
+        nm[s] = nr;
+        den[s] = nr > QG_NORM_EPS ? nr : QG_NORM_EPS;
+    }
+}
 
 /* Divisors of a normalisation-backward item (n locations): fden = the forward's float32 max(norm, eps),
  * to rebuild y = x / fden from a raw table; den = the norm in double, or eps where the norm was clamped,
