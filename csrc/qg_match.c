@@ -144,7 +144,7 @@ static void qg_norm_bwd_item(const float *gym, const float *ym, int raw, const f
                              int64_t S, float *gxm)
 {
     double dot[QG_NORM_SB];
-    double den[QG_NORM_SB];
+    double inv[QG_NORM_SB];
     float fden[QG_NORM_SB];
     for (int64_t s = 0; s < n; ++s) dot[s] = 0.0;
     qg_norm_bwd_fden(nm, n, fden);
@@ -156,16 +156,16 @@ static void qg_norm_bwd_item(const float *gym, const float *ym, int raw, const f
         else
             for (int64_t s = 0; s < n; ++s) dot[s] += (double)yr[s] * (double)gr[s];
     }
-    qg_norm_bwd_den(nm, n, dot, den);
+    qg_norm_bwd_inv(nm, n, dot, inv);
     for (int64_t c = 0; c < C; ++c) {
         const float *gr = gym + c * S;
         const float *yr = ym + c * S;
         float *xr = gxm + c * S;
         if (raw)
             for (int64_t s = 0; s < n; ++s)
-                xr[s] = (float)(((double)gr[s] - (double)(yr[s] / fden[s]) * dot[s]) / den[s]);
+                xr[s] = (float)(((double)gr[s] - (double)(yr[s] / fden[s]) * dot[s]) * inv[s]);
         else
-            for (int64_t s = 0; s < n; ++s) xr[s] = (float)(((double)gr[s] - (double)yr[s] * dot[s]) / den[s]);
+            for (int64_t s = 0; s < n; ++s) xr[s] = (float)(((double)gr[s] - (double)yr[s] * dot[s]) * inv[s]);
     }
 }
 

@@ -44,7 +44,8 @@ extern "C" {
 int qg_norm_forward_f32(const float *x, int64_t M, int64_t C, int64_t S,
                         float *y, float *norm, const qg_ctx *ctx);
 /* gy: [M, C, S] gradient w.r.t. y; y, norm from the forward; gx: [M, C, S] out (may alias gy).
- * gx = (gy - y * <y, gy>) / norm where norm >= eps, gy / eps otherwise. */
+ * gx = (gy - y * <y, gy>) / norm where norm >= eps, gy / eps otherwise; <y, gy> in double, and the
+ * division is a multiply by the double reciprocal of the divisor, rounded once to float32. */
 int qg_norm_backward_f32(const float *gy, const float *y, const float *norm,
                          int64_t M, int64_t C, int64_t S, float *gx, const qg_ctx *ctx);
 

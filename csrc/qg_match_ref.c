@@ -45,15 +45,15 @@ int qg_norm_backward_ref_f32(const float *gy, const float *y, const float *norm,
         if (qg_poll(ctx)) return QG_EINTR;
         for (int64_t s = 0; s < S; ++s) {
             const float nr = norm[m * S + s];
-            double dot = 0.0, den = (double)QG_NORM_EPS;
+            double dot = 0.0, inv = 1.0 / (double)QG_NORM_EPS;
             if (nr >= QG_NORM_EPS) {
-                den = (double)nr;
+                inv = 1.0 / (double)nr;
                 for (int64_t c = 0; c < C; ++c)
                     dot += (double)y[m * cs + c * S + s] * (double)gy[m * cs + c * S + s];
             }
             for (int64_t c = 0; c < C; ++c) {
                 const int64_t i = m * cs + c * S + s;
-                gx[i] = (float)(((double)gy[i] - (double)y[i] * dot) / den);
+                gx[i] = (float)(((double)gy[i] - (double)y[i] * dot) * inv);
             }
         }
     }

@@ -201,6 +201,10 @@ def test_normalize_rows_empty_and_errors(rng):
         _native.norm_backward_rows(g.copy(), E, rows, n[:, :2], 1)
     with pytest.raises(ValueError, match="share memory"):
         _native.norm_backward_rows(E, E, np.arange(5, dtype=np.int64), np.ones((5, 3), np.float32), 1)
+    before = E.copy()
+    with pytest.raises(ValueError, match="share memory"):  # a partial overlap, not just the same pointer
+        _native.norm_backward_rows(E[3:], E, rows, n, 1)
+    np.testing.assert_array_equal(E, before)
 
 
 def test_restricted_backward_one_side_same_bits(rng, isa):
@@ -253,6 +257,46 @@ def test_restricted_backward_rows_fused_same_bits(rng, isa, shape, nt):
         _native.match_backward_restricted_rows(x, table, rows[:2], norms[:2], cand, gmp, gmg, ap, ag, 1)
     with pytest.raises(ValueError, match="norms"):
         _native.match_backward_restricted_rows(x, table, rows, norms[:-1], cand, gmp, gmg, ap, ag, 1)
+
+
+def test_restricted_backward_rows_out(rng, isa):
+    """out= receives the class-row gradient in place (the step reuses its normalised rows' buffer): the
+    same bits as a fresh array, the very object returned; a wrong out is refused before anything is
+    written, and an out sharing memory with an input is refused (the kernel reads the inputs while
+    writing)."""
+    N, C, S, B = 9, 8, 12, 5
+    table = rng.standard_normal((N, C, S)).astype(np.float32)
+    rows = np.array([7, 1, 4, 2], np.int64)
+    En, norms = _native.norm_forward_rows(table, rows, 1)
+    x, _ = _native.norm_forward(rng.standard_normal((B, C, S)).astype(np.float32), 1)
+    cand = rng.integers(0, rows.size, size=(B, 3)).astype(np.int64)
+    mp, mg, ap, ag = _native.match_maxima_restricted(x, En, cand, True, 1)
+    gmp = rng.standard_normal(mp.shape).astype(np.float32)
+    gmg = rng.standard_normal(mg.shape).astype(np.float32)
+    args = (x, table, rows, norms, cand, gmp, gmg, ap, ag, 2)
+    want = _native.match_backward_restricted_rows(*args)
+    buf = np.full((rows.size, C, S), np.nan, np.float32)
+    got = _native.match_backward_restricted_rows(*args, buf)
+    assert got is buf
+    np.testing.assert_array_equal(got, want)
+    assert _native.match_backward_restricted_rows(*args, None).shape == want.shape
+    saved = table.copy()
+    for bad, exc, msg in (
+        (np.zeros((rows.size, C, S)), TypeError, "out"),
+        (np.zeros((rows.size, C, 2 * S), np.float32)[:, :, ::2], TypeError, "out"),
+        (np.zeros((rows.size, C, S), ">f4"), TypeError, "out"),
+        (np.zeros((rows.size + 1, C, S), np.float32), ValueError, "out"),
+        ([[[0.0]]], TypeError, "out"),
+        (table[2 : 2 + rows.size], ValueError, "share memory"),
+    ):
+        with pytest.raises(exc, match=msg):
+            _native.match_backward_restricted_rows(*args, bad)
+    np.testing.assert_array_equal(table, saved)
+    ro = np.zeros((rows.size, C, S), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(TypeError, match="out"):
+        _native.match_backward_restricted_rows(*args, ro)
+    assert not ro.any()
 
 
 # ---------------------------------------------------------------- forward

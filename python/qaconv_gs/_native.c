@@ -519,6 +519,29 @@ fail:
     return NULL;
 }
 
+/* A caller's array written in place: a writable, aligned, C-contiguous native float32 ndarray with 3
+ * dimensions, else TypeError(msg). Shapes are the caller's check. */
+static int qg_check_out3(PyObject *o, const char *msg)
+{
+    if (!PyArray_Check(o) || PyArray_TYPE((PyArrayObject *)o) != NPY_FLOAT32 ||
+        !PyArray_ISCARRAY((PyArrayObject *)o) || !PyArray_ISNOTSWAPPED((PyArrayObject *)o) ||
+        PyArray_NDIM((PyArrayObject *)o) != 3) {
+        PyErr_SetString(PyExc_TypeError, msg);
+        return -1;
+    }
+    return 0;
+}
+
+/* Nonzero when the byte ranges of two arrays intersect (exact for the contiguous arrays the bindings
+ * work on; conservative for strided views). */
+static int qg_overlaps(PyArrayObject *a, PyArrayObject *b)
+{
+    const char *pa = PyArray_BYTES(a), *pb = PyArray_BYTES(b);
+    const npy_intp na = PyArray_NBYTES(a), nb = PyArray_NBYTES(b);
+    if (na == 0 || nb == 0) return 0;
+    return pa < pb + nb && pb < pa + na;
+}
+
 /* norm_backward_rows(grad_y, table, rows, norms, n_threads) -> grad_y, overwritten with grad_x: grad_y
  * must be a writable, aligned, C-contiguous native float32 [R, C, S] ndarray (the caller's own). */
 static PyObject *qg_py_norm_backward_rows(PyObject *self, PyObject *args)
@@ -529,13 +552,9 @@ static PyObject *qg_py_norm_backward_rows(PyObject *self, PyObject *args)
     PyArrayObject *E = NULL, *rows = NULL, *nrm = NULL;
     if (!PyArg_ParseTuple(args, "OOOOi", &go, &eo, &ro, &no, &n_threads)) return NULL;
     if (qg_check_threads(n_threads) < 0) return NULL;
-    if (!PyArray_Check(go) || PyArray_TYPE((PyArrayObject *)go) != NPY_FLOAT32 ||
-        !PyArray_ISCARRAY((PyArrayObject *)go) || !PyArray_ISNOTSWAPPED((PyArrayObject *)go) ||
-        PyArray_NDIM((PyArrayObject *)go) != 3) {
-        PyErr_SetString(PyExc_TypeError,
-                        "grad_y: expected a writable C-contiguous native float32 ndarray [R, C, S] (updated in place)");
+    if (qg_check_out3(go, "grad_y: expected a writable C-contiguous native float32 ndarray [R, C, S] (updated in "
+                          "place)") < 0)
         return NULL;
-    }
     PyArrayObject *gy = (PyArrayObject *)go;
     if (qg_norm_rows_args(eo, ro, &E, &rows) < 0) goto fail;
     nrm = qg_array(no, NPY_FLOAT32, 2, "norms");
@@ -547,7 +566,7 @@ static PyObject *qg_py_norm_backward_rows(PyObject *self, PyObject *args)
                      (long long)QG_DIM(nrm, 1));
         goto fail;
     }
-    if (PyArray_DATA(E) == PyArray_DATA(gy)) {
+    if (qg_overlaps(E, gy)) {
         PyErr_SetString(PyExc_ValueError, "grad_y: must not share memory with the table");
         goto fail;
     }
@@ -888,16 +907,20 @@ static PyObject *qg_py_match_backward_restricted_embeds(PyObject *self, PyObject
                                              "pair_maxima_restricted_backward", 2);
 }
 
-/* match_backward_restricted_rows(X, table, rows, norms, cand, gmp, gmg, ap, ag, n_threads) -> gE [R, C, S]:
- * the class side of the restricted backward fused with the class rows' normalisation backward. */
+/* match_backward_restricted_rows(X, table, rows, norms, cand, gmp, gmg, ap, ag, n_threads, out=None)
+ * -> gE [R, C, S]: the class side of the restricted backward fused with the class rows' normalisation
+ * backward. out: a caller's [R, C, S] float32 array to write gE into (returned; it must not share memory
+ * with any input), so a step can reuse the buffer of its normalised rows instead of faulting in a fresh
+ * one. */
 static PyObject *qg_py_match_backward_restricted_rows(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *xo, *eo, *ro, *no, *co, *gmpo, *gmgo, *apo, *ago;
+    PyObject *xo, *eo, *ro, *no, *co, *gmpo, *gmgo, *apo, *ago, *outo = Py_None;
     int n_threads = 1;
     PyArrayObject *X = NULL, *E = NULL, *rows = NULL, *nrm = NULL, *cand = NULL, *gmp = NULL, *gmg = NULL,
                   *ap = NULL, *ag = NULL, *gE = NULL;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOi", &xo, &eo, &ro, &no, &co, &gmpo, &gmgo, &apo, &ago, &n_threads))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOi|O", &xo, &eo, &ro, &no, &co, &gmpo, &gmgo, &apo, &ago, &n_threads,
+                          &outo))
         return NULL;
     if (qg_check_threads(n_threads) < 0) return NULL;
     X = qg_array(xo, NPY_FLOAT32, 3, "features");
@@ -922,9 +945,23 @@ static PyObject *qg_py_match_backward_restricted_rows(PyObject *self, PyObject *
     }
     const int64_t B = QG_DIM(X, 0), K = QG_DIM(cand, 1), C = QG_DIM(X, 1), S = QG_DIM(X, 2), R = QG_DIM(rows, 0);
     if (qg_match_bwd_arrays(gmpo, gmgo, apo, ago, B, K, S, &gmp, &gmg, &ap, &ag) < 0) goto fail;
-    npy_intp de[3] = {(npy_intp)R, (npy_intp)C, (npy_intp)S};
-    gE = qg_empty(3, de, NPY_FLOAT32);
-    if (!gE) goto fail;
+    if (outo != Py_None) {
+        if (qg_check_out3(outo, "out: expected None or a writable C-contiguous native float32 ndarray [R, C, S]") < 0)
+            goto fail;
+        gE = (PyArrayObject *)outo;
+        Py_INCREF(outo);
+        if (qg_match_shape3(gE, "out", R, C, S) < 0) goto fail;
+        PyArrayObject *const ins[] = {X, E, rows, nrm, cand, gmp, gmg, ap, ag};
+        for (size_t i = 0; i < sizeof(ins) / sizeof(ins[0]); ++i)
+            if (qg_overlaps(gE, ins[i])) {
+                PyErr_SetString(PyExc_ValueError, "out: must not share memory with any input");
+                goto fail;
+            }
+    } else {
+        npy_intp de[3] = {(npy_intp)R, (npy_intp)C, (npy_intp)S};
+        gE = qg_empty(3, de, NPY_FLOAT32);
+        if (!gE) goto fail;
+    }
     qg_call call;
     qg_call_begin(&call, n_threads);
     int st = qg_match_backward_restricted_rows_f32(QG_F32(X), B, QG_F32(E), QG_DIM(E, 0), QG_I64(rows), QG_F32(nrm),
@@ -986,7 +1023,7 @@ static PyObject *qg_py_match_backward_restricted_ref(PyObject *self, PyObject *a
     {"match_backward_restricted_embeds", qg_py_match_backward_restricted_embeds, METH_VARARGS,              \
      "match_backward_restricted_embeds(X, n_rows, cand, gmp, gmg, ap, ag, n_threads) -> (None, gE)"},     \
     {"match_backward_restricted_rows", qg_py_match_backward_restricted_rows, METH_VARARGS,                  \
-     "match_backward_restricted_rows(X, table, rows, norms, cand, gmp, gmg, ap, ag, n_threads) -> gE"},     \
+     "match_backward_restricted_rows(X, table, rows, norms, cand, gmp, gmg, ap, ag, n_threads, out=None) -> gE"}, \
     {"match_backward_restricted_ref", qg_py_match_backward_restricted_ref, METH_VARARGS,                    \
      "scalar reference of match_backward_restricted"},                                                      \
     {"norm_forward_rows", qg_py_norm_forward_rows, METH_VARARGS,                                            \

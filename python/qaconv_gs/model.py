@@ -763,16 +763,17 @@ class QAConvGS:
             for k in grad_head:
                 grad_head[k] = grad_head[k] + np.asarray(extra_grad_head[k], dtype=np.float32)
         _lap(laps, "head backward")
-        # The feature side first, then En is dropped before the [R, C, S] class-row gradient exists:
-        # the step never holds both. The class side reads only Xn, and its kernel applies the class rows'
-        # normalize backward to each finished row while it is in cache, rebuilding En's rows from the
-        # table (the bits of the separate calls).
+        # The feature side first; then the [R, C, S] class-row gradient is written over En's buffer (the
+        # class side reads only Xn and the table): the step never holds both, and does not fault in a
+        # fresh [R, C, S] array (for faces that is 100s of MB of page zeroing per step). Its kernel
+        # applies the class rows' normalize backward to each finished row while it is in cache,
+        # rebuilding En's rows from the table (the bits of the separate calls).
         gXn, _ = _native.match_backward_restricted_features(Xn, En, local, gmp, gmg, ap, ag, nt)
-        del En
         table = self._embed.reshape(-1, C, self.S)
         grad_rows = _native.match_backward_restricted_rows(
-            Xn, table, ids, En_norms, local, gmp, gmg, ap, ag, nt
+            Xn, table, ids, En_norms, local, gmp, gmg, ap, ag, nt, En
         )
+        del En
         del gmp, gmg, ap, ag
         if extra_grad_xn is not None:
             gXn += extra_grad_xn
