@@ -7,8 +7,8 @@
  *   1. One pass over E: per row, the sum of squares in double (also the NaN/Inf check), the
  *      power-of-two scale that brings the row to norm ~1 (exact, so no overflow/underflow in the
  *      float32 products even for |x| ~ 1e30), and the weight w_i = 2^e_i / max(||x_i||, 1e-12).
- *   2. Rows are cut into blocks of variant->block rows (128 portable, 192 AVX2; independent of
- *      the thread count). Every block pair (I, J), I <= J, is computed exactly once ("match") by
+ *   2. Rows are cut into blocks of variant->block rows (128 portable, 288 AVX2; 192 AVX2 when a
+ *      table has fewer than 4 blocks per thread: see qg_nb_variant; no pair's value depends on it). Every block pair (I, J), I <= J, is computed exactly once ("match") by
  *      the variant's kernel: per D-panel of QG_NB_PANEL columns, packed panels and a register-
  *      blocked micro-kernel accumulate the panel in float32, panel sums are added into a double
  *      [BI, BJ] accumulator; each similarity is then (float)(dot * (w_i * w_j)) and feeds the
@@ -118,9 +118,10 @@ static void qg_nb_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scra
     double *acc = sc->acc;
     const qg_nb_side *A = &job->a, *B = &job->b;
     const int64_t D = job->D;
-    const int64_t i0 = bi * QG_NB_BLOCK, j0 = bj * QG_NB_BLOCK;
-    const int64_t ni = (A->n - i0 < QG_NB_BLOCK) ? A->n - i0 : QG_NB_BLOCK;
-    const int64_t nj = (B->n - j0 < QG_NB_BLOCK) ? B->n - j0 : QG_NB_BLOCK;
+    const int64_t blk = job->block; /* <= QG_NB_BLOCK */
+    const int64_t i0 = bi * blk, j0 = bj * blk;
+    const int64_t ni = (A->n - i0 < blk) ? A->n - i0 : blk;
+    const int64_t nj = (B->n - j0 < blk) ? B->n - j0 : blk;
     const int diag = job->sym && (bi == bj);
     const int64_t ldc = QG_NB_BLOCK;
 
@@ -161,7 +162,8 @@ static void qg_nb_match(const qg_nb_job *job, int64_t bi, int64_t bj, void *scra
     }
 }
 
-static const qg_nb_variant qg_nb_variant_portable = {QG_NB_BLOCK, (int64_t)sizeof(qg_nb_scratch), qg_nb_match};
+static const qg_nb_variant qg_nb_variant_portable = {QG_NB_BLOCK, QG_NB_BLOCK, (int64_t)sizeof(qg_nb_scratch),
+                                                     qg_nb_match};
 
 static const qg_nb_variant *qg_nb_pick(const qg_ctx *ctx)
 {
@@ -268,9 +270,14 @@ static int qg_nb_plan_at(const qg_nb_plan *p, int64_t m, int64_t *a, int64_t *b,
 /* Steps 2./3. on a prepared job (weights computed, lists initialised to the sentinel): every
  * match of the plan once, by a list scheduler. `macs` is the job's multiply-add count (it caps
  * the threads of small problems). Returns QG_OK, QG_ENOMEM or QG_EINTR. */
-static int qg_nb_run(const qg_nb_job *job, const qg_nb_variant *var, double macs, const qg_ctx *ctx)
+static int qg_nb_run(const qg_nb_job *job_in, const qg_nb_variant *var, double macs, const qg_ctx *ctx)
 {
-    const int64_t B = var->block;
+    qg_nb_job jb = *job_in;
+    const qg_nb_job *job = &jb;
+    const int64_t rows = jb.sym || jb.a.n < jb.b.n ? jb.a.n : jb.b.n; /* the side that bounds concurrency */
+    const int64_t want = (ctx && ctx->n_threads > 0) ? ctx->n_threads : 1;
+    jb.block = (rows + var->block - 1) / var->block < 4 * want ? var->block_small : var->block;
+    const int64_t B = jb.block;
     qg_nb_plan plan;
     qg_nb_plan_init(&plan, job->sym, (job->a.n + B - 1) / B, (job->b.n + B - 1) / B);
     const double cap = macs / (double)QG_NB_MIN_WORK_PER_THREAD;
@@ -425,7 +432,7 @@ int qg_neighbors_topk_f32(const float *E, int64_t N, int64_t D, int64_t k, int64
     }
     qg_nb_lists_init(tops, idx, kth, N, k);
     const qg_nb_side side = {E, N, 0, k, scale, w, tops, idx, kth};
-    const qg_nb_job job = {D, 1, side, side};
+    const qg_nb_job job = {D, 1, side, side, 0};
     /* work in multiply-adds: N^2 D / 2 (in double: saturates instead of overflowing) */
     status = qg_nb_run(&job, var, 0.5 * (double)N * (double)N * (double)D, ctx);
 
@@ -471,7 +478,8 @@ int qg_neighbors_cross_topk_f32(const float *A, int64_t na, int64_t a_id0, const
     const qg_nb_job job = {D,
                            0,
                            {A, na, a_id0, ka, scale, w, tops_a, idx_a, kth},
-                           {B, nb, b_id0, kb, scale + na, w + na, tops_b, idx_b, kth + na}};
+                           {B, nb, b_id0, kb, scale + na, w + na, tops_b, idx_b, kth + na},
+                           0};
     status = qg_nb_run(&job, var, (double)na * (double)nb * (double)D, ctx);
 
 done:

@@ -33,6 +33,7 @@ typedef struct qg_nb_job {
     int64_t D;
     int sym;
     qg_nb_side a, b;
+    int64_t block; /* rows per block of this run: the variant's block or block_small (set by the driver) */
 } qg_nb_job;
 
 /* One block pair (block bi of side a, block bj of side b; bi <= bj when sym): every pair (i in bi,
@@ -41,8 +42,13 @@ typedef struct qg_nb_job {
  * meanwhile. `scratch` holds `scratch_bytes` (64-byte aligned). */
 typedef void (*qg_nb_match_fn)(const qg_nb_job *job, int64_t bi, int64_t bj, void *scratch);
 
+/* Block sizes: `block` rows per block (the scratch is sized for it), or `block_small` when a table has too
+ * few blocks of `block` rows to keep the threads busy (a match holds two blocks, so at most half the
+ * blocks are in use at once). Larger blocks read each row from memory fewer times. A pair's value does
+ * not depend on the block size (the panel split and the summation order do not), so neither the
+ * choice nor the thread count it looks at changes any bit. */
 typedef struct qg_nb_variant {
-    int64_t block;         /* rows per block: fixed per variant, never depends on the thread count */
+    int64_t block, block_small;
     int64_t scratch_bytes; /* per thread */
     qg_nb_match_fn match;
 } qg_nb_variant;

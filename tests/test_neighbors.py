@@ -244,9 +244,11 @@ def test_every_isa_exact_on_integer_grid(isa, rng):
 
 
 def test_every_isa_threads_bit_identical(isa, rng):
-    # 1349 rows = 7 full AVX2 blocks + a 5-row block (11 portable blocks): many matches, so the
-    # list scheduler hands them out in varying orders; the results must not move by a bit
-    E = _clustered(rng, 1349, 45, centres=40, noise=0.3)
+    # 1349 rows: on AVX2, 4 blocks of 288 + 197 rows at one thread and 7 blocks of 192 + 5 rows at
+    # more (too few big blocks per thread), 11 blocks of 128 on the portable path; many matches, so
+    # the list scheduler hands them out in varying orders; 300 columns = two panels. The results must
+    # not move by a bit, whatever the block size or the order.
+    E = _clustered(rng, 1349, 300, centres=40, noise=0.3)
     E[700:720] = E[3]  # exact ties spread over blocks
     runs = [qg.class_neighbors(E, 20, return_similarity=True, n_threads=t) for t in (1, 2, 3, 5)]
     for idx, sim in runs[1:]:
