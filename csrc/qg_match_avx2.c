@@ -1037,7 +1037,8 @@ QG_AI __m256d qg_hi_pd(__m256 v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(
 /* gx of 4 locations: (float)((g - y * dot) * inv), a separate multiply, subtract and multiply. */
 QG_AI __m128 qg_norm_gx4(__m256d g, __m256d y, const double *dot, const double *inv)
 {
-    return _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sub_pd(g, _mm256_mul_pd(y, _mm256_loadu_pd(dot))), _mm256_loadu_pd(inv)));
+    const __m256d t = _mm256_sub_pd(g, _mm256_mul_pd(y, _mm256_loadu_pd(dot)));
+    return _mm256_cvtpd_ps(_mm256_mul_pd(t, _mm256_loadu_pd(inv)));
 }
 
 void qg_norm_bwd_item_avx2(const float *gym, const float *ym, int raw, const float *nm, int64_t n, int64_t C,
@@ -1054,9 +1055,9 @@ void qg_norm_bwd_item_avx2(const float *gym, const float *ym, int raw, const flo
         const float *gr = gym + c * S, *yr = ym + c * S;
         for (s = 0; s < n8; s += 8) {
             const __m256 y = qg_norm_y8(yr + s, fden + s, raw), g = _mm256_loadu_ps(gr + s);
-            _mm256_storeu_pd(dot + s, _mm256_add_pd(_mm256_loadu_pd(dot + s), _mm256_mul_pd(qg_lo_pd(y), qg_lo_pd(g))));
-            _mm256_storeu_pd(dot + s + 4,
-                             _mm256_add_pd(_mm256_loadu_pd(dot + s + 4), _mm256_mul_pd(qg_hi_pd(y), qg_hi_pd(g))));
+            const __m256d lo = _mm256_mul_pd(qg_lo_pd(y), qg_lo_pd(g)), hi = _mm256_mul_pd(qg_hi_pd(y), qg_hi_pd(g));
+            _mm256_storeu_pd(dot + s, _mm256_add_pd(_mm256_loadu_pd(dot + s), lo));
+            _mm256_storeu_pd(dot + s + 4, _mm256_add_pd(_mm256_loadu_pd(dot + s + 4), hi));
         }
         for (; s < n; ++s) {
             const float y = raw ? yr[s] / fden[s] : yr[s];

@@ -81,9 +81,10 @@ static inline void qg_norm_fwd_den(const double *acc, int64_t s0, int64_t n, flo
 /* Divisors of a normalisation-backward item (n locations): fden = the forward's float32 max(norm, eps),
  * to rebuild y = x / fden from a raw table; inv = 1 / norm in double, or 1 / eps where the norm was
  * clamped, with dot = 0 there (y = x / eps does not depend on the norm). The gradient is
- * (g - y * dot) * inv: a multiply by the correctly rounded double reciprocal instead of a division per
- * element (the division was half the item's time; the extra double rounding is ~1e-16 relative, far
- * below the float32 result's). Shared so every engine, and the reference, computes alike. */
+ * (g - y * dot) * inv: a multiply by the correctly rounded double reciprocal instead of a double
+ * division per element (with the vector engine's 8-lane float divisions, ~25% less time per item on the
+ * faces step; the extra double rounding is ~1e-16 relative, far below the float32 result's). Shared so
+ * every engine, and the reference, computes alike. */
 static inline void qg_norm_bwd_fden(const float *nm, int64_t n, float *fden)
 {
     for (int64_t s = 0; s < n; ++s) fden[s] = nm[s] > QG_NORM_EPS ? nm[s] : QG_NORM_EPS;

@@ -8,8 +8,9 @@
  *      power-of-two scale that brings the row to norm ~1 (exact, so no overflow/underflow in the
  *      float32 products even for |x| ~ 1e30), and the weight w_i = 2^e_i / max(||x_i||, 1e-12).
  *   2. Rows are cut into blocks of variant->block rows (128 portable, 288 AVX2; 192 AVX2 when a
- *      table has fewer than 4 blocks per thread: see qg_nb_variant; no pair's value depends on it). Every block pair (I, J), I <= J, is computed exactly once ("match") by
- *      the variant's kernel: per D-panel of QG_NB_PANEL columns, packed panels and a register-
+ *      table has fewer than 4 blocks per thread: see qg_nb_variant; no pair's value depends on
+ *      it). Every block pair (I, J), I <= J, is computed exactly once ("match") by the variant's
+ *      kernel: per D-panel of QG_NB_PANEL columns, packed panels and a register-
  *      blocked micro-kernel accumulate the panel in float32, panel sums are added into a double
  *      [BI, BJ] accumulator; each similarity is then (float)(dot * (w_i * w_j)) and feeds the
  *      top-k of row i (candidate j) and of row j (candidate i): one value, the same bits for both.
