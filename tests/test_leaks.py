@@ -157,6 +157,24 @@ CALLS_TABLE = {
     "native-restricted-rows": lambda: _native.match_backward_restricted_rows(
         X_F, E3_F, ROWS, NORM_ROWS, LOC, RMP, RMG, RAP, RAG, 1
     ),
+    "native-restricted-rows-out": lambda: _native.match_backward_restricted_rows(
+        X_F, E3_F, ROWS, NORM_ROWS, LOC, RMP, RMG, RAP, RAG, 1, GY_ROWS.copy()
+    ),
+    "native-err-restricted-rows-out": raises(
+        ValueError,
+        _native.match_backward_restricted_rows,
+        X_F,
+        E3_F,
+        ROWS,
+        NORM_ROWS,
+        LOC,
+        RMP,
+        RMG,
+        RAP,
+        RAG,
+        1,
+        GY_ROWS[:1].copy(),
+    ),
     "native-err-norm_rows-range": raises(ValueError, _native.norm_forward_rows, E3_F, ROWS + N, 1),
     "native-err-restricted-rows-range": raises(
         ValueError,
