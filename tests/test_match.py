@@ -570,6 +570,38 @@ def test_backward_same_bits_on_every_path(rng, shape):
             np.testing.assert_array_equal(u, v)
 
 
+@pytest.mark.parametrize("C, H, W", [(100, 24, 8), (300, 7, 7)])
+def test_restricted_backward_large_maps_same_bits(rng, C, H, W):
+    """Re-ID- and faces-sized maps (C not a multiple of 8, so the AVX2 path pads its transposed copies):
+    every output element gets its terms in the portable order, so all paths and thread counts give the
+    portable bits, for a run of probes sharing a candidate list (shared transposes) and for single probes."""
+    from isa_levels import ISAS
+
+    B, N, K = 7, 9, 5
+    S = H * W
+    x, _ = _native.norm_forward(rng.standard_normal((B, C, S)).astype(np.float32), 1)
+    e, _ = _native.norm_forward(rng.standard_normal((N, C, S)).astype(np.float32), 1)
+    cand = np.stack([rng.permutation(N)[:K] for _ in range(B)]).astype(np.int64)
+    cand[1:5] = cand[1]  # a run of four probes with one list
+    mp, mg, ap, ag = _native.match_maxima_restricted(x, e, cand, True, 1)
+    gmp = rng.standard_normal(mp.shape).astype(np.float32)
+    gmg = rng.standard_normal(mg.shape).astype(np.float32)
+    previous = _native.set_isa("portable")
+    try:
+        want = _native.match_backward_restricted(x, e, cand, gmp, gmg, ap, ag, 1)
+        for level in ISAS:
+            _native.set_isa(level)
+            for nt in (1, 3):
+                got = _native.match_backward_restricted(x, e, cand, gmp, gmg, ap, ag, nt)
+                np.testing.assert_array_equal(got[0], want[0])
+                np.testing.assert_array_equal(got[1], want[1])
+    finally:
+        _native.set_isa(previous)
+    rgx, rge = _native.match_backward_restricted_ref(x, e, cand, gmp, gmg, ap, ag, 1)
+    np.testing.assert_allclose(want[0], rgx, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(want[1], rge, rtol=1e-6, atol=1e-7)
+
+
 def test_restricted_backward_repeated_candidates(rng, isa):
     B, N, C, H, W = 4, 6, 8, 5, 3
     x, e = maps(rng, B, C, H, W), maps(rng, N, C, H, W)
