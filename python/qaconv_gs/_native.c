@@ -910,8 +910,8 @@ static PyObject *qg_py_match_backward_restricted_embeds(PyObject *self, PyObject
 /* match_backward_restricted_rows(X, table, rows, norms, cand, gmp, gmg, ap, ag, n_threads, out=None)
  * -> gE [R, C, S]: the class side of the restricted backward fused with the class rows' normalisation
  * backward. out: a caller's [R, C, S] float32 array to write gE into (returned; it must not share memory
- * with any input), so a step can reuse the buffer of its normalised rows instead of faulting in a fresh
- * one. */
+ * with any input; after an error its contents are unspecified), so a step can reuse the buffer of its
+ * normalised rows instead of faulting in a fresh one. */
 static PyObject *qg_py_match_backward_restricted_rows(PyObject *self, PyObject *args)
 {
     (void)self;
