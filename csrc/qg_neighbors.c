@@ -275,7 +275,7 @@ static int qg_nb_run(const qg_nb_job *job_in, const qg_nb_variant *var, double m
 {
     qg_nb_job jb = *job_in;
     const qg_nb_job *job = &jb;
-    const int64_t rows = jb.sym || jb.a.n < jb.b.n ? jb.a.n : jb.b.n; /* the side that bounds concurrency */
+    const int64_t rows = (jb.sym || jb.a.n < jb.b.n) ? jb.a.n : jb.b.n; /* the side that bounds concurrency */
     const int64_t want = (ctx && ctx->n_threads > 0) ? ctx->n_threads : 1;
     jb.block = (rows + var->block - 1) / var->block < 4 * want ? var->block_small : var->block;
     const int64_t B = jb.block;
