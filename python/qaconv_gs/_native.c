@@ -907,7 +907,7 @@ static PyObject *qg_py_match_backward_restricted_embeds(PyObject *self, PyObject
                                              "pair_maxima_restricted_backward", 2);
 }
 
-/* match_backward_restricted_rows(X, table, rows, norms, cand, gmp, gmg, ap, ag, n_threads, out=None)
+/* match_backward_restricted_rows(X, table, rows, norms, cand, gmp, gmg, ap, ag, n_threads[, out])
  * -> gE [R, C, S]: the class side of the restricted backward fused with the class rows' normalisation
  * backward. out: a caller's [R, C, S] float32 array to write gE into (returned; it must not share memory
  * with any input; after an error its contents are unspecified), so a step can reuse the buffer of its
@@ -1023,7 +1023,7 @@ static PyObject *qg_py_match_backward_restricted_ref(PyObject *self, PyObject *a
     {"match_backward_restricted_embeds", qg_py_match_backward_restricted_embeds, METH_VARARGS,              \
      "match_backward_restricted_embeds(X, n_rows, cand, gmp, gmg, ap, ag, n_threads) -> (None, gE)"},     \
     {"match_backward_restricted_rows", qg_py_match_backward_restricted_rows, METH_VARARGS,                  \
-     "match_backward_restricted_rows(X, table, rows, norms, cand, gmp, gmg, ap, ag, n_threads, out=None) -> gE"}, \
+     "match_backward_restricted_rows(X, table, rows, norms, cand, gmp, gmg, ap, ag, n_threads[, out]) -> gE"},   \
     {"match_backward_restricted_ref", qg_py_match_backward_restricted_ref, METH_VARARGS,                    \
      "scalar reference of match_backward_restricted"},                                                      \
     {"norm_forward_rows", qg_py_norm_forward_rows, METH_VARARGS,                                            \
