@@ -718,7 +718,6 @@ static int qg_run_bwd_portable(const qg_bwd_job *job, const qg_ctx *ctx)
     return stop ? QG_EINTR : QG_OK;
 }
 
-/* Backward engine of ctx->isa (the AVX2 one on x86-64 CPUs that have it). */
 /* Whether qg_run_bwd's engine applies job->ytab itself (the AVX2 one, to each finished row in cache). */
 static int qg_bwd_fuses_norm(const qg_ctx *ctx)
 {

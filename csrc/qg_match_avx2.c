@@ -1024,7 +1024,7 @@ void qg_norm_fwd_item_avx2(const float *xm, int64_t n, int64_t C, int64_t S, flo
 }
 
 /* y of 8 locations: loaded (raw == 0) or rebuilt as x / fden, the forward's float32 division (one
- * division instruction per 8 lanes: the divisions were most of this item's time at 4 lanes). */
+ * division instruction per 8 lanes instead of per 4). */
 QG_AI __m256 qg_norm_y8(const float *yr, const float *fden, int raw)
 {
     const __m256 v = _mm256_loadu_ps(yr);

@@ -90,16 +90,16 @@ static inline void qg_norm_bwd_fden(const float *nm, int64_t n, float *fden)
     for (int64_t s = 0; s < n; ++s) fden[s] = nm[s] > QG_NORM_EPS ? nm[s] : QG_NORM_EPS;
 }
 
-static inline double qg_norm_bwd_inv1(float nm, double *dot)
-{
-    if (nm >= QG_NORM_EPS) return 1.0 / (double)nm;
-    *dot = 0.0;
-    return 1.0 / (double)QG_NORM_EPS;
-}
-
 static inline void qg_norm_bwd_inv(const float *nm, int64_t n, double *dot, double *inv)
 {
-    for (int64_t s = 0; s < n; ++s) inv[s] = qg_norm_bwd_inv1(nm[s], dot + s);
+    for (int64_t s = 0; s < n; ++s) {
+        if (nm[s] >= QG_NORM_EPS) {
+            inv[s] = 1.0 / (double)nm[s];
+        } else {
+            inv[s] = 1.0 / (double)QG_NORM_EPS;
+            dot[s] = 0.0;
+        }
+    }
 }
 
 /* An engine runs a validated job (sizes checked, no overflow, candidates in range, npairs > 0). */

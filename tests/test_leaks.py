@@ -63,6 +63,7 @@ ROWS = np.unique(CAND)
 LOC = np.searchsorted(ROWS, CAND)
 E_ROWS, NORM_ROWS = _native.norm_forward_rows(np.ascontiguousarray(E3_F), ROWS, 1)
 GY_ROWS = np.ones_like(E_ROWS)
+ROWS_ARGS = (E3_F, ROWS, NORM_ROWS, LOC, RMP, RMG, RAP, RAG, 1)  # match_backward_restricted_rows after X
 W2 = np.ones(2 * S, np.float32)
 MODEL = qg.QAConvGS(N, C, H, W, k_nearest=3, seed=0, n_threads=1)
 MODEL_B = qg.QAConvGS(N, C, H, W, k_nearest=3, seed=0, triplet="batch", n_threads=1)
@@ -154,26 +155,12 @@ CALLS_TABLE = {
     "native-restricted-embeds": lambda: _native.match_backward_restricted_embeds(
         X_F, len(ROWS), LOC, RMP, RMG, RAP, RAG, 1
     ),
-    "native-restricted-rows": lambda: _native.match_backward_restricted_rows(
-        X_F, E3_F, ROWS, NORM_ROWS, LOC, RMP, RMG, RAP, RAG, 1
-    ),
+    "native-restricted-rows": lambda: _native.match_backward_restricted_rows(X_F, *ROWS_ARGS),
     "native-restricted-rows-out": lambda: _native.match_backward_restricted_rows(
-        X_F, E3_F, ROWS, NORM_ROWS, LOC, RMP, RMG, RAP, RAG, 1, GY_ROWS.copy()
+        X_F, *ROWS_ARGS, GY_ROWS.copy()
     ),
     "native-err-restricted-rows-out": raises(
-        ValueError,
-        _native.match_backward_restricted_rows,
-        X_F,
-        E3_F,
-        ROWS,
-        NORM_ROWS,
-        LOC,
-        RMP,
-        RMG,
-        RAP,
-        RAG,
-        1,
-        GY_ROWS[:1].copy(),
+        ValueError, _native.match_backward_restricted_rows, X_F, *ROWS_ARGS, GY_ROWS[:1].copy()
     ),
     "native-err-norm_rows-range": raises(ValueError, _native.norm_forward_rows, E3_F, ROWS + N, 1),
     "native-err-restricted-rows-range": raises(
