@@ -564,15 +564,14 @@ static int qg_match_pairs_portable(const qg_pairs_job *job, const qg_ctx *ctx)
     return stop ? QG_EINTR : QG_OK;
 }
 
-/* Engines by ISA level (ctx->isa): the best one compiled for a level at or below it. AVX-512 CPUs run
- * the AVX2 engine (no AVX-512 variant is written: it could not be tested on the project's machines). */
+/* Engines by ISA level (ctx->isa): the best one compiled for a level at or below it. */
 static qg_pairs_engine qg_pairs_engine_for(int isa)
 {
     static const qg_pairs_engine table[] = {
         [QG_ISA_PORTABLE] = qg_match_pairs_portable,
 #if QG_X86
         [QG_ISA_AVX2] = qg_match_pairs_avx2,
-        [QG_ISA_AVX512] = qg_match_pairs_avx2,
+        [QG_ISA_AVX512] = qg_match_pairs_avx512,
 #else
         [QG_ISA_AVX2] = qg_match_pairs_portable,
         [QG_ISA_AVX512] = qg_match_pairs_portable,

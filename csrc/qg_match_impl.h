@@ -107,6 +107,7 @@ typedef int (*qg_pairs_engine)(const qg_pairs_job *job, const qg_ctx *ctx);
 
 #if QG_X86
 int qg_match_pairs_avx2(const qg_pairs_job *job, const qg_ctx *ctx);
+int qg_match_pairs_avx512(const qg_pairs_job *job, const qg_ctx *ctx);
 /* Backward of a validated job (argmax in range), same sums in the same order as the portable one. */
 int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx);
 void qg_norm_fwd_item_avx2(const float *xm, int64_t n, int64_t C, int64_t S, float *ym, float *nm);

@@ -169,6 +169,7 @@ static const qg_nb_variant qg_nb_variant_portable = {QG_NB_BLOCK, QG_NB_BLOCK, (
 static const qg_nb_variant *qg_nb_pick(const qg_ctx *ctx)
 {
 #if QG_X86
+    if (ctx && ctx->isa >= QG_ISA_AVX512) return &qg_nb_variant_avx512;
     if (ctx && ctx->isa >= QG_ISA_AVX2) return &qg_nb_variant_avx2;
 #endif
     (void)ctx;
@@ -181,6 +182,7 @@ double qg_neighbors_fma_probe(int64_t iters, const qg_ctx *ctx, float *sink)
 {
     if (iters < 0) iters = 0;
 #if QG_X86
+    if (ctx && ctx->isa >= QG_ISA_AVX512) return qg_nb_fma_probe_avx512(iters, sink);
     if (ctx && ctx->isa >= QG_ISA_AVX2) return qg_nb_fma_probe_avx2(iters, sink);
 #endif
     (void)ctx;

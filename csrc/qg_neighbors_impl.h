@@ -1,7 +1,7 @@
 /*
  * qg_neighbors_impl.h - private to qg_neighbors*.c: the block-pair job shared by the driver
  * (qg_neighbors.c) and the ISA variants of the block-pair kernel (portable in qg_neighbors.c,
- * AVX2+FMA in qg_neighbors_avx2.c).
+ * AVX2+FMA in qg_neighbors_avx2.c, AVX-512 in qg_neighbors_avx512.c, both from qg_neighbors_simd.h).
  */
 #ifndef QG_NEIGHBORS_IMPL_H
 #define QG_NEIGHBORS_IMPL_H
@@ -54,8 +54,9 @@ typedef struct qg_nb_variant {
 } qg_nb_variant;
 
 #if QG_X86
-extern const qg_nb_variant qg_nb_variant_avx2;
+extern const qg_nb_variant qg_nb_variant_avx2, qg_nb_variant_avx512;
 double qg_nb_fma_probe_avx2(int64_t iters, float *sink);
+double qg_nb_fma_probe_avx512(int64_t iters, float *sink);
 #endif
 
 /* Row list: s[0..k) descending, ties by ascending index; sentinel (-inf, INT64_MAX). The final

@@ -518,6 +518,50 @@ def test_isa_paths_agree(rng):
         np.testing.assert_array_equal(o[3][clear_g], base[3][clear_g])
 
 
+@pytest.mark.skipif("avx512" not in ISAS, reason="this CPU has no AVX-512: only one FMA engine runs")
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (7, 9, 96, 7, 7),
+        (5, 6, 32, 24, 8),
+        (3, 4, 24, 3, 5),
+        (13, 5, 8, 1, 1),
+        (2, 97, 5, 4, 4),
+        (3, 2, 1, 17, 2),
+    ],
+)
+def test_fma_engines_same_bits(rng, shape):
+    """The AVX2 (6 x 16 tile) and AVX-512 (12 x 16 tile) engines compute every Z element as the same
+    float32 FMA chain and pick maxima in the same order: all outputs are the same bits (all pairs,
+    restricted with runs of shared lists, fused scores; 1 and 3 threads; rows not a multiple of 6 or 12,
+    S below and above the 16-lane tile)."""
+    P, G, C, H, W = shape
+    p, g = maps(rng, P, C, H, W), maps(rng, G, C, H, W)
+    u = rng.standard_normal((P, C, H, W)).astype(np.float32) * 3  # not normalised: wider value range
+    cand = rng.integers(0, G, size=(P, min(G, 4)))
+    cand[: P // 2] = cand[0]  # a run of probes sharing one list
+    w = rng.standard_normal(2 * H * W).astype(np.float32)
+    outs = {}
+    previous = _native.isa()
+    try:
+        for level in ("avx2", "avx512"):
+            _native.set_isa(level)
+            outs[level] = [
+                *m.pair_maxima(p, g, return_argmax=True, n_threads=1),
+                *m.pair_maxima(p, g, return_argmax=True, n_threads=3),
+                *m.pair_maxima(u, g, return_argmax=True),
+                *m.pair_maxima(p, g),
+                *m.pair_maxima_restricted(p, g, cand, return_argmax=True, n_threads=3),
+                *m.pair_maxima_restricted(u, g, cand),
+                m.match_scores(p, g, w, 0.5),
+            ]
+    finally:
+        _native.set_isa(previous)
+    for a, b in zip(outs["avx2"], outs["avx512"]):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
 # ---------------------------------------------------------------- backward
 
 
