@@ -8,25 +8,20 @@ Threads: every method of a comparison gets the same thread count. The reliable w
 count of NumPy's BLAS and of OpenMP runtimes is the environment before they load, so scripts run each
 thread count in a fresh subprocess with `thread_env(n)` (see `run_in_subprocess`).
 
-Peak: `fma_peak_gflops(threads)` compiles (once, cached under bench_out/) and runs a small C kernel of
-12 independent 8-wide FMA chains (AVX2 + FMA, `cc -O2 -mavx2 -mfma`), so the peak line in plots is
-measured on this machine rather than taken from a datasheet. Returns None when no C compiler or no
-AVX2/FMA is available.
+Peak: `fma_peak_gflops(threads)` runs qaconv_gs's probe of 12 independent FMA chains in the vector
+width of the SIMD path in use, so the peak line in plots is measured on this machine (and path) rather
+than taken from a datasheet.
 """
 
 from __future__ import annotations
 
-import ctypes
 import datetime
-import hashlib
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -126,98 +121,27 @@ def machine_info() -> dict:
 
 # ---------------------------------------------------------------- FMA peak
 
-_FMA_SRC = r"""
-#include <immintrin.h>
-#include <stdint.h>
-/* 12 independent chains (latency 4 x 2 pipes needs >= 8); returns a value so nothing is dropped. */
-float qg_fma_chains(int64_t iters)
-{
-    __m256 a0 = _mm256_set1_ps(1.0f), a1 = _mm256_set1_ps(1.1f), a2 = _mm256_set1_ps(1.2f);
-    __m256 a3 = _mm256_set1_ps(1.3f), a4 = _mm256_set1_ps(1.4f), a5 = _mm256_set1_ps(1.5f);
-    __m256 a6 = _mm256_set1_ps(1.6f), a7 = _mm256_set1_ps(1.7f), a8 = _mm256_set1_ps(1.8f);
-    __m256 a9 = _mm256_set1_ps(1.9f), a10 = _mm256_set1_ps(2.0f), a11 = _mm256_set1_ps(2.1f);
-    const __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
-    for (int64_t i = 0; i < iters; ++i) {
-        a0 = _mm256_fmadd_ps(a0, m, c); a1 = _mm256_fmadd_ps(a1, m, c);
-        a2 = _mm256_fmadd_ps(a2, m, c); a3 = _mm256_fmadd_ps(a3, m, c);
-        a4 = _mm256_fmadd_ps(a4, m, c); a5 = _mm256_fmadd_ps(a5, m, c);
-        a6 = _mm256_fmadd_ps(a6, m, c); a7 = _mm256_fmadd_ps(a7, m, c);
-        a8 = _mm256_fmadd_ps(a8, m, c); a9 = _mm256_fmadd_ps(a9, m, c);
-        a10 = _mm256_fmadd_ps(a10, m, c); a11 = _mm256_fmadd_ps(a11, m, c);
-        /* opaque to the optimiser: all 12 chains stay distinct and are all executed */
-        __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3), "+x"(a4), "+x"(a5));
-        __asm__ volatile("" : "+x"(a6), "+x"(a7), "+x"(a8), "+x"(a9), "+x"(a10), "+x"(a11));
-    }
-    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
-                             _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
-    s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11)));
-    float out[8];
-    _mm256_storeu_ps(out, s);
-    return out[0];
-}
-"""
-FLOPS_PER_ITER = 12 * 8 * 2
 
+def fma_peak_gflops(threads: int = 1, seconds: float = 0.3, repeat: int = 5) -> dict:
+    """Measured FMA peak of the SIMD path in use (qaconv_gs's probe: 12 independent FMA chains in the
+    vector width of that path, 512-bit on AVX-512, 256-bit on AVX2): {"gflops": total over `threads`,
+    "per_core": ..., "cpu_gflops": by CPU time}. Each of `threads` Python threads runs the probe (it
+    releases the GIL); the best of `repeat` runs is kept (peak = least disturbed run)."""
+    from qaconv_gs import _native
 
-def _fma_lib() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc or platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    tag = hashlib.sha1(_FMA_SRC.encode()).hexdigest()[:10]
-    lib = OUT_DIR / f".fma_peak_{tag}.so"
-    if not lib.exists():
-        OUT_DIR.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "fma.c"
-            src.write_text(_FMA_SRC)
-            tmp_lib = Path(tmp) / "fma.so"
-            r = subprocess.run(
-                [cc, "-O2", "-mavx2", "-mfma", "-shared", "-fPIC", str(src), "-o", str(tmp_lib)],
-                capture_output=True,
-                text=True,
-            )
-            if r.returncode != 0:
-                return None
-            shutil.move(str(tmp_lib), lib)
-    try:
-        dll = ctypes.CDLL(str(lib))
-    except OSError:
-        return None
-    dll.qg_fma_chains.argtypes = [ctypes.c_int64]
-    dll.qg_fma_chains.restype = ctypes.c_float
-    return dll
-
-
-def _cpu_has_avx2_fma() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "")
-        return " avx2" in flags and " fma" in flags
-    except OSError:
-        return False
-
-
-def fma_peak_gflops(threads: int = 1, seconds: float = 0.3, repeat: int = 5) -> dict | None:
-    """Measured AVX2 FMA peak: {"gflops": total over `threads`, "per_core": ..., "cpu_gflops": by CPU
-    time}. Each of `threads` Python threads runs the chain kernel (ctypes releases the GIL); the best of
-    `repeat` runs is kept (peak = least disturbed run)."""
-    if not _cpu_has_avx2_fma():
-        return None
-    dll = _fma_lib()
-    if dll is None:
-        return None
     iters = 1 << 20
     t0 = time.perf_counter()
-    dll.qg_fma_chains(iters)
+    _native.neighbors_fma_probe(iters)
     dt = max(time.perf_counter() - t0, 1e-6)
     iters = max(1 << 16, int(iters * seconds / dt))
-    best_wall, best_cpu = float("inf"), float("inf")
+    best_wall, best_cpu, flops = float("inf"), float("inf"), 0.0
     for _ in range(repeat):
         barrier = threading.Barrier(threads + 1)
+        done: list[float] = []
 
-        def work(barrier: threading.Barrier = barrier) -> None:
+        def work(barrier: threading.Barrier = barrier, done: list = done) -> None:
             barrier.wait()
-            dll.qg_fma_chains(iters)
+            done.append(_native.neighbors_fma_probe(iters))
 
         pool = [threading.Thread(target=work) for _ in range(threads)]
         for t in pool:
@@ -230,7 +154,7 @@ def fma_peak_gflops(threads: int = 1, seconds: float = 0.3, repeat: int = 5) -> 
         w1, c1 = time.perf_counter(), time.process_time()
         best_wall = min(best_wall, w1 - w0)
         best_cpu = min(best_cpu, max(c1 - c0, 1e-9))
-    flops = float(FLOPS_PER_ITER) * iters * threads
+        flops = float(sum(done))
     return {
         "threads": threads,
         "gflops": flops / best_wall / 1e9,

@@ -10,8 +10,8 @@ ours and torch also get it explicitly). Inputs are L2-normalised maps; every met
 checked against ours (max abs difference <= 1e-5) before anything is timed. Times are the median of
 --repeat calls after a warm-up. GF/s counts useful flops, 2*C*S^2 per pair (the max-poolings are free),
 for every method. "GF/s/core (cpu)" divides by the process CPU time instead of the wall time: on a
-busy machine it shows what the kernel does while it runs. The peak is measured by a 12-chain AVX2 FMA
-kernel (benchmarks/_common.py).
+busy machine it shows what the kernel does while it runs. The peak is measured by a 12-chain FMA
+kernel in the vector width of the SIMD path in use (benchmarks/_common.py).
 
 Methods (eval, no argmax):
   ours     qaconv_gs.matching.pair_maxima (fused: only a 6 x 16 register tile of Z exists)
