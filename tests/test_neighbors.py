@@ -291,6 +291,29 @@ def test_simd_paths_agree_to_rounding(rng):
         assert_neighbors_close(idx, sim, E, 8)
 
 
+@pytest.mark.skipif("avx512" not in ISAS, reason="this CPU has no AVX-512: only one FMA kernel runs")
+@pytest.mark.parametrize("n, d", [(1349, 300), (97, 7), (301, 513), (12, 16)])
+def test_fma_kernels_same_bits(rng, n, d):
+    # the AVX2 (6 x 16) and AVX-512 (12 x 16) block kernels sum each pair as the same float32 FMA
+    # chain: identical lists and similarity bits, whatever the tile, the block size or the threads
+    from qaconv_gs import _native
+
+    E = _clustered(rng, n, d, centres=max(2, n // 30), noise=0.3)
+    E[n // 2 : n // 2 + 3] = E[1]  # exact ties
+    k = min(20, n - 1)
+    before = _native.isa()
+    try:
+        out = {}
+        for level in ("avx2", "avx512"):
+            _native.set_isa(level)
+            out[level] = [qg.class_neighbors(E, k, return_similarity=True, n_threads=t) for t in (1, 3)]
+    finally:
+        _native.set_isa(before)
+    for (ia, sa), (ib, sb) in zip(out["avx2"], out["avx512"]):
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(sa.view(np.uint32), sb.view(np.uint32))
+
+
 def test_fma_probe_binding():
     from qaconv_gs import _native
 
