@@ -166,6 +166,12 @@ def test_input_zoo_and_errors():
         GraphSampler(y, 4, 2, seed=-1)
 
 
-def test_huge_class_id_names_labels():
-    with pytest.raises(MemoryError, match="labels"):
-        GraphSampler(np.array([0, 10**12]), batch_size=4, num_instances=2)
+def test_huge_class_ids_cost_no_dense_tables():
+    # the per-class lookups are sized by the classes present: ids up to 2^62 need no max-id-sized
+    # allocation (under memory overcommit such an allocation got the process killed, not a MemoryError)
+    s = GraphSampler(np.array([0, 10**12, 0, 2**62, 10**12]), batch_size=4, num_instances=2, seed=3)
+    assert s.classes.tolist() == [0, 10**12, 2**62] and len(s) == 3
+    batches = list(s)
+    assert len(batches) == 3 and all(b.size == 4 for b in batches)
+    with pytest.raises(ValueError, match="neighbors: expected at least"):
+        GraphSampler(np.array([0, 10**12]), 4, 2, neighbors=np.zeros((4, 2), np.int64))

@@ -76,21 +76,17 @@ class GraphSampler:
         self.epoch = 0
 
         self.num_classes = int(self.labels.max()) + 1
+        # Per-class lookups are sized by the classes that occur, never by the largest id: a stray huge
+        # id costs nothing here (dense id-indexed tables would ask the OS for max id + 1 entries, which
+        # under memory overcommit gets the process killed instead of raising MemoryError).
         order = np.argsort(self.labels, kind="stable")
-        try:  # per-class tables are dense in the class id, as the model's class table is
-            counts = np.bincount(self.labels, minlength=self.num_classes)
-        except MemoryError:
-            raise MemoryError(
-                f"labels: the largest class id ({self.num_classes - 1}) needs per-class tables of "
-                f"{self.num_classes} entries; class ids must be 0..N-1 for the model's N classes"
-            ) from None
-        starts = np.concatenate([[0], np.cumsum(counts)])
+        present, first = np.unique(self.labels[order], return_index=True)
+        bounds = np.append(first, self.labels.size)
         #: class id -> its sample indices (ascending), for classes with samples
         self.class_indices: dict[int, np.ndarray] = {
-            int(c): order[starts[c] : starts[c + 1]] for c in np.flatnonzero(counts)
+            int(c): order[bounds[i] : bounds[i + 1]] for i, c in enumerate(present)
         }
-        self.classes = np.flatnonzero(counts).astype(np.int64)
-        self._has_samples = counts > 0
+        self.classes = present.astype(np.int64)
 
     def _check_table(self, table: object) -> np.ndarray:
         a = _to_array(table, "neighbors")
@@ -135,7 +131,7 @@ class GraphSampler:
                 if len(members) >= want:
                     break
                 c = int(c)
-                if c in seen or c >= self._has_samples.size or not self._has_samples[c]:
+                if c in seen or c not in self.class_indices:
                     continue
                 members.append(c)
                 seen.add(c)
