@@ -101,8 +101,10 @@ QG_AI __m256d qg_bwd_start(const double *acc, int64_t c0, int fresh)
 }
 
 /* acc[0..Cp) (= 0 if fresh) += sum_k t[k].w * t[k].src[0..Cp), in k order, double accumulators in
- * registers. */
-static void qg_bwd_accumulate(double *acc, const qg_term *t, int64_t n, int64_t Cp, int fresh)
+ * registers. With fout (the location's last terms), the sums are rounded once and stored there as floats
+ * instead (fout[0..Cp) may overlap acc[0..Cp) from its start: each pass writes below what later passes
+ * read). */
+static void qg_bwd_accumulate(double *acc, const qg_term *t, int64_t n, int64_t Cp, int fresh, float *fout)
 {
     int64_t c0 = 0;
     for (; c0 + 32 <= Cp; c0 += 32) {
@@ -127,6 +129,14 @@ static void qg_bwd_accumulate(double *acc, const qg_term *t, int64_t n, int64_t 
             a6 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 24)), a6);
             a7 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 28)), a7);
         }
+        if (fout) {
+            float *f = fout + c0;
+            _mm_storeu_ps(f, _mm256_cvtpd_ps(a0)), _mm_storeu_ps(f + 4, _mm256_cvtpd_ps(a1));
+            _mm_storeu_ps(f + 8, _mm256_cvtpd_ps(a2)), _mm_storeu_ps(f + 12, _mm256_cvtpd_ps(a3));
+            _mm_storeu_ps(f + 16, _mm256_cvtpd_ps(a4)), _mm_storeu_ps(f + 20, _mm256_cvtpd_ps(a5));
+            _mm_storeu_ps(f + 24, _mm256_cvtpd_ps(a6)), _mm_storeu_ps(f + 28, _mm256_cvtpd_ps(a7));
+            continue;
+        }
         _mm256_storeu_pd(acc + c0, a0), _mm256_storeu_pd(acc + c0 + 4, a1);
         _mm256_storeu_pd(acc + c0 + 8, a2), _mm256_storeu_pd(acc + c0 + 12, a3);
         _mm256_storeu_pd(acc + c0 + 16, a4), _mm256_storeu_pd(acc + c0 + 20, a5);
@@ -140,7 +150,11 @@ static void qg_bwd_accumulate(double *acc, const qg_term *t, int64_t n, int64_t 
             a0 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x)), a0);
             a1 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 4)), a1);
         }
-        _mm256_storeu_pd(acc + c0, a0), _mm256_storeu_pd(acc + c0 + 4, a1);
+        if (fout) {
+            _mm_storeu_ps(fout + c0, _mm256_cvtpd_ps(a0)), _mm_storeu_ps(fout + c0 + 4, _mm256_cvtpd_ps(a1));
+        } else {
+            _mm256_storeu_pd(acc + c0, a0), _mm256_storeu_pd(acc + c0 + 4, a1);
+        }
     }
 }
 
@@ -229,11 +243,19 @@ typedef struct qg_bwd_scr {
     float *tb;            /* [pch][S][Cp] transposed far maps of a chunk (local mode) */
 } qg_bwd_scr;
 
+/* A location without terms in the row's last chunk: its sums (if any) rounded once into fout, else zeros
+ * (fout may overlap acc from its start, as in qg_bwd_accumulate). */
+static void qg_bwd_round(const double *acc, int seen, int64_t Cp, float *fout)
+{
+    for (int64_t c = 0; c < Cp; c += 4)
+        _mm_storeu_ps(fout + c, seen ? _mm256_cvtpd_ps(_mm256_loadu_pd(acc + c)) : _mm_setzero_ps());
+}
+
 /* Pairs [i0, i1) of row t into acc (the row's accumulator): bucket the terms by output location
  * (stable counting sort: pair order, then probe- before gallery-direction terms), then sum each
  * location's terms with register accumulators. far(i) is the transposed far map of pair i. */
 static void qg_bwd_row_chunk(const qg_bwd_job *job, int64_t t, int64_t i0, int64_t i1, const float *const *farp,
-                             double *acc, unsigned char *seen, const qg_bwd_scr *sc, int64_t Cp)
+                             double *acc, unsigned char *seen, const qg_bwd_scr *sc, int64_t Cp, int last)
 {
     const int64_t S = job->S;
     int64_t *start = sc->start, *pos = sc->pos;
@@ -267,25 +289,28 @@ static void qg_bwd_row_chunk(const qg_bwd_job *job, int64_t t, int64_t i0, int64
             for (int64_t r = 0; r < S; ++r) terms[pos[r]++] = (qg_term){T + ag[r] * Cp, gg[r]};
         }
     }
-    for (int64_t s = 0; s < S; ++s)
-        if (start[s + 1] > start[s]) {
-            qg_bwd_accumulate(acc + s * Cp, terms + start[s], start[s + 1] - start[s], Cp, !seen[s]);
-            seen[s] = 1;
+    float *accf = (float *)acc;
+    for (int64_t s = 0; s < S; ++s) {
+        const int64_t n = start[s + 1] - start[s];
+        if (!last) {
+            if (n) qg_bwd_accumulate(acc + s * Cp, terms + start[s], n, Cp, !seen[s], NULL);
+            seen[s] |= n > 0;
+        } else if (n) {
+            qg_bwd_accumulate(acc + s * Cp, terms + start[s], n, Cp, !seen[s], accf + s * Cp);
+        } else {
+            qg_bwd_round(acc + s * Cp, seen[s], Cp, accf + s * Cp);
         }
+    }
 }
 
-/* Round row t's accumulator once and transpose it back [S][Cp] -> [C][S] into the output (in place over
- * acc: the floats of row s end before the doubles of row s start). */
-static void qg_bwd_row_store(const qg_bwd_job *job, int64_t t, double *acc, const unsigned char *seen, int64_t Cp)
+/* Transpose row t's rounded sums (floats [S][Cp] at the start of its accumulator) back to [C][S] into the
+ * output. */
+static void qg_bwd_row_store(const qg_bwd_job *job, int64_t t, double *acc, int64_t Cp)
 {
     const int64_t C = job->C, S = job->S;
     const int64_t row = job->rowid ? job->rowid[t] : t;
     float *o = job->out + row * C * S;
     float *accf = (float *)acc;
-    for (int64_t s = 0; s < S; ++s)
-        for (int64_t c = 0; c < Cp; c += 4)
-            _mm_storeu_ps(accf + s * Cp + c,
-                          seen[s] ? _mm256_cvtpd_ps(_mm256_loadu_pd(acc + s * Cp + c)) : _mm_setzero_ps());
     const int64_t C8 = C & ~(int64_t)7, S8 = S & ~(int64_t)7;
     for (int64_t c0 = 0; c0 < C8; c0 += 8)
         for (int64_t s0 = 0; s0 < S8; s0 += 8) qg_tr8x8(accf + s0 * Cp + c0, Cp, o + c0 * S + s0, S);
@@ -438,9 +463,12 @@ int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx)
                     }
                 }
                 for (int64_t r = 0; r < nr; ++r)
-                    qg_bwd_row_chunk(job, t0 + r, i0, i1, farp, sc.acc + r * S * Cp, sc.seen + r * S, &sc, Cp);
+                    qg_bwd_row_chunk(job, t0 + r, i0, i1, farp, sc.acc + r * S * Cp, sc.seen + r * S, &sc, Cp,
+                                     i1 == np);
             }
-            for (int64_t r = 0; r < nr; ++r) qg_bwd_row_store(job, t0 + r, sc.acc + r * S * Cp, sc.seen + r * S, Cp);
+            if (np == 0) /* no chunk rounded these rows: their sums are zero */
+                for (int64_t r = 0; r < nr; ++r) memset(sc.acc + r * S * Cp, 0, (size_t)(S * Cp) * sizeof(float));
+            for (int64_t r = 0; r < nr; ++r) qg_bwd_row_store(job, t0 + r, sc.acc + r * S * Cp, Cp);
             qg_poll_block(ctx, &stop);
         }
     }
