@@ -309,8 +309,11 @@ static void qg_bwd_row_store(const qg_bwd_job *job, int64_t t, double *acc, int6
 {
     const int64_t C = job->C, S = job->S;
     const int64_t row = job->rowid ? job->rowid[t] : t;
-    float *o = job->out + row * C * S;
+    float *const out = job->out + row * C * S;
     float *accf = (float *)acc;
+    /* with the normalisation backward to follow, the transposed gradient goes to the free second half of
+     * the accumulator (L2) and the output is written once, in order, by the normalisation item */
+    float *o = job->ytab ? accf + S * Cp : out;
     const int64_t C8 = C & ~(int64_t)7, S8 = S & ~(int64_t)7;
     for (int64_t c0 = 0; c0 < C8; c0 += 8)
         for (int64_t s0 = 0; s0 < S8; s0 += 8) qg_tr8x8(accf + s0 * Cp + c0, Cp, o + c0 * S + s0, S);
@@ -319,7 +322,7 @@ static void qg_bwd_row_store(const qg_bwd_job *job, int64_t t, double *acc, int6
     if (job->ytab) /* the row is still in L2: its normalisation backward now, not in a pass over memory */
         for (int64_t s0 = 0; s0 < S; s0 += QG_NORM_SB)
             qg_norm_bwd_item_avx2(o + s0, job->ytab + job->yrow[row] * C * S + s0, 1, job->ynorm + row * S + s0,
-                                  qg_min(QG_NORM_SB, S - s0), C, S, o + s0);
+                                  qg_min(QG_NORM_SB, S - s0), C, S, out + s0);
 }
 
 /* Sort key of a CSR row (class side): the probe maps its pairs read, (first, last, count), so rows that
