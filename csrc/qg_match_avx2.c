@@ -75,7 +75,12 @@ QG_AI void qg_ukernel(const float *restrict a, const float *restrict b, int64_t 
  *     of up to QG_BWD_RUN rows that share each chunk's transposed maps (one transpose per run);
  *   - the class side's rows (CSR lists) are visited in the order of the probes they read (first, last,
  *     count), so rows that read the same transposed probe maps follow each other while those are in L2
- *     (~8% less time on the re-ID and faces class sides; a row's sums do not depend on when it runs).
+ *     (~8% less time on the re-ID and faces class sides; a row's sums do not depend on when it runs);
+ *   - a row's last chunk rounds each location's sums straight to float, [S][Cp] at the start of the
+ *     row's accumulator (location s's floats end before its doubles start and overlap only doubles of
+ *     locations already rounded), which is then transposed back to [C][S];
+ *   - with the class rows' normalisation backward fused in (ytab), that transpose goes to the free
+ *     second half of the accumulator and the normalisation item writes the output once, in order.
  * Memory: the transposed far maps (distinct ones only, at most QG_BWD_GLOBAL_BYTES; else per chunk) + per
  * thread QG_BWD_RUN * S*Cp doubles and the term lists.
  */
@@ -253,7 +258,8 @@ static void qg_bwd_round(const double *acc, int seen, int64_t Cp, float *fout)
 
 /* Pairs [i0, i1) of row t into acc (the row's accumulator): bucket the terms by output location
  * (stable counting sort: pair order, then probe- before gallery-direction terms), then sum each
- * location's terms with register accumulators. far(i) is the transposed far map of pair i. */
+ * location's terms with register accumulators. far(i) is the transposed far map of pair i. In the row's
+ * last chunk (last), every location's sums are rounded to float into the start of acc. */
 static void qg_bwd_row_chunk(const qg_bwd_job *job, int64_t t, int64_t i0, int64_t i1, const float *const *farp,
                              double *acc, unsigned char *seen, const qg_bwd_scr *sc, int64_t Cp, int last)
 {
