@@ -3,9 +3,10 @@
  * table and portable engine) and the backward.
  *
  * Forward layering: qg_match_*_f32 validate and build a qg_pairs_job (qg_match_impl.h), then run
- * the engine of ctx->isa from a small table: qg_match_pairs_avx2 (qg_match_avx2.c, AVX2 + FMA,
- * register-tiled with the maxima in the epilogue) on x86-64 CPUs that have it, else the portable
- * engine below (also the fallback on other architectures).
+ * the engine of ctx->isa from a small table: qg_match_pairs_avx512 / qg_match_pairs_avx2
+ * (qg_match_avx512.c / qg_match_avx2.c, both from qg_match_simd.h: register-tiled with the maxima in
+ * the epilogue) on x86-64 CPUs that have them, else the portable engine below (also the fallback on
+ * other architectures).
  * Portable engine:
  *   - Each pair (probe map A, gallery map B, both [C, S]) is computed by one thread. The thread
  *     packs A into MR-wide panels [ceil(S/MR)][C][MR] and B into NR-wide panels [ceil(S/NR)][C][NR]

@@ -11,10 +11,11 @@
  * bit-identical for any thread count, float32 storage.
  *
  * Precision: Z[s, r] is summed over c = 0..C-1 in order in float32: one fused multiply-add per
- * channel on the AVX2 path (ctx->isa >= QG_ISA_AVX2, qg_match_avx2.c), a separate multiply and add
- * on the portable path. On a given path every Z element is the same bits whatever the thread count,
- * the tiling or the call (all pairs, restricted, fused scores); the two paths may differ in the last
- * bits (and so, at near ties, in the argmax).
+ * channel on the AVX2 and AVX-512 paths (ctx->isa >= QG_ISA_AVX2, qg_match_avx2.c / qg_match_avx512.c,
+ * which give the same bits), a separate multiply and add on the portable path. On a given path every
+ * Z element is the same bits whatever the thread count, the tiling or the call (all pairs, restricted,
+ * fused scores); the FMA and portable paths may differ in the last bits (and so, at near ties, in the
+ * argmax).
  * Norms, dot products of the normalisation backward, the backward scatter sums and the fused
  * scores are accumulated in double and rounded once.
  * Threading: the forward splits the pairs into units (a block of probe maps x a block of gallery

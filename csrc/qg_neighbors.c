@@ -7,7 +7,7 @@
  *   1. One pass over E: per row, the sum of squares in double (also the NaN/Inf check), the
  *      power-of-two scale that brings the row to norm ~1 (exact, so no overflow/underflow in the
  *      float32 products even for |x| ~ 1e30), and the weight w_i = 2^e_i / max(||x_i||, 1e-12).
- *   2. Rows are cut into blocks of variant->block rows (128 portable, 288 AVX2; 192 AVX2 when a
+ *   2. Rows are cut into blocks of variant->block rows (128 portable, 288 AVX2 / AVX-512; 192 when a
  *      table has fewer than 4 blocks per thread: see qg_nb_variant; no pair's value depends on
  *      it). Every block pair (I, J), I <= J, is computed exactly once ("match") by the variant's
  *      kernel: per D-panel of QG_NB_PANEL columns, packed panels and a register-
