@@ -105,6 +105,15 @@ QG_AI __m256d qg_bwd_start(const double *acc, int64_t c0, int fresh)
     return fresh ? _mm256_setzero_pd() : _mm256_loadu_pd(acc + c0);
 }
 
+/* Sums of lanes c..c+3: kept as doubles in acc, or (fout) rounded once into fout as floats. */
+QG_AI void qg_bwd_put(double *acc, float *fout, int64_t c, __m256d a)
+{
+    if (fout)
+        _mm_storeu_ps(fout + c, _mm256_cvtpd_ps(a));
+    else
+        _mm256_storeu_pd(acc + c, a);
+}
+
 /* acc[0..Cp) (= 0 if fresh) += sum_k t[k].w * t[k].src[0..Cp), in k order, double accumulators in
  * registers. With fout (the location's last terms), the sums are rounded once and stored there as floats
  * instead (fout[0..Cp) may overlap acc[0..Cp) from its start: each pass writes below what later passes
@@ -134,18 +143,10 @@ static void qg_bwd_accumulate(double *acc, const qg_term *t, int64_t n, int64_t 
             a6 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 24)), a6);
             a7 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 28)), a7);
         }
-        if (fout) {
-            float *f = fout + c0;
-            _mm_storeu_ps(f, _mm256_cvtpd_ps(a0)), _mm_storeu_ps(f + 4, _mm256_cvtpd_ps(a1));
-            _mm_storeu_ps(f + 8, _mm256_cvtpd_ps(a2)), _mm_storeu_ps(f + 12, _mm256_cvtpd_ps(a3));
-            _mm_storeu_ps(f + 16, _mm256_cvtpd_ps(a4)), _mm_storeu_ps(f + 20, _mm256_cvtpd_ps(a5));
-            _mm_storeu_ps(f + 24, _mm256_cvtpd_ps(a6)), _mm_storeu_ps(f + 28, _mm256_cvtpd_ps(a7));
-            continue;
-        }
-        _mm256_storeu_pd(acc + c0, a0), _mm256_storeu_pd(acc + c0 + 4, a1);
-        _mm256_storeu_pd(acc + c0 + 8, a2), _mm256_storeu_pd(acc + c0 + 12, a3);
-        _mm256_storeu_pd(acc + c0 + 16, a4), _mm256_storeu_pd(acc + c0 + 20, a5);
-        _mm256_storeu_pd(acc + c0 + 24, a6), _mm256_storeu_pd(acc + c0 + 28, a7);
+        qg_bwd_put(acc, fout, c0, a0), qg_bwd_put(acc, fout, c0 + 4, a1);
+        qg_bwd_put(acc, fout, c0 + 8, a2), qg_bwd_put(acc, fout, c0 + 12, a3);
+        qg_bwd_put(acc, fout, c0 + 16, a4), qg_bwd_put(acc, fout, c0 + 20, a5);
+        qg_bwd_put(acc, fout, c0 + 24, a6), qg_bwd_put(acc, fout, c0 + 28, a7);
     }
     for (; c0 < Cp; c0 += 8) { /* Cp is a multiple of 8 */
         __m256d a0 = qg_bwd_start(acc, c0, fresh), a1 = qg_bwd_start(acc, c0 + 4, fresh);
@@ -155,11 +156,7 @@ static void qg_bwd_accumulate(double *acc, const qg_term *t, int64_t n, int64_t 
             a0 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x)), a0);
             a1 = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm_loadu_ps(x + 4)), a1);
         }
-        if (fout) {
-            _mm_storeu_ps(fout + c0, _mm256_cvtpd_ps(a0)), _mm_storeu_ps(fout + c0 + 4, _mm256_cvtpd_ps(a1));
-        } else {
-            _mm256_storeu_pd(acc + c0, a0), _mm256_storeu_pd(acc + c0 + 4, a1);
-        }
+        qg_bwd_put(acc, fout, c0, a0), qg_bwd_put(acc, fout, c0 + 4, a1);
     }
 }
 
