@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 from hypothesis import settings
-from isa_levels import ISAS
+from isa_levels import ISAS, at_isa
 
 settings.register_profile("ci", max_examples=25, deadline=None)
 settings.register_profile("long", max_examples=1000, deadline=None)
@@ -18,13 +18,8 @@ def rng():
 @pytest.fixture(params=ISAS)
 def isa(request):
     """Run the test on one SIMD path <= the CPU's best; the previous level is restored afterwards."""
-    from qaconv_gs import _native
-
-    previous = _native.set_isa(request.param)
-    try:
-        yield request.param
-    finally:
-        _native.set_isa(previous)
+    with at_isa(request.param) as level:
+        yield level
 
 
 if os.environ.get("QG_HIDE_TORCH") == "1":

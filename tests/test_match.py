@@ -7,7 +7,7 @@ import pytest
 import ref_match as ref
 from hypothesis import given
 from hypothesis import strategies as st
-from isa_levels import ISAS
+from isa_levels import ISAS, at_isa
 from qaconv_gs import _native
 from qaconv_gs import matching as m
 
@@ -502,13 +502,9 @@ def test_isa_paths_agree(rng):
     *_, Z = ref.pair_maxima_ref(p, g)
     clear_p, clear_g = _second_gap(Z, 3) > 1e-5, _second_gap(Z, 2) > 1e-5
     outs = {}
-    previous = _native.isa()
-    try:
-        for level in ISAS:
-            _native.set_isa(level)
+    for level in ISAS:
+        with at_isa(level):
             outs[level] = m.pair_maxima(p, g, return_argmax=True)
-    finally:
-        _native.set_isa(previous)
     base = outs["portable"]
     for level in ISAS[1:]:
         o = outs[level]
@@ -542,10 +538,8 @@ def test_fma_engines_same_bits(rng, shape):
     cand[: P // 2] = cand[0]  # a run of probes sharing one list
     w = rng.standard_normal(2 * H * W).astype(np.float32)
     outs = {}
-    previous = _native.isa()
-    try:
-        for level in ("avx2", "avx512"):
-            _native.set_isa(level)
+    for level in ("avx2", "avx512"):
+        with at_isa(level):
             outs[level] = [
                 *m.pair_maxima(p, g, return_argmax=True, n_threads=1),
                 *m.pair_maxima(p, g, return_argmax=True, n_threads=3),
@@ -555,8 +549,6 @@ def test_fma_engines_same_bits(rng, shape):
                 *m.pair_maxima_restricted(u, g, cand),
                 m.match_scores(p, g, w, 0.5),
             ]
-    finally:
-        _native.set_isa(previous)
     for a, b in zip(outs["avx2"], outs["avx512"]):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
@@ -596,16 +588,12 @@ def test_backward_same_bits_on_every_path(rng, shape):
     rgmp = rng.standard_normal((P, 11, S)).astype(np.float32)
     rgmg = rng.standard_normal((P, 11, S)).astype(np.float32)
     outs = []
-    previous = _native.isa()
-    try:
-        for level in ISAS:
-            _native.set_isa(level)
+    for level in ISAS:
+        with at_isa(level):
             for nt in (1, 2):
                 a = m.pair_maxima_backward(gmp, gmg, ap, ag, p, g, n_threads=nt)
                 b = m.pair_maxima_restricted_backward(rgmp, rgmg, rap, rag, p, g, cand, n_threads=nt)
                 outs.append((*a, *b))
-    finally:
-        _native.set_isa(previous)
     rgp, rgg = ref.pair_maxima_backward_ref(gmp, gmg, ap, ag, p, g)
     np.testing.assert_allclose(outs[0][0], rgp, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(outs[0][1], rgg, rtol=1e-5, atol=1e-6)
@@ -1003,14 +991,10 @@ def test_property_pair_maxima(P, G, C, H, W, seed, nt):
     rng = np.random.default_rng(seed)
     p, g = maps(rng, P, C, H, W), maps(rng, G, C, H, W)
     refs = ref.pair_maxima_ref(p, g)
-    previous = _native.isa()
-    try:
-        for level in ISAS:
-            _native.set_isa(level)
+    for level in ISAS:
+        with at_isa(level):
             out = m.pair_maxima(p, g, return_argmax=True, n_threads=nt)
             check_forward(out, refs)
-    finally:
-        _native.set_isa(previous)
     gmp = rng.standard_normal(out[0].shape).astype(np.float32)
     gmg = rng.standard_normal(out[0].shape).astype(np.float32)
     gp, gg = m.pair_maxima_backward(gmp, gmg, out[2], out[3], p, g, n_threads=nt)

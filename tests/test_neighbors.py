@@ -12,7 +12,7 @@ import pytest
 import qaconv_gs as qg
 from hypothesis import given
 from hypothesis import strategies as st
-from isa_levels import ISAS
+from isa_levels import ISAS, at_isa
 from qaconv_gs.neighbors import _class_neighbors_ref
 from ref_neighbors import assert_neighbors_close, cosine64, knn64
 
@@ -274,17 +274,12 @@ def test_every_isa_agrees_with_c_reference(isa, rng):
 
 def test_simd_paths_agree_to_rounding(rng):
     # the paths differ only in fused vs separate multiply-add: same lists, sims within rounding
-    from qaconv_gs import _native
 
     E = _clustered(rng, 300, 250)
-    before = _native.isa()
-    try:
-        out = {}
-        for level in ISAS:
-            _native.set_isa(level)
+    out = {}
+    for level in ISAS:
+        with at_isa(level):
             out[level] = qg.class_neighbors(E, 8, return_similarity=True)
-    finally:
-        _native.set_isa(before)
     base_i, base_s = out["portable"]
     for idx, sim in out.values():
         np.testing.assert_allclose(sim, base_s, rtol=0, atol=2e-6)
@@ -296,19 +291,14 @@ def test_simd_paths_agree_to_rounding(rng):
 def test_fma_kernels_same_bits(rng, n, d):
     # the AVX2 (6 x 16) and AVX-512 (12 x 16) block kernels sum each pair as the same float32 FMA
     # chain: identical lists and similarity bits, whatever the tile, the block size or the threads
-    from qaconv_gs import _native
 
     E = _clustered(rng, n, d, centres=max(2, n // 30), noise=0.3)
     E[n // 2 : n // 2 + 3] = E[1]  # exact ties
     k = min(20, n - 1)
-    before = _native.isa()
-    try:
-        out = {}
-        for level in ("avx2", "avx512"):
-            _native.set_isa(level)
+    out = {}
+    for level in ("avx2", "avx512"):
+        with at_isa(level):
             out[level] = [qg.class_neighbors(E, k, return_similarity=True, n_threads=t) for t in (1, 3)]
-    finally:
-        _native.set_isa(before)
     for (ia, sa), (ib, sb) in zip(out["avx2"], out["avx512"]):
         np.testing.assert_array_equal(ia, ib)
         np.testing.assert_array_equal(sa.view(np.uint32), sb.view(np.uint32))
