@@ -18,8 +18,8 @@ GF/s counts N*N*D useful flops for every method: computing each pair's dot produ
 pairs x D multiply-adds x 2 flops). faiss and NumPy compute the full Gram matrix (twice the
 arithmetic), ours the upper triangle of block pairs -- the same useful result, so the columns
 compare, and ours is directly comparable with the measured FMA peak (2 flops per FMA lane).
-FMA peak: a 12-chain FMA loop of the SIMD path in use (qaconv_gs._native.neighbors_fma_probe),
-flops per CPU-second of one core, times the thread count.
+FMA peak: a 12-chain FMA loop of the SIMD path in use (benchmarks._common.fma_peak_gflops, best of 5
+runs), flops per CPU-second of one core, times the thread count.
 Peak extra memory: VmHWM growth of the worker process during the method's first run (the
 high-water mark is reset through /proc/self/clear_refs first), beyond the input E.
 Before timing counts, the neighbour lists are cross-checked against ours (mean set overlap and
@@ -134,18 +134,10 @@ def _reset_hwm() -> bool:
         return False
 
 
-def fma_peak(seconds: float = 0.3) -> dict:
+def fma_peak() -> dict:
     """Measured single-thread FMA throughput of the SIMD path in use (flops / s, wall and CPU)."""
-    from qaconv_gs import _native
-
-    iters = 1 << 20
-    while True:
-        t0, c0 = time.perf_counter(), time.process_time()
-        flops = _native.neighbors_fma_probe(iters)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if wall > seconds or iters > 1 << 34:
-            return {"gflops_wall": flops / wall / 1e9, "gflops_cpu": flops / max(cpu, 1e-9) / 1e9}
-        iters *= 2
+    pk = _common.fma_peak_gflops(1)
+    return {"gflops_wall": pk["gflops"], "gflops_cpu": pk["cpu_gflops"]}
 
 
 def worker(args) -> None:
