@@ -68,6 +68,7 @@ static void qg_norm_fwd_item(const float *xm, int64_t n, int64_t C, int64_t S, f
         float *yr = ym + c * S;
         for (int64_t s = 0; s < n; ++s) yr[s] = xr[s] / den[s];
     }
+    qg_norm_fwd_overflow(xm, acc, nm, n, C, S, ym);
 }
 
 /* Shared by qg_norm_forward_f32 and qg_norm_forward_rows_f32 (sizes validated, M > 0). */

@@ -41,7 +41,8 @@ extern "C" {
 #define QG_NORM_EPS 1e-12f
 
 /* x: [M, C, S]; y: [M, C, S] out; norm: [M, S] out (the raw norms ||x[m, :, s]||, summed in
- * double, rounded to float32). y = x / max(norm, eps) in float32. */
+ * double, rounded to float32). y = x / max(norm, eps) in float32; where the norm overflows float32
+ * (norm = +Inf from finite x near FLT_MAX), y = x / norm in double from the double norm, rounded once. */
 int qg_norm_forward_f32(const float *x, int64_t M, int64_t C, int64_t S,
                         float *y, float *norm, const qg_ctx *ctx);
 /* gy: [M, C, S] gradient w.r.t. y; y, norm from the forward; gx: [M, C, S] out (may alias gy).

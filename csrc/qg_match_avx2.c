@@ -528,6 +528,7 @@ void qg_norm_fwd_item_avx2(const float *xm, int64_t n, int64_t C, int64_t S, flo
             _mm256_storeu_ps(yr + s, _mm256_div_ps(_mm256_loadu_ps(xr + s), _mm256_loadu_ps(den + s)));
         for (; s < n; ++s) yr[s] = xr[s] / den[s];
     }
+    qg_norm_fwd_overflow(xm, acc, nm, n, C, S, ym);
 }
 
 /* y of 8 locations: loaded (raw == 0) or rebuilt as x / fden, the forward's float32 division (one

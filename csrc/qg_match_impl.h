@@ -12,6 +12,7 @@
 #include "qg_cpu.h"
 #include "qg_match.h"
 
+#include <float.h>
 #include <math.h>
 
 typedef struct qg_pairs_job {
@@ -75,6 +76,20 @@ static inline void qg_norm_fwd_den(const double *acc, int64_t s0, int64_t n, flo
         const float nr = (float)sqrt(acc[s]);
         nm[s] = nr;
         den[s] = nr > QG_NORM_EPS ? nr : QG_NORM_EPS;
+    }
+}
+
+/* Locations of a normalisation-forward item whose norm overflows float32 (nm = +Inf from finite inputs
+ * near FLT_MAX): the float32 divisor would be Inf and y all zeros, so y = x / norm is taken in double from
+ * the double norm instead, rounded once (every engine and the reference do this after their division
+ * pass). The backward through such a location is 0 (its 1 / norm rounds to 0 in qg_norm_bwd_inv). */
+static inline void qg_norm_fwd_overflow(const float *xm, const double *acc, const float *nm, int64_t n,
+                                        int64_t C, int64_t S, float *ym)
+{
+    for (int64_t s = 0; s < n; ++s) {
+        if (!(isinf(nm[s]) && acc[s] <= DBL_MAX)) continue;
+        const double d = sqrt(acc[s]);
+        for (int64_t c = 0; c < C; ++c) ym[c * S + s] = (float)((double)xm[c * S + s] / d);
     }
 }
 

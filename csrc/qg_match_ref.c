@@ -27,7 +27,12 @@ int qg_norm_forward_ref_f32(const float *x, int64_t M, int64_t C, int64_t S,
             const float nr = (float)sqrt(acc);
             const float den = nr > QG_NORM_EPS ? nr : QG_NORM_EPS;
             norm[m * S + s] = nr;
-            for (int64_t c = 0; c < C; ++c) y[m * cs + c * S + s] = x[m * cs + c * S + s] / den;
+            /* a norm beyond float32's range: divide in double by the double norm (den would be Inf) */
+            const int wide = isinf(nr);
+            for (int64_t c = 0; c < C; ++c) {
+                const float v = x[m * cs + c * S + s];
+                y[m * cs + c * S + s] = wide ? (float)((double)v / sqrt(acc)) : v / den;
+            }
         }
     }
     return QG_OK;

@@ -78,6 +78,9 @@ def test_model_save_load_round_trip(tmp_path):
     np.testing.assert_array_equal(a.grad_features, b.grad_features)
     m3 = QAConvGS.load(str(p), n_threads=1)
     assert m3.n_threads == 1
+    # a bad n_threads is the caller's argument, not a fault of the file
+    with pytest.raises(ValueError, match=r"^n_threads: expected an integer >= 1, got 0"):
+        QAConvGS.load(str(p), n_threads=0)
 
 
 def test_saved_neighbor_table_survives_mid_epoch(tmp_path):

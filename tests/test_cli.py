@@ -94,6 +94,18 @@ def test_match_fresh_head_and_checkpoint(tmp_path, capsys):
     np.save(tmp_path / "bad.npy", rng.standard_normal((2, 7, 4, 2)))
     assert main(["match", str(tmp_path / "p.npy"), str(tmp_path / "bad.npy"), str(tmp_path / "s3.npy")]) == 1
     assert "gallery" in capsys.readouterr().err
+    # maps of another shape than the checkpoint's model: refused, even where the head's size would fit
+    # (a "separate" head for 4 x 2 locations has the size of a "shared" one for 4 x 4)
+    for shape in [(3, 8, 4, 4), (3, 5, 4, 2), (3, 8, 2, 4)]:
+        np.save(tmp_path / "other.npy", rng.standard_normal(shape).astype(np.float32))
+        other = ["match", str(tmp_path / "other.npy"), str(tmp_path / "other.npy"), str(tmp_path / "s4.npy")]
+        assert main(other + ["--checkpoint", str(ckpt)]) == 1
+        err = capsys.readouterr().err
+        assert "probe" in err and "(8, 4, 2)" in err and str(shape[1:]) in err
+        assert not (tmp_path / "s4.npy").exists()
+    with pytest.raises(SystemExit):  # argparse: exit status 2, the option named
+        main(argv + ["--seed", "-1"])
+    assert "--seed: expected an integer >= 0, got -1" in capsys.readouterr().err
     (tmp_path / "junk.npz").write_bytes(b"junk")
     assert main(argv + ["--checkpoint", str(tmp_path / "junk.npz")]) == 1
     assert "checkpoint" in capsys.readouterr().err

@@ -450,6 +450,14 @@ def test_errors(rng):
         head_backward(np.ones(3), {"mp": mp})
     with pytest.raises(ValueError, match="S"):
         head_eval_affine(h, 0)
+    # finite parameters whose eval-mode fold overflows float32 scores are refused, not turned into Inf
+    huge = {k: np.array(v, copy=True) for k, v in h.items()}
+    huge["bn.weight"][:] = 1e30
+    huge["logit_bn.weight"][:] = 1e30
+    huge["bn.running_var"][:] = 0.0
+    huge["logit_bn.running_var"][:] = 0.0
+    with pytest.raises(ValueError, match="head: .*float32"):
+        head_eval_affine(huge, S)
     # the private bindings re-check shapes themselves
     params, fcw = _params(h, S, "separate")
     with pytest.raises(ValueError, match="mg"):

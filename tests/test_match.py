@@ -160,10 +160,15 @@ def test_normalize_same_bits_on_every_path(rng, isa, shape):
     x = flat3(rng.standard_normal(shape).astype(np.float32) * 2)
     x[0, :, 0] = 0.0
     x[-1, :, -1] = 3e-30
+    if x.shape[2] > 2:  # finite values whose norm overflows float32: y from the double norm, not 0
+        x[0, :, 1] = 3e38
     y, n = _native.norm_forward(x, 2)
     ry, rn = _native.norm_forward_ref(x, 1)
     np.testing.assert_array_equal(y, ry)
     np.testing.assert_array_equal(n, rn)
+    if x.shape[2] > 2:
+        assert np.isinf(n[0, 1])
+        np.testing.assert_allclose(y[0, :, 1], 1.0 / np.sqrt(x.shape[1]), rtol=1e-6)
     g = rng.standard_normal(x.shape).astype(np.float32)
     np.testing.assert_array_equal(_native.norm_backward(g, y, n, 2), _native.norm_backward_ref(g, ry, rn, 1))
     rows = np.arange(x.shape[0], dtype=np.int64)[::-1].copy()

@@ -122,6 +122,33 @@ def test_sparse_equals_dense_after_flush_with_lr_changes():
     np.testing.assert_allclose(ts._buffers["class_embed"], td._buffers["class_embed"], rtol=1e-4, atol=1e-6)
 
 
+def test_sparse_equals_dense_with_manual_epochs():
+    """A hand-written loop that calls on_epoch_start() between steps, without flush(): the neighbour
+    table is rebuilt from up-to-date rows, so the sparse trainer picks the dense one's candidates."""
+    QAConvGS = pytest.importorskip("qaconv_gs.model").QAConvGS
+    rng = np.random.default_rng(0)
+    batches = [
+        (rng.standard_normal((8, 4, 2, 2)).astype(np.float32), rng.integers(0, 12, 8)) for _ in range(30)
+    ]
+    runs = []
+    for sparse in (True, False):
+        model = QAConvGS(num_classes=12, channels=4, height=2, width=2, k_nearest=2, seed=0, n_threads=1)
+        tr = Trainer(model, lr=0.5, momentum=0.9, nesterov=False, weight_decay=5e-4, sparse_embed=sparse)
+        cands = []
+        for i, (f, y) in enumerate(batches):
+            if i % 5 == 0:
+                model.on_epoch_start()
+            cands.append(tr.step(f, y).candidates)
+        tr.flush()
+        runs.append((model, cands))
+    (ms, cs), (md, cd) = runs
+    for i, (a, b) in enumerate(zip(cs, cd)):
+        np.testing.assert_array_equal(a, b, err_msg=f"step {i}")
+    np.testing.assert_allclose(
+        ms.parameters()["class_embed"], md.parameters()["class_embed"], rtol=1e-5, atol=1e-6
+    )
+
+
 def test_sparse_touches_only_candidate_rows_then_catches_up():
     # class 0..3 form a closed neighbourhood; rows 4.. are never candidates
     table = np.array([[(i + j) % 4 for j in range(1, 4)] if i < 4 else [0, 1, 2] for i in range(N)])

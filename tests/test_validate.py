@@ -76,6 +76,10 @@ def test_as_index():
         as_index(np.array([[0, 5]]), "candidates", 2, 5)
     with pytest.raises(TypeError, match="candidates"):
         as_index(np.array([[0.0, 1.0]]), "candidates", 2, 5)
+    # uint64 beyond int64: the message shows the value given, not a wrapped negative one
+    with pytest.raises(ValueError, match=r"candidates: values must be in \[0, 5\), got 9223372036854775813"):
+        as_index(np.full((1, 2), 2**63 + 5, np.uint64), "candidates", 2, 5)
+    assert as_index(np.array([[0, 4]], np.uint64), "candidates", 2, 5).tolist() == [[0, 4]]
 
 
 def test_scalars_and_threads():

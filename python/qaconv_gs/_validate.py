@@ -121,6 +121,8 @@ def as_index(x: object, name: str, ndim: int, upper: int) -> np.ndarray:
         raise TypeError(f"{name}: expected an integer array, got dtype {a.dtype}")
     if a.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-d array, got shape {shape_str(a.shape)}")
+    if a.dtype.kind == "u" and a.size and int(a.max()) >= upper:  # before int64 could wrap it negative
+        raise ValueError(f"{name}: values must be in [0, {upper}), got {int(a.max())}")
     out = np.ascontiguousarray(a, dtype=np.int64)
     if out.size and (out.min() < 0 or out.max() >= upper):
         bad = int(out.min()) if out.min() < 0 else int(out.max())

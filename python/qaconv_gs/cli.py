@@ -32,6 +32,13 @@ def _positive(value: str) -> int:
     return n
 
 
+def _seed(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qaconv-gs",
@@ -64,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=float, default=0.05, help="base learning rate (default 0.05, cosine schedule)"
     )
     demo.add_argument("--threads", type=_threads, default=None, help="threads (default: OpenMP's default)")
-    demo.add_argument("--seed", type=int, default=0, help="seed for data, model and batches (default 0)")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed for data, model and batches (default 0)")
     demo.add_argument("--out", default=".", help="directory for the curve PNGs (default: current directory)")
     demo.add_argument("--no-full", action="store_true", help="skip the full-scoring comparison run")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -109,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("output", help="output .npy for the [P, G] scores")
     mt.add_argument("--checkpoint", help="model or trainer checkpoint (.npz) whose head to use")
     mt.add_argument("--fc", choices=("separate", "shared"), default="separate", help="fresh head's fc kind")
-    mt.add_argument("--seed", type=int, default=0, help="seed of the fresh head's fc.bias (default 0)")
+    mt.add_argument("--seed", type=_seed, default=0, help="seed of the fresh head's fc.bias (default 0)")
     mt.add_argument("--threads", type=_threads, default=None)
     mt.set_defaults(func=_cmd_match)
 
@@ -336,14 +343,27 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- match
 
 
-def _head_from_checkpoint(path: str) -> dict[str, np.ndarray]:
-    """The head parameters and running statistics of a model or trainer checkpoint."""
+def _head_from_checkpoint(path: str, maps: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The head parameters and running statistics of a model or trainer checkpoint, for probe maps of
+    shape `maps` = (C, H, W): the checkpoint's model must have been built for that shape (its head's
+    size alone cannot tell, e.g. a "separate" head for 2 x 4 locations has the size of a "shared" one
+    for 4 x 4)."""
     from .checkpoint import load_checkpoint
 
-    _, state, _ = load_checkpoint(path)
+    config, state, _ = load_checkpoint(path)
     head = {k: np.asarray(v) for k, v in state.items() if k.split(".")[0] in ("bn", "fc", "logit_bn")}
     if "fc.weight" not in head:
         raise ValueError(f"checkpoint: {path!r} holds no QAConv head (no 'fc.weight')")
+    want = tuple(config.get(k) for k in ("channels", "height", "width"))
+    if want != tuple(maps):
+        raise ValueError(
+            f"probe: the checkpoint {path!r} was built for maps of shape (C, H, W) = {want}, "
+            f"got {tuple(maps)}"
+        )
+    fc = config.get("fc")
+    S = int(maps[1] * maps[2])
+    if fc is not None and np.asarray(head["fc.weight"]).size != (2 * S if fc == "separate" else S):
+        raise ValueError(f"checkpoint: {path!r} has an fc.weight of a size that does not fit its fc={fc!r}")
     return head
 
 
@@ -356,7 +376,7 @@ def _cmd_match(args: argparse.Namespace) -> int:
     if probe.ndim != 4:
         raise ValueError(f"probe: expected a 4-d [P, C, H, W] array, got shape {probe.shape}")
     if args.checkpoint:
-        head = _head_from_checkpoint(args.checkpoint)
+        head = _head_from_checkpoint(args.checkpoint, probe.shape[1:])
         source = args.checkpoint
     else:
         S = int(probe.shape[2] * probe.shape[3])

@@ -272,4 +272,13 @@ def head_eval_affine(head: dict, S: int, fc: str = "separate") -> tuple[np.ndarr
     a2 = g2 / math.sqrt(rv2 + eps)
     weff = a2 * a1 * w
     beff = a2 * (float(w.sum()) * (b1 - a1 * rm1) + fcb - rm2) + b2
+    # The maxima are cosines in [-1, 1], so |score| <= sum|w| + |b|: bounding that keeps every score
+    # (match, match_pairs, identify) finite in float32 instead of overflowing to Inf somewhere downstream.
+    bound = float(np.abs(weff).sum()) + abs(beff)
+    if not math.isfinite(bound) or bound >= float(np.finfo(np.float32).max):
+        raise ValueError(
+            "head: the eval-mode head (bn.*, fc.*, logit_bn.* weights and running statistics) folds to "
+            f"scores as large as {bound:.3g}, beyond float32's range (tiny running variances or huge "
+            "weights); expected a bound below 3.4e38"
+        )
     return weff.astype(np.float32), float(beff)

@@ -115,7 +115,8 @@ def normalize(x, *, n_threads=None) -> tuple[np.ndarray, np.ndarray]:
     """x [M, C, H, W] -> (y [M, C, H, W] float32, norms [M, H*W] float32); y = x / max(||x||_C, 1e-12).
 
     The norm of each location's C-vector is summed in double; norms are the raw (unclamped) norms,
-    needed by normalize_backward.
+    needed by normalize_backward. A finite location whose norm exceeds float32's range (values near
+    3.4e38) gets norm +inf and y = x / norm taken in double (not zeros); its gradient rounds to 0.
     """
     nt = resolve_threads(n_threads)
     a = as_float32(x, "x", 4)

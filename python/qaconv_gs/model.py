@@ -532,9 +532,12 @@ class QAConvGS:
         """
         from .checkpoint import load_checkpoint
 
+        saved = isinstance(n_threads, str) and n_threads == "saved"
+        if not saved:  # the caller's argument, checked before the file is blamed for anything
+            resolve_threads(n_threads)
         config, state, extra = load_checkpoint(path)
         config = dict(config)
-        if not (isinstance(n_threads, str) and n_threads == "saved"):
+        if not saved:
             config["n_threads"] = n_threads
         try:
             model = cls.from_config(config)

@@ -253,7 +253,9 @@ class Trainer:
          tests bound sparse-vs-dense at 1e-5 relative after many steps), not bit-for-bit;
       2. between flushes, rows that were idle since their last use hold stale values in
          ``model.parameters()["class_embed"]``; call :meth:`flush` before reading the table yourself in the
-         middle of an epoch (or after manual :meth:`step` calls);
+         middle of an epoch (or after manual :meth:`step` calls). A step that finds the model's neighbour
+         table stale (``on_epoch_start()`` was called) flushes first, so the table is rebuilt from
+         up-to-date rows in hand-written loops too;
       3. if a model reads embedding rows that neither its labels nor ``model.class_neighbors`` predict, the
          forward pass sees those rows stale (their pending decay and momentum are still applied, at their
          next update).
@@ -494,6 +496,12 @@ class Trainer:
         t = self.global_step + 1
         lr = float(self.lr)
         if self.sparse_embed and "class_embed" in params:
+            if getattr(self.model, "neighbors_stale", False):
+                # this step rebuilds the neighbour table from the whole class table (lazily, on its
+                # first read below): every row must hold its dense-SGD value by then, not only the rows
+                # the step reads (a hand-written loop calls on_epoch_start() without flush(); fit has
+                # flushed already, and up-to-date rows cost nothing here)
+                self.flush()
             rows = self._predicted_rows(labels)
             if rows is not None:
                 self._catch_up(rows, t - 1)
