@@ -1182,6 +1182,83 @@ def test_threads_sharded_identify_errors_raise_on_every_rank():
         np.testing.assert_array_equal(got, want)
 
 
+def test_threads_one_bad_rank_in_neighbors_and_torch_loss_raises_everywhere():
+    """A NaN shard or a bad k on one rank in sharded_class_neighbors (also reached by a stale model's
+    step), and bad input on one rank of a sharded QAConvGSLoss: the bad rank raises its error, the others
+    a RuntimeError naming it, nothing waits, and the same ranks go on to compute correctly."""
+    rng = np.random.default_rng(3)
+    E = rng.standard_normal((9, 4, 2, 2)).astype(np.float32)
+    lay = ShardLayout.even(9, 3)
+
+    def neighbors(bad_rank, kind):
+        def rank(c):
+            lo, hi = lay.range(c.rank)
+            mine, k = E[lo:hi].copy(), 3
+            if c.rank == bad_rank and kind == "nan":
+                mine[0, 0, 0, 0] = np.nan
+            if c.rank == bad_rank and kind == "k":
+                k = 2.5
+            try:
+                sharded_class_neighbors(mine, k, c)
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"
+            return sharded_class_neighbors(E[lo:hi], 3, c)  # still in step afterwards
+
+        return run_threads(3, rank, timeout_s=20)
+
+    for bad_rank, kind, prefix in [(1, "nan", "ValueError: E_local"), (2, "k", "TypeError: k")]:
+        out = neighbors(bad_rank, kind)
+        assert out[bad_rank].startswith(prefix), out
+        assert all(
+            e.startswith("RuntimeError") and f"[{bad_rank}]" in e for q, e in enumerate(out) if q != bad_rank
+        )
+    want = qg.class_neighbors(E, 3)
+
+    def differing_k(c):
+        try:
+            sharded_class_neighbors(E[slice(*lay.range(c.rank))], 2 + c.rank, c)
+        except ValueError as exc:
+            return str(exc)
+        return ""
+
+    assert all(e.startswith("k: every rank must pass the same k") for e in run_threads(3, differing_k, 20))
+
+    def good(c):
+        return sharded_class_neighbors(E[slice(*lay.range(c.rank))], 3, c)
+
+    np.testing.assert_array_equal(np.concatenate(run_threads(3, good, 20)), want)
+
+    torch = pytest.importorskip("torch")
+    from qaconv_gs.torch import QAConvGSLoss
+
+    cfg = dict(num_classes=9, channels=4, height=2, width=2, k_nearest=3, seed=0, n_threads=1)
+    X = torch.from_numpy(rng.standard_normal((6, 4, 2, 2)).astype(np.float32))
+    y = torch.arange(6) % 9
+
+    def loss_on(bad):
+        def rank(c):
+            crit = QAConvGSLoss(**cfg, comm=c)
+            part = slice(3 * c.rank, 3 * c.rank + 3)
+            x = X[part]
+            if c.rank == 1 and bad == "int":
+                x = x.int()
+            if c.rank == 1 and bad == "double_module":
+                crit.double()
+            try:
+                crit(x, y[part])
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"
+            return ""
+
+        return run_threads(2, rank, timeout_s=20)
+
+    for bad, prefix in [("int", "TypeError: features"), ("double_module", "TypeError: QAConvGSLoss.")]:
+        out = loss_on(bad)
+        assert out[1].startswith(prefix), out
+        assert out[0].startswith("RuntimeError") and "[1]" in out[0], out
+    assert loss_on(None) == ["", ""]
+
+
 def _thread_train(case: dict, counts: list[int], start: int = 0, load=None) -> list[dict]:
     def rank(c):
         model = ShardedQAConvGS(**W.model_config(case), comm=c)

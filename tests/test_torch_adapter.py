@@ -147,6 +147,33 @@ def test_eval_mode_keeps_running_stats_and_no_grad_works():
 
 
 @needs_torch
+def test_retained_graph_backward_twice_and_pickling():
+    """backward(retain_graph=True) then backward again adds the same gradient; a second backward
+    through a freed graph is torch's own RuntimeError; the module pickles (torch.save of the whole
+    module) and the copy computes the same loss."""
+    import pickle
+
+    crit = qgt.QAConvGSLoss.from_model(model())
+    X, y = data()
+    x = torch.from_numpy(X).requires_grad_(True)
+    loss = crit(x, y)
+    loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * once)
+    loss = crit(x, y)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    copy = pickle.loads(pickle.dumps(crit))
+    assert type(copy) is qgt.QAConvGSLoss
+    for k, v in crit.state_dict().items():
+        assert torch.equal(copy.state_dict()[k], v), k
+    crit.eval(), copy.eval()
+    assert copy(torch.from_numpy(X), y).item() == crit(torch.from_numpy(X), y).item()
+
+
+@needs_torch
 def test_float64_features_and_dtype_errors():
     crit = qgt.QAConvGSLoss.from_model(model())
     X, y = data()

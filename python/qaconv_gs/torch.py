@@ -61,6 +61,10 @@ def _build() -> dict[str, Any]:
             res = core.forward_backward(x.numpy(), lab)
             module._after_step(core, res)
             ctx.res = res
+            # autograd frees saved tensors after a backward without retain_graph: reading them then
+            # raises torch's own "backward through the graph a second time" error, and a retained
+            # graph can run backward again (res stays with ctx for as long as the graph lives)
+            ctx.save_for_backward(torch.empty(0))
             ctx.embed_shape = tuple(class_embed.shape)
             ctx.feature_meta = (features.device, features.dtype)
             ctx.param_meta = [(p.device, p.dtype) for p in (bn_w, bn_b, fc_w, fc_b, lbn_w, lbn_b)]
@@ -70,6 +74,7 @@ def _build() -> dict[str, Any]:
         @staticmethod
         @once_differentiable
         def backward(ctx, grad_out):
+            ctx.saved_tensors  # noqa: B018 - raises once the graph was freed
             res = ctx.res
             g = grad_out.detach().to("cpu", torch.float64)
             need = ctx.needs_input_grad
@@ -87,7 +92,6 @@ def _build() -> dict[str, Any]:
                     dev, dt = ctx.param_meta[i]
                     gk = torch.from_numpy(np.asarray(res.grad_head[key], dtype=np.float64)) * g
                     grads[2 + i] = gk.to(dev, dt)
-            ctx.res = None
             return tuple(grads)
 
     class QAConvGSLoss(nn.Module):
@@ -247,10 +251,19 @@ def _build() -> dict[str, Any]:
 
         def forward(self, features, labels):
             """features [B, C, H, W] float tensor (any device), labels [B] ints -> loss (0-d tensor)."""
-            if not isinstance(features, torch.Tensor):
-                raise TypeError(f"features: expected a torch.Tensor, got {type(features).__name__}")
-            if not features.is_floating_point():
-                raise TypeError(f"features: expected a floating-point tensor, got {features.dtype}")
+            err: BaseException | None = None
+            try:
+                if not isinstance(features, torch.Tensor):
+                    raise TypeError(f"features: expected a torch.Tensor, got {type(features).__name__}")
+                if not features.is_floating_point():
+                    raise TypeError(f"features: expected a floating-point tensor, got {features.dtype}")
+                self._sync()  # the parameters' dtype, device, layout and shape
+            except (TypeError, ValueError) as exc:
+                err = exc
+            if _sharded(self._core):  # forward is collective: one rank's bad input raises on every rank
+                self._core.comm.agree(err)
+            elif err is not None:
+                raise err
             return _QAConvGSStep.apply(
                 features,
                 self.class_embed,
@@ -316,6 +329,9 @@ def _build() -> dict[str, Any]:
                 f"triplet_weight={c.triplet_weight:g}, margin={c.margin:g}"
             )
 
+    # built inside this function, but pickled by reference to this module's lazy attributes
+    for cls in (QAConvGSLoss, _QAConvGSStep):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
     _cache.update(QAConvGSLoss=QAConvGSLoss, _QAConvGSStep=_QAConvGSStep)
     return _cache
 

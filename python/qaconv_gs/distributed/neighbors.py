@@ -144,13 +144,26 @@ def sharded_class_neighbors(
         layout.range(rank) of class_neighbors(full table, k).
     """
     comm = SingleProcessCommunicator() if comm is None else comm
-    arr = as_float32(E_local, "E_local", (2, 4), check_finite=True, allow_empty=True)
+    # This rank's own checks first, agreed on before any exchange: a NaN shard or a bad argument on one
+    # rank raises on every rank instead of leaving the others inside a half-done collective.
+    err: BaseException | None = None
+    try:
+        arr = as_float32(E_local, "E_local", (2, 4), check_finite=True, allow_empty=True)
+        k = check_int(k, "k")
+        if not isinstance(return_similarity, (bool, np.bool_)):
+            raise TypeError(f"return_similarity: expected a bool, got {type(return_similarity).__name__}")
+        nt = resolve_threads(n_threads)
+    except (TypeError, ValueError) as exc:
+        err = exc
+    comm.agree(err)
     flat = arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:], dtype=np.int64)))
     n_r, D = int(flat.shape[0]), int(flat.shape[1])
-    dims = comm.allgather(np.array([n_r, D], dtype=np.int64))
+    dims = comm.allgather(np.array([n_r, D, k], dtype=np.int64))
     sizes = [int(d[0]) for d in dims]
     if any(int(d[1]) != D for d in dims):
         raise ValueError(f"E_local: ranks disagree on the embedding size D: {[int(d[1]) for d in dims]}")
+    if any(int(d[2]) != k for d in dims):
+        raise ValueError(f"k: every rank must pass the same k; ranks passed {[int(d[2]) for d in dims]}")
     N = int(sum(sizes))
     if layout is None:
         layout = ShardLayout.even(N, comm.size)
@@ -163,12 +176,8 @@ def sharded_class_neighbors(
         raise ValueError(f"E_local: rows per rank {sizes} do not match the layout {list(layout.bounds)}")
     if N < 2:
         raise ValueError(f"E_local: class_neighbors needs at least 2 classes in total, got {N}")
-    k = check_int(k, "k")
     if not 1 <= k <= N - 1:
         raise ValueError(f"k: expected an integer in [1, {N - 1}] (N-1 other classes), got {k}")
-    if not isinstance(return_similarity, (bool, np.bool_)):
-        raise TypeError(f"return_similarity: expected a bool, got {type(return_similarity).__name__}")
-    nt = resolve_threads(n_threads)
     R, r = comm.size, comm.rank
     lo_r = layout.range(r)[0]
 
