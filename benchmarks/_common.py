@@ -16,6 +16,7 @@ than taken from a datasheet.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -40,13 +41,29 @@ def thread_env(n: int, base: dict | None = None) -> dict:
     return env
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker_pythonpath(env: dict | None = None) -> str:
+    """PYTHONPATH for a worker subprocess: the folder of the qaconv_gs package this process imports (an
+    in-place build under python/, or an installed copy), then the repository root (for `benchmarks`),
+    then the caller's PYTHONPATH. Putting the source folder python/ first regardless would hide an
+    installed package behind a source tree that has no compiled extension (a `pip install .` checkout)."""
+    env = os.environ if env is None else env
+    spec = importlib.util.find_spec("qaconv_gs")
+    if spec is None or not spec.origin:
+        raise ImportError("qaconv_gs is not importable: install it (pip install .) or build it in place")
+    pkg_parent = str(Path(spec.origin).resolve().parents[1])
+    return os.pathsep.join(p for p in (pkg_parent, str(ROOT), env.get("PYTHONPATH")) if p)
+
+
 def run_in_subprocess(module: str, args: list[str], threads: int) -> dict:
     """Run `python -m module args...` with thread_env(threads); it must print one JSON object as its
     last stdout line, which is returned."""
     env = thread_env(threads)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path("python").resolve()), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = worker_pythonpath(env)
     r = subprocess.run(
-        [sys.executable, "-m", module, *args], env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-m", module, *args], env=env, capture_output=True, text=True, check=False, cwd=ROOT
     )
     if r.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")

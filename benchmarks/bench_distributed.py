@@ -36,6 +36,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the benchmarks package lives in the repository root
+    sys.path.insert(0, str(ROOT))
+from benchmarks._common import worker_pythonpath  # noqa: E402
 
 
 def _sizes(quick: bool) -> dict:
@@ -45,8 +48,7 @@ def _sizes(quick: bool) -> dict:
 
 
 def worker(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(ROOT / "python"))
-    from qaconv_gs import Trainer
+    from qaconv_gs import Trainer  # the launcher's qaconv_gs: it set PYTHONPATH (worker_pythonpath)
     from qaconv_gs.distributed import ShardedQAConvGS, init_communicator
 
     cfg = json.loads(args.config)
@@ -210,6 +212,7 @@ def launch(R: int, cfg: dict, threads: int, backend: str = "torch") -> list[dict
             if launcher is None:
                 raise SystemExit("--backend mpi: mpirun / mpiexec not found")
             env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            env["PYTHONPATH"] = worker_pythonpath(env)
             cmd = [launcher, "-n", str(R), sys.executable, __file__, "--worker", "--backend", "mpi"]
             cmd += ["--outdir", tmp, "--config", json.dumps(cfg), "--threads", str(threads)]
             if subprocess.run(cmd, env=env).returncode != 0:
@@ -219,6 +222,7 @@ def launch(R: int, cfg: dict, threads: int, backend: str = "torch") -> list[dict
         for r in range(R):
             env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(R), QG_INIT=f"file://{tmp}/store")
             env["OMP_NUM_THREADS"] = str(threads)
+            env["PYTHONPATH"] = worker_pythonpath(env)
             cmd = [sys.executable, __file__, "--worker", "--outdir", tmp, "--config", json.dumps(cfg)]
             cmd += ["--threads", str(threads)]
             procs.append(subprocess.Popen(cmd, env=env))

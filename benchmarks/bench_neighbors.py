@@ -270,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     digests = set()
     for t in args.threads:
         env = dict(os.environ, OMP_NUM_THREADS=str(t), OPENBLAS_NUM_THREADS=str(t), MKL_NUM_THREADS=str(t))
-        paths = [os.path.join(ROOT, "python"), env.get("PYTHONPATH")]
-        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        env["PYTHONPATH"] = _common.worker_pythonpath(env)
         cmd = [sys.executable, "-m", "benchmarks.bench_neighbors", "--worker", "--threads", str(t)]
         cmd += ["--n", str(args.n), "--d", str(args.d), "--k", str(args.k), "--repeats", str(args.repeats)]
         cmd += ["--seed", str(args.seed), "--methods", *args.methods]

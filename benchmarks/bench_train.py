@@ -39,6 +39,8 @@ import time
 
 import numpy as np
 
+from . import _common
+
 # name: (N, C, H, W, B, k)
 SHAPES = {
     "reid": (1000, 128, 24, 8, 64, 31),
@@ -274,7 +276,7 @@ def run_worker(kind: str, name: str, shape: tuple, nt: int, repeat: int, out: st
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(nt)
     root = os.path.dirname(HERE)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = _common.worker_pythonpath(env)
     cmd = [sys.executable, "-m", "benchmarks.bench_train", "--worker", kind, "--shape-spec"]
     cmd += [name, ",".join(map(str, shape)), "--threads", str(nt), "--repeat", str(repeat), "--out", out]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
