@@ -308,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                 note = f"{'ok' if agree else 'MISMATCH'}: overlap {chk['set_overlap']:.4f}, "
                 note += f"k-th sim diff {chk['max_kth_sim_diff']:.1e}"
             extra_s = f"{extra / 2**20:9.1f}" if extra is not None else f"{'n/a':>9}"
+            vs = f"{ratio:7.2f}x {ratio_cpu:6.2f}x" if faiss_med else f"{'-':>8} {'-':>7}"  # faiss missing
+            pct = 100 * gfs / peak
             print(
-                f"{t:>3} {name:>6} {med:8.3f} {cpu:8.3f} {gfs:7.1f} {100 * gfs / peak:5.0f}% {ratio:7.2f}x "
-                f"{ratio_cpu:6.2f}x {extra_s}  {note}",
+                f"{t:>3} {name:>6} {med:8.3f} {cpu:8.3f} {gfs:7.1f} {pct:5.0f}% {vs} {extra_s}  {note}",
                 flush=True,
             )
             run["rows"][name] = {

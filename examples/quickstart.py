@@ -40,6 +40,11 @@ sampler = qg.GraphSampler(
 
 # 4. Train: SGD with Nesterov momentum and weight decay (PyTorch semantics), cosine learning-rate schedule.
 #    fit() calls model.on_epoch_start() at every epoch start (fresh neighbours) and records a history.
+def _change(x: float) -> str:
+    """The epoch's neighbour-table change; '-' at the first epoch (no earlier table to compare with)."""
+    return "-" if np.isnan(x) else f"{x:.3f}"
+
+
 class HeldOutRank1:
     """A callback: held-out identification accuracy after every epoch, stored in the epoch's stats."""
 
@@ -48,7 +53,7 @@ class HeldOutRank1:
         stats["rank1"] = float(np.mean(ids[:, 0] == test_y))
         print(
             f"epoch {epoch + 1}: loss {stats['loss']:.3f}  train acc {stats['acc_cls']:.3f}  "
-            f"held-out rank-1 {stats['rank1']:.3f}  neighbour change {stats['neighbor_change']:.3f}"
+            f"held-out rank-1 {stats['rank1']:.3f}  neighbour change {_change(stats['neighbor_change'])}"
         )
 
 

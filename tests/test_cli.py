@@ -127,6 +127,21 @@ def test_demo_tiny_via_python_m(tmp_path):
     assert res.stderr == ""  # no progress bar, no warnings
 
 
+def test_demo_without_matplotlib_still_succeeds(tmp_path, capsys, monkeypatch):
+    """A plain `pip install .` has no matplotlib: the demo prints its results and says the curves were
+    not drawn, instead of failing after training."""
+    pytest.importorskip("qaconv_gs.model")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else real(n, *a))
+    args = ["demo", "--classes", "12", "--samples", "6", "--epochs", "1", "--k", "3", "--batch-size", "8"]
+    assert main(args + ["--threads", "1", "--out", str(tmp_path), "--no-progress", "--no-full"]) == 0
+    out = capsys.readouterr().out
+    assert "restricted" in out and "curves not drawn: matplotlib is not installed" in out
+    assert not list(tmp_path.glob("*.png"))
+
+
 def test_demo_argument_errors(capsys):
     assert main(["demo", "--classes", "10", "--k", "10"]) == 1
     assert "--k" in capsys.readouterr().err

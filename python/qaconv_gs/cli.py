@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import platform
@@ -621,6 +622,9 @@ def _demo_summary(args: argparse.Namespace, runs: list) -> None:
             f"(scores {args.k + 1} instead of {args.classes} classes per sample); held-out rank-1 "
             f"{a['rank1']:.3f} vs {b['rank1']:.3f} (chance {1.0 / args.classes:.3f})"
         )
+    if importlib.util.find_spec("matplotlib") is None:  # a plain `pip install .`: the numbers are the result
+        print("curves not drawn: matplotlib is not installed (pip install 'qaconv-gs[plot]')")
+        return
     for name, r in runs:
         path = os.path.join(args.out, f"demo_curves_{name}.png")
         r["history"].plot(path, title=f"qaconv-gs demo, {name} scoring (k={r['k']})")
