@@ -394,6 +394,18 @@ def test_errors():
         _native.loss_pairwise_bce(
             np.array([[np.inf]], np.float32), np.zeros(1, np.int64), np.zeros(1, np.int64)
         )
+    nan_rows = np.array([[0.0, np.nan, 1.0], [np.nan, 0.0, 2.0], [1.0, 2.0, 0.0]], np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        _native.loss_batch_triplet(nan_rows, np.array([0, 0, 1], np.int64))
+
+
+def test_focal_accuracy_ties_take_the_first_class():
+    """A row whose largest scores tie counts as correct when the target is the first of them (the first
+    index wins, as np.argmax in the reference), and as wrong when it is a later one."""
+    s = np.array([[1.0, 1.0, 0.0], [2.0, 2.0, 2.0]], np.float32)
+    for targets, want in (([0, 0], 1.0), ([1, 2], 0.0)):
+        assert focal_class_memory(s, targets, return_accuracy=True)[2] == want
+        assert ref_losses.focal(s, np.array(targets), 2.0)[1] == want
 
 
 # ------------------------------------------------------------------------------------------- property

@@ -76,6 +76,24 @@ def test_normalize_matches_reference(rng, shape):
     np.testing.assert_array_equal(n, cn)
 
 
+def test_normalize_backward_at_the_clamp_boundary():
+    """A location whose norm is exactly float32(1e-12) is not clamped (norm >= eps, as torch's clamp_min
+    gradient): its gradient keeps the projection -y <y, gy>, on every path and in the reference."""
+    x = np.zeros((1, 4, 2, 2), np.float32)
+    x[0, 0, 1, 1] = np.float32(1e-12)  # its square is exact in double: norm == eps
+    gy = np.ones_like(x)
+    for level in ISAS:
+        with at_isa(level):
+            y, n = m.normalize(x)
+            assert n[0, 3] == np.float32(1e-12)
+            gx = m.normalize_backward(gy, y, n)
+            # y = (1, 0, 0, 0) there: gx = (gy - y <y, gy>) / norm = (0, 1e12, 1e12, 1e12)
+            assert gx[0, 0, 1, 1] == 0.0, level
+            np.testing.assert_allclose(gx[0, 1:, 1, 1], 1e12, rtol=1e-6)
+            ref_gx = _native.norm_backward_ref(flat3(gy), flat3(y), n, 1).reshape(x.shape)
+            np.testing.assert_array_equal(gx, ref_gx)
+
+
 def test_normalize_zero_and_tiny_locations(rng):
     x = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
     x[0, :, 1, 1] = 0.0
@@ -605,6 +623,50 @@ def test_backward_same_bits_on_every_path(rng, shape):
     for other in outs[1:]:
         for u, v in zip(outs[0], other):
             np.testing.assert_array_equal(u, v)
+
+
+def _ordered_backward(P, G, gmp, gmg, ap, ag):
+    """The documented summation order of the backward, with float64 accumulators: gP over galleries in
+    order, gG over probes in order; within a pair the probe-direction terms (in s order), then the
+    gallery-direction terms (in r order)."""
+    nP, C, S = P.shape
+    gP, gG = np.zeros(P.shape), np.zeros(G.shape)
+    for p in range(nP):
+        for g in range(G.shape[0]):
+            for s in range(S):
+                gP[p][:, s] += float(gmp[p, g, s]) * G[g][:, ap[p, g, s]].astype(np.float64)
+            for r in range(S):
+                gP[p][:, ag[p, g, r]] += float(gmg[p, g, r]) * G[g][:, r].astype(np.float64)
+    for g in range(G.shape[0]):
+        for p in range(nP):
+            for s in range(S):
+                gG[g][:, ap[p, g, s]] += float(gmp[p, g, s]) * P[p][:, s].astype(np.float64)
+            for r in range(S):
+                gG[g][:, r] += float(gmg[p, g, r]) * P[p][:, ag[p, g, r]].astype(np.float64)
+    return gP.astype(np.float32), gG.astype(np.float32)
+
+
+def test_backward_summation_order_is_the_documented_one():
+    """Terms that cancel (2^60 - 2^60 + 1 is 1 in that order and 0 in most others): every path and
+    thread count sums each output element's terms in the documented order, on both sides, for all
+    pairs and restricted pairs (random gradients almost never expose a reordering)."""
+    big = 2.0**60
+    P = np.ones((1, 3, 1, 2), np.float32)
+    G = np.ones((2, 3, 1, 2), np.float32)
+    ap = np.zeros((1, 2, 2), np.uint16)
+    ag = np.zeros((1, 2, 2), np.uint16)
+    gmp = np.array([[[big, 0.0], [-big, big]]], np.float32)
+    gmg = np.array([[[0.0, 0.0], [1.0, 0.0]]], np.float32)
+    wp, wg = _ordered_backward(P.reshape(1, 3, 2), G.reshape(2, 3, 2), gmp, gmg, ap, ag)
+    assert wp[0, 0, 0] == 1.0 and wg[1, 0, 0] == 1.0  # the cancellation the test relies on
+    cand = np.array([[0, 1]], np.int64)
+    for level in ISAS:
+        with at_isa(level):
+            for nt in (1, 2):
+                gp, gg = m.pair_maxima_backward(gmp, gmg, ap, ag, P, G, n_threads=nt)
+                rp, rg = m.pair_maxima_restricted_backward(gmp, gmg, ap, ag, P, G, cand, n_threads=nt)
+                for got, want in ((gp, wp), (gg, wg), (rp, wp), (rg, wg)):
+                    np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg=f"{level} nt={nt}")
 
 
 @pytest.mark.parametrize("C, H, W", [(100, 24, 8), (300, 7, 7)])
