@@ -298,3 +298,16 @@ def test_other_files(tmp_path):
         zf.writestr("__meta__.npy", b"not an npy")
     with pytest.raises(ValueError, match="not a valid"):
         load_checkpoint(z)
+
+
+def test_checksum_covers_the_dtype(tmp_path):
+    """An archive rewritten with the same bytes and shape under another dtype (class_embed viewed as int32)
+    fails the checksum instead of loading garbage weights (integers would pass the float conversion)."""
+    m = QAConvGS(6, 3, 2, 2, k_nearest=2, seed=0)
+    m.save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["state/class_embed"] = arrays["state/class_embed"].view(np.int32)
+    np.savez(tmp_path / "tampered.npz", **arrays)
+    with pytest.raises(ValueError, match="checksum|SHA"):
+        load_checkpoint(tmp_path / "tampered.npz")

@@ -707,3 +707,47 @@ def test_deepcopy_and_pickle():
     for m2 in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
         X, y = batch(seed=3)
         assert m2.forward_backward(X, y).loss == copy.deepcopy(m).forward_backward(X, y).loss
+
+
+# ----------------------------------------------------------------------------- gaps found by mutation testing
+
+
+def test_batch_triplet_with_two_samples_matches_reference():
+    """B = 2 with triplet="batch": the in-batch head call still runs (its training-mode BN statistics
+    update, twice per step), although no row has both a positive and a negative (the term is 0)."""
+    X = np.random.default_rng(7).standard_normal((2, C, H, W)).astype(np.float32)
+    for y in (np.array([3, 3]), np.array([3, 5])):
+        m = make_model("separate", "batch")
+        head0, E0 = head_before(m), m.class_embed.copy()
+        r = m.forward_backward(X, y)
+        ref = ref_step(X, y, E0, head0, m.class_neighbors, "separate", "batch", m.triplet_weight, m.margin)
+        assert r.loss_triplet == pytest.approx(ref["loss_triplet"], rel=1e-4, abs=1e-6)
+        assert r.acc_triplet == ref["acc_triplet"]
+        assert r.loss == pytest.approx(ref["loss"], rel=1e-4, abs=1e-6)
+        sd = m.state_dict()
+        for k, v in ref["running"].items():
+            np.testing.assert_allclose(sd[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+        assert int(sd["bn.num_batches_tracked"]) == 2 and int(sd["logit_bn.num_batches_tracked"]) == 2
+
+
+def test_state_dict_keys_in_pytorch_module_order():
+    """class_embed, then bn.*, fc.*, logit_bn.* in the order a torch module with those submodules lists."""
+    torch = pytest.importorskip("torch")
+    tm = torch.nn.Module()
+    tm.bn, tm.fc, tm.logit_bn = torch.nn.BatchNorm1d(1), torch.nn.Linear(2 * S, 1), torch.nn.BatchNorm1d(1)
+    assert list(make_model().state_dict()) == ["class_embed", *tm.state_dict()]
+
+
+def test_saved_neighbor_table_out_of_range_is_not_adopted(tmp_path):
+    """A checkpoint whose neighbour table names a class >= num_classes: the table is recomputed rather
+    than used (it would fail the first step)."""
+    from qaconv_gs.checkpoint import save_checkpoint
+
+    m = make_model()
+    bad = np.array(m.class_neighbors, copy=True)
+    bad[0, 0] = N
+    save_checkpoint(tmp_path / "m.npz", m.config, m.state_dict(), extra={model_mod._NBR_EXTRA_KEY: bad})
+    m2 = QAConvGS.load(tmp_path / "m.npz")
+    nbr = m2.class_neighbors
+    assert int(nbr.max()) < N
+    np.testing.assert_array_equal(nbr, m.class_neighbors)
