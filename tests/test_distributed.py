@@ -679,7 +679,7 @@ def _single_step(case: dict) -> dict:
 
 
 def test_sharded_model_construction_and_gather():
-    m = qg.QAConvGS(num_classes=12, channels=4, height=2, width=2, k_nearest=3, seed=5)
+    m = qg.QAConvGS(num_classes=12, channels=4, height=2, width=2, k_nearest=3, seed=5, init="random")
     s = ShardedQAConvGS(num_classes=12, channels=4, height=2, width=2, k_nearest=3, seed=5)
     np.testing.assert_array_equal(s.class_embed, m.class_embed)
     for k, v in m.head_state.items():
@@ -752,7 +752,7 @@ class _RankView(Communicator):
 
 
 def test_sharded_checkpoint_in_process(tmp_path):
-    model = qg.QAConvGS(num_classes=10, channels=3, height=2, width=2, k_nearest=3, seed=4)
+    model = qg.QAConvGS(num_classes=10, channels=3, height=2, width=2, k_nearest=3, seed=4, init="random")
     model.refresh_neighbors()
     shard_checkpoint(model, tmp_path / "ck", 3)
     for R in (1, 2, 4):
@@ -774,8 +774,60 @@ def test_sharded_checkpoint_in_process(tmp_path):
     np.testing.assert_array_equal(ShardedQAConvGS.load(tmp_path / "s1").class_embed, model.class_embed)
 
 
+def test_sharded_init_is_random_only_and_configs_round_trip(tmp_path):
+    """ShardedQAConvGS accepts init="random" only and keeps it in config, so configs build either model;
+    a trained init="imprint" model shards (from_model, shard_checkpoint, its .npz, a trainer checkpoint
+    through Trainer.from_checkpoint(comm=...)) as init="random" with its rows as they are, unless a row
+    is still unset (all zero), which the sharded model could not imprint."""
+    dims = dict(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=3)
+    with pytest.raises(
+        ValueError, match=r"^init: ShardedQAConvGS supports only init='random' for now, got 'imprint'$"
+    ):
+        ShardedQAConvGS(**dims, init="imprint")
+    with pytest.raises(ValueError, match="init"):
+        ShardedQAConvGS(**dims, init="zeros")
+    with pytest.raises(ValueError, match="imprint_samples"):
+        ShardedQAConvGS(**dims, imprint_samples=0)
+    s = ShardedQAConvGS(**dims)
+    assert s.config["init"] == "random" and ShardedQAConvGS(**dims, init="random").config == s.config
+    one = qg.QAConvGS.from_config(s.config)
+    assert one.config == s.config and one.init == "random"
+    np.testing.assert_array_equal(one.class_embed, s.class_embed)
+    assert ShardedQAConvGS(**one.config).config == one.config
+    assert s.gather_model().config == s.config
+
+    fresh = qg.QAConvGS(**dims)  # init="imprint": every row unset
+    fresh.save(tmp_path / "fresh.npz")
+    for build in (
+        lambda: ShardedQAConvGS.from_model(fresh),
+        lambda: shard_checkpoint(fresh, tmp_path / "no", 2),
+        lambda: load_sharded(tmp_path / "fresh.npz"),
+    ):
+        with pytest.raises(ValueError, match="6 class row.*unset"):
+            build()
+    assert not (tmp_path / "no").exists()
+
+    model = qg.QAConvGS(**dims)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((12, 2, 1, 2)).astype(np.float32)
+    model.imprint(X, np.arange(12) % 6)
+    assert model.config["init"] == "imprint" and model.class_embed.reshape(6, -1).any(axis=1).all()
+    f = ShardedQAConvGS.from_model(model)
+    assert f.config == {**model.config, "init": "random"}
+    np.testing.assert_array_equal(f.class_embed, model.class_embed)
+    shard_checkpoint(model, tmp_path / "ck", 2)
+    np.testing.assert_array_equal(load_sharded_model(tmp_path / "ck").class_embed, model.class_embed)
+    model.save(tmp_path / "one.npz")
+    parts = [load_sharded(tmp_path / "one.npz", _RankView(r, 2)) for r in range(2)]
+    np.testing.assert_array_equal(np.concatenate([p.class_embed for p in parts]), model.class_embed)
+    qg.Trainer(model, **W.TRAINER_KW).save_checkpoint(tmp_path / "trainer.npz")
+    t = qg.Trainer.from_checkpoint(tmp_path / "trainer.npz", comm=SingleProcessCommunicator())
+    assert isinstance(t.model, ShardedQAConvGS) and t.model.config["init"] == "random"
+    np.testing.assert_array_equal(t.model.class_embed, model.class_embed)
+
+
 def test_sharded_checkpoint_errors(tmp_path):
-    model = qg.QAConvGS(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=1)
+    model = qg.QAConvGS(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=1, init="random")
     ck = tmp_path / "ck"
     shard_checkpoint(model, ck, 2)
     with pytest.raises(ValueError, match="manifest"):
@@ -960,7 +1012,7 @@ def test_run_threads_errors():
 
 def test_threads_sharded_checkpoint_with_row_extra(tmp_path):
     """Saved by 3 thread ranks with per-row optimiser state; re-sharded on 2 and 1 ranks."""
-    model = qg.QAConvGS(num_classes=11, channels=3, height=2, width=1, k_nearest=2, seed=8)
+    model = qg.QAConvGS(num_classes=11, channels=3, height=2, width=1, k_nearest=2, seed=8, init="random")
     model.refresh_neighbors()
     mom = np.arange(11 * 6, dtype=np.float32).reshape(11, 3, 2, 1)
     ck = tmp_path / "ck"
@@ -1093,7 +1145,7 @@ def test_threads_sharded_identify_moves_probes_not_rows():
     """Each rank receives the other ranks' normalised probes and the candidate lists of its own probes,
     far less than one other rank's class rows (the table is never assembled)."""
     N, C, H, W_ = 300, 8, 3, 2
-    model = qg.QAConvGS(num_classes=N, channels=C, height=H, width=W_, k_nearest=3, seed=4)
+    model = qg.QAConvGS(num_classes=N, channels=C, height=H, width=W_, k_nearest=3, seed=4, init="random")
     P = np.random.default_rng(5).standard_normal((6, C, H, W_)).astype(np.float32)
     top = 5
 
@@ -1461,7 +1513,7 @@ def test_sharded_save_sweeps_temporaries_of_killed_saves(tmp_path):
     names no later save reuses) are deleted by the next save; a live process's are left alone."""
     from qaconv_gs.checkpoint import _HOST
 
-    model = qg.QAConvGS(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=1)
+    model = qg.QAConvGS(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=1, init="random")
     ck = tmp_path / "ck"
     shard_checkpoint(model, ck, 2)
     dead, live = _dead_pid(), os.getpid()

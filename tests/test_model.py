@@ -27,8 +27,10 @@ CONFIGS = [(fc, tr) for fc in ("separate", "shared") for tr in ("class", "batch"
 
 
 def make_model(fc="separate", triplet="class", seed=0, **kw) -> QAConvGS:
-    """A model whose head is not at its initial values (so every term of the maths is exercised)."""
+    """A model whose head is not at its initial values (so every term of the maths is exercised); rows from
+    the seed system's random start (init="random": the references score the rows as they are)."""
     kw.setdefault("k_nearest", K_NN)
+    kw.setdefault("init", "random")
     m = QAConvGS(kw.pop("num_classes", N), C, H, W, fc=fc, triplet=triplet, seed=seed, **kw)
     rng = np.random.default_rng(seed + 100)
     sd = m.state_dict()
@@ -71,7 +73,7 @@ def head_before(m: QAConvGS) -> dict:
 
 
 def test_init_follows_the_seed_system():
-    m = QAConvGS(200, 16, 4, 3, k_nearest=8, seed=7)
+    m = QAConvGS(200, 16, 4, 3, k_nearest=8, seed=7, init="random")
     E = m.class_embed
     assert E.dtype == np.float32 and E.shape == (200, 16, 4, 3) and E.flags.c_contiguous
     assert abs(float(E.std()) - 1 / 4) < 0.01 and abs(float(E.mean())) < 0.01
@@ -79,12 +81,113 @@ def test_init_follows_the_seed_system():
     np.testing.assert_array_equal(sd["fc.weight"], np.full((1, 24), 1 / 12, np.float32))
     assert abs(float(sd["fc.bias"][0])) <= 1 / np.sqrt(24)
     assert sd["bn.weight"][0] == 1 and sd["bn.bias"][0] == 0 and sd["bn.running_var"][0] == 1
-    m2 = QAConvGS(200, 16, 4, 3, k_nearest=8, seed=7)
+    m2 = QAConvGS(200, 16, 4, 3, k_nearest=8, seed=7, init="random")
     for k, v in m2.state_dict().items():
         np.testing.assert_array_equal(v, sd[k])
-    assert not np.array_equal(QAConvGS(200, 16, 4, 3, k_nearest=8, seed=8).class_embed, E)
-    shared = QAConvGS(200, 16, 4, 3, k_nearest=8, fc="shared", seed=7).state_dict()
+    assert not np.array_equal(QAConvGS(200, 16, 4, 3, k_nearest=8, seed=8, init="random").class_embed, E)
+    shared = QAConvGS(200, 16, 4, 3, k_nearest=8, fc="shared", seed=7, init="random").state_dict()
     assert shared["fc.weight"].shape == (1, 12) and abs(float(shared["fc.bias"][0])) <= 1 / np.sqrt(12)
+
+
+def _class_means(X, y, ids):
+    """float64 reference of imprinting: per class, the mean over its samples of x / ||x|| per location."""
+    x = np.asarray(X, np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return {int(c): x[np.asarray(y) == c].mean(axis=0) for c in ids}
+
+
+def test_default_init_imprints_the_step_classes():
+    m = QAConvGS(N, C, H, W, k_nearest=K_NN, seed=0)
+    assert m.init == "imprint" and m.config["init"] == "imprint" and m.config["imprint_samples"] == 64
+    assert m.class_embed.shape == (N, C, H, W) and not m.class_embed.any()  # every row unset
+    np.testing.assert_array_equal(m.unset_classes(), np.arange(N))
+    # the same random draws as init="random": the head starts the same
+    rand = QAConvGS(N, C, H, W, k_nearest=K_NN, seed=0, init="random")
+    for k, v in rand.head_state.items():
+        np.testing.assert_array_equal(np.asarray(m.head_state[k]), np.asarray(v), err_msg=k)
+
+    X, y = batch(seed=1, B=6)  # 3 classes, 2 samples each
+    classes = np.unique(y)
+    r = m.forward_backward(X, y)  # no learning rate: the only change to class_embed is the imprint
+    want = _class_means(X, y, classes)
+    for c in range(N):
+        if c in want:
+            np.testing.assert_allclose(m.class_embed[c], want[c], rtol=1e-5, err_msg=f"class {c}")
+        else:
+            assert not m.class_embed[c].any(), f"class {c} is not in the batch: stays unset"
+    np.testing.assert_array_equal(m.unset_classes(), np.setdiff1d(np.arange(N), classes))
+    # unset rows among the candidates (the table was built after the imprint) get no gradient
+    unset_cands = np.setdiff1d(r.grad_embed_ids, classes)
+    assert unset_cands.size and np.isin(unset_cands, r.candidates).all()
+    rows = dict(zip(r.grad_embed_ids.tolist(), r.grad_embed_rows))
+    for c in unset_cands.tolist():
+        assert not rows[c].any(), f"unset candidate row {c} got a gradient"
+    assert all(rows[c].any() for c in classes.tolist() if c in rows) and np.isin(classes, r.grad_embed_ids).all()
+    assert np.isfinite(r.grad_features).all() and np.isfinite(r.loss)
+
+    # a second step on the same classes goes on averaging (fewer than imprint_samples samples so far)
+    X2, _ = batch(seed=2, B=6)
+    m.forward_backward(X2, y)
+    want = _class_means(np.concatenate([X, X2]), np.concatenate([y, y]), classes)
+    for c in classes.tolist():
+        np.testing.assert_allclose(m.class_embed[c], want[c], rtol=1e-5, err_msg=f"class {c}")
+    np.testing.assert_array_equal(m._imprinted[classes], [4] * classes.size)
+
+    # imprint() sets the class means of its call, replacing the running means, and marks them imprinted
+    X3, _ = batch(seed=3, B=8)
+    y3 = np.array([classes[0], 9, 9, classes[0], 9, 11, classes[0], 11])
+    ids = m.imprint(X3, y3)
+    np.testing.assert_array_equal(ids, np.unique(y3))
+    want = _class_means(X3, y3, ids)
+    for c in ids.tolist():
+        np.testing.assert_allclose(m.class_embed[c], want[c], rtol=1e-5, err_msg=f"class {c}")
+    assert (m._imprinted[ids] >= m.imprint_samples).all() and m.neighbors_stale
+    before = m.class_embed.copy()
+    m.forward_backward(X2, np.repeat(ids, 2)[:6])  # fully imprinted rows: the step leaves them alone
+    np.testing.assert_array_equal(m.class_embed, before)
+
+
+def test_imprint_counts_round_trip_through_save_and_load(tmp_path):
+    m = QAConvGS(N, C, H, W, k_nearest=K_NN, seed=0)
+    X, y = batch(seed=1, B=6)
+    m.forward_backward(X, y)
+    m.imprint(*batch(seed=4, B=2, labels=[10, 10]))
+    counts = m._imprinted.copy()
+    assert sorted(set(counts.tolist())) == [0, 2, m.imprint_samples]  # unset, running, fully imprinted
+    m.save(tmp_path / "m.npz")
+    m2, extra = QAConvGS.load(tmp_path / "m.npz", return_extra=True)
+    assert extra == {} and m2.config == m.config
+    np.testing.assert_array_equal(m2._imprinted, counts)
+    m3 = QAConvGS(N, C, H, W, k_nearest=K_NN, seed=5)
+    assert m3.load_checkpoint(tmp_path / "m.npz") == {}
+    np.testing.assert_array_equal(m3._imprinted, counts)
+    # the running means go on the same way as in the saved model
+    X2, _ = batch(seed=2, B=6)
+    for model in (m, m2, m3):
+        model.forward_backward(X2, y)
+    np.testing.assert_array_equal(m2.class_embed, m.class_embed)
+    np.testing.assert_array_equal(m3.class_embed, m.class_embed)
+    np.testing.assert_array_equal(m2._imprinted, m._imprinted)
+
+
+def test_load_state_dict_marks_loaded_rows_imprinted():
+    trained = make_model(seed=3).state_dict()  # a random-start table: every row non-zero
+    trained["class_embed"][[2, 7]] = 0.0  # two rows still unset
+    m = QAConvGS(N, C, H, W, k_nearest=K_NN, seed=0)
+    m.load_state_dict(trained)
+    np.testing.assert_array_equal(m.unset_classes(), [2, 7])
+    want = np.full(N, m.imprint_samples)
+    want[[2, 7]] = 0
+    np.testing.assert_array_equal(m._imprinted, want)
+    # a step on loaded classes does not imprint them again: class_embed is unchanged (no learning rate)
+    X, y = batch(seed=1, labels=[0, 0, 5, 5, 9, 9])
+    m.forward_backward(X, y)
+    np.testing.assert_array_equal(m.class_embed, trained["class_embed"])
+    # ... while an unset row is imprinted by its first step
+    X, y = batch(seed=2, B=4, labels=[7, 7, 5, 5])
+    m.forward_backward(X, y)
+    np.testing.assert_allclose(m.class_embed[7], _class_means(X, y, [7])[7], rtol=1e-5)
+    np.testing.assert_array_equal(np.delete(m.class_embed, 7, axis=0), np.delete(trained["class_embed"], 7, axis=0))
 
 
 @pytest.mark.parametrize(
@@ -290,7 +393,7 @@ def test_batch_of_one(triplet):
 
 
 def test_batch_of_97_odd_sizes():
-    m = QAConvGS(31, 3, 1, 5, k_nearest=6, seed=2)
+    m = QAConvGS(31, 3, 1, 5, k_nearest=6, seed=2, init="random")
     rng = np.random.default_rng(3)
     X = rng.standard_normal((97, 3, 1, 5))
     y = rng.integers(0, 31, 97)
@@ -311,7 +414,7 @@ def test_batch_of_97_odd_sizes():
     k=st.integers(1, 5),
 )
 def test_property_forward_backward_vs_reference(seed, B, fc, triplet, k):
-    m = QAConvGS(7, 5, 2, 3, k_nearest=k, fc=fc, triplet=triplet, seed=seed % 1000)
+    m = QAConvGS(7, 5, 2, 3, k_nearest=k, fc=fc, triplet=triplet, seed=seed % 1000, init="random")
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((B, 5, 2, 3)).astype(np.float32)
     y = rng.integers(0, 7, B)
@@ -484,7 +587,7 @@ def test_neighbors_lazy_stale_and_refresh(monkeypatch):
 
 
 def test_neighbor_table_is_cosine_knn():
-    m = QAConvGS(20, 4, 2, 2, k_nearest=5, seed=4)
+    m = QAConvGS(20, 4, 2, 2, k_nearest=5, seed=4, init="random")
     E = m.class_embed.reshape(20, -1).astype(np.float64)
     E /= np.linalg.norm(E, axis=1, keepdims=True)
     sim = E @ E.T

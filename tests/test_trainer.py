@@ -132,7 +132,11 @@ def test_sparse_equals_dense_with_manual_epochs():
     ]
     runs = []
     for sparse in (True, False):
-        model = QAConvGS(num_classes=12, channels=4, height=2, width=2, k_nearest=2, seed=0, n_threads=1)
+        # init="random": the sparse step reads class_neighbors before the forward; with init="imprint" the
+        # table would then predate the step's imprint while the dense run builds it after (other candidates)
+        model = QAConvGS(
+            num_classes=12, channels=4, height=2, width=2, k_nearest=2, seed=0, n_threads=1, init="random"
+        )
         tr = Trainer(model, lr=0.5, momentum=0.9, nesterov=False, weight_decay=5e-4, sparse_embed=sparse)
         cands = []
         for i, (f, y) in enumerate(batches):
@@ -567,7 +571,8 @@ def test_real_model_dense_matches_torch_sgd():
     from qaconv_gs.data import make_synthetic
 
     x, y = make_synthetic(10, 4, channels=8, height=4, width=2, seed=1)
-    model = QAConvGS(10, 8, 4, 2, k_nearest=3, seed=0, n_threads=1)
+    # init="random": an imprinting step writes rows outside the optimiser, which torch's SGD would not see
+    model = QAConvGS(10, 8, 4, 2, k_nearest=3, seed=0, n_threads=1, init="random")
     tparams = {k: torch.tensor(v.copy()) for k, v in model.parameters().items()}
     opt = torch.optim.SGD(list(tparams.values()), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     tr = Trainer(model, lr=0.05, sparse_embed=False)
@@ -626,7 +631,8 @@ def test_step_refuses_a_non_finite_update_and_keeps_parameters():
     from qaconv_gs import QAConvGS
 
     rng = np.random.default_rng(0)
-    model = QAConvGS(12, 4, 2, 2, k_nearest=3, seed=0)
+    # init="random": an imprinting forward writes the step's rows before the trainer sees the gradient
+    model = QAConvGS(12, 4, 2, 2, k_nearest=3, seed=0, init="random")
     trainer = Trainer(model, lr=0.1)
     x = rng.standard_normal((6, 4, 2, 2)).astype(np.float32)
     y = np.array([0, 0, 1, 1, 2, 2])

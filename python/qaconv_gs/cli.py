@@ -299,7 +299,8 @@ def _builtin_bench(args: argparse.Namespace, out: str) -> int:
     print(f"{'what':<34} {'threads':>7} {'seconds':>9} {'GF/s':>8}")
     rows = []
     for nt in threads:
-        model = qg.QAConvGS(N, C, H, W, k_nearest=k, seed=0, n_threads=nt)
+        # init="random": timed steps all do the same work, and the batch is drawn from a real neighbour table
+        model = qg.QAConvGS(N, C, H, W, k_nearest=k, seed=0, n_threads=nt, init="random")
         t0 = time.perf_counter()
         nbr = model.class_neighbors
         t_nbr = time.perf_counter() - t0
@@ -458,7 +459,8 @@ def _demo_run(
     xtr, ytr, xte, yte = data
     n_cls, C, H, W = args.classes, xtr.shape[1], xtr.shape[2], xtr.shape[3]
     if comm is None:
-        model = QAConvGS(n_cls, C, H, W, k_nearest=k, seed=args.seed, n_threads=args.threads)
+        # init="random", as the sharded model (its only start): one process and R ranks train alike
+        model = QAConvGS(n_cls, C, H, W, k_nearest=k, seed=args.seed, n_threads=args.threads, init="random")
         neighbors = lambda: model.class_neighbors  # noqa: E731
     else:
         from .distributed import ShardedQAConvGS

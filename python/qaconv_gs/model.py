@@ -66,7 +66,18 @@ _CONFIG_KEYS = (
     "margin",
     "seed",
     "n_threads",
+    "init",
+    "imprint_samples",
+    "k_mined",
 )
+_INIT_MODES = ("imprint", "random")
+# An imprinted location whose mean direction vanishes (e.g. a ReLU backbone that is zero there for every
+# sample) would be a zero-norm location, whose normalisation gradient is 1/eps: it gets this small
+# constant direction instead.
+_IMPRINT_FLOOR = 1e-3
+_IMPRINT_REFRESH_MIN = 64  # fewest imprinted classes that trigger a mid-epoch neighbour refresh
+_IMPRINT_EXTRA_KEY = "_qaconv_gs.imprint_counts"
+_MINE_BLOCK = 4096  # classes per block of the per-sample mining product
 
 
 @dataclass(repr=False)
@@ -287,6 +298,19 @@ class QAConvGS:
         margin: triplet margin >= 0.
         seed: seed of the initialisation (np.random.default_rng(seed)); None for fresh entropy.
         n_threads: threads for the kernels; None = OpenMP's default. Results are identical for any value.
+        init: how class embeddings start (keyword-only).
+            "imprint" (default): every row starts at zero ("unset"). Inside each training step, before
+            scoring, the rows of the step's classes that have averaged fewer than `imprint_samples` samples
+            are moved to the running mean of their location-normalised feature maps (weight imprinting,
+            Qi et al. CVPR 2018; the step's gradient then refines the row). An unset row scores like an empty
+            map and receives no gradient. While classes are first being imprinted, the neighbour table is
+            also rebuilt whenever the number of imprinted classes has doubled since it was built. Measured
+            on real glyph data (README, learning benchmark): from a random start the head switches its
+            scores off (logit_bn.weight -> 0) and training stalls at chance; from imprinted rows the same
+            loops learn. See imprint().
+            "random": the seed system's start, randn / sqrt(C) per entry, no imprinting.
+        imprint_samples: samples a row averages before it is left to the gradient alone (keyword-only,
+            >= 1; 64 covers a typical class's first epoch).
 
     Attributes:
         training: True after construction / train(); False after eval(). In eval mode the
@@ -313,7 +337,14 @@ class QAConvGS:
         margin: float = 1.0,
         seed: int | None = None,
         n_threads: int | None = None,
+        *,
+        init: str = "imprint",
+        imprint_samples: int = 64,
+        k_mined: int = 16,
     ) -> None:
+        self.init = _choice(init, "init", _INIT_MODES)
+        self.imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)
+        self.k_mined = check_int(k_mined, "k_mined", lo=0)
         cfg = check_config(
             num_classes,
             channels,
@@ -335,9 +366,16 @@ class QAConvGS:
         self.training = True
 
         rng = np.random.default_rng(self.seed)
+        # The random draw is made for both starts, so the head's fc.bias is the same for either.
         self._embed = rng.standard_normal((N, C, H, W), dtype=np.float32)
         self._embed *= np.float32(1.0 / math.sqrt(C))
+        if self.init == "imprint":
+            self._embed[...] = 0.0  # unset rows: imprinted from a class's first samples (see imprint())
         self._head = _head.init_head(H * W, self.fc, rng)
+        # samples averaged into each row so far (imprint="imprint"); kept in save()'s extras
+        self._imprinted = np.zeros(N, dtype=np.int64)
+        self._imprinted_at_refresh = 0
+        self._row_hook = None
         self._lock = threading.RLock()
         self._nbr: np.ndarray | None = None
         self._nbr_stale = True
@@ -352,9 +390,14 @@ class QAConvGS:
         return self.height * self.width
 
     @property
+    def mined_per_sample(self) -> int:
+        """Classes mined per sample: k_mined, capped at the N - 1 - k_nearest classes left to mine."""
+        return min(self.k_mined, self.num_classes - 1 - self.k_nearest)
+
+    @property
     def num_candidates(self) -> int:
-        """K = k_nearest + 1 classes scored per training sample."""
-        return self.k_nearest + 1
+        """K = 1 + k_nearest + mined_per_sample classes scored per training sample."""
+        return 1 + self.k_nearest + self.mined_per_sample
 
     @property
     def config(self) -> dict[str, Any]:
@@ -371,6 +414,9 @@ class QAConvGS:
             "margin": self.margin,
             "seed": self.seed,
             "n_threads": self.n_threads,
+            "init": self.init,
+            "imprint_samples": self.imprint_samples,
+            "k_mined": self.k_mined,
         }
 
     @classmethod
@@ -477,6 +523,7 @@ class QAConvGS:
             if k == "class_embed":
                 np.copyto(self._embed, v)
                 self._nbr_stale = True
+                self._counts_from_rows()
                 continue
             cur = self._head.get(k)
             if (
@@ -512,6 +559,8 @@ class QAConvGS:
         with self._lock:
             if self._nbr is not None and not self._nbr_stale:
                 extra[_NBR_EXTRA_KEY] = self._nbr
+            if self.init == "imprint":
+                extra[_IMPRINT_EXTRA_KEY] = self._imprinted
             state = self.state_dict()
             # load() refuses non-finite parameters, so writing them would replace a good checkpoint with
             # one that cannot be read back (e.g. after a diverged step): refuse and keep the old file.
@@ -577,8 +626,12 @@ class QAConvGS:
             return self._adopt_saved_neighbors(extra)
 
     def _adopt_saved_neighbors(self, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Restore a saved neighbour table when it fits this model; return extra without it."""
+        """Restore a saved neighbour table and imprint counts when they fit this model; return extra
+        without them."""
         extra = dict(extra)
+        counts = extra.pop(_IMPRINT_EXTRA_KEY, None)
+        if counts is not None:
+            self._counts_from_rows(counts)
         nbr = extra.pop(_NBR_EXTRA_KEY, None)
         if nbr is not None:
             nbr = np.asarray(nbr)
@@ -620,6 +673,63 @@ class QAConvGS:
         """True when the next access to class_neighbors will recompute the table."""
         return self._nbr is None or self._nbr_stale
 
+    # ------------------------------------------------------------------ imprinting
+
+    def unset_classes(self) -> np.ndarray:
+        """int64 ids of the classes whose embedding row is still unset (all zero: never imprinted)."""
+        with self._lock:
+            flat = self._embed.reshape(self.num_classes, -1)
+            return np.flatnonzero(~flat.any(axis=1)).astype(np.int64)
+
+    def imprint(self, features: object, labels: object, *, only_unset: bool = False) -> np.ndarray:
+        """Set class embeddings from features (weight imprinting): row c = the mean over the samples of
+        class c of their location-normalised maps (each location's C-vector scaled to unit norm).
+
+        Args:
+            features: [B, C, H, W] feature maps; labels: [B] class ids.
+            only_unset: write only rows that are still unset (all zero), as the training step does.
+
+        Returns the int64 ids of the rows written (sorted). Marks the neighbour table stale when any row
+        changed. With init="imprint" the training step calls this itself before scoring, so an ordinary
+        loop needs no extra call. Called explicitly (any init), it overwrites the rows of `labels`' classes
+        with their means over this call and counts them as fully imprinted; calling it once over the whole
+        training set gives class-mean rows. only_unset=True instead updates, as the step does, only rows
+        that have averaged fewer than `imprint_samples` samples, as a running mean.
+        """
+        with self._lock:
+            X, y = self._batch(features, labels)
+            return self._imprint(X, y, only_unset=bool(only_unset))
+
+    def _imprint(self, X: np.ndarray, y: np.ndarray, only_unset: bool) -> np.ndarray:
+        ids, inv = np.unique(y, return_inverse=True)
+        if only_unset:
+            unset = self._imprinted[ids] < self.imprint_samples
+            if not unset.any():
+                return ids[:0]
+        else:
+            unset = np.ones(ids.size, dtype=bool)
+            self._imprinted[ids] = 0  # an explicit call replaces the rows
+        C, S = self.channels, self.S
+        x = X.reshape(-1, C, S).astype(np.float64)
+        x /= np.maximum(np.sqrt(np.einsum("bcs,bcs->bs", x, x)), 1e-12)[:, None, :]
+        sums = np.zeros((ids.size, C, S), dtype=np.float64)
+        np.add.at(sums, inv, x)
+        mean = sums / np.bincount(inv, minlength=ids.size)[:, None, None]
+        weak = np.sqrt(np.einsum("rcs,rcs->rs", mean, mean)) < _IMPRINT_FLOOR
+        if weak.any():
+            mean.transpose(0, 2, 1)[weak] = _IMPRINT_FLOOR / math.sqrt(C)
+        write = ids[unset]
+        cnt = np.bincount(inv, minlength=ids.size)[unset]
+        old = self._imprinted[write].astype(np.float64)
+        a = (cnt / (old + cnt))[:, None, None, None]
+        new = mean[unset].reshape((write.size,) + self._embed.shape[1:])
+        self._embed[write] = (self._embed[write] * (1 - a) + new * a).astype(np.float32)
+        self._imprinted[write] += cnt
+        if not only_unset:
+            self._imprinted[write] = np.maximum(self._imprinted[write], self.imprint_samples)
+        self._nbr_stale = True
+        return write
+
     def on_epoch_start(self) -> None:
         """Mark the neighbour table stale; the next training step recomputes it from the embeddings."""
         self._nbr_stale = True
@@ -631,6 +741,7 @@ class QAConvGS:
             return self._nbr
 
     def _refresh_locked(self) -> None:
+        self._imprinted_at_refresh = int(np.count_nonzero(self._imprinted))
         table = _neighbors.class_neighbors(self._embed, self.k_nearest, n_threads=self.n_threads)
         table = np.ascontiguousarray(table, dtype=np.int64)
         self.neighbor_change = _neighbor_change(self._nbr, table)
@@ -664,9 +775,47 @@ class QAConvGS:
             h[k] = np.array(self._head[k], copy=True)
         return h
 
-    def _candidates(self, y: np.ndarray) -> np.ndarray:
+    def _candidates(self, y: np.ndarray, Xn: np.ndarray, nt: int | None) -> np.ndarray:
+        """[B, K] int64: the target, its k_nearest neighbours, then the classes mined for each sample
+        (Xn [B, C, S]: the step's normalised features)."""
         nbr = self.class_neighbors
-        return np.concatenate([y[:, None], nbr[y]], axis=1)
+        base = np.concatenate([y[:, None], nbr[y]], axis=1)
+        m = self.mined_per_sample
+        if m == 0:
+            return base
+        return np.concatenate([base, self._mine(Xn, base, m, nt)], axis=1)
+
+    def _mine(self, Xn: np.ndarray, exclude: np.ndarray, m: int, nt: int | None) -> np.ndarray:
+        """[B, m] int64: for each sample, the m classes outside its row of `exclude` whose location-normalised
+        embedding has the highest aligned correlation with the sample's normalised map (sum over locations of
+        the dot products at the same location: QAConv's score without the search over positions, a cheap
+        proxy of its hardest classes), best first, ties to the lower class id.
+
+        Blocked over classes: memory O(B * (m + block)); cost one [B, C*S] x [C*S, N] product per step (S
+        times less than scoring every class with QAConv). Rows are read as they are (a lazily updated
+        row may be a few steps stale here; the rows then scored are brought up to date)."""
+        B = Xn.shape[0]
+        C, S = self.channels, self.S
+        q = Xn.reshape(B, C * S)
+        best_ids = np.empty((B, 0), dtype=np.int64)
+        best_sc = np.empty((B, 0), dtype=np.float32)
+        table = self._embed.reshape(self.num_classes, C, S)
+        for s in range(0, self.num_classes, _MINE_BLOCK):
+            e = min(self.num_classes, s + _MINE_BLOCK)
+            En, _ = _native.norm_forward(table[s:e], nt)
+            sc = q @ En.reshape(e - s, C * S).T
+            for j in range(exclude.shape[1]):
+                col = exclude[:, j]
+                inside = np.flatnonzero((col >= s) & (col < e))
+                sc[inside, col[inside] - s] = -np.inf
+            ids = np.concatenate(
+                [best_ids, np.broadcast_to(np.arange(s, e, dtype=np.int64), (B, e - s))], axis=1
+            )
+            cat = np.concatenate([best_sc, sc], axis=1)
+            order = np.argsort(-cat, axis=1, kind="stable")[:, :m]
+            best_ids = np.take_along_axis(ids, order, axis=1)
+            best_sc = np.take_along_axis(cat, order, axis=1)
+        return np.ascontiguousarray(best_ids)
 
     # The step below calls the private bindings directly: the public matching wrappers re-validate
     # (finiteness scans, dtype/shape coercion) arrays this method has just produced, which cost up to
@@ -688,9 +837,12 @@ class QAConvGS:
         """Shared front half of scores() and forward_backward()."""
         nt = self._step_threads(X.shape[0]) if nt is None else nt
         C, S = self.channels, self.S
-        cand = self._candidates(y)
+        Xn, Xn_norms = _native.norm_forward(X.reshape(-1, C, S), nt)
+        cand = self._candidates(y, Xn, nt)
         ids = np.unique(cand)
         local = np.searchsorted(ids, cand)
+        if self._row_hook is not None:
+            self._row_hook(ids)  # e.g. a lazy optimiser brings exactly the rows read below up to date
         _lap(laps, "candidates")
         # Only the candidate rows are normalised (never the whole table), read in place: no gathered copy.
         En, En_norms = _native.norm_forward_rows(self._embed.reshape(-1, C, S), ids, nt)
@@ -700,7 +852,6 @@ class QAConvGS:
                 f"class_embed: rows {bad[:5].tolist()} contain NaN or Inf (or overflow float32 norms); "
                 "the class embeddings must be finite"
             )
-        Xn, Xn_norms = _native.norm_forward(X.reshape(-1, C, S), nt)
         _lap(laps, "normalize")
         mp, mg, ap, ag = _native.match_maxima_restricted(Xn, En, local, True, nt)
         _lap(laps, "maxima forward")
@@ -732,6 +883,8 @@ class QAConvGS:
         B = X.shape[0]
         nt = self._step_threads(B)
         C = self.channels
+        if self.init == "imprint":
+            self._imprint_in_step(X, y)
         head = self._head_for_step()
         cand, ids, local, Xn, Xn_norms, En, En_norms, (ap, ag), scores, cache = self._restricted_forward(
             X, y, head, laps, nt
@@ -778,6 +931,12 @@ class QAConvGS:
         )
         del En
         del gmp, gmg, ap, ag
+        if self.init == "imprint":
+            # unset rows (all zero, not imprinted yet) score as empty maps and stay unset: a zero-norm
+            # location's normalisation gradient is 1/eps, which would fling the row anywhere
+            unset = ~(En_norms > 0).any(axis=1)
+            if unset.any():
+                grad_rows[unset] = 0.0
         if extra_grad_xn is not None:
             gXn += extra_grad_xn
             del extra_grad_xn
@@ -801,6 +960,30 @@ class QAConvGS:
         )
         _lap(laps, "result")
         return out
+
+    def _counts_from_rows(self, counts: object = None) -> None:
+        """After new rows were loaded: the saved imprint counts when they fit, else a loaded non-zero row
+        counts as fully imprinted and a zero row as unset."""
+        c = None if counts is None else np.asarray(counts)
+        if c is not None and c.shape == (self.num_classes,) and c.dtype.kind in "iu" and (c >= 0).all():
+            self._imprinted = c.astype(np.int64)
+        else:
+            nonzero = self._embed.reshape(self.num_classes, -1).any(axis=1)
+            self._imprinted = np.where(nonzero, self.imprint_samples, 0).astype(np.int64)
+        self._imprinted_at_refresh = 0
+
+    def _imprint_in_step(self, X: np.ndarray, y: np.ndarray) -> None:
+        """Imprint the step's unset classes; a step that imprints keeps the neighbour table it has
+        (rebuilding it every time a class first appears would cost a class_neighbors call per step in
+        the first epoch; the table is rebuilt at the next on_epoch_start)."""
+        stale = self._nbr_stale
+        if self._imprint(X, y, only_unset=True).size and not stale:
+            self._nbr_stale = False
+            # ... except when the imprinted classes have doubled since the table was built: the first epoch
+            # then gets hard neighbours after O(log N) refreshes instead of only unset ones
+            n = int(np.count_nonzero(self._imprinted))
+            if n >= max(2 * self._imprinted_at_refresh, _IMPRINT_REFRESH_MIN):
+                self._nbr_stale = True
 
     def scores(self, features: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
         """Restricted training-mode scores (batch statistics over the B x K pairs of this call).
@@ -872,14 +1055,22 @@ class QAConvGS:
 
     # ------------------------------------------------------------------ Python protocol
 
+    def set_row_hook(self, hook) -> None:
+        """`hook(ids)` (int64 sorted class ids) is called in every training step before the class rows
+        `ids` are read for scoring (after the candidates, mined ones included, are known); None removes it.
+        qaconv_gs.Trainer uses it to bring lazily updated rows up to date."""
+        self._row_hook = hook
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         del state["_lock"]
+        state["_row_hook"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        self.__dict__.setdefault("_row_hook", None)
 
     def __repr__(self) -> str:
         nbr = "stale" if self.neighbors_stale else f"fresh, {self.neighbor_refreshes} refresh(es)"

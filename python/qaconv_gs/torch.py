@@ -97,7 +97,9 @@ def _build() -> dict[str, Any]:
     class QAConvGSLoss(nn.Module):
         """QAConv-GS loss as an nn.Module: features [B, C, H, W] + labels [B] -> scalar loss tensor.
 
-        Same arguments as qaconv_gs.QAConvGS. Parameters: class_embed [N, C, H, W] and the head
+        Same arguments as qaconv_gs.QAConvGS (init="imprint" by default: the forward writes imprinted rows
+        into class_embed in place, outside autograd, before scoring; sharded: init="random" only for now).
+        Parameters: class_embed [N, C, H, W] and the head
         (bn, fc, logit_bn as nn.BatchNorm1d(1) / nn.Linear submodules, so state_dict keys equal
         QAConvGS.state_dict()'s and the running statistics are buffers). Forward and backward call
         the C kernels; parameters must stay float32 CPU tensors, features may be any float dtype or
@@ -132,6 +134,9 @@ def _build() -> dict[str, Any]:
             n_threads=None,
             *,
             comm=None,
+            init=None,
+            imprint_samples=64,
+            k_mined=None,
         ):
             super().__init__()
             kwargs = dict(
@@ -144,9 +149,29 @@ def _build() -> dict[str, Any]:
                 n_threads=n_threads,
             )
             if comm is None:
-                core = QAConvGS(num_classes, channels, height, width, **kwargs)
+                init = "imprint" if init is None else init
+                core = QAConvGS(
+                    num_classes,
+                    channels,
+                    height,
+                    width,
+                    **kwargs,
+                    init=init,
+                    imprint_samples=imprint_samples,
+                    k_mined=16 if k_mined is None else k_mined,
+                )
             else:
-                core = ShardedQAConvGS(num_classes, channels, height, width, **kwargs, comm=comm)
+                if init not in (None, "random"):
+                    raise ValueError(
+                        f"init: the sharded loss supports only init='random' for now, got {init!r}"
+                    )
+                if k_mined not in (None, 0):
+                    raise ValueError(
+                        f"k_mined: the sharded loss supports only k_mined=0 for now, got {k_mined!r}"
+                    )
+                core = ShardedQAConvGS(
+                    num_classes, channels, height, width, **kwargs, imprint_samples=imprint_samples, comm=comm
+                )
             self._init_from(core)
 
         def _init_from(self, core: QAConvGS) -> None:
@@ -176,6 +201,7 @@ def _build() -> dict[str, Any]:
             else:
                 core = QAConvGS.from_config(model.config)
                 core.load_state_dict(model.state_dict())
+                core._imprinted = model._imprinted.copy()
                 core.training = model.training
             obj._init_from(core)
             obj.train(model.training)
@@ -305,6 +331,9 @@ def _build() -> dict[str, Any]:
         def load_state_dict(self, state_dict, strict=True, assign=False):
             out = super().load_state_dict(state_dict, strict=strict, assign=assign)
             self._core.on_epoch_start()  # new embeddings: neighbours must follow
+            if not _sharded(self._core):
+                self._sync()
+                self._core._counts_from_rows()  # loaded rows count as imprinted, zero rows as unset
             return out
 
         # ---- evaluation helpers (eval-mode head, running statistics)

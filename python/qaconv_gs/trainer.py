@@ -507,7 +507,16 @@ class Trainer:
             rows = self._predicted_rows(labels)
             if rows is not None:
                 self._catch_up(rows, t - 1)
-        result = self.model.forward_backward(features, labels)
+        # rows the forward reads beyond the predicted ones (per-sample mined classes) are brought up to date
+        # when the model knows them, through its row hook
+        set_hook = getattr(self.model, "set_row_hook", None) if self.sparse_embed else None
+        if set_hook is not None:
+            set_hook(lambda ids: self._catch_up(np.asarray(ids, dtype=np.int64), t - 1))
+        try:
+            result = self.model.forward_backward(features, labels)
+        finally:
+            if set_hook is not None:
+                set_hook(None)
 
         grads: dict[str, np.ndarray] = {}
         grad_head = getattr(result, "grad_head", None) or {}
@@ -939,6 +948,10 @@ class Trainer:
                 from .distributed import ShardedQAConvGS as model_cls
         if comm is not None:
             model_overrides["comm"] = comm
+            from .distributed.model import ShardedQAConvGS, _sharded_config
+
+            if isinstance(model_cls, type) and issubclass(model_cls, ShardedQAConvGS):
+                config = _sharded_config(config)  # a one-process init="imprint" model's rows go on as they are
         model = model_cls(**{**config, **model_overrides})
         hyper = meta["hyper"]
         if schedule is None:

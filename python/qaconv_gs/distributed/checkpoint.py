@@ -25,7 +25,7 @@ import secrets
 import numpy as np
 
 from ..checkpoint import _HOST, _atomic_write, _sweep_orphans, load_checkpoint, save_checkpoint
-from ..model import _NBR_EXTRA_KEY, QAConvGS
+from ..model import _IMPRINT_EXTRA_KEY, _NBR_EXTRA_KEY, QAConvGS
 from .comm import Communicator, SingleProcessCommunicator
 from .layout import ShardLayout
 
@@ -169,12 +169,15 @@ def save_sharded(model, path: str | os.PathLike, *, row_extra=None, extra=None) 
 
 def shard_checkpoint(model: QAConvGS, path: str | os.PathLike, world_size: int) -> None:
     """Write a one-process model as a sharded checkpoint for `world_size` ranks (offline, no communicator)."""
+    from .model import _check_no_unset_rows, _sharded_config
+
+    _check_no_unset_rows(model.class_embed, model.config, "model")
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     layout = ShardLayout.even(model.num_classes, int(world_size))
     gen = secrets.token_hex(8)
     nbr = None if model.neighbors_stale else model.class_neighbors
-    config = model.config
+    config = _sharded_config(model.config)  # ShardedQAConvGS(**config) must accept it
     names = []
     for r in range(layout.world_size):
         lo, hi = layout.range(r)
@@ -230,26 +233,27 @@ def load_sharded(
 
     With return_extra: (model, row_extra, extra): row_extra re-sharded to this rank's rows (dict), extra
     the replicated arrays (for a one-process .npz: {} and its extra arrays)."""
-    from .model import ShardedQAConvGS
+    from .model import ShardedQAConvGS, _check_no_unset_rows, _sharded_config
 
     comm = SingleProcessCommunicator() if comm is None else comm
     path = os.fspath(path)
     if os.path.isfile(path):  # one-process checkpoint: keep our rows
         config, state, extra = load_checkpoint(path)
-        model = ShardedQAConvGS(**config, comm=comm, layout=layout, _init=False)
+        model = ShardedQAConvGS(**_sharded_config(config), comm=comm, layout=layout, _init=False)
         rows = np.asarray(state["class_embed"], np.float32)
         if rows.shape[0] != model.num_classes:
             raise ValueError(f"{path}: class_embed has {rows.shape[0]} rows, config says {model.num_classes}")
+        _check_no_unset_rows(rows, config, path)
         model._embed = np.array(rows[model.lo : model.hi], copy=True)
         model._head = {k: np.array(v, copy=True) for k, v in state.items() if k != "class_embed"}
         nbr = extra.get(_NBR_EXTRA_KEY)
         if nbr is not None and np.asarray(nbr).shape == (model.num_classes, model.k_nearest):
             model._set_neighbors(np.asarray(nbr)[model.lo : model.hi])
-        extra = {k: v for k, v in extra.items() if k != _NBR_EXTRA_KEY}
+        extra = {k: v for k, v in extra.items() if k not in (_NBR_EXTRA_KEY, _IMPRINT_EXTRA_KEY)}
         return (model, {}, extra) if return_extra else model
     m = _read_manifest(path)
     gen = m["generation"]
-    model = ShardedQAConvGS(**m["config"], comm=comm, layout=layout, _init=False)
+    model = ShardedQAConvGS(**_sharded_config(m["config"]), comm=comm, layout=layout, _init=False)
     C, H, W = model.channels, model.height, model.width
     lo, hi = model.lo, model.hi
     embed = np.empty((hi - lo, C, H, W), np.float32)

@@ -31,7 +31,16 @@ from .. import head as _head
 from .. import losses as _losses
 from .. import matching as _matching
 from .._validate import as_float32, as_labels, check_int, resolve_threads, shape_str
-from ..model import _NBR_EXTRA_KEY, QAConvGS, StepResult, _eval_affine, _identify_rows, check_config
+from ..model import (
+    _INIT_MODES,
+    _NBR_EXTRA_KEY,
+    QAConvGS,
+    StepResult,
+    _choice,
+    _eval_affine,
+    _identify_rows,
+    check_config,
+)
 from ._head import sharded_head_backward, sharded_head_forward
 from .comm import Communicator, SingleProcessCommunicator
 from .layout import ShardLayout
@@ -63,6 +72,29 @@ class ShardedStepResult(StepResult):
         return 0 if self.all_candidates is None else int(self.all_candidates.shape[0])
 
 
+def _sharded_config(config: dict) -> dict:
+    """A one-process model's config as ShardedQAConvGS arguments for a model whose rows are then loaded:
+    init="imprint" only says how the rows started, so it becomes "random" (see _check_no_unset_rows)."""
+    cfg = dict(config)
+    if cfg.get("init") == "imprint":
+        cfg["init"] = "random"
+    return cfg
+
+
+def _check_no_unset_rows(rows: np.ndarray, config: dict, where: str) -> None:
+    """Refuse to shard an init="imprint" model with unset (all-zero, never imprinted) rows: the sharded
+    model does not imprint, and a zero row's normalisation gradient is 1/eps."""
+    if config.get("init") != "imprint" or not len(rows):
+        return
+    unset = np.flatnonzero(~np.asarray(rows).reshape(len(rows), -1).any(axis=1))
+    if unset.size:
+        raise ValueError(
+            f"{where}: {unset.size} class row(s) of this init='imprint' model are still unset (all zero, "
+            f"e.g. class {int(unset[0])}); ShardedQAConvGS supports only init='random' for now and cannot "
+            "imprint them (train in one process until every class has been imprinted, or call imprint())"
+        )
+
+
 def _draw_shard(rng: np.random.Generator, N: int, row: tuple[int, ...], lo: int, hi: int) -> np.ndarray:
     """Rows [lo, hi) of rng.standard_normal((N,) + row, float32), drawn in chunks (same stream and same
     generator state afterwards as the one big draw; memory O(chunk + shard))."""
@@ -82,8 +114,11 @@ class ShardedQAConvGS:
     """One rank's part of a QAConvGS whose class table is split over `comm`'s ranks.
 
     Same constructor arguments as QAConvGS, plus comm (default: single process) and layout (default:
-    ShardLayout.even). With the same seed, the union of the shards equals QAConvGS(seed=seed)'s table and
-    the head is identical. With seed=None rank 0 draws a seed and broadcasts it (stored in .seed).
+    ShardLayout.even), except that init must be "random" (the default here; imprinting is not supported yet,
+    and imprint_samples is only kept in config). With the same seed, the union of the shards equals
+    QAConvGS(seed=seed, init="random")'s table and the head is identical. A trained one-process model made
+    with init="imprint" can still be sharded (from_model, load, Trainer.load_checkpoint): its rows are taken
+    as they are and training goes on without imprinting, provided no row is still unset. With seed=None rank 0 draws a seed and broadcasts it (stored in .seed).
     Collective methods (every rank must call them in the same order): the constructor, forward_backward,
     rows_for_step, identify, refresh_neighbors / local_neighbors when stale, gather_neighbors, gather_model,
     save and load_checkpoint (sharded checkpoints). qaconv_gs.Trainer trains it (one Trainer per rank) and
@@ -104,10 +139,17 @@ class ShardedQAConvGS:
         seed: int | None = None,
         n_threads: int | None = None,
         *,
+        init: str = "random",
+        imprint_samples: int = 64,
         comm: Communicator | None = None,
         layout: ShardLayout | None = None,
         _init: bool = True,
     ) -> None:
+        self.init = _choice(init, "init", _INIT_MODES)
+        if self.init != "random":
+            raise ValueError(f"init: ShardedQAConvGS supports only init='random' for now, got {init!r}")
+        # accepted (and kept in config) so that a one-process config builds this model unchanged
+        self.imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)
         self.comm = SingleProcessCommunicator() if comm is None else comm
         if not isinstance(self.comm, Communicator):
             raise TypeError(f"comm: expected a qaconv_gs.distributed.Communicator, got {type(comm).__name__}")
@@ -166,7 +208,8 @@ class ShardedQAConvGS:
     ) -> ShardedQAConvGS:
         """This rank's shard of a one-process model (every rank passes an equal model). Collective only
         through the seed broadcast when model.seed is None."""
-        cfg = dict(model.config)
+        cfg = _sharded_config(model.config)
+        _check_no_unset_rows(model.class_embed, model.config, "model")
         seed = cfg.pop("seed")
         out = cls(**cfg, seed=0 if seed is None else seed, comm=comm, layout=layout, _init=False)
         out.seed = seed
@@ -206,6 +249,8 @@ class ShardedQAConvGS:
             "margin": self.margin,
             "seed": self.seed,
             "n_threads": self.n_threads,
+            "init": self.init,
+            "imprint_samples": self.imprint_samples,
         }
 
     @property

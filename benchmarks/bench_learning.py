@@ -1,0 +1,482 @@
+"""Learning on real images: Hangul glyphs of held-out typefaces, qaconv-gs against what users train today.
+
+Data: ``qaconv_gs.glyphs.font_glyphs`` (classes = syllables, samples = Debian's Korean typefaces) with the
+protocol of ``glyph_split``: whole font families held out; the gallery is the held-out printed font
+NanumMyeongjo, the probes are the other held-out fonts (printed UnDotum, handwriting / brush NanumPen,
+NanumBrush, UnPilgi*).
+
+Every method trains the same small CNN (same seed, same initial weights, same batches of 64 random
+training glyphs, the same number of steps, SGD with momentum 0.9 / Nesterov / weight decay 5e-4 and a cosine
+learning rate) and differs only in the loss on its feature maps [C, 4, 4]:
+
+* ``qaconv-gs k=K``: ``qaconv_gs.torch.QAConvGSLoss`` with k_nearest = K (K = N-1 is full scoring),
+  default init (imprinting), ``criterion.on_epoch_start()`` every epoch: the plain loop of the README;
+* ``softmax``: Linear(C -> N) on global-average-pooled features, cross-entropy;
+* ``cosface s=S m=M``: normalised pooled features and class weights, CosFace (Wang et al. 2018);
+* ``qaconv2.1``: QAConv 2.1's recipe: in-batch QAConv scores (shared fc), batch-hard triplet loss with
+  margin 16, batches from ``qaconv_gs.GraphSampler`` (a centre class and its nearest classes by the
+  cosine of one sample's pooled feature per class, 2 instances each, rebuilt every epoch).
+
+Reported on the held-out fonts:
+* ``identification``: top-1 of a probe glyph among all N classes (qaconv-gs: ``identify`` against the class
+  embeddings; softmax / cosface: the classifier's argmax; qaconv2.1 has no classifier);
+* ``retrieval``: top-1 of a probe glyph among the N gallery glyphs (qaconv-gs / qaconv2.1: QAConv
+  ``match`` with the trained head; softmax / cosface: cosine of pooled features, what their users do);
+* the loss step's time (the loss's forward + backward, the CNN excluded) and the whole epoch's time.
+
+    python benchmarks/bench_learning.py --classes 2000 --epochs 4          # the README's table
+    python benchmarks/bench_learning.py --quick                            # small, a couple of minutes
+
+Writes bench_out/bench_learning.json and docs-ready PNGs (accuracy per method, accuracy and loss-step time
+against k) under bench_out/ (QG_BENCH_OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import OUT_DIR, machine_info, write_json  # noqa: E402
+
+FEAT_C, FEAT_HW = 64, 4
+
+
+def build_cnn(torch, seed: int):
+    """32x32 glyph -> [64, 4, 4] maps: three conv-BN-ReLU-pool stages and a 1x1 neck with BN."""
+    nn = torch.nn
+    torch.manual_seed(seed)
+
+    def stage(cin, cout):
+        return [
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+
+    return nn.Sequential(
+        *stage(1, 32),
+        *stage(32, 64),
+        *stage(64, 128),
+        nn.Conv2d(128, FEAT_C, 1, bias=False),
+        nn.BatchNorm2d(FEAT_C),
+    )
+
+
+class Method:
+    """A loss on the backbone's maps: `loss(maps, labels)`, optional `epoch_start(epoch, backbone)`,
+    `identify(maps) -> top-1 ids or None` and `retrieve(probe_maps, gallery_maps) -> [P, G] scores`."""
+
+    name = ""
+
+    def parameters(self):
+        return []
+
+    def epoch_start(self, epoch, backbone):
+        pass
+
+    def identify(self, maps):
+        return None
+
+
+class QAConvGSMethod(Method):
+    def __init__(self, torch, N, k, seed, init="imprint", k_mined=None, triplet="class", sampler="random"):
+        from qaconv_gs.torch import QAConvGSLoss
+
+        self.k, self.sampler = k, sampler
+        self.crit = QAConvGSLoss(
+            N, FEAT_C, FEAT_HW, FEAT_HW, k_nearest=k, seed=seed, init=init, k_mined=k_mined, triplet=triplet
+        )
+        mined = self.crit._core.mined_per_sample
+        self.name = f"qaconv-gs k={'N-1' if k == N - 1 else k}" + (f"+{mined} mined" if mined else "")
+        extras = [
+            x for x, default in ((init, "imprint"), (triplet, "class"), (sampler, "random")) if x != default
+        ]
+        if extras:
+            self.name += f" ({', '.join(extras)})"
+
+    def parameters(self):
+        return list(self.crit.parameters())
+
+    def epoch_start(self, epoch, backbone):
+        self.crit.on_epoch_start()
+
+    def loss(self, maps, labels):
+        return self.crit(maps, labels)
+
+    def identify(self, maps):
+        ids, _ = self.crit.identify(maps, top=1)
+        return np.asarray(ids)[:, 0]
+
+    def retrieve(self, probe, gallery):
+        return np.asarray(self.crit.match(probe, gallery))
+
+
+class PooledMethod(Method):
+    """softmax (s=None) or CosFace (s, m) on global-average-pooled maps."""
+
+    def __init__(self, torch, N, seed, s=None, m=0.0):
+        self.torch, self.s, self.m = torch, s, m
+        self.name = "softmax" if s is None else f"cosface s={s:g} m={m:g}"
+        torch.manual_seed(seed + 1)
+        self.fc = torch.nn.Linear(FEAT_C, N, bias=s is None)
+
+    def parameters(self):
+        return list(self.fc.parameters())
+
+    def _logits(self, maps):
+        F = self.torch.nn.functional
+        f = maps.mean(dim=(2, 3))
+        if self.s is None:
+            return self.fc(f)
+        return F.linear(F.normalize(f), F.normalize(self.fc.weight))
+
+    def loss(self, maps, labels):
+        logits = self._logits(maps)
+        if self.s is not None:
+            onehot = self.torch.nn.functional.one_hot(labels, logits.shape[1]).to(logits.dtype)
+            logits = self.s * (logits - self.m * onehot)
+        return self.torch.nn.functional.cross_entropy(logits, labels)
+
+    def identify(self, maps):
+        with self.torch.no_grad():
+            return self._logits(self.torch.from_numpy(maps)).argmax(1).numpy()
+
+    def retrieve(self, probe, gallery):
+        p = probe.mean(axis=(2, 3))
+        g = gallery.mean(axis=(2, 3))
+        p /= np.linalg.norm(p, axis=1, keepdims=True) + 1e-12
+        g /= np.linalg.norm(g, axis=1, keepdims=True) + 1e-12
+        return p @ g.T
+
+
+class QAConv21Method(Method):
+    """QAConv 2.1: in-batch QAConv scores, shared fc head, batch-hard triplet (margin 16), graph sampling."""
+
+    name = "qaconv2.1"
+
+    def __init__(self, torch, N, seed, margin=16.0):
+        nn = torch.nn
+        self.torch, self.margin = torch, margin
+        S = FEAT_HW * FEAT_HW
+        torch.manual_seed(seed + 2)
+        self.bn = nn.BatchNorm1d(1)
+        self.fc = nn.Linear(S, 1)
+        with torch.no_grad():
+            self.fc.weight.fill_(1.0 / S)
+        self.logit_bn = nn.BatchNorm1d(1)
+        self.modules = [self.bn, self.fc, self.logit_bn]
+
+    def parameters(self):
+        return [p for m in self.modules for p in m.parameters()]
+
+    def _scores(self, maps):
+        torch = self.torch
+        B, C = maps.shape[:2]
+        x = torch.nn.functional.normalize(maps.reshape(B, C, -1), dim=1)
+        z = torch.einsum("bcs,dcr->bdsr", x, x)
+        mp, mg = z.max(dim=3)[0], z.max(dim=2)[0]  # [B, B, S] each
+        S = mp.shape[-1]
+        v = self.bn(torch.stack([mp, mg]).reshape(-1, 1)).reshape(2, B * B, S)
+        logit = self.fc(v[0]) + self.fc(v[1])
+        return self.logit_bn(logit).reshape(B, B)
+
+    def loss(self, maps, labels):
+        torch = self.torch
+        s = self._scores(maps)
+        same = labels[:, None] == labels[None, :]
+        eye = torch.eye(len(labels), dtype=torch.bool)
+        pos = s.masked_fill(~same | eye, float("inf")).min(1)[0]
+        neg = s.masked_fill(same, float("-inf")).max(1)[0]
+        ok = torch.isfinite(pos) & torch.isfinite(neg)
+        return torch.relu(self.margin - pos[ok] + neg[ok]).mean()
+
+    def retrieve(self, probe, gallery):
+        import qaconv_gs as qg
+
+        head = {
+            "bn.weight": self.bn.weight,
+            "bn.bias": self.bn.bias,
+            "bn.running_mean": self.bn.running_mean,
+            "bn.running_var": self.bn.running_var,
+            "fc.weight": self.fc.weight,
+            "fc.bias": self.fc.bias,
+            "logit_bn.weight": self.logit_bn.weight,
+            "logit_bn.bias": self.logit_bn.bias,
+            "logit_bn.running_mean": self.logit_bn.running_mean,
+            "logit_bn.running_var": self.logit_bn.running_var,
+        }
+        return qg.match(probe, gallery, head)
+
+    def train(self, mode):
+        for m in self.modules:
+            m.train(mode)
+
+
+def maps_of(torch, backbone, x, bs=2048):
+    backbone.eval()
+    with torch.no_grad():
+        out = [backbone(torch.from_numpy(x[i : i + bs])).numpy() for i in range(0, len(x), bs)]
+    backbone.train()
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+def run_method(torch, method, data, args, seed):
+    """Train backbone + method for args.epochs; returns the metrics row."""
+    import qaconv_gs as qg
+
+    x_tr, y_tr, x_probe, y_probe, x_gal = data
+    N = int(y_tr.max()) + 1
+    backbone = build_cnn(torch, seed)
+    params = list(backbone.parameters()) + method.parameters()
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    bs = 64
+    steps_per_epoch = len(y_tr) // bs
+    total = steps_per_epoch * args.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
+    rng = np.random.default_rng(seed)
+    loss_time = 0.0
+    epoch_times, losses = [], []
+    for epoch in range(args.epochs):
+        t0 = time.perf_counter()
+        method.epoch_start(epoch, backbone)
+        if isinstance(method, QAConv21Method):
+            batches = graph_batches(torch, backbone, x_tr, y_tr, N, bs, steps_per_epoch, seed + epoch)
+            method.train(True)
+        elif getattr(method, "sampler", "random") == "graph":
+            # QAConv-GS's own graph sampling: a centre class and its nearest classes by the class embeddings
+            nbr = method.crit.class_neighbors
+            sampler = qg.GraphSampler(y_tr, batch_size=bs, num_instances=2, neighbors=nbr, seed=seed + epoch)
+            batches = [idx for _, idx in zip(range(steps_per_epoch), sampler)]
+        else:
+            order = rng.permutation(len(y_tr))
+            batches = [order[i * bs : (i + 1) * bs] for i in range(steps_per_epoch)]
+        run = 0.0
+        for idx in batches:
+            xb = torch.from_numpy(x_tr[idx])
+            yb = torch.from_numpy(y_tr[idx])
+            maps = backbone(xb)
+            tl = time.perf_counter()
+            feats = maps.detach().requires_grad_()
+            loss = method.loss(feats, yb)
+            loss.backward()
+            loss_time += time.perf_counter() - tl
+            maps.backward(feats.grad)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            run += float(loss.detach())
+        losses.append(run / len(batches))
+        epoch_times.append(time.perf_counter() - t0)
+        print(
+            f"  {method.name}: epoch {epoch + 1} loss {losses[-1]:.4f} ({epoch_times[-1]:.0f} s)", flush=True
+        )
+    if isinstance(method, QAConv21Method):
+        method.train(False)
+    probe_maps = maps_of(torch, backbone, x_probe)
+    gal_maps = maps_of(torch, backbone, x_gal)
+    ids = method.identify(probe_maps)
+    scores = np.asarray(method.retrieve(probe_maps, gal_maps))
+    row = {
+        "method": method.name,
+        "identification": None if ids is None else float((ids == y_probe).mean()),
+        "retrieval": float((scores.argmax(1) == y_probe).mean()),
+        "loss_step_ms": 1e3 * loss_time / (steps_per_epoch * args.epochs),
+        "epoch_s": float(np.mean(epoch_times)),
+        "final_loss": losses[-1],
+    }
+    del qg
+    return row
+
+
+def graph_batches(torch, backbone, x_tr, y_tr, N, bs, steps, seed):
+    """QAConv-GS graph sampling with the backbone's current features: one random sample per class, its
+    pooled map, the cosine nearest classes; batches of a centre class and its neighbours, 2 instances each."""
+    import qaconv_gs as qg
+
+    rng = np.random.default_rng(seed)
+    first = np.array([rng.choice(np.flatnonzero(y_tr == c)) for c in range(N)])
+    pooled = maps_of(torch, backbone, x_tr[first]).mean(axis=(2, 3))
+    nbr = qg.class_neighbors(pooled[:, :, None, None], k=min(N - 1, bs // 2))
+    sampler = qg.GraphSampler(y_tr, batch_size=bs, num_instances=2, neighbors=nbr, seed=seed)
+    out = []
+    for idx in sampler:
+        out.append(idx)
+        if len(out) == steps:
+            break
+    return out
+
+
+def load_data(num_classes: int, seed: int):
+    from qaconv_gs.glyphs import font_glyphs, glyph_split
+
+    g = font_glyphs(num_classes, seed=seed)
+    sp = glyph_split(g)
+    x_tr, y_tr, _ = g.samples(sp.train)
+    x_probe, y_probe, _ = g.samples(sp.probes)
+    x_gal, _, _ = g.samples([sp.gallery])
+    return g, sp, (x_tr, y_tr, x_probe, y_probe, x_gal)
+
+
+def plot(rows, ks, N, path_prefix):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    names = [r["method"] for r in rows]
+    xs = np.arange(len(rows))
+    ident = [r["identification"] or 0.0 for r in rows]
+    retr = [r["retrieval"] for r in rows]
+    ax.bar(xs - 0.2, ident, 0.4, label="identification (top-1 of N classes)")
+    ax.bar(xs + 0.2, retr, 0.4, label="retrieval (top-1 of N gallery glyphs)")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("held-out fonts, top-1")
+    ax.set_title(f"Hangul glyphs, N = {N} classes, held-out font families", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = OUT_DIR / f"{path_prefix}.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+    krows = [r for r in rows if r["method"].startswith("qaconv-gs k=") and "(" not in r["method"]]
+    if len(krows) >= 2:
+        kv = [N - 1 if r["method"].endswith("N-1") else int(r["method"].split("=")[1]) for r in krows]
+        order = np.argsort(kv)
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        kk = [kv[i] for i in order]
+        ax[0].plot(kk, [krows[i]["identification"] for i in order], "o-", label="identification")
+        ax[0].plot(kk, [krows[i]["retrieval"] for i in order], "s-", label="retrieval")
+        ax[0].set_xscale("log")
+        ax[0].set_xlabel("k (candidate classes per sample - 1)")
+        ax[0].set_ylabel("held-out top-1")
+        ax[0].legend(fontsize=8)
+        ax[1].plot(kk, [krows[i]["loss_step_ms"] for i in order], "o-", label="loss step")
+        ax[1].plot(kk, [1e3 * krows[i]["epoch_s"] for i in order], "s-", label="whole epoch (x1000 s)")
+        ax[1].set_xscale("log")
+        ax[1].set_yscale("log")
+        ax[1].set_xlabel("k")
+        ax[1].set_ylabel("ms")
+        ax[1].legend(fontsize=8)
+        fig.suptitle(f"qaconv-gs: accuracy and time against k (N = {N})", fontsize=10)
+        fig.tight_layout()
+        p = OUT_DIR / f"{path_prefix}_k.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--classes", type=int, default=2000)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--ks", default="32,N-1", help="comma-separated k values for qaconv-gs (N-1 = full)")
+    ap.add_argument("--cosface", default="32:0.2,64:0.35", help="s:m pairs, comma-separated")
+    ap.add_argument("--methods", default="qaconv-gs,softmax,cosface,qaconv2.1")
+    ap.add_argument(
+        "--variants",
+        default="",
+        help="more qaconv-gs runs, ';'-separated, each 'k=32,mined=0,triplet=batch,sampler=graph,init=random'",
+    )
+    ap.add_argument("--random-init", action="store_true", help="also run qaconv-gs k=32 with init='random'")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="300 classes, 2 epochs")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.classes, args.epochs = 300, 2
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    g, sp, data = load_data(args.classes, args.seed)
+    N = g.num_classes
+    print(
+        f"bench_learning: {N} classes, {len(sp.train)} training fonts, {len(sp.probes)} probe fonts, "
+        f"gallery {g.fonts[sp.gallery]}; {args.epochs} epochs, lr {args.lr}",
+        flush=True,
+    )
+    methods = set(args.methods.split(","))
+    todo = []
+    if "qaconv-gs" in methods:
+        for k in args.ks.split(","):
+            kk = N - 1 if k.strip() == "N-1" else min(int(k), N - 1)
+            todo.append(lambda kk=kk: QAConvGSMethod(torch, N, kk, args.seed, "imprint"))
+        if args.random_init:
+            todo.append(lambda: QAConvGSMethod(torch, N, min(32, N - 1), args.seed, "random"))
+    if "softmax" in methods:
+        todo.append(lambda: PooledMethod(torch, N, args.seed))
+    if "cosface" in methods:
+        for sm in args.cosface.split(","):
+            s, m = (float(v) for v in sm.split(":"))
+            todo.append(lambda s=s, m=m: PooledMethod(torch, N, args.seed, s, m))
+    if "qaconv2.1" in methods:
+        todo.append(lambda: QAConv21Method(torch, N, args.seed))
+    for spec in args.variants.split(";") if args.variants else []:
+        kw = dict(kv.split("=") for kv in spec.split(","))
+        kk = N - 1 if kw.get("k", "32") == "N-1" else int(kw.get("k", "32"))
+        todo.append(
+            lambda kk=kk, kw=kw: QAConvGSMethod(
+                torch,
+                N,
+                kk,
+                args.seed,
+                init=kw.get("init", "imprint"),
+                k_mined=int(kw["mined"]) if "mined" in kw else None,
+                triplet=kw.get("triplet", "class"),
+                sampler=kw.get("sampler", "random"),
+            )
+        )
+    rows = []
+    for make in todo:
+        method = make()
+        print(f"- {method.name}", flush=True)
+        rows.append(run_method(torch, method, data, args, args.seed))
+        r = rows[-1]
+        ident = "-" if r["identification"] is None else f"{r['identification']:.3f}"
+        print(
+            f"  -> identification {ident}, retrieval {r['retrieval']:.3f}, loss step {r['loss_step_ms']:.1f} ms"
+        )
+    print()
+    print(f"| method | identification | retrieval | loss step (ms) | epoch (s) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        ident = "-" if r["identification"] is None else f"{r['identification']:.3f}"
+        print(
+            f"| {r['method']} | {ident} | {r['retrieval']:.3f} | {r['loss_step_ms']:.1f} | {r['epoch_s']:.0f} |"
+        )
+    payload = {
+        "machine": machine_info(),
+        "classes": N,
+        "train_fonts": [g.fonts[i] for i in sp.train],
+        "probe_fonts": [g.fonts[i] for i in sp.probes],
+        "gallery_font": g.fonts[sp.gallery],
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "rows": rows,
+    }
+    out = write_json("bench_learning", payload)
+    for p in plot(rows, args.ks, N, "bench_learning"):
+        print(f"wrote {p}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
