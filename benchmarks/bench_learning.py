@@ -390,7 +390,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--variants",
         default="",
-        help="more qaconv-gs runs, ';'-separated, each 'k=32,mined=0,triplet=batch,sampler=graph,init=random'",
+        help="more qaconv-gs runs, ';'-separated, e.g. 'k=32,mined=0,triplet=batch,sampler=graph'",
     )
     ap.add_argument("--random-init", action="store_true", help="also run qaconv-gs k=32 with init='random'")
     ap.add_argument("--threads", type=int, default=2)
@@ -451,15 +451,17 @@ def main(argv=None) -> int:
         r = rows[-1]
         ident = "-" if r["identification"] is None else f"{r['identification']:.3f}"
         print(
-            f"  -> identification {ident}, retrieval {r['retrieval']:.3f}, loss step {r['loss_step_ms']:.1f} ms"
+            f"  -> identification {ident}, retrieval {r['retrieval']:.3f}, "
+            f"loss step {r['loss_step_ms']:.1f} ms"
         )
     print()
-    print(f"| method | identification | retrieval | loss step (ms) | epoch (s) |")
+    print("| method | identification | retrieval | loss step (ms) | epoch (s) |")
     print("|---|---|---|---|---|")
     for r in rows:
         ident = "-" if r["identification"] is None else f"{r['identification']:.3f}"
         print(
-            f"| {r['method']} | {ident} | {r['retrieval']:.3f} | {r['loss_step_ms']:.1f} | {r['epoch_s']:.0f} |"
+            f"| {r['method']} | {ident} | {r['retrieval']:.3f} | {r['loss_step_ms']:.1f} "
+            f"| {r['epoch_s']:.0f} |"
         )
     payload = {
         "machine": machine_info(),

@@ -1,4 +1,4 @@
-"""qaconv_gs.glyphs: real glyph images from Debian's Korean fonts (skips where the fonts or Pillow are missing)."""
+"""qaconv_gs.glyphs: real glyph images from Debian's Korean fonts (skips without the fonts or Pillow)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-
 from qaconv_gs import glyphs
 
 pytest.importorskip("PIL", reason="Pillow is not installed (pip install 'qaconv-gs[fonts]')")

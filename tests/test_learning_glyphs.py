@@ -11,7 +11,6 @@ import os
 
 import numpy as np
 import pytest
-
 import qaconv_gs as qg
 from qaconv_gs import glyphs
 

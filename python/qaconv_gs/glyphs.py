@@ -61,9 +61,9 @@ GALLERY_FONT = "NanumMyeongjo"
 HELD_OUT_FAMILIES = ("NanumMyeongjo", "UnDotum", "NanumPen", "NanumBrush", "UnPilgi")
 _CACHE_VERSION = 1
 _MIN_COVERAGE = 0.5  # default font list: fonts drawing less than this share of the syllables are left out
-# Left out of the default list: the Eco fonts are NanumGothic / NanumMyeongjo with holes punched in the strokes
-# (near-copies of fonts in the list, and at small sizes FreeType fills some of them into boxes); the YetHangul
-# fonts draw the modern syllables exactly as their base fonts.
+# Left out of the default list: the Eco fonts are NanumGothic / NanumMyeongjo with holes punched in the
+# strokes (near-copies of fonts in the list, and at small sizes FreeType fills some of them into boxes); the
+# YetHangul fonts draw the modern syllables exactly as their base fonts.
 _DEFAULT_EXCLUDE = ("Eco", "YetHangul")
 
 

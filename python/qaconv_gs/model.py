@@ -230,6 +230,23 @@ def _identify_rows(
     return best_ids, best_sc
 
 
+def _top_per_row(sc: np.ndarray, ids: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The m best of each row of sc [B, n] (class ids [B, n], distinct within a row), best first, ties to
+    the lower id: a partition finds each row's m-th best score, and only the entries at or above it are
+    sorted."""
+    B, n = sc.shape
+    if n <= m:
+        order = np.lexsort((ids, -sc), axis=1) if n else np.zeros((B, 0), dtype=np.int64)
+        return np.take_along_axis(ids, order, 1), np.take_along_axis(sc, order, 1)
+    thr = -np.partition(-sc, m - 1, axis=1)[:, m - 1 : m]
+    r, c = np.nonzero(sc >= thr)  # row-major: ascending ids within a row
+    order = np.lexsort((ids[r, c], -sc[r, c], r))
+    r, c = r[order], c[order]
+    starts = np.searchsorted(r, np.arange(B))
+    pick = (starts[:, None] + np.arange(m)).ravel()  # every row has >= m entries at or above its m-th best
+    return ids[r[pick], c[pick]].reshape(B, m), sc[r[pick], c[pick]].reshape(B, m)
+
+
 def check_config(
     num_classes: object,
     channels: object,
@@ -812,9 +829,7 @@ class QAConvGS:
                 [best_ids, np.broadcast_to(np.arange(s, e, dtype=np.int64), (B, e - s))], axis=1
             )
             cat = np.concatenate([best_sc, sc], axis=1)
-            order = np.argsort(-cat, axis=1, kind="stable")[:, :m]
-            best_ids = np.take_along_axis(ids, order, axis=1)
-            best_sc = np.take_along_axis(cat, order, axis=1)
+            best_ids, best_sc = _top_per_row(cat, ids, m)
         return np.ascontiguousarray(best_ids)
 
     # The step below calls the private bindings directly: the public matching wrappers re-validate

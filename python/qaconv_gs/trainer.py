@@ -951,7 +951,8 @@ class Trainer:
             from .distributed.model import ShardedQAConvGS, _sharded_config
 
             if isinstance(model_cls, type) and issubclass(model_cls, ShardedQAConvGS):
-                config = _sharded_config(config)  # a one-process init="imprint" model's rows go on as they are
+                # a one-process init="imprint" model's trained rows go on as they are (init="random")
+                config = _sharded_config(config)
         model = model_cls(**{**config, **model_overrides})
         hyper = meta["hyper"]
         if schedule is None:

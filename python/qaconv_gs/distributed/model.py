@@ -118,7 +118,8 @@ class ShardedQAConvGS:
     and imprint_samples is only kept in config). With the same seed, the union of the shards equals
     QAConvGS(seed=seed, init="random")'s table and the head is identical. A trained one-process model made
     with init="imprint" can still be sharded (from_model, load, Trainer.load_checkpoint): its rows are taken
-    as they are and training goes on without imprinting, provided no row is still unset. With seed=None rank 0 draws a seed and broadcasts it (stored in .seed).
+    as they are and training goes on without imprinting, provided no row is still unset. With seed=None
+    rank 0 draws a seed and broadcasts it (stored in .seed).
     Collective methods (every rank must call them in the same order): the constructor, forward_backward,
     rows_for_step, identify, refresh_neighbors / local_neighbors when stale, gather_neighbors, gather_model,
     save and load_checkpoint (sharded checkpoints). qaconv_gs.Trainer trains it (one Trainer per rank) and
