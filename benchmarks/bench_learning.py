@@ -86,18 +86,45 @@ class Method:
 
 
 class QAConvGSMethod(Method):
-    def __init__(self, torch, N, k, seed, init="imprint", k_mined=None, triplet="class", sampler="random"):
+    def __init__(
+        self,
+        torch,
+        N,
+        k,
+        seed,
+        init="imprint",
+        k_mined=None,
+        triplet="class",
+        sampler="random",
+        tw=0.5,
+        margin=1.0,
+        fc="separate",
+    ):
         from qaconv_gs.torch import QAConvGSLoss
 
         self.k, self.sampler = k, sampler
         self.crit = QAConvGSLoss(
-            N, FEAT_C, FEAT_HW, FEAT_HW, k_nearest=k, seed=seed, init=init, k_mined=k_mined, triplet=triplet
+            N,
+            FEAT_C,
+            FEAT_HW,
+            FEAT_HW,
+            k_nearest=k,
+            seed=seed,
+            init=init,
+            k_mined=k_mined,
+            triplet=triplet,
+            triplet_weight=tw,
+            margin=margin,
+            fc=fc,
         )
         mined = self.crit._core.mined_per_sample
         self.name = f"qaconv-gs k={'N-1' if k == N - 1 else k}" + (f"+{mined} mined" if mined else "")
         extras = [
-            x for x, default in ((init, "imprint"), (triplet, "class"), (sampler, "random")) if x != default
+            x
+            for x, default in ((init, "imprint"), (triplet, "class"), (sampler, "random"), (fc, "separate"))
+            if x != default
         ]
+        extras += [f"{n}={v:g}" for n, v, d in (("w", tw, 0.5), ("margin", margin, 1.0)) if v != d]
         if extras:
             self.name += f" ({', '.join(extras)})"
 
@@ -441,6 +468,9 @@ def main(argv=None) -> int:
                 k_mined=int(kw["mined"]) if "mined" in kw else None,
                 triplet=kw.get("triplet", "class"),
                 sampler=kw.get("sampler", "random"),
+                tw=float(kw.get("tw", 0.5)),
+                margin=float(kw.get("margin", 1.0)),
+                fc=kw.get("fc", "separate"),
             )
         )
     rows = []
