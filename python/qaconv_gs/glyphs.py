@@ -36,6 +36,7 @@ __all__ = [
     "glyph_split",
     "hangul_syllables",
     "korean_font_files",
+    "random_conv_features",
 ]
 
 # Debian's packages: fonts-nanum, fonts-nanum-extra, fonts-nanum-eco, fonts-unfonts-core, fonts-unfonts-extra,
@@ -297,7 +298,29 @@ def font_glyphs(
         if not paths:
             raise ValueError("fonts: expected at least one font")
 
-    key = _cache_key(paths, cand, size, min_cov)
+    n = None if num_classes is None else check_int(num_classes, "num_classes", lo=2)
+    if n is not None and n <= len(cand):
+        # Fast path: draw only the chosen syllables (the same choice as from the full set whenever every
+        # font draws every candidate, as Debian's default list does for all 11,172 syllables).
+        pick = np.sort(np.random.default_rng(seed).choice(len(cand), size=n, replace=False))
+        sub = [cand[i] for i in pick]
+        images, drawn, kept = _load_or_render(paths, sub, size, min_cov, cache)
+        if drawn.all():
+            return _assemble(images, np.arange(n), kept, sub)
+    images, drawn, kept = _load_or_render(paths, cand, size, min_cov, cache)
+    common = np.flatnonzero(drawn.all(axis=0))
+    if n is not None:
+        if n > common.size:
+            raise ValueError(f"num_classes: expected <= {common.size} (syllables every font draws), got {n}")
+        common = np.sort(np.random.default_rng(seed).choice(common, size=n, replace=False))
+    return _assemble(images, common, kept, cand)
+
+
+def _load_or_render(
+    paths: Sequence[str], chars: Sequence[str], size: int, min_cov: float | None, cache: bool
+) -> tuple[np.ndarray, np.ndarray, list]:
+    """(images [F, n, size, size], drawn [F, n] bool, font paths) of `chars`, from the cache or drawn."""
+    key = _cache_key(paths, chars, size, min_cov)
     cache_file = os.path.join(_cache_dir(), f"glyphs-{key}.npz")
     data = None
     if cache and os.path.isfile(cache_file):
@@ -305,9 +328,9 @@ def font_glyphs(
             with np.load(cache_file) as z:
                 data = {k: z[k] for k in ("images", "drawn", "paths")}
         except (OSError, ValueError, KeyError):
-            data = None  # a damaged cache file is rendered again
+            data = None  # a damaged cache file is drawn again
     if data is None:
-        rendered = list(_render(paths, cand, size, min_cov))
+        rendered = list(_render(paths, chars, size, min_cov))
         if not rendered:
             raise ValueError("fonts: none of the fonts draws enough of the characters")
         data = {
@@ -321,21 +344,58 @@ def font_glyphs(
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, **data)
             os.replace(tmp, cache_file)
+    return data["images"], data["drawn"], [str(p) for p in data["paths"]]
 
-    images, drawn, kept = data["images"], data["drawn"], [str(p) for p in data["paths"]]
-    common = np.flatnonzero(drawn.all(axis=0))
-    # Fonts whose glyphs are the same images as an earlier font's (e.g. a font shipped twice under two
-    # names) would put copies of one sample on both sides of a split.
-    probe = images[:, common[:64]].reshape(len(kept), -1)
+
+def _assemble(images: np.ndarray, classes: np.ndarray, kept: list, chars: Sequence[str]) -> FontGlyphs:
+    """FontGlyphs of the columns `classes` (drawn by every font), without fonts that duplicate an earlier
+    font's glyphs (e.g. one font shipped under two names would put copies of a sample on both sides of a
+    split)."""
+    probe = images[:, classes[:64]].reshape(len(kept), -1)
     keep_font = [i for i in range(len(kept)) if not any(np.array_equal(probe[i], probe[j]) for j in range(i))]
-    if num_classes is not None:
-        n = check_int(num_classes, "num_classes", lo=2)
-        if n > common.size:
-            raise ValueError(f"num_classes: expected <= {common.size} (syllables every font draws), got {n}")
-        common = np.sort(np.random.default_rng(seed).choice(common, size=n, replace=False))
     return FontGlyphs(
-        images=np.ascontiguousarray(images[np.ix_(keep_font, common)]),
-        chars=[cand[i] for i in common],
+        images=np.ascontiguousarray(images[np.ix_(keep_font, classes)]),
+        chars=[chars[i] for i in classes],
         fonts=[_font_name(kept[i]) for i in keep_font],
         paths=[kept[i] for i in keep_font],
     )
+
+
+def random_conv_features(
+    images: np.ndarray, channels: int = 32, seed: int = 0, batch: int = 1024
+) -> np.ndarray:
+    """Feature maps from a fixed, untrained CNN in NumPy: conv3x3 -> ReLU -> max-pool 2, twice, then a
+    conv3x3 (He-initialised random weights from `seed`, no training, no deep-learning framework).
+
+    The quickest real-image feature maps for trying the package (the demo, the tests): images [n, 1, H, W]
+    (H, W divisible by 4) -> [n, channels, H / 4, W / 4] float32. Deterministic for a seed.
+    """
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim != 4 or x.shape[1] != 1 or x.shape[2] % 4 or x.shape[3] % 4:
+        raise ValueError(f"images: expected [n, 1, H, W] with H, W divisible by 4, got {x.shape}")
+    channels = check_int(channels, "channels", lo=1)
+    rng = np.random.default_rng(check_int(seed, "seed", lo=0))
+    shapes = [(1, channels), (channels, channels), (channels, channels)]
+    weights = [
+        (rng.standard_normal((cin * 9, cout)) * np.sqrt(2.0 / (cin * 9))).astype(np.float32)
+        for cin, cout in shapes
+    ]
+
+    def conv(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """a [n, h, w, c] -> [n, h, w, cout], 3x3, zero padding 1 (w's rows in (c, dy, dx) order)."""
+        p = np.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        cols = np.lib.stride_tricks.sliding_window_view(p, (3, 3), axis=(1, 2))  # [n, h, w, c, 3, 3]
+        n, h, wd = a.shape[:3]
+        return (cols.reshape(n * h * wd, -1) @ w).reshape(n, h, wd, -1)
+
+    def pool(a: np.ndarray) -> np.ndarray:
+        n, h, wd, c = a.shape
+        return a.reshape(n, h // 2, 2, wd // 2, 2, c).max(axis=(2, 4))
+
+    out = []
+    for s in range(0, x.shape[0], batch):
+        a = x[s : s + batch].transpose(0, 2, 3, 1)
+        a = pool(np.maximum(conv(a, weights[0]), 0))
+        a = pool(np.maximum(conv(a, weights[1]), 0))
+        out.append(conv(a, weights[2]).transpose(0, 3, 1, 2))
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)

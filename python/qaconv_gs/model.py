@@ -77,6 +77,9 @@ _INIT_MODES = ("imprint", "random")
 _IMPRINT_FLOOR = 1e-3
 _IMPRINT_REFRESH_MIN = 64  # fewest imprinted classes that trigger a mid-epoch neighbour refresh
 _IMPRINT_EXTRA_KEY = "_qaconv_gs.imprint_counts"
+# imprinted classes when the saved neighbour table was built: a loaded model refreshes mid-epoch exactly
+# when the saved one would have
+_IMPRINT_AT_EXTRA_KEY = "_qaconv_gs.imprinted_at_refresh"
 _MINE_BLOCK = 4096  # classes per block of the per-sample mining product
 
 
@@ -328,6 +331,11 @@ class QAConvGS:
             "random": the seed system's start, randn / sqrt(C) per entry, no imprinting.
         imprint_samples: samples a row averages before it is left to the gradient alone (keyword-only,
             >= 1; 64 covers a typical class's first epoch).
+        k_mined: extra candidates per sample (keyword-only, >= 0, default 0): the classes whose rows
+            correlate best with the sample's own location-normalised map, mined over all N classes in every
+            step (capped at N - 1 - k_nearest), scored after the target and its k_nearest neighbours.
+            Off by default: on the learning benchmark (2,000 glyph classes) k_mined=16 changed held-out
+            accuracy by < 0.01 and cost 4x the loss step; it helps a little at small N (README).
 
     Attributes:
         training: True after construction / train(); False after eval(). In eval mode the
@@ -357,7 +365,7 @@ class QAConvGS:
         *,
         init: str = "imprint",
         imprint_samples: int = 64,
-        k_mined: int = 16,
+        k_mined: int = 0,
     ) -> None:
         self.init = _choice(init, "init", _INIT_MODES)
         self.imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)
@@ -576,6 +584,8 @@ class QAConvGS:
         with self._lock:
             if self._nbr is not None and not self._nbr_stale:
                 extra[_NBR_EXTRA_KEY] = self._nbr
+                if self.init == "imprint":
+                    extra[_IMPRINT_AT_EXTRA_KEY] = np.array(self._imprinted_at_refresh, np.int64)
             if self.init == "imprint":
                 extra[_IMPRINT_EXTRA_KEY] = self._imprinted
             state = self.state_dict()
@@ -649,6 +659,7 @@ class QAConvGS:
         counts = extra.pop(_IMPRINT_EXTRA_KEY, None)
         if counts is not None:
             self._counts_from_rows(counts)
+        at = np.asarray(extra.pop(_IMPRINT_AT_EXTRA_KEY, -1))
         nbr = extra.pop(_NBR_EXTRA_KEY, None)
         if nbr is not None:
             nbr = np.asarray(nbr)
@@ -661,6 +672,10 @@ class QAConvGS:
                 table = np.ascontiguousarray(nbr, dtype=np.int64)
                 table.setflags(write=False)
                 self._nbr, self._nbr_stale = table, False
+                # without the saved count (older files), take the table as built from the rows as they are
+                known = at.shape == () and at.dtype.kind in "iu" and 0 <= int(at) <= self.num_classes
+                n_now = int(np.count_nonzero(self._imprinted))
+                self._imprinted_at_refresh = int(at) if known else n_now
         return extra
 
     # ------------------------------------------------------------------ modes and neighbours
@@ -877,7 +892,10 @@ class QAConvGS:
     # ------------------------------------------------------------------ training maths
 
     def forward_backward(self, features: object, labels: object) -> StepResult:
-        """One training step's maths: loss, accuracies and all gradients; parameters are not changed.
+        """One training step's maths: loss, accuracies and all gradients; parameters are not changed by
+        the gradients (an optimiser applies them). With init="imprint", in training mode, the rows of the
+        step's classes that are still being imprinted are first moved to the running mean of their
+        normalised features (see imprint()); in eval mode nothing is imprinted.
 
         Args:
             features: [B, C, H, W] feature maps (any real array-like; converted to float32 once).
@@ -893,13 +911,23 @@ class QAConvGS:
 
     def _forward_backward(self, X: np.ndarray, y: np.ndarray, laps: _Laps | None = None) -> StepResult:
         """The step on validated inputs. `laps` (a list) receives (name, perf_counter) marks after each
-        piece, for benchmarks/bench_train.py's breakdown; None costs nothing."""
+        piece, for benchmarks/bench_train.py's breakdown; None costs nothing. A step that raises (bad rows,
+        Ctrl-C) leaves the rows, counts and neighbour table its imprinting changed as they were."""
+        undo = self._imprint_snapshot(y) if self.init == "imprint" and self.training else None
+        try:
+            if undo is not None:
+                self._imprint_in_step(X, y)
+            return self._step(X, y, laps)
+        except BaseException:
+            if undo is not None:
+                self._restore_imprint(undo)
+            raise
+
+    def _step(self, X: np.ndarray, y: np.ndarray, laps: _Laps | None) -> StepResult:
         _lap(laps, "start")
         B = X.shape[0]
         nt = self._step_threads(B)
         C = self.channels
-        if self.init == "imprint":
-            self._imprint_in_step(X, y)
         head = self._head_for_step()
         cand, ids, local, Xn, Xn_norms, En, En_norms, (ap, ag), scores, cache = self._restricted_forward(
             X, y, head, laps, nt
@@ -987,17 +1015,47 @@ class QAConvGS:
             self._imprinted = np.where(nonzero, self.imprint_samples, 0).astype(np.int64)
         self._imprinted_at_refresh = 0
 
+    def _imprint_snapshot(self, y: np.ndarray) -> tuple | None:
+        """What the step's imprinting may change (None when no row of the step's classes is open)."""
+        ids = np.unique(y)
+        todo = ids[self._imprinted[ids] < self.imprint_samples]
+        if todo.size == 0:
+            return None
+        return (
+            todo,
+            self._embed[todo].copy(),
+            self._imprinted[todo].copy(),
+            self._nbr,
+            self._nbr_stale,
+            self._imprinted_at_refresh,
+            self.neighbor_refreshes,
+            self.neighbor_change,
+        )
+
+    def _restore_imprint(self, undo: tuple) -> None:
+        todo, rows, counts = undo[:3]
+        self._embed[todo] = rows
+        self._imprinted[todo] = counts
+        (
+            self._nbr,
+            self._nbr_stale,
+            self._imprinted_at_refresh,
+            self.neighbor_refreshes,
+            self.neighbor_change,
+        ) = undo[3:]
+
     def _imprint_in_step(self, X: np.ndarray, y: np.ndarray) -> None:
-        """Imprint the step's unset classes; a step that imprints keeps the neighbour table it has
-        (rebuilding it every time a class first appears would cost a class_neighbors call per step in
-        the first epoch; the table is rebuilt at the next on_epoch_start)."""
+        """Imprint the step's open classes. The neighbour table is kept (rebuilding it whenever a class
+        first appears would cost a class_neighbors call per step in the first epoch) unless it was built
+        before any class was imprinted, or the imprinted classes have at least doubled (and reach
+        _IMPRINT_REFRESH_MIN) since it was built: the first epoch then gets hard neighbours after O(log N)
+        rebuilds, and whether the table was read before the first step changes nothing."""
         stale = self._nbr_stale
         if self._imprint(X, y, only_unset=True).size and not stale:
             self._nbr_stale = False
-            # ... except when the imprinted classes have doubled since the table was built: the first epoch
-            # then gets hard neighbours after O(log N) refreshes instead of only unset ones
             n = int(np.count_nonzero(self._imprinted))
-            if n >= max(2 * self._imprinted_at_refresh, _IMPRINT_REFRESH_MIN):
+            at = self._imprinted_at_refresh
+            if at == 0 or n >= max(2 * at, _IMPRINT_REFRESH_MIN):
                 self._nbr_stale = True
 
     def scores(self, features: object, labels: object) -> tuple[np.ndarray, np.ndarray]:

@@ -136,7 +136,7 @@ def _build() -> dict[str, Any]:
             comm=None,
             init=None,
             imprint_samples=64,
-            k_mined=None,
+            k_mined=0,
         ):
             super().__init__()
             kwargs = dict(
@@ -158,19 +158,26 @@ def _build() -> dict[str, Any]:
                     **kwargs,
                     init=init,
                     imprint_samples=imprint_samples,
-                    k_mined=16 if k_mined is None else k_mined,
+                    k_mined=k_mined,
                 )
             else:
                 if init not in (None, "random"):
                     raise ValueError(
                         f"init: the sharded loss supports only init='random' for now, got {init!r}"
                     )
-                if k_mined not in (None, 0):
+                if k_mined != 0:
                     raise ValueError(
                         f"k_mined: the sharded loss supports only k_mined=0 for now, got {k_mined!r}"
                     )
                 core = ShardedQAConvGS(
-                    num_classes, channels, height, width, **kwargs, imprint_samples=imprint_samples, comm=comm
+                    num_classes,
+                    channels,
+                    height,
+                    width,
+                    **kwargs,
+                    imprint_samples=imprint_samples,
+                    k_mined=k_mined,
+                    comm=comm,
                 )
             self._init_from(core)
 

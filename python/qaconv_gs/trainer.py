@@ -541,7 +541,8 @@ class Trainer:
             # checkpoint would fail far from the cause): refuse it with the parameters as they were.
             err = FloatingPointError(
                 f"Trainer.step: non-finite loss ({float(result.loss)}) or gradient norm at step {t} "
-                f"(lr={lr:g}); the update was skipped and the parameters are unchanged. "
+                f"(lr={lr:g}); the update was skipped (the parameters are as the step left them: "
+                "unchanged, except class rows it imprinted). "
                 "Lower the learning rate or set clip_grad_norm."
             )
         if self._comm is not None:

@@ -74,10 +74,12 @@ class ShardedStepResult(StepResult):
 
 def _sharded_config(config: dict) -> dict:
     """A one-process model's config as ShardedQAConvGS arguments for a model whose rows are then loaded:
-    init="imprint" only says how the rows started, so it becomes "random" (see _check_no_unset_rows)."""
+    init="imprint" only says how the rows started, so it becomes "random" (see _check_no_unset_rows), and
+    k_mined becomes 0 (the sharded step does not mine candidates yet; the rows and head are unchanged)."""
     cfg = dict(config)
     if cfg.get("init") == "imprint":
         cfg["init"] = "random"
+    cfg["k_mined"] = 0
     return cfg
 
 
@@ -115,10 +117,11 @@ class ShardedQAConvGS:
 
     Same constructor arguments as QAConvGS, plus comm (default: single process) and layout (default:
     ShardLayout.even), except that init must be "random" (the default here; imprinting is not supported yet,
-    and imprint_samples is only kept in config). With the same seed, the union of the shards equals
-    QAConvGS(seed=seed, init="random")'s table and the head is identical. A trained one-process model made
-    with init="imprint" can still be sharded (from_model, load, Trainer.load_checkpoint): its rows are taken
-    as they are and training goes on without imprinting, provided no row is still unset. With seed=None
+    and imprint_samples is only kept in config) and k_mined must be 0 (mining is not sharded yet). With
+    the same seed, the union of the shards equals QAConvGS(seed=seed, init="random")'s table and the head
+    is identical. A trained one-process model made with init="imprint" can still be sharded (from_model,
+    load, Trainer.load_checkpoint): its rows are taken as they are and training goes on without
+    imprinting, provided no row is still unset. With seed=None
     rank 0 draws a seed and broadcasts it (stored in .seed).
     Collective methods (every rank must call them in the same order): the constructor, forward_backward,
     rows_for_step, identify, refresh_neighbors / local_neighbors when stale, gather_neighbors, gather_model,
@@ -142,6 +145,7 @@ class ShardedQAConvGS:
         *,
         init: str = "random",
         imprint_samples: int = 64,
+        k_mined: int = 0,
         comm: Communicator | None = None,
         layout: ShardLayout | None = None,
         _init: bool = True,
@@ -151,6 +155,9 @@ class ShardedQAConvGS:
             raise ValueError(f"init: ShardedQAConvGS supports only init='random' for now, got {init!r}")
         # accepted (and kept in config) so that a one-process config builds this model unchanged
         self.imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)
+        self.k_mined = check_int(k_mined, "k_mined", lo=0)
+        if self.k_mined != 0:
+            raise ValueError(f"k_mined: ShardedQAConvGS supports only k_mined=0 for now, got {k_mined!r}")
         self.comm = SingleProcessCommunicator() if comm is None else comm
         if not isinstance(self.comm, Communicator):
             raise TypeError(f"comm: expected a qaconv_gs.distributed.Communicator, got {type(comm).__name__}")
@@ -252,6 +259,7 @@ class ShardedQAConvGS:
             "n_threads": self.n_threads,
             "init": self.init,
             "imprint_samples": self.imprint_samples,
+            "k_mined": self.k_mined,
         }
 
     @property
