@@ -24,7 +24,8 @@ Reported on the held-out fonts:
   ``match`` with the trained head; softmax / cosface: cosine of pooled features, what their users do);
 * the loss step's time (the loss's forward + backward, the CNN excluded) and the whole epoch's time.
 
-    python benchmarks/bench_learning.py --classes 2000 --epochs 4          # the README's table
+    python benchmarks/bench_learning.py --random-init \
+        --variants "k=32,mined=16;k=32,triplet=batch,sampler=graph,tw=1,margin=16,fc=shared"   # README
     python benchmarks/bench_learning.py --quick                            # small, a couple of minutes
 
 Writes bench_out/bench_learning.json and docs-ready PNGs (accuracy per method, accuracy and loss-step time
@@ -74,6 +75,8 @@ class Method:
     `identify(maps) -> top-1 ids or None` and `retrieve(probe_maps, gallery_maps) -> [P, G] scores`."""
 
     name = ""
+    sampler = "random"  # "graph": batches from qaconv_gs.GraphSampler over the method's class_neighbors
+    sweep: dict = {}  # k-sweep fields copied into the row (qaconv-gs only)
 
     def parameters(self):
         return []
@@ -93,7 +96,7 @@ class QAConvGSMethod(Method):
         k,
         seed,
         init="imprint",
-        k_mined=None,
+        k_mined=0,
         triplet="class",
         sampler="random",
         tw=0.5,
@@ -127,6 +130,8 @@ class QAConvGSMethod(Method):
         extras += [f"{n}={v:g}" for n, v, d in (("w", tw, 0.5), ("margin", margin, 1.0)) if v != d]
         if extras:
             self.name += f" ({', '.join(extras)})"
+        # the k-sweep plot takes the rows of the default configuration only
+        self.sweep = {"k": k, "k_mined": mined, "default_config": not extras and not mined}
 
     def parameters(self):
         return list(self.crit.parameters())
@@ -276,7 +281,7 @@ def run_method(torch, method, data, args, seed):
         if isinstance(method, QAConv21Method):
             batches = graph_batches(torch, backbone, x_tr, y_tr, N, bs, steps_per_epoch, seed + epoch)
             method.train(True)
-        elif getattr(method, "sampler", "random") == "graph":
+        elif method.sampler == "graph":
             # QAConv-GS's own graph sampling: a centre class and its nearest classes by the class embeddings
             nbr = method.crit.class_neighbors
             sampler = qg.GraphSampler(y_tr, batch_size=bs, num_instances=2, neighbors=nbr, seed=seed + epoch)
@@ -351,7 +356,7 @@ def load_data(num_classes: int, seed: int):
     return g, sp, (x_tr, y_tr, x_probe, y_probe, x_gal)
 
 
-def plot(rows, ks, N, path_prefix):
+def plot(rows, N, path_prefix):
     try:
         import matplotlib
 
@@ -378,9 +383,9 @@ def plot(rows, ks, N, path_prefix):
     fig.savefig(p, dpi=120)
     plt.close(fig)
     paths.append(p)
-    krows = [r for r in rows if r["method"].startswith("qaconv-gs k=") and "(" not in r["method"]]
+    krows = [r for r in rows if r.get("default_config")]
     if len(krows) >= 2:
-        kv = [N - 1 if r["method"].endswith("N-1") else int(r["method"].split("=")[1]) for r in krows]
+        kv = [r["k"] for r in krows]
         order = np.argsort(kv)
         fig, ax = plt.subplots(1, 2, figsize=(10, 4))
         kk = [kv[i] for i in order]
@@ -409,10 +414,10 @@ def plot(rows, ks, N, path_prefix):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--classes", type=int, default=2000)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--ks", default="32,N-1", help="comma-separated k values for qaconv-gs (N-1 = full)")
-    ap.add_argument("--cosface", default="32:0.2,64:0.35", help="s:m pairs, comma-separated")
+    ap.add_argument("--ks", default="8,32,128,512,N-1", help="comma-separated k values for qaconv-gs (N-1 = full)")
+    ap.add_argument("--cosface", default="16:0.1,32:0.2,64:0.35", help="s:m pairs, comma-separated")
     ap.add_argument("--methods", default="qaconv-gs,softmax,cosface,qaconv2.1")
     ap.add_argument(
         "--variants",
@@ -465,7 +470,7 @@ def main(argv=None) -> int:
                 kk,
                 args.seed,
                 init=kw.get("init", "imprint"),
-                k_mined=int(kw["mined"]) if "mined" in kw else None,
+                k_mined=int(kw.get("mined", 0)),
                 triplet=kw.get("triplet", "class"),
                 sampler=kw.get("sampler", "random"),
                 tw=float(kw.get("tw", 0.5)),
@@ -479,6 +484,7 @@ def main(argv=None) -> int:
         print(f"- {method.name}", flush=True)
         rows.append(run_method(torch, method, data, args, args.seed))
         r = rows[-1]
+        r.update(method.sweep)
         ident = "-" if r["identification"] is None else f"{r['identification']:.3f}"
         print(
             f"  -> identification {ident}, retrieval {r['retrieval']:.3f}, "
@@ -493,6 +499,20 @@ def main(argv=None) -> int:
             f"| {r['method']} | {ident} | {r['retrieval']:.3f} | {r['loss_step_ms']:.1f} "
             f"| {r['epoch_s']:.0f} |"
         )
+    full = [r for r in rows if r.get("default_config") and r["k"] == N - 1]
+    if full:
+        f = full[0]
+        print()
+        for r in rows:
+            if r.get("default_config") and r["k"] < N - 1:
+                ident = r["identification"] / f["identification"]
+                retr = r["retrieval"] / f["retrieval"]
+                step = f["loss_step_ms"] / r["loss_step_ms"]
+                epoch = f["epoch_s"] / r["epoch_s"]
+                print(
+                    f"{r['method']} vs full: identification {ident:.3f}x, retrieval {retr:.3f}x, "
+                    f"loss step {step:.1f}x less time, epoch {epoch:.1f}x less time"
+                )
     payload = {
         "machine": machine_info(),
         "classes": N,
@@ -504,7 +524,7 @@ def main(argv=None) -> int:
         "rows": rows,
     }
     out = write_json("bench_learning", payload)
-    for p in plot(rows, args.ks, N, "bench_learning"):
+    for p in plot(rows, N, "bench_learning"):
         print(f"wrote {p}")
     print(f"wrote {out}")
     return 0
