@@ -209,9 +209,19 @@ def ref_candidates(labels, nbr):
 
 
 def ref_step(
-    features, labels, class_embed, head, nbr, fc="separate", triplet="class", triplet_weight=0.5, margin=1.0
+    features,
+    labels,
+    class_embed,
+    head,
+    nbr,
+    fc="separate",
+    triplet="class",
+    triplet_weight=0.5,
+    margin=1.0,
+    cand=None,
 ):
-    """One training step in float64. Returns a dict with loss terms, accuracies, scores, candidates,
+    """One training step in float64 (candidates [B, K]: the target and its neighbours in `nbr`, unless
+    `cand` gives them, target first). Returns a dict with loss terms, accuracies, scores, candidates,
     grad_features [B, C, H, W], grad_embed (dense [N, C, H, W]), grad_head, running (new running stats),
     and diagnostics (argmax gap, hinge values) to keep finite differences away from switches and kinks."""
     X = f64(features)
@@ -219,7 +229,7 @@ def ref_step(
     B, C, H, W = X.shape
     S = H * W
     labels = np.asarray(labels, dtype=np.int64)
-    cand = ref_candidates(labels, nbr)
+    cand = ref_candidates(labels, nbr) if cand is None else np.asarray(cand, dtype=np.int64)
     K = cand.shape[1]
     Xn, xnorm = ref_normalize(X.reshape(B, C, S))
     En, enorm = ref_normalize(E.reshape(E.shape[0], C, S))
