@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
             "(k = N-1) and compare accuracy and time. Writes the training curves as PNG."
         ),
     )
+    demo.add_argument(
+        "--data",
+        choices=("synthetic", "fonts"),
+        default="synthetic",
+        help="'synthetic' (default): generated feature maps; 'fonts': real images, Hangul syllables drawn "
+        "from Debian's Korean typefaces (classes = syllables, samples = fonts), feature maps from a fixed "
+        "random CNN, tested on held-out font families (needs Pillow and the fonts; one process; "
+        "--samples / --held-out do not apply)",
+    )
     demo.add_argument("--epochs", type=_positive, default=4, help="training epochs (default 4)")
     demo.add_argument("--classes", type=_positive, default=100, help="identities N (default 100)")
     demo.add_argument("--samples", type=_positive, default=20, help="samples per identity (default 20)")
@@ -409,6 +418,11 @@ def _rank1(model: Any, features: np.ndarray, labels: np.ndarray) -> float:
     return float(int(hits[0]) / labels.shape[0])
 
 
+def _retrieval(model: Any, probe: np.ndarray, probe_ids: np.ndarray, gallery: np.ndarray) -> float:
+    """Top-1 of each probe among the gallery maps (gallery row c is class c) by QAConv match."""
+    return float(np.mean(model.match(probe, gallery).argmax(axis=1) == probe_ids))
+
+
 def _say(comm: Any, *args: Any, **kwargs: Any) -> None:
     """print on rank 0 only (every rank runs the same program)."""
     if comm is None or comm.rank == 0:
@@ -456,11 +470,14 @@ def _demo_run(
     from .sampler import GraphSampler
     from .trainer import Trainer
 
-    xtr, ytr, xte, yte = data
+    xtr, ytr, xte, yte = data[:4]
+    gallery = data[4] if len(data) > 4 else None  # fonts: one held-out font's glyph per class, in class order
     n_cls, C, H, W = args.classes, xtr.shape[1], xtr.shape[2], xtr.shape[3]
     if comm is None:
-        # init="random", as the sharded model (its only start): one process and R ranks train alike
-        model = QAConvGS(n_cls, C, H, W, k_nearest=k, seed=args.seed, n_threads=args.threads, init="random")
+        # synthetic: init="random", as the sharded model (its only start), so one process and R ranks train
+        # alike; fonts (one process only): the defaults, as a user would start
+        init = "imprint" if args.data == "fonts" else "random"
+        model = QAConvGS(n_cls, C, H, W, k_nearest=k, seed=args.seed, n_threads=args.threads, init=init)
         neighbors = lambda: model.class_neighbors  # noqa: E731
     else:
         from .distributed import ShardedQAConvGS
@@ -475,7 +492,12 @@ def _demo_run(
     )
     say = comm if not quiet else _Mute()
     before = _rank1(model, xte, yte)
-    _say(say, f"  [{tag}] before training: held-out rank-1 {before:.3f}")
+    retrieval = {}
+    if gallery is not None:
+        retrieval["before"] = _retrieval(model, xte, yte, gallery)
+        _say(say, f"  [{tag}] before training: held-out retrieval top-1 {retrieval['before']:.3f}")
+    else:
+        _say(say, f"  [{tag}] before training: held-out rank-1 {before:.3f}")
     report = _DemoReport(xte, yte, args.epochs, tag, say)
     if comm is None:
         source: Any = (xtr, ytr, sampler)
@@ -485,8 +507,11 @@ def _demo_run(
     progress = not (args.no_progress or quiet)
     trainer.fit(source, epochs=args.epochs, callbacks=[report], progress=progress)
     h = trainer.history
+    if gallery is not None:
+        retrieval["after"] = _retrieval(model, xte, yte, gallery)
     return {
         "k": k,
+        "retrieval": retrieval,
         "before": before,
         "rank1": float(h.epochs[-1]["rank1"]),
         "loss": float(h.epochs[-1]["loss"]),
@@ -553,18 +578,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     comm = _demo_comm(args.distributed)
     if args.compare_one_process and comm is None:
         raise ValueError("--compare-one-process: needs a distributed run (--distributed torch or mpi)")
+    if args.data == "fonts" and comm is not None:
+        raise ValueError(
+            "--data fonts: runs in one process (the sharded model cannot imprint class embeddings yet); "
+            "use --distributed off, or the synthetic data for a distributed run"
+        )
     if comm is None or comm.rank == 0:
         os.makedirs(args.out, exist_ok=True)
-    x, y = make_synthetic(args.classes, args.samples, seed=args.seed)  # the same data on every rank
-    data = split_per_class(x, y, held_out=args.held_out, seed=args.seed)
     threads = resolve_threads(args.threads)
-    _say(
-        comm,
-        f"qaconv-gs demo: {args.classes} synthetic identities (families share parts), feature maps "
-        f"{tuple(x.shape[1:])}, {len(data[1])} training / {len(data[3])} held-out samples; "
+    batches = (
         f"{args.epochs} epochs, graph-sampled batches of {args.batch_size} ({args.num_instances} per class), "
-        f"{threads} thread(s). Chance rank-1 = {1.0 / args.classes:.3f}",
+        f"{threads} thread(s). Chance rank-1 = {1.0 / args.classes:.3f}"
     )
+    if args.data == "fonts":
+        data = _font_data(args)
+        _say(
+            comm,
+            f"qaconv-gs demo: {args.classes} Hangul syllables drawn from {data[5]} training fonts; feature "
+            f"maps {tuple(data[0].shape[1:])} from a fixed random CNN; tested on {data[6]} held-out fonts "
+            f"({len(data[3])} glyphs): identification among the classes and retrieval in the held-out "
+            f"font {data[7]}; {batches}",
+        )
+    else:
+        x, y = make_synthetic(args.classes, args.samples, seed=args.seed)  # the same data on every rank
+        data = split_per_class(x, y, held_out=args.held_out, seed=args.seed)
+        _say(
+            comm,
+            f"qaconv-gs demo: {args.classes} synthetic identities (families share parts), feature maps "
+            f"{tuple(x.shape[1:])}, {len(data[1])} training / {len(data[3])} held-out samples; {batches}",
+        )
     if comm is not None:
         from .distributed import ShardLayout
 
@@ -589,6 +631,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         _demo_summary(args, runs)
     _demo_finish(comm)
     return 0
+
+
+def _font_data(args: argparse.Namespace) -> tuple:
+    """(train maps, train ids, probe maps, probe ids, gallery maps, #train fonts, #probe fonts, gallery font)
+    for --data fonts, with a clear error where Pillow or the fonts are missing."""
+    from . import glyphs
+
+    try:
+        g = glyphs.font_glyphs(args.classes, seed=args.seed)
+        split = glyphs.glyph_split(g)
+    except (ImportError, FileNotFoundError, ValueError) as exc:
+        raise ValueError(
+            f"--data fonts: {exc}. It needs Pillow (pip install 'qaconv-gs[fonts]') and Debian's Korean "
+            f"fonts (apt-get install {' '.join(glyphs.DEBIAN_PACKAGES)})"
+        ) from exc
+
+    def maps(fonts: list) -> tuple[np.ndarray, np.ndarray]:
+        x, y, _ = g.samples(fonts)
+        return glyphs.random_conv_features(x, seed=args.seed), y
+
+    xtr, ytr = maps(split.train)
+    xte, yte = maps(split.probes)
+    xg, yg = maps([split.gallery])
+    assert np.array_equal(yg, np.arange(g.num_classes))  # one gallery glyph per class, in class order
+    return xtr, ytr, xte, yte, xg, len(split.train), len(split.probes), g.fonts[split.gallery]
 
 
 def _compare_one_process(args: argparse.Namespace, data: tuple, run: dict, dist_model: Any) -> None:
@@ -617,6 +684,11 @@ def _demo_summary(args: argparse.Namespace, runs: list) -> None:
             f"{name:<12} {r['k']:>5} {r['time']:>9.1f} s {r['loss']:>8.4f} "
             f"{r['before']:>14.3f} {r['rank1']:>13.3f}"
         )
+    if runs and runs[0][1]["retrieval"]:
+        print("held-out retrieval top-1 (QAConv match against one held-out font's glyph of every class):")
+        for name, r in runs:
+            ret = r["retrieval"]
+            print(f"  {name:<12} before training {ret['before']:.3f}, after {ret['after']:.3f}")
     if len(runs) == 2:
         (_, a), (_, b) = runs
         print(
