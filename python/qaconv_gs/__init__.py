@@ -5,7 +5,7 @@ Exact C11 + OpenMP kernels behind a NumPy API; PyTorch is an optional front end 
 
 from __future__ import annotations
 
-from . import _native, data, functional
+from . import _native, data, functional, metrics
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import match
 from .model import QAConvGS, StepResult
@@ -46,6 +46,7 @@ __all__ = [
     "load_checkpoint",
     "lr_schedule",
     "match",
+    "metrics",
     "openmp_enabled",
     "save_checkpoint",
 ]
