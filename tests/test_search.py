@@ -302,3 +302,33 @@ def test_result_is_frozen(rng):
     res = two_stage_search(p, g, head, top=2, candidates=5)
     with pytest.raises(AttributeError):
         res.candidates = 3
+
+
+# ---------------------------------------------------------------- the benchmark script (smoke test, tiny)
+
+
+def test_bench_search_smoke(capsys):
+    import argparse
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:  # benchmarks/ is a package at the repository root
+        sys.path.insert(0, root)
+    from benchmarks import bench_search
+
+    args = argparse.Namespace(
+        sizes=[120, 400], candidates=[10, 120, 500], probes=12, max_exhaustive_pairs=2000,
+        repeats=1, threads=1, data="synthetic", seed=0,
+    )  # fmt: skip
+    res = bench_search.run(args)
+    assert res["data"] == "synthetic" and res["P"] == 12
+    assert [(r["G"], r["R"]) for r in res["rows"]] == [(120, 10), (120, 120), (400, 10), (400, 120)]
+    full = res["rows"][1]  # R = G: the exhaustive result
+    assert full["recall_at_10"] == 1.0 and full["rank1_agreement"] == 1.0
+    assert full["rank1_acc"] == full["exhaustive_rank1_acc"]
+    assert res["sizes"][1]["exhaustive_scaled"] and res["sizes"][1]["exhaustive_probes"] == 5
+    report = {"machine": {"cpu": "cpu", "date": "today"}, "threads": 1, **res}
+    report["chosen_default"] = bench_search.choose_default(res["rows"], args.sizes)
+    bench_search.print_table(report)
+    out = capsys.readouterr().out
+    assert "| 400 | 120 |" in out and " *" in out and "smallest R meeting" in out

@@ -138,6 +138,13 @@ def _pair_scores(mp: np.ndarray, mg: np.ndarray, w64: np.ndarray, bias32: float)
     return (prod[..., -1] + bias32).astype(np.float32)
 
 
+def _auto_block(P: int, R: int, C: int, S: int) -> int:
+    """Probes per stage-2 block for about _STAGE2_BUDGET bytes of temporaries."""
+    # per probe: R gathered + R normalised maps, the maxima mp and mg, their float64 products
+    per_probe = R * (8 * C * S + 8 * S + 16 * S)
+    return int(min(P, max(1, _STAGE2_BUDGET // per_probe)))
+
+
 def _second_stage(
     pf: np.ndarray,
     gf: np.ndarray,
@@ -276,9 +283,7 @@ def two_stage_search(
             )
     R = min(R, G)
     if block is None:
-        # per probe: R gathered + R normalised maps, mp and mg, the float64 products
-        per_probe = R * (8 * C * S + 8 * S + 16 * S)
-        block = int(min(P, max(1, _STAGE2_BUDGET // per_probe)))
+        block = _auto_block(P, R, C, S)
     else:
         block = check_int(block, "block", lo=1)
     if not isinstance(first_stage, str) or first_stage not in _FIRST_STAGES:

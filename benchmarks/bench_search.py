@@ -1,0 +1,419 @@
+"""Retrieval over large galleries: ``qaconv_gs.search.two_stage_search`` against exhaustive QAConv scoring.
+
+Exhaustive: ``qaconv_gs.match`` of every probe x gallery pair (eval-mode head), then each probe's top 10.
+Two-stage: a pooled-cosine shortlist of R gallery maps per probe (the package's exact kNN kernel), then the
+exact QAConv scores of those R pairs (the same float32 bits as ``match``) and their top 10.
+
+Data (realistic maps, not white noise): Hangul glyphs of Debian's Korean typefaces (``qaconv_gs.glyphs``,
+32x32 px) through ``random_conv_features`` (a fixed untrained CNN) -> [n, 32, 8, 8] maps. The gallery is
+the glyphs of many classes (syllables) in F fonts: the held-out printed gallery font of ``glyph_split``
+and F-1 training fonts (F = ceil(largest G / classes), 9 for 10^5 of the 11,172 syllables), class-major
+in a random class order, so the gallery of size G is the first G maps (G/F classes, every class drawn F
+ways). Probes are glyphs in the held-out probe fonts (other families: UnDotum, NanumPen, NanumBrush,
+UnPilgi) of the classes of the smallest gallery, so every probe has F true matches in every gallery.
+Without Pillow or the fonts, ``qaconv_gs.data.make_synthetic`` maps of the same shape are used instead
+(the output says which). The head is the default-initialised QAConv head (``init_head``: equal fc
+weights, i.e. the score ranks pairs by their mean location maxima).
+
+Reported per G and R: recall of the exhaustive top 10 (|two-stage top 10 & exhaustive top 10| / 10),
+rank-1 agreement (fraction of probes whose exhaustive top 1 is the two-stage top 1), the rank-1 accuracy
+of both against the true class, the time of stage 1 (probe and gallery descriptors + kNN) and stage 2,
+the two-stage total (the public call, median of --repeats), the exhaustive time and the speed-up.
+When P*G exceeds --max-exhaustive-pairs the exhaustive search runs on the first probes only: its time is
+scaled linearly to all P probes and recall / agreement / exhaustive accuracy are over those probes (the
+table marks it). Every call gets --threads threads (OMP / BLAS pinned through the environment).
+
+    python benchmarks/bench_search.py            # G = 1e3, 1e4, 1e5; R = 20 .. 500; 2 threads; < 10 min
+    python benchmarks/bench_search.py --quick    # G = 1e3, 1e4, fewer probes: about a minute
+
+Writes bench_out/bench_search.json and bench_out/bench_search.png (QG_BENCH_OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import OUT_DIR, machine_info, thread_env, worker_pythonpath, write_json  # noqa: E402
+
+TOP = 10
+GOAL_AGREEMENT, GOAL_SPEEDUP = 0.99, 20.0
+
+
+# ---------------------------------------------------------------- data
+
+
+def _features(images: np.ndarray, seed: int, what: str) -> np.ndarray:
+    """uint8 glyphs [n, s, s] -> [n, 32, s/4, s/4] float32 maps, in chunks (bounded float copies)."""
+    from qaconv_gs.glyphs import random_conv_features
+
+    n = images.shape[0]
+    out = None
+    step = 8192
+    t0 = time.perf_counter()
+    for a in range(0, n, step):
+        x = images[a : a + step, None].astype(np.float32) / np.float32(255.0)
+        f = random_conv_features(x, seed=seed)
+        if out is None:
+            out = np.empty((n,) + f.shape[1:], dtype=np.float32)
+        out[a : a + f.shape[0]] = f
+        if n > step:
+            print(f"  {what}: {min(n, a + step)}/{n} maps ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return out
+
+
+def glyph_data(g_max: int, g_min: int, P: int, seed: int) -> dict:
+    """Gallery pool (the first G maps are the gallery of size G), labels, probes, probe labels, facts."""
+    from qaconv_gs.glyphs import font_glyphs, glyph_split
+
+    g = font_glyphs(None, size=32)
+    sp = glyph_split(g)
+    N = g.num_classes
+    F = math.ceil(g_max / N)
+    if F > len(sp.train) + 1:
+        raise ValueError(f"G = {g_max} needs {F} fonts per class, only {len(sp.train) + 1} available")
+    rng = np.random.default_rng(seed)
+    fonts = [sp.gallery] + sorted(rng.choice(np.asarray(sp.train), F - 1, replace=False).tolist())
+    classes = rng.permutation(N)[: math.ceil(g_max / F)]
+    imgs = g.images[np.ix_(fonts, classes)].transpose(1, 0, 2, 3)  # class-major: [classes, F, s, s]
+    imgs = imgs.reshape(-1, *imgs.shape[2:])[:g_max]
+    labels = np.repeat(classes, F)[:g_max]
+    probe_classes = classes[: g_min // F]  # complete in every gallery
+    pim = g.images[np.ix_(list(sp.probes), probe_classes)]  # [probe fonts, classes, s, s]
+    plab = np.broadcast_to(probe_classes, pim.shape[:2]).reshape(-1)
+    pick = rng.permutation(plab.size)[:P]
+    print(
+        f"glyphs: {N} classes x {len(g.fonts)} fonts; gallery fonts {[g.fonts[i] for i in fonts]}", flush=True
+    )
+    return {
+        "gallery": _features(imgs, seed, "gallery"),
+        "labels": labels,
+        "probe": _features(pim.reshape(-1, *pim.shape[2:])[pick], seed, "probes"),
+        "probe_labels": plab[pick],
+        "source": "glyphs",
+        "facts": {
+            "classes_available": N,
+            "fonts_per_gallery_class": F,
+            "gallery_fonts": [g.fonts[i] for i in fonts],
+            "probe_fonts": [g.fonts[i] for i in sp.probes],
+            "probe_classes": int(probe_classes.size),
+        },
+    }
+
+
+def synthetic_data(g_max: int, g_min: int, P: int, seed: int) -> dict:
+    """The fallback: make_synthetic classes of 10 samples, 8 in the gallery and 2 as probes."""
+    from qaconv_gs.data import make_synthetic
+
+    per_gal, per_probe = 8, 2
+    n_cls = math.ceil(g_max / per_gal)
+    x, y = make_synthetic(n_cls, per_gal + per_probe, channels=32, height=8, width=8, seed=seed)
+    x = x.reshape(n_cls, per_gal + per_probe, *x.shape[1:])
+    y = y.reshape(n_cls, per_gal + per_probe)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_cls)
+    gallery = np.ascontiguousarray(x[order, :per_gal].reshape(-1, *x.shape[2:])[:g_max])
+    labels = y[order, :per_gal].reshape(-1)[:g_max]
+    pc = order[: g_min // per_gal]
+    px = x[pc, per_gal:].reshape(-1, *x.shape[2:])
+    py = y[pc, per_gal:].reshape(-1)
+    pick = rng.permutation(py.size)[:P]
+    return {
+        "gallery": gallery,
+        "labels": labels,
+        "probe": np.ascontiguousarray(px[pick]),
+        "probe_labels": py[pick],
+        "source": "synthetic",
+        "facts": {"fonts_per_gallery_class": per_gal, "probe_classes": int(pc.size)},
+    }
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def topk_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """[n, G] -> [n, k] indices, score descending, ties to the lower index (as two_stage_search)."""
+    k = min(k, scores.shape[1])
+    thr = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
+    out = np.empty((scores.shape[0], k), dtype=np.int64)
+    for i, row in enumerate(scores):
+        c = np.flatnonzero(row >= thr[i])
+        out[i] = c[np.lexsort((c, -row[c]))[:k]]
+    return out
+
+
+def exhaustive(probe, gallery, head, n_ex: int, threads: int) -> tuple[np.ndarray, float]:
+    """Top 10 of the first n_ex probes by qaconv_gs.match, in blocks of probes (bounded score matrix);
+    (ids [n_ex, 10], seconds scaled to all probes)."""
+    import qaconv_gs as qg
+
+    G = gallery.shape[0]
+    step = max(1, min(n_ex, (256 << 20) // (4 * G)))
+    ids = np.empty((n_ex, min(TOP, G)), dtype=np.int64)
+    t0 = time.perf_counter()
+    for a in range(0, n_ex, step):
+        b = min(n_ex, a + step)
+        ids[a:b] = topk_rows(qg.match(probe[a:b], gallery, head, n_threads=threads), TOP)
+    dt = time.perf_counter() - t0
+    return ids, dt * probe.shape[0] / n_ex
+
+
+def stage_times(probe, gallery, head, R: int, threads: int, dg: np.ndarray, t_dg: float) -> dict:
+    """Seconds of each stage, run through the module's own pieces (gallery descriptors computed once)."""
+    from qaconv_gs import search as s
+
+    P, C = probe.shape[:2]
+    S = probe.shape[2] * probe.shape[3]
+    pf, gf = probe.reshape(P, C, S), gallery.reshape(gallery.shape[0], C, S)
+    w, b = s._head_affine(head, S)
+    t0 = time.perf_counter()
+    dp = s._pooled_descriptors(pf, threads)
+    t1 = time.perf_counter()
+    cand = s._first_stage_pooled(dp, dg, R, threads)
+    t2 = time.perf_counter()
+    s._second_stage(pf, gf, cand, w, b, min(TOP, R), s._auto_block(P, R, C, S), threads)
+    t3 = time.perf_counter()
+    return {
+        "descriptors_s": t_dg + (t1 - t0),
+        "knn_s": t2 - t1,
+        "stage1_s": t_dg + (t2 - t0),
+        "stage2_s": t3 - t2,
+    }
+
+
+def run(args) -> dict:
+    from qaconv_gs import search as s
+    from qaconv_gs.head import init_head
+    from qaconv_gs.search import two_stage_search
+
+    sizes = sorted(args.sizes)
+    try:
+        if args.data == "synthetic":
+            raise ImportError("--data synthetic")
+        data = glyph_data(sizes[-1], sizes[0], args.probes, args.seed)
+    except (ImportError, FileNotFoundError, ValueError) as exc:
+        if args.data == "glyphs":
+            raise
+        print(f"glyph data unavailable ({exc}); using qaconv_gs.data.make_synthetic", flush=True)
+        data = synthetic_data(sizes[-1], sizes[0], args.probes, args.seed)
+    pool, labels, probe, plab = data["gallery"], data["labels"], data["probe"], data["probe_labels"]
+    P = probe.shape[0]
+    S = probe.shape[2] * probe.shape[3]
+    head = init_head(S, rng=np.random.default_rng(args.seed))
+    print(
+        f"data: {data['source']}; probes {probe.shape}, gallery pool {pool.shape} "
+        f"({pool.nbytes / 2**20:.0f} MiB); head: default init; threads {args.threads}",
+        flush=True,
+    )
+    rows, per_size = [], []
+    for G in sizes:
+        gallery = pool[:G]  # a view: no copy of the largest gallery
+        glab = labels[:G]
+        n_ex = int(min(P, max(1, args.max_exhaustive_pairs // G)))
+        print(f"G = {G}: exhaustive on {n_ex} of {P} probes ...", flush=True)
+        ex_ids, ex_s = exhaustive(probe, gallery, head, n_ex, args.threads)
+        ex_acc = float(np.mean(glab[ex_ids[:, 0]] == plab[:n_ex]))
+        t0 = time.perf_counter()
+        dg = s._pooled_descriptors(gallery.reshape(G, probe.shape[1], S), args.threads)
+        t_dg = time.perf_counter() - t0
+        dp = s._pooled_descriptors(probe.reshape(P, probe.shape[1], S), args.threads)
+        pooled_top1 = s._first_stage_pooled(dp, dg, 1, args.threads)[:, 0]
+        pooled_acc = float(np.mean(glab[pooled_top1] == plab))
+        per_size.append(
+            {
+                "G": G,
+                "exhaustive_probes": n_ex,
+                "exhaustive_s": ex_s,
+                "exhaustive_scaled": n_ex < P,
+                "exhaustive_rank1_acc": ex_acc,
+                "pooled_cosine_rank1_acc": pooled_acc,
+                "gallery_descriptors_s": t_dg,
+            }
+        )
+        print(
+            f"  exhaustive {ex_s:.2f} s{' (scaled)' if n_ex < P else ''}, rank-1 acc {ex_acc:.3f}; "
+            f"pooled cosine alone rank-1 acc {pooled_acc:.3f}",
+            flush=True,
+        )
+        for R in args.candidates:
+            if R > G:
+                continue
+            res = two_stage_search(probe, gallery, head, top=TOP, candidates=R, n_threads=args.threads)
+            walls = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                two_stage_search(probe, gallery, head, top=TOP, candidates=R, n_threads=args.threads)
+                walls.append(time.perf_counter() - t0)
+            total = statistics.median(walls)
+            st = stage_times(probe, gallery, head, R, args.threads, dg, t_dg)
+            ids = res.ids[:n_ex]
+            recall = float(np.mean([len(set(a) & set(b)) / ex_ids.shape[1] for a, b in zip(ids, ex_ids)]))
+            row = {
+                "G": G,
+                "R": R,
+                "recall_at_10": recall,
+                "rank1_agreement": float(np.mean(ids[:, 0] == ex_ids[:, 0])),
+                "rank1_acc": float(np.mean(glab[res.ids[:, 0]] == plab)),
+                "rank1_acc_on_exhaustive_probes": float(np.mean(glab[ids[:, 0]] == plab[:n_ex])),
+                "exhaustive_rank1_acc": ex_acc,
+                "total_s": total,
+                "exhaustive_s": ex_s,
+                "exhaustive_scaled": n_ex < P,
+                "speedup": ex_s / total,
+                **st,
+            }
+            rows.append(row)
+            print(
+                f"  R = {R:4d}: recall@10 {recall:.4f}, rank-1 agreement {row['rank1_agreement']:.4f}, "
+                f"total {total:.3f} s (stage 1 {st['stage1_s']:.3f}, stage 2 {st['stage2_s']:.3f}), "
+                f"{row['speedup']:.1f}x",
+                flush=True,
+            )
+    shape = "x".join(str(d) for d in probe.shape[1:])
+    return {
+        "data": data["source"],
+        "facts": data["facts"],
+        "P": P,
+        "map_shape": shape,
+        "sizes": per_size,
+        "rows": rows,
+    }
+
+
+def choose_default(rows: list, sizes: list) -> int | None:
+    """The smallest R with rank-1 agreement >= 99 % at every G, and >= 20x speed-up at every G >= 10^4."""
+    for R in sorted({r["R"] for r in rows}):
+        mine = [r for r in rows if r["R"] == R]
+        if len(mine) < len(sizes):
+            continue
+        if all(r["rank1_agreement"] >= GOAL_AGREEMENT for r in mine) and all(
+            r["speedup"] >= GOAL_SPEEDUP for r in mine if r["G"] >= 10_000
+        ):
+            return R
+    return None
+
+
+def print_table(report: dict) -> None:
+    P = report["P"]
+    print()
+    print(
+        f"two_stage_search vs exhaustive QAConv, {report['data']} maps {report['map_shape']}, "
+        f"P = {P} probes, top {TOP}, {report['threads']} threads, {report['machine']['cpu']}, "
+        f"{report['machine']['date']}"
+    )
+    print()
+    print(
+        "| G | R | recall@10 | rank-1 agree | rank-1 acc 2-stage / exh. | stage 1 s | stage 2 s | total s "
+        "| exhaustive s | speed-up |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in report["rows"]:
+        ex = f"{r['exhaustive_s']:.2f}" + (" *" if r["exhaustive_scaled"] else "")
+        print(
+            f"| {r['G']:,} | {r['R']} | {r['recall_at_10']:.4f} | {r['rank1_agreement']:.4f} "
+            f"| {r['rank1_acc']:.3f} / {r['exhaustive_rank1_acc']:.3f} | {r['stage1_s']:.3f} "
+            f"| {r['stage2_s']:.3f} | {r['total_s']:.3f} | {ex} | {r['speedup']:.1f}x |"
+        )
+    print()
+    for sz in report["sizes"]:
+        note = ""
+        if sz["exhaustive_scaled"]:
+            note = (
+                f"; * exhaustive timed on {sz['exhaustive_probes']} probes and scaled to {P}, recall / "
+                f"agreement / exhaustive accuracy over those {sz['exhaustive_probes']}"
+            )
+        print(
+            f"G = {sz['G']:,}: pooled cosine alone rank-1 acc {sz['pooled_cosine_rank1_acc']:.3f}; gallery "
+            f"descriptors {sz['gallery_descriptors_s']:.3f} s (in stage 1){note}"
+        )
+    d = report["chosen_default"]
+    goal = f"rank-1 agreement >= {GOAL_AGREEMENT:.0%} at every G and >= {GOAL_SPEEDUP:.0f}x at G >= 10^4"
+    print(f"smallest R meeting {goal}: {d if d is not None else 'none in the sweep'}")
+
+
+def plot(report: dict) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for sz in report["sizes"]:
+        rs = [r for r in report["rows"] if r["G"] == sz["G"]]
+        xs = [r["R"] for r in rs]
+        ax1.plot(xs, [r["rank1_agreement"] for r in rs], "o-", label=f"G = {sz['G']:,}")
+        ax2.plot(xs, [r["speedup"] for r in rs], "o-", label=f"G = {sz['G']:,}")
+    ax1.axhline(GOAL_AGREEMENT, ls="--", c="k", lw=1)
+    ax2.axhline(GOAL_SPEEDUP, ls="--", c="k", lw=1)
+    for ax, lab in ((ax1, "rank-1 agreement with exhaustive"), (ax2, "speed-up over exhaustive")):
+        ax.set_xscale("log")
+        ax.set_xlabel("R (stage-1 candidates per probe)")
+        ax.set_ylabel(lab)
+        ax.legend(fontsize=8)
+    ax2.set_yscale("log")
+    fig.suptitle(
+        f"two_stage_search, {report['data']} maps {report['map_shape']}, P = {report['P']}, "
+        f"{report['threads']} threads",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path = OUT_DIR / "bench_search.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="G = 1e3, 1e4 and 200 probes")
+    p.add_argument("--sizes", type=int, nargs="+", help="gallery sizes (default 1000 10000 100000)")
+    p.add_argument("--candidates", type=int, nargs="+", default=[20, 50, 100, 200, 500])
+    p.add_argument("--probes", type=int, help="P (default 500, --quick 200)")
+    p.add_argument("--max-exhaustive-pairs", type=float, default=5e7, help="exhaustive pairs per G")
+    p.add_argument("--repeats", type=int, default=2, help="timed two-stage calls per (G, R), after one")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data", choices=["auto", "glyphs", "synthetic"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.sizes is None:
+        args.sizes = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
+    if args.probes is None:
+        args.probes = 200 if args.quick else 500
+    # OpenMP and BLAS read their thread counts once, at load: pin them by restarting with the environment
+    if os.environ.get("OMP_NUM_THREADS") != str(args.threads):
+        env = thread_env(args.threads)
+        env["PYTHONPATH"] = worker_pythonpath(env)
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+
+    t0 = time.perf_counter()
+    res = run(args)
+    report = {
+        "machine": machine_info(),
+        "threads": args.threads,
+        "top": TOP,
+        "config": {k: v for k, v in vars(args).items()},
+        **res,
+    }
+    report["chosen_default"] = choose_default(res["rows"], args.sizes)
+    report["wall_s"] = time.perf_counter() - t0
+    print_table(report)
+    out = write_json("bench_search", report)
+    png = plot(report)
+    print(f"wrote {out}" + (f" and {png}" if png else "") + f" ({report['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
