@@ -34,19 +34,26 @@ def _exhaustive(full: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, np.take_along_axis(full, ids, 1)
 
 
-def _pooled_ref(x: np.ndarray) -> np.ndarray:
-    """[n, C, H, W] -> [n, C] float64 unit descriptors (mean of location-normalised maps)."""
-    n, C = x.shape[:2]
-    f = x.reshape(n, C, -1).astype(np.float64)
+def _pooled_ref(x: np.ndarray, grid: int = 1) -> np.ndarray:
+    """[n, C, H, W] -> [n, C*grid*grid] float64 unit descriptors: location-normalised maps averaged over
+    each cell (rows h*grid // H, columns w*grid // W), by explicit loops over the cells."""
+    n, C, H, W = x.shape
+    f = x.astype(np.float64)
     f = f / np.maximum(np.sqrt((f * f).sum(axis=1, keepdims=True)), 1e-12)
-    d = f.mean(axis=2)
+    rows, cols = np.arange(H) * grid // H, np.arange(W) * grid // W
+    cells = [
+        f[:, :, rows == a][:, :, :, cols == b].mean(axis=(2, 3)) for a in range(grid) for b in range(grid)
+    ]
+    d = np.stack(cells, axis=2).reshape(n, -1)  # channel-major, cells in row-major order
     return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
 
 
-def _check_shortlist(cand: np.ndarray, p: np.ndarray, g: np.ndarray, tol: float = 1e-6) -> None:
+def _check_shortlist(
+    cand: np.ndarray, p: np.ndarray, g: np.ndarray, grid: int = 1, tol: float = 1e-6
+) -> None:
     """cand [P, R] against the float64 pooled-cosine top-R: the same sets up to swaps within tol of the
     R-th cosine, in non-increasing cosine order (within tol)."""
-    cos = _pooled_ref(p) @ _pooled_ref(g).T
+    cos = _pooled_ref(p, grid) @ _pooled_ref(g, grid).T
     R = cand.shape[1]
     for i in range(p.shape[0]):
         ref = np.lexsort((np.arange(g.shape[0]), -cos[i]))[:R]
@@ -114,12 +121,22 @@ def test_exact_when_shortlist_holds_the_top(rng):
 # ---------------------------------------------------------------- stage 1 against a float64 reference
 
 
-@pytest.mark.parametrize("R", [1, 10, 40])
-def test_shortlist_matches_float64_reference(rng, R):
+@pytest.mark.parametrize("grid", [1, 2, 3])
+def test_descriptors_match_float64_reference(rng, grid):
+    p, _, _ = _data(rng, P=30, C=7, dup=False)
+    p[4] = 0.0
+    p[5, :, 1, 2] = 0.0  # one zero location: its normalised vector is 0, still counted in its cell's mean
+    got = search_mod._pooled_descriptors(p, 2, grid)
+    assert got.dtype == np.float32 and got.shape == (30, 7 * grid * grid)
+    np.testing.assert_allclose(got, _pooled_ref(p, grid), rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("R, grid", [(1, 1), (10, 1), (40, 1), (10, 2), (40, 3)])
+def test_shortlist_matches_float64_reference(rng, R, grid):
     p, g, head = _data(rng, P=19, G=300, C=16, dup=False)
-    res = two_stage_search(p, g, head, top=R, candidates=R)
+    res = two_stage_search(p, g, head, top=R, candidates=R, grid=grid)
     # the returned set is the shortlist (top = R), ordered by QAConv score: compare as sets
-    cos = _pooled_ref(p) @ _pooled_ref(g).T
+    cos = _pooled_ref(p, grid) @ _pooled_ref(g, grid).T
     for i in range(p.shape[0]):
         ref = np.lexsort((np.arange(g.shape[0]), -cos[i]))[:R]
         kth = cos[i, ref[-1]]
@@ -127,20 +144,22 @@ def test_shortlist_matches_float64_reference(rng, R):
             assert abs(cos[i, j] - kth) <= 1e-6
 
 
-@pytest.mark.parametrize("P", [1, 8, 21])
-def test_first_stage_groups_and_chunks(rng, monkeypatch, P):
+@pytest.mark.parametrize("P, grid", [(1, 1), (8, 2), (21, 1)])
+def test_first_stage_groups_and_chunks(rng, monkeypatch, P, grid):
     """Probe groups and gallery chunks (forced small) give the unchunked lists, in cosine order."""
     p, g, _ = _data(rng, P=P, G=250, C=5, dup=False)
     g[33] = g[201]  # an exactly tied pair across chunks
-    n = g.shape[0]
-    dp = search_mod._pooled_descriptors(p.reshape(P, 5, -1), 2)
-    dg = search_mod._pooled_descriptors(g.reshape(n, 5, -1), 2)
+    dp = search_mod._pooled_descriptors(p, 2, grid)
+    dg = search_mod._pooled_descriptors(g, 2, grid)
     one = search_mod._first_stage_pooled(dp, dg, 30, 2)
-    monkeypatch.setattr(search_mod, "_STAGE1_LIST_BYTES", 12 * 8 * 37)  # chunks of 37 gallery rows
-    monkeypatch.setattr(search_mod, "_STAGE1_PROBE_GROUP", 3)
+    assert search_mod._probe_group(P, 30, dp.shape[1]) == P  # one call: no grouping, no chunking
+    monkeypatch.setattr(search_mod, "_STAGE1_LIST_BYTES", 12 * 3 * 37)  # chunks of 37 gallery rows
+    monkeypatch.setattr(search_mod, "_STAGE1_ALL_PROBES_MAX_R", 10)
+    monkeypatch.setattr(search_mod, "_STAGE1_SMALL_GROUP", 3)
+    assert search_mod._probe_group(P, 30, dp.shape[1]) == min(P, 3)
     many = search_mod._first_stage_pooled(dp, dg, 30, 1)
     np.testing.assert_array_equal(one, many)
-    _check_shortlist(one, p, g)
+    _check_shortlist(one, p, g, grid)
     for row in one:  # the duplicate pair: if both listed, the lower index first
         if 33 in row and 201 in row:
             assert list(row).index(33) < list(row).index(201)
@@ -200,6 +219,19 @@ def test_top_and_candidates_clamped_to_gallery(rng):
     np.testing.assert_array_equal(res.ids, _exhaustive(full, 12)[0])
     res = two_stage_search(p, g, head, top=50)  # default R: clamped to G as well
     assert res.candidates == 12 and res.ids.shape == (p.shape[0], 12)
+
+
+def test_default_grid(rng):
+    p, g, head = _data(rng, G=60, dup=False)  # H = 3 < DEFAULT_GRID: the default becomes min(H, W)
+    a = two_stage_search(p, g, head, top=2, candidates=5)
+    b = two_stage_search(p, g, head, top=2, candidates=5, grid=min(3, search_mod.DEFAULT_GRID))
+    np.testing.assert_array_equal(a.ids, b.ids)
+    p2 = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    g2 = rng.standard_normal((60, 3, 8, 8)).astype(np.float32)
+    h2 = init_head(64, rng=rng)
+    a = two_stage_search(p2, g2, h2, top=2, candidates=5)
+    b = two_stage_search(p2, g2, h2, top=2, candidates=5, grid=search_mod.DEFAULT_GRID)
+    np.testing.assert_array_equal(a.ids, b.ids)
 
 
 def test_default_candidates(rng):
@@ -268,6 +300,9 @@ def test_progress(rng, capsys):
         (dict(candidates=0, top=1), ValueError, r"candidates: expected an integer >= 1, got 0"),
         (dict(candidates="10"), TypeError, r"candidates: expected an integer, got str"),
         (dict(block=0), ValueError, r"block: expected an integer >= 1, got 0"),
+        (dict(grid=0), ValueError, r"grid: expected an integer >= 1, got 0"),
+        (dict(grid=4), ValueError, r"grid: expected at most min\(H, W\) = 3 cells per side, got 4"),
+        (dict(grid=True), TypeError, r"grid: expected an integer, got bool"),
         (dict(n_threads=0), ValueError, r"n_threads: expected an integer >= 1"),
         (
             dict(first_stage="hnsw"),
@@ -317,18 +352,21 @@ def test_bench_search_smoke(capsys):
     from benchmarks import bench_search
 
     args = argparse.Namespace(
-        sizes=[120, 400], candidates=[10, 120, 500], probes=12, max_exhaustive_pairs=2000,
+        sizes=[120, 400], candidates=[10, 120, 500], grids=[1, 2], probes=12, max_exhaustive_pairs=2000,
         repeats=1, threads=1, data="synthetic", seed=0,
     )  # fmt: skip
     res = bench_search.run(args)
     assert res["data"] == "synthetic" and res["P"] == 12
-    assert [(r["G"], r["R"]) for r in res["rows"]] == [(120, 10), (120, 120), (400, 10), (400, 120)]
-    full = res["rows"][1]  # R = G: the exhaustive result
-    assert full["recall_at_10"] == 1.0 and full["rank1_agreement"] == 1.0
-    assert full["rank1_acc"] == full["exhaustive_rank1_acc"]
+    got = [(r["G"], r["grid"], r["R"]) for r in res["rows"]]
+    assert got == [(G, grid, R) for G in (120, 400) for grid in (1, 2) for R in (10, 120)]
+    for full in (res["rows"][1], res["rows"][3]):  # R = G: the exhaustive result, whatever the descriptor
+        assert full["recall_at_10"] == 1.0 and full["rank1_agreement"] == 1.0
+        assert full["rank1_acc"] == full["exhaustive_rank1_acc"]
+        assert full["rank1_hits_kept"] in (1.0,) or np.isnan(full["rank1_hits_kept"])
     assert res["sizes"][1]["exhaustive_scaled"] and res["sizes"][1]["exhaustive_probes"] == 5
     report = {"machine": {"cpu": "cpu", "date": "today"}, "threads": 1, **res}
     report["chosen_default"] = bench_search.choose_default(res["rows"], args.sizes)
     bench_search.print_table(report)
     out = capsys.readouterr().out
-    assert "| 400 | 120 |" in out and " *" in out and "smallest R meeting" in out
+    assert "| 400 | 2 | 120 |" in out and " *" in out and "rank-1 hits kept >= 99%" in out
+    assert set(report["chosen_default"]) == {"accuracy", "hits"}

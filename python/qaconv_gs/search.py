@@ -34,10 +34,14 @@ __all__ = ["SearchResult", "two_stage_search"]
 # Survivors of stage 1 per probe when `candidates` is None; chosen from benchmarks/bench_search.py (see
 # two_stage_search's docstring for the measurement behind it).
 DEFAULT_CANDIDATES = 100
+DEFAULT_GRID = 4  # stage-1 descriptor cells per side when `grid` is None (same measurement)
 _STAGE2_BUDGET = 64 << 20  # bytes of stage-2 temporaries per probe block when `block` is None
 _DESC_CHUNK_BYTES = 32 << 20  # maps normalised at a time for the descriptors: bounds the temporary copy
-_STAGE1_LIST_BYTES = 32 << 20  # per gallery chunk: the kernel's gallery-side lists (unused) stay this small
-_STAGE1_PROBE_GROUP = 8  # probes per kernel call in stage 1 (see _first_stage_pooled)
+_STAGE1_LIST_BYTES = 64 << 20  # per gallery chunk: the kernel's gallery-side lists (unused) stay this small
+# Stage-1 probes per kernel call (see _probe_group): all of them up to this R, else small groups
+_STAGE1_ALL_PROBES_MAX_R = 128
+_STAGE1_SMALL_GROUP = 8
+_STAGE1_SMALL_GROUP_MAX_D = 256
 _FIRST_STAGES = ("pooled", "faiss")
 
 
@@ -56,42 +60,71 @@ class SearchResult:
     candidates: int
 
 
-def _pooled_descriptors(flat: np.ndarray, nt: int) -> np.ndarray:
-    """flat [n, C, S] float32 maps -> [n, C] float32 unit descriptors: the mean over locations of the
-    location-normalised map, L2-normalised (a zero map gives a zero descriptor, cosine 0 to everything).
+def _cell_matrix(H: int, W: int, grid: int) -> np.ndarray:
+    """[S, grid*grid] float64: column j averages the locations of cell j of a grid x grid partition of the
+    H x W locations (location (h, w) is in cell (h*grid // H, w*grid // W): cells as even as possible)."""
+    cell = ((np.arange(H) * grid // H)[:, None] * grid + (np.arange(W) * grid // W)[None, :]).reshape(-1)
+    M = np.zeros((H * W, grid * grid))
+    M[np.arange(H * W), cell] = 1.0
+    return M / M.sum(axis=0, keepdims=True)
+
+
+def _pooled_descriptors(maps: np.ndarray, nt: int, grid: int = 1) -> np.ndarray:
+    """maps [n, C, H, W] float32 -> [n, C*grid*grid] float32 unit descriptors: the location-normalised map
+    averaged over each cell of a grid x grid partition of the locations (grid=1: over all locations),
+    flattened and L2-normalised (a zero map gives a zero descriptor, cosine 0 to everything).
 
     Maps are normalised in chunks so the extra memory is O(chunk) rather than a second copy of the gallery.
     """
-    n, C, S = flat.shape
-    out = np.empty((n, C), dtype=np.float32)
+    n, C, H, W = maps.shape
+    S = H * W
+    flat = maps.reshape(n, C, S)
+    # float32 cell means (BLAS; ~5x faster than a float64 product at G = 10^5, error ~1e-7, far below the
+    # cosine gaps stage 1 ranks by), norms summed in float64
+    M = _cell_matrix(H, W, grid).astype(np.float32)
+    out = np.empty((n, C * grid * grid), dtype=np.float32)
     rows = max(1, _DESC_CHUNK_BYTES // max(1, C * S * 4))
     for r0 in range(0, n, rows):
         y, _ = _native.norm_forward(flat[r0 : r0 + rows], nt)
-        d = y.mean(axis=2, dtype=np.float64)
-        nrm = np.sqrt(np.einsum("nc,nc->n", d, d))
-        out[r0 : r0 + rows] = d / np.maximum(nrm, 1e-12)[:, None]
+        d = np.matmul(y, M).reshape(y.shape[0], -1)
+        nrm = np.sqrt(np.einsum("nd,nd->n", d, d, dtype=np.float64))
+        out[r0 : r0 + rows] = d / np.maximum(nrm, 1e-12).astype(np.float32)[:, None]
     return out
+
+
+def _probe_group(P: int, R: int, D: int) -> int:
+    """Probes per kernel call in stage 1 (P probes, R neighbours, descriptors of D values).
+
+    The cross-block kernel also keeps, for every gallery row, a sorted list of its best min(R, group)
+    probes, which is not needed here and costs O(list length) per insertion, while each call streams the
+    whole gallery once. Measured at G = 10^5, P = 500, 2 threads: all probes in one call is fastest up to
+    R ~ 128 (R = 100, D = 32: 0.8 s, against 1.0 s in groups of 8); beyond, the lists dominate for short
+    descriptors (R = 500, D = 32: 7.3 s in one call, 1.3 s in groups of 8; R = 200, D = 128: 2.3 s against
+    1.7 s) but not for long ones, where streaming the gallery per group costs more (R = 200, D = 512:
+    2.2 s in one call, 3.7 s in groups of 8)."""
+    if R <= _STAGE1_ALL_PROBES_MAX_R or D > _STAGE1_SMALL_GROUP_MAX_D:
+        return P
+    return min(P, _STAGE1_SMALL_GROUP)
 
 
 def _first_stage_pooled(dp: np.ndarray, dg: np.ndarray, R: int, nt: int) -> np.ndarray:
     """Top-R gallery rows of each probe by descriptor cosine -> [P, R] int64, ties to the lower index.
 
-    The cross-block kernel also keeps, for every gallery row, a sorted list of its best probes, which is
-    not needed here and costs O(list length) per insertion: probes go through in small groups, which keeps
-    those lists short (about 2x faster than all probes at once at G = 10^5, R = 100), and a very large
-    gallery in chunks, which keeps their memory small. A pair's similarity does not depend on the grouping
-    (the kernel gives each pair fixed bits), so neither does the result.
+    Probes go through in groups (_probe_group) and the gallery in chunks that bound the kernel's unused
+    gallery-side lists to _STAGE1_LIST_BYTES. A pair's similarity does not depend on the grouping (the
+    kernel gives each pair fixed bits), so neither does the result.
     """
     P, G = dp.shape[0], dg.shape[0]
-    chunk = max(R, _STAGE1_LIST_BYTES // (12 * min(_STAGE1_PROBE_GROUP, P)))
+    group = _probe_group(P, R, dp.shape[1])
+    chunk = max(R, _STAGE1_LIST_BYTES // (12 * min(R, group)))
     best_ids = best_sim = None
     for g0 in range(0, G, chunk):
         part = dg[g0 : g0 + chunk]
         m = min(R, part.shape[0])
         ids = np.empty((P, m), dtype=np.int64)
         sim = np.empty((P, m), dtype=np.float32)
-        for p0 in range(0, P, _STAGE1_PROBE_GROUP):
-            q = dp[p0 : p0 + _STAGE1_PROBE_GROUP]
+        for p0 in range(0, P, group):
+            q = dp[p0 : p0 + group]
             # probe ids [0, n), gallery ids from n on: the kernel needs disjoint id ranges
             ia, sa, _, _ = _cross_class_neighbors(q, part, R, 0, q.shape[0], True, nt)
             ids[p0 : p0 + q.shape[0]] = ia - q.shape[0] + g0
@@ -215,6 +248,7 @@ def two_stage_search(
     *,
     top: int = 10,
     candidates: int | None = None,
+    grid: int | None = None,
     block: int | None = None,
     n_threads: int | None = None,
     first_stage: str = "pooled",
@@ -245,6 +279,9 @@ def two_stage_search(
         top: results per probe, >= 1; a value above G returns G columns.
         candidates: R, stage-1 survivors per probe, >= 1 and >= ``top``; clamped to G. None: the default
             above.
+        grid: cells per side of the stage-1 descriptor, 1 <= grid <= min(H, W): the location-normalised
+            map is averaged over each cell of a grid x grid partition of the locations ([C*grid*grid]);
+            1 is the global average ([C]). None: DEFAULT_GRID = 4 (or min(H, W) if smaller).
         block: probes scored together in stage 2 (memory O(block*R*C*S)); None sizes it for about 64 MiB
             of temporaries. Results are identical for any value.
         n_threads: None for OpenMP's default, else >= 1. Results are identical for any value.
@@ -282,6 +319,10 @@ def two_stage_search(
                 f"from them), got {R}"
             )
     R = min(R, G)
+    H, W = int(p.shape[2]), int(p.shape[3])
+    grid = min(DEFAULT_GRID, H, W) if grid is None else check_int(grid, "grid", lo=1)
+    if grid > min(H, W):
+        raise ValueError(f"grid: expected at most min(H, W) = {min(H, W)} cells per side, got {grid}")
     if block is None:
         block = _auto_block(P, R, C, S)
     else:
@@ -293,8 +334,8 @@ def two_stage_search(
 
     pf = p.reshape(P, C, S)
     gf = g.reshape(G, C, S)
-    dp = _pooled_descriptors(pf, nt)
-    dg = _pooled_descriptors(gf, nt)
+    dp = _pooled_descriptors(p, nt, grid)
+    dg = _pooled_descriptors(g, nt, grid)
     if first_stage == "faiss":
         cand = _first_stage_faiss(dp, dg, R)
     else:
