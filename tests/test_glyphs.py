@@ -19,7 +19,7 @@ CHARS = [chr(c) for c in range(0xAC00, 0xAC00 + 40)]
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QAConvGS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("QG_CACHE", str(tmp_path / "cache"))
 
 
 def test_hangul_syllables():
@@ -56,7 +56,7 @@ def test_tofu_is_dropped_for_every_font():
 @needs_fonts
 def test_cache_round_trip(monkeypatch):
     a = glyphs.font_glyphs(fonts=["NanumGothic", "NanumPen"], chars=CHARS, size=16)
-    files = os.listdir(os.environ["QAConvGS_CACHE"])
+    files = os.listdir(os.environ["QG_CACHE"])
     assert len(files) == 1 and files[0].endswith(".npz")
 
     def no_render(*args, **kwargs):
@@ -66,11 +66,11 @@ def test_cache_round_trip(monkeypatch):
     b = glyphs.font_glyphs(fonts=["NanumGothic", "NanumPen"], chars=CHARS, size=16)
     assert np.array_equal(a.images, b.images) and a.chars == b.chars and a.fonts == b.fonts
     # a damaged cache file is rendered again, not trusted
-    path = os.path.join(os.environ["QAConvGS_CACHE"], files[0])
+    path = os.path.join(os.environ["QG_CACHE"], files[0])
     with open(path, "wb") as fh:
         fh.write(b"not an npz")
     monkeypatch.undo()
-    monkeypatch.setenv("QAConvGS_CACHE", os.path.dirname(path))
+    monkeypatch.setenv("QG_CACHE", os.path.dirname(path))
     c = glyphs.font_glyphs(fonts=["NanumGothic", "NanumPen"], chars=CHARS, size=16)
     assert np.array_equal(a.images, c.images)
 

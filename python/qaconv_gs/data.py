@@ -11,6 +11,9 @@ generator mimics that at the level of a backbone's feature maps ([C, H, W], one 
 * every sample is its class template with a random spatial shift of up to ``max_shift`` locations (rolled),
   with probability ``occlusion`` a horizontal band replaced by random parts (an occluder), plus Gaussian noise
   of per-location norm about ``noise``.
+
+Real images that install offline (Hangul glyphs of Debian's Korean typefaces) are in ``qaconv_gs.glyphs``;
+``font_glyphs`` and ``glyph_split`` are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 
 from ._validate import as_float32, as_labels, check_int, check_real
+from .glyphs import font_glyphs, glyph_split
 
-__all__ = ["make_synthetic", "split_per_class"]
+__all__ = ["font_glyphs", "glyph_split", "make_synthetic", "split_per_class"]
 
 
 def make_synthetic(

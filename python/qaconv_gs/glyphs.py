@@ -12,7 +12,7 @@ retrieval gallery), a printed sans family (UnDotum) and three handwriting / brus
 NanumBrush, UnPilgi).
 
 Pillow is an optional dependency (``pip install qaconv-gs[fonts]``); renders are cached as .npz under
-``$QAConvGS_CACHE`` or ``$XDG_CACHE_HOME/qaconv_gs`` (default ``~/.cache/qaconv_gs``).
+``$QG_CACHE`` or ``$XDG_CACHE_HOME/qaconv_gs`` (default ``~/.cache/qaconv_gs``).
 """
 
 from __future__ import annotations
@@ -209,8 +209,8 @@ def glyph_split(glyphs: FontGlyphs) -> GlyphSplit:
 
 
 def _cache_dir() -> str:
-    if os.environ.get("QAConvGS_CACHE"):
-        return os.environ["QAConvGS_CACHE"]
+    if os.environ.get("QG_CACHE"):
+        return os.environ["QG_CACHE"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "qaconv_gs")
 
