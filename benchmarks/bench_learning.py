@@ -396,7 +396,7 @@ def plot(rows, N, path_prefix):
         ax[0].set_ylabel("held-out top-1")
         ax[0].legend(fontsize=8)
         ax[1].plot(kk, [krows[i]["loss_step_ms"] for i in order], "o-", label="loss step")
-        ax[1].plot(kk, [1e3 * krows[i]["epoch_s"] for i in order], "s-", label="whole epoch (x1000 s)")
+        ax[1].plot(kk, [1e3 * krows[i]["epoch_s"] for i in order], "s-", label="whole epoch, CNN included")
         ax[1].set_xscale("log")
         ax[1].set_yscale("log")
         ax[1].set_xlabel("k")
