@@ -3,9 +3,10 @@
 Scoring every probe x gallery pair with QAConv (``qaconv_gs.match``) is exact but costs O(P*G*C*S^2) and
 O(P*G) memory. ``two_stage_search`` keeps the exact scores where they matter:
 
-1. Stage 1 (O(G*C*S + P*G*C)): every map is location-normalised (as QAConv sees it), averaged over its
-   S locations and L2-normalised into a [C] descriptor; the R gallery items of highest cosine with each
-   probe are kept (the package's exact cross-block kNN kernel, or faiss ``IndexFlatIP``).
+1. Stage 1 (O(G*C*S + P*G*D)): every map is location-normalised (as QAConv sees it), averaged over each
+   cell of a grid x grid partition of its locations and L2-normalised into a descriptor of D = C*grid^2
+   values (grid = 1: the global average, [C]); the R gallery items of highest cosine with each probe are
+   kept (the package's exact cross-block kNN kernel, or faiss ``IndexFlatIP``).
 2. Stage 2 (O(P*R*C*S^2)): the R survivors of each probe get their exact eval-mode QAConv scores, bit for
    bit those of ``qaconv_gs.match`` for the same pair, and the best ``top`` of them are returned.
 
@@ -33,7 +34,7 @@ __all__ = ["SearchResult", "two_stage_search"]
 
 # Survivors of stage 1 per probe when `candidates` is None; chosen from benchmarks/bench_search.py (see
 # two_stage_search's docstring for the measurement behind it).
-DEFAULT_CANDIDATES = 100
+DEFAULT_CANDIDATES = 50
 DEFAULT_GRID = 4  # stage-1 descriptor cells per side when `grid` is None (same measurement)
 _STAGE2_BUDGET = 64 << 20  # bytes of stage-2 temporaries per probe block when `block` is None
 _DESC_CHUNK_BYTES = 32 << 20  # maps normalised at a time for the descriptors: bounds the temporary copy
@@ -97,14 +98,18 @@ def _probe_group(P: int, R: int, D: int) -> int:
 
     The cross-block kernel also keeps, for every gallery row, a sorted list of its best min(R, group)
     probes, which is not needed here and costs O(list length) per insertion, while each call streams the
-    whole gallery once. Measured at G = 10^5, P = 500, 2 threads: all probes in one call is fastest up to
-    R ~ 128 (R = 100, D = 32: 0.8 s, against 1.0 s in groups of 8); beyond, the lists dominate for short
-    descriptors (R = 500, D = 32: 7.3 s in one call, 1.3 s in groups of 8; R = 200, D = 128: 2.3 s against
-    1.7 s) but not for long ones, where streaming the gallery per group costs more (R = 200, D = 512:
-    2.2 s in one call, 3.7 s in groups of 8)."""
-    if R <= _STAGE1_ALL_PROBES_MAX_R or D > _STAGE1_SMALL_GROUP_MAX_D:
+    whole gallery once. Measured at G = 10^5, P = 500, 2 threads (seconds):
+
+        R = 100, D = 32:   one call 0.8, groups of 8: 1.0, of 64: 2.5
+        R = 200, D = 128:  one call 2.3, groups of 8: 1.7
+        R = 200, D = 512:  one call 2.2, groups of 8: 3.7, of 32: 2.6
+        R = 500, D = 32:   one call 7.3, groups of 8: 1.3
+        R = 500, D = 512:  one call 7.6, groups of 8: 4.0, of 64: 3.4
+
+    so one call up to R = 128, then groups of 8 for short descriptors and of 32 for long ones."""
+    if R <= _STAGE1_ALL_PROBES_MAX_R:
         return P
-    return min(P, _STAGE1_SMALL_GROUP)
+    return min(P, _STAGE1_SMALL_GROUP if D <= _STAGE1_SMALL_GROUP_MAX_D else 4 * _STAGE1_SMALL_GROUP)
 
 
 def _first_stage_pooled(dp: np.ndarray, dg: np.ndarray, R: int, nt: int) -> np.ndarray:
@@ -257,18 +262,21 @@ def two_stage_search(
     """Best gallery maps of each probe by eval-mode QAConv score, without scoring every pair.
 
     Stage 1 shortlists, for each probe, the R gallery maps whose pooled descriptors (location-normalised
-    map averaged over locations, L2-normalised, [C]) have the highest cosine with the probe's; stage 2
-    scores those R pairs exactly, with the head's eval affine as ``qaconv_gs.match`` (each score has the
-    same float32 bits as that pair's entry of ``match(probe, gallery, head_state)``), and keeps the best
-    ``top``. With R = G the result is the exhaustive top-``top`` of ``match``, ties included. Memory is
-    O(G*C + P*R + block*R*C*S) beyond the inputs; the P x G QAConv score matrix is never formed.
+    map averaged over grid x grid cells of its locations, L2-normalised, D = C*grid*grid values) have the
+    highest cosine with the probe's; stage 2 scores those R pairs exactly, with the head's eval affine as
+    ``qaconv_gs.match`` (each score has the same float32 bits as that pair's entry of
+    ``match(probe, gallery, head_state)``), and keeps the best ``top``. With R = G the result is the
+    exhaustive top-``top`` of ``match``, ties included. Memory is O((P + G)*D + P*R + block*R*C*S) beyond
+    the inputs; the P x G QAConv score matrix is never formed.
 
-    Default R: DEFAULT_CANDIDATES = 100 (raised to ``top`` if that is larger). On Hangul glyph maps
-    (``benchmarks/bench_search.py``: 32 x 8 x 8 maps of an untrained CNN, probes from held-out font
-    families, galleries of 10^3 to 10^5 glyphs) R = 100 returned the exhaustive rank-1 for >= 99 % of
-    the probes at every gallery size, at well over 20x less time than exhaustive scoring from G = 10^4
-    on. Stage 1 is exact for its descriptor, not for QAConv: raise R where recall of the exhaustive
-    ranking matters more than time.
+    Defaults (``benchmarks/bench_search.py``: 500 probe glyphs of held-out font families against galleries
+    of 10^3, 10^4 and 10^5 Hangul glyphs, 32 x 8 x 8 maps of an untrained CNN, default-initialised head,
+    2 threads): grid = 4 and R = 50 kept 99 %, 102 % and 108 % of the exhaustive rank-1 accuracy at 8x,
+    26x and 47x less time than exhaustive scoring. The global average (grid = 1) kept 90 %, 59 % and 33 %
+    at R = 50: it throws away the layout QAConv matches on. The shortlist is exact for its descriptor, not
+    for QAConv: of the probes whose exhaustive top 1 was right, 92-93 % got that same top 1 at R = 50 and
+    95-99 % at R = 200 (7x and 15x less time at G = 10^4 and 10^5); raise R where agreement with the
+    exhaustive ranking matters more than time (R = G reproduces it).
 
     Args:
         probe: [P, C, H, W] feature maps (any real dtype / layout; not modified).
@@ -277,14 +285,15 @@ def two_stage_search(
         head_state: the head's state dict, as for ``qaconv_gs.match`` (bn.*, fc.*, logit_bn.* as NumPy
             arrays or torch tensors; fc="separate" or "shared" read off fc.weight's size).
         top: results per probe, >= 1; a value above G returns G columns.
-        candidates: R, stage-1 survivors per probe, >= 1 and >= ``top``; clamped to G. None: the default
-            above.
+        candidates: R, stage-1 survivors per probe, >= 1 and >= ``top``; clamped to G. None:
+            DEFAULT_CANDIDATES = 50, raised to ``top`` if that is larger.
         grid: cells per side of the stage-1 descriptor, 1 <= grid <= min(H, W): the location-normalised
             map is averaged over each cell of a grid x grid partition of the locations ([C*grid*grid]);
             1 is the global average ([C]). None: DEFAULT_GRID = 4 (or min(H, W) if smaller).
         block: probes scored together in stage 2 (memory O(block*R*C*S)); None sizes it for about 64 MiB
             of temporaries. Results are identical for any value.
-        n_threads: None for OpenMP's default, else >= 1. Results are identical for any value.
+        n_threads: None for OpenMP's default, else >= 1, for the package's kernels (the descriptors' small
+            BLAS product follows the BLAS library's own thread setting). Results are identical for any value.
         first_stage: "pooled" (the package's exact kNN kernel; ties to the lower gallery index) or
             "faiss" (faiss.IndexFlatIP on the same descriptors; needs faiss installed).
         progress: print stage-2 progress to stderr about once a second.
