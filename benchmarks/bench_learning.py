@@ -75,7 +75,9 @@ class Method:
     `identify(maps) -> top-1 ids or None` and `retrieve(probe_maps, gallery_maps) -> [P, G] scores`."""
 
     name = ""
-    sampler = "random"  # "graph": batches from qaconv_gs.GraphSampler over the method's class_neighbors
+    # "graph": batches from qaconv_gs.GraphSampler over the method's class_neighbors; "pk": random classes,
+    # 2 instances each; "random": a random permutation of the training glyphs
+    sampler = "random"
     sweep: dict = {}  # k-sweep fields copied into the row (qaconv-gs only)
 
     def parameters(self):
@@ -286,6 +288,9 @@ def run_method(torch, method, data, args, seed):
             nbr = method.crit.class_neighbors
             sampler = qg.GraphSampler(y_tr, batch_size=bs, num_instances=2, neighbors=nbr, seed=seed + epoch)
             batches = [idx for _, idx in zip(range(steps_per_epoch), sampler)]
+        elif method.sampler == "pk":
+            # P random classes x 2 instances (batch-hard triplets need positives in the batch)
+            batches = pk_batches(rng, y_tr, N, bs, steps_per_epoch)
         else:
             order = rng.permutation(len(y_tr))
             batches = [order[i * bs : (i + 1) * bs] for i in range(steps_per_epoch)]
@@ -325,6 +330,16 @@ def run_method(torch, method, data, args, seed):
     }
     del qg
     return row
+
+
+def pk_batches(rng, y_tr, N, bs, steps):
+    """`steps` batches of bs // 2 random classes with 2 random samples each."""
+    by_class = [np.flatnonzero(y_tr == c) for c in range(N)]
+    out = []
+    for _ in range(steps):
+        classes = rng.choice(N, size=bs // 2, replace=False)
+        out.append(np.concatenate([rng.choice(by_class[c], size=2, replace=False) for c in classes]))
+    return out
 
 
 def graph_batches(torch, backbone, x_tr, y_tr, N, bs, steps, seed):
@@ -416,7 +431,9 @@ def main(argv=None) -> int:
     ap.add_argument("--classes", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--ks", default="8,32,128,512,N-1", help="comma-separated k values for qaconv-gs (N-1 = full)")
+    ap.add_argument(
+        "--ks", default="8,32,128,512,N-1", help="comma-separated k values for qaconv-gs (N-1 = full)"
+    )
     ap.add_argument("--cosface", default="16:0.1,32:0.2,64:0.35", help="s:m pairs, comma-separated")
     ap.add_argument("--methods", default="qaconv-gs,softmax,cosface,qaconv2.1")
     ap.add_argument(

@@ -11,6 +11,7 @@ from .evaluate import match
 from .model import QAConvGS, StepResult
 from .neighbors import class_neighbors
 from .sampler import GraphSampler
+from .search import SearchResult, two_stage_search
 from .trainer import History, Trainer, lr_schedule
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "GraphSampler",
     "History",
     "QAConvGS",
+    "SearchResult",
     "StepResult",
     "Trainer",
     "__version__",
@@ -49,4 +51,5 @@ __all__ = [
     "metrics",
     "openmp_enabled",
     "save_checkpoint",
+    "two_stage_search",
 ]
