@@ -815,12 +815,7 @@ def plot_cmc(
     ax.set_ylabel("matching rate (%)")
     ax.set_xlim(1, max(last, 2))
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
-    if title:
-        ax.set_title(title)
-    out = os.fspath(path)
-    fig.savefig(out, format="png")
-    return out
+    return _save(fig, ax, title, path)
 
 
 def plot_roc(
@@ -856,6 +851,11 @@ def plot_roc(
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")
     ax.grid(True, alpha=0.3, which="both")
+    return _save(fig, ax, title, path)
+
+
+def _save(fig, ax, title: str | None, path: str | os.PathLike) -> str:
+    """Legend, optional title, PNG to `path`; returns the path as a string."""
     ax.legend(loc="lower right", fontsize="small")
     if title:
         ax.set_title(title)
