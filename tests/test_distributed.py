@@ -788,7 +788,14 @@ def test_sharded_init_is_random_only_and_configs_round_trip(tmp_path):
         ShardedQAConvGS(**dims, init="zeros")
     with pytest.raises(ValueError, match="imprint_samples"):
         ShardedQAConvGS(**dims, imprint_samples=0)
+    with pytest.raises(
+        ValueError, match=r"^k_mined: ShardedQAConvGS supports only k_mined=0 for now, got 4$"
+    ):
+        ShardedQAConvGS(**dims, k_mined=4)
+    with pytest.raises(TypeError, match="k_mined"):
+        ShardedQAConvGS(**dims, k_mined=1.5)
     s = ShardedQAConvGS(**dims)
+    assert s.config["k_mined"] == 0
     assert s.config["init"] == "random" and ShardedQAConvGS(**dims, init="random").config == s.config
     one = qg.QAConvGS.from_config(s.config)
     assert one.config == s.config and one.init == "random"

@@ -591,14 +591,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"{threads} thread(s). Chance rank-1 = {1.0 / args.classes:.3f}"
     )
     if args.data == "fonts":
-        data = _font_data(args)
-        _say(
-            comm,
-            f"qaconv-gs demo: {args.classes} Hangul syllables drawn from {data[5]} training fonts; feature "
-            f"maps {tuple(data[0].shape[1:])} from a fixed random CNN; tested on {data[6]} held-out fonts "
-            f"({len(data[3])} glyphs): identification among the classes and retrieval in the held-out "
-            f"font {data[7]}; {batches}",
-        )
+        data, what = _font_data(args)
+        _say(comm, f"qaconv-gs demo: {args.classes} Hangul syllables {what}; {batches}")
     else:
         x, y = make_synthetic(args.classes, args.samples, seed=args.seed)  # the same data on every rank
         data = split_per_class(x, y, held_out=args.held_out, seed=args.seed)
@@ -633,9 +627,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _font_data(args: argparse.Namespace) -> tuple:
-    """(train maps, train ids, probe maps, probe ids, gallery maps, #train fonts, #probe fonts, gallery font)
-    for --data fonts, with a clear error where Pillow or the fonts are missing."""
+def _font_data(args: argparse.Namespace) -> tuple[tuple, str]:
+    """((train maps, train ids, probe maps, probe ids, gallery maps), a description of them) for
+    --data fonts, with a clear error where Pillow or the fonts are missing."""
     from . import glyphs
 
     try:
@@ -655,7 +649,12 @@ def _font_data(args: argparse.Namespace) -> tuple:
     xte, yte = maps(split.probes)
     xg, yg = maps([split.gallery])
     assert np.array_equal(yg, np.arange(g.num_classes))  # one gallery glyph per class, in class order
-    return xtr, ytr, xte, yte, xg, len(split.train), len(split.probes), g.fonts[split.gallery]
+    what = (
+        f"drawn from {len(split.train)} training fonts; feature maps {tuple(xtr.shape[1:])} from a fixed "
+        f"random CNN; tested on {len(split.probes)} held-out fonts ({len(yte)} glyphs): identification "
+        f"among the classes and retrieval in the held-out font {g.fonts[split.gallery]}"
+    )
+    return (xtr, ytr, xte, yte, xg), what
 
 
 def _compare_one_process(args: argparse.Namespace, data: tuple, run: dict, dist_model: Any) -> None:

@@ -165,10 +165,6 @@ def _build() -> dict[str, Any]:
                     raise ValueError(
                         f"init: the sharded loss supports only init='random' for now, got {init!r}"
                     )
-                if k_mined != 0:
-                    raise ValueError(
-                        f"k_mined: the sharded loss supports only k_mined=0 for now, got {k_mined!r}"
-                    )
                 core = ShardedQAConvGS(
                     num_classes,
                     channels,
