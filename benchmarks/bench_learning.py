@@ -464,8 +464,9 @@ def main(argv=None) -> int:
     methods = set(args.methods.split(","))
     todo = []
     if "qaconv-gs" in methods:
-        for k in args.ks.split(","):
-            kk = N - 1 if k.strip() == "N-1" else min(int(k), N - 1)
+        # k values past N - 1 are full scoring: each k runs once (--quick's 300 classes clamp 512 to N-1)
+        ks = {N - 1 if k.strip() == "N-1" else min(int(k), N - 1): None for k in args.ks.split(",")}
+        for kk in ks:
             todo.append(lambda kk=kk: QAConvGSMethod(torch, N, kk, args.seed, "imprint"))
         if args.random_init:
             todo.append(lambda: QAConvGSMethod(torch, N, min(32, N - 1), args.seed, "random"))
