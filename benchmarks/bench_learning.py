@@ -86,6 +86,9 @@ class Method:
     def epoch_start(self, epoch, backbone):
         pass
 
+    def before_step(self, step, steps):
+        """Called before each of the epoch's `steps` training steps."""
+
     def identify(self, maps):
         return None
 
@@ -104,10 +107,11 @@ class QAConvGSMethod(Method):
         tw=0.5,
         margin=1.0,
         fc="separate",
+        refresh=1,
     ):
         from qaconv_gs.torch import QAConvGSLoss
 
-        self.k, self.sampler = k, sampler
+        self.k, self.sampler, self.refresh = k, sampler, refresh
         self.crit = QAConvGSLoss(
             N,
             FEAT_C,
@@ -129,7 +133,11 @@ class QAConvGSMethod(Method):
             for x, default in ((init, "imprint"), (triplet, "class"), (sampler, "random"), (fc, "separate"))
             if x != default
         ]
-        extras += [f"{n}={v:g}" for n, v, d in (("w", tw, 0.5), ("margin", margin, 1.0)) if v != d]
+        extras += [
+            f"{n}={v:g}"
+            for n, v, d in (("w", tw, 0.5), ("margin", margin, 1.0), ("refresh", refresh, 1))
+            if v != d
+        ]
         if extras:
             self.name += f" ({', '.join(extras)})"
         # the k-sweep plot takes the rows of the default configuration only
@@ -140,6 +148,11 @@ class QAConvGSMethod(Method):
 
     def epoch_start(self, epoch, backbone):
         self.crit.on_epoch_start()
+
+    def before_step(self, step, steps):
+        # refresh=R: the neighbour table is also rebuilt R - 1 times inside the epoch
+        if step and self.refresh > 1 and step % max(1, steps // self.refresh) == 0:
+            self.crit.on_epoch_start()
 
     def loss(self, maps, labels):
         return self.crit(maps, labels)
@@ -289,13 +302,16 @@ def run_method(torch, method, data, args, seed):
             sampler = qg.GraphSampler(y_tr, batch_size=bs, num_instances=2, neighbors=nbr, seed=seed + epoch)
             batches = [idx for _, idx in zip(range(steps_per_epoch), sampler)]
         elif method.sampler == "pk":
-            # P random classes x 2 instances (batch-hard triplets need positives in the batch)
-            batches = pk_batches(rng, y_tr, N, bs, steps_per_epoch)
+            # P random classes x 2 instances (batch-hard triplets need positives in the batch): the
+            # package's sampler without a neighbour table
+            sampler = qg.GraphSampler(y_tr, batch_size=bs, num_instances=2, neighbors=None, seed=seed + epoch)
+            batches = [idx for _, idx in zip(range(steps_per_epoch), sampler)]
         else:
             order = rng.permutation(len(y_tr))
             batches = [order[i * bs : (i + 1) * bs] for i in range(steps_per_epoch)]
         run = 0.0
-        for idx in batches:
+        for step, idx in enumerate(batches):
+            method.before_step(step, len(batches))
             xb = torch.from_numpy(x_tr[idx])
             yb = torch.from_numpy(y_tr[idx])
             maps = backbone(xb)
@@ -330,16 +346,6 @@ def run_method(torch, method, data, args, seed):
     }
     del qg
     return row
-
-
-def pk_batches(rng, y_tr, N, bs, steps):
-    """`steps` batches of bs // 2 random classes with 2 random samples each."""
-    by_class = [np.flatnonzero(y_tr == c) for c in range(N)]
-    out = []
-    for _ in range(steps):
-        classes = rng.choice(N, size=bs // 2, replace=False)
-        out.append(np.concatenate([rng.choice(by_class[c], size=2, replace=False) for c in classes]))
-    return out
 
 
 def graph_batches(torch, backbone, x_tr, y_tr, N, bs, steps, seed):
@@ -494,6 +500,7 @@ def main(argv=None) -> int:
                 tw=float(kw.get("tw", 0.5)),
                 margin=float(kw.get("margin", 1.0)),
                 fc=kw.get("fc", "separate"),
+                refresh=int(kw.get("refresh", 1)),
             )
         )
     rows = []
