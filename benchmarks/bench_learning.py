@@ -141,7 +141,12 @@ class QAConvGSMethod(Method):
         if extras:
             self.name += f" ({', '.join(extras)})"
         # the k-sweep plot takes the rows of the default configuration only
-        self.sweep = {"k": k, "k_mined": mined, "default_config": not extras and not mined}
+        self.sweep = {
+            "k": k,
+            "k_mined": mined,
+            "default_config": not extras and not mined,
+            "config": ", ".join(extras) + (f", {mined} mined" if mined else ""),
+        }
 
     def parameters(self):
         return list(self.crit.parameters())
@@ -524,20 +529,28 @@ def main(argv=None) -> int:
             f"| {r['method']} | {ident} | {r['retrieval']:.3f} | {r['loss_step_ms']:.1f} "
             f"| {r['epoch_s']:.0f} |"
         )
-    full = [r for r in rows if r.get("default_config") and r["k"] == N - 1]
-    if full:
-        f = full[0]
+    # each restricted row against the full-scoring row of the same configuration (a neighbour refresh
+    # rate means nothing to full scoring, so refresh=R rows compare with the full row without it)
+    fulls = {r["config"]: r for r in rows if r.get("k") == N - 1}
+    lines = []
+    for r in rows:
+        if "config" not in r or r["k"] >= N - 1:
+            continue
+        cfg = ", ".join(x for x in r["config"].split(", ") if not x.startswith("refresh="))
+        f = fulls.get(r["config"]) or fulls.get(cfg)
+        if f is None:
+            continue
+        ident = r["identification"] / f["identification"]
+        retr = r["retrieval"] / f["retrieval"]
+        step = f["loss_step_ms"] / r["loss_step_ms"]
+        epoch = f["epoch_s"] / r["epoch_s"]
+        lines.append(
+            f"{r['method']} vs {f['method']}: identification {ident:.3f}x, retrieval {retr:.3f}x, "
+            f"loss step {step:.1f}x less time, epoch {epoch:.1f}x less time"
+        )
+    if lines:
         print()
-        for r in rows:
-            if r.get("default_config") and r["k"] < N - 1:
-                ident = r["identification"] / f["identification"]
-                retr = r["retrieval"] / f["retrieval"]
-                step = f["loss_step_ms"] / r["loss_step_ms"]
-                epoch = f["epoch_s"] / r["epoch_s"]
-                print(
-                    f"{r['method']} vs full: identification {ident:.3f}x, retrieval {retr:.3f}x, "
-                    f"loss step {step:.1f}x less time, epoch {epoch:.1f}x less time"
-                )
+        print("\n".join(lines))
     payload = {
         "machine": machine_info(),
         "classes": N,
