@@ -56,9 +56,9 @@ GOAL_KEPT, GOAL_SPEEDUP = 0.99, 20.0
 # ---------------------------------------------------------------- data
 
 
-def _features(images: np.ndarray, seed: int, what: str) -> np.ndarray:
-    """uint8 glyphs [n, s, s] -> [n, 32, s/4, s/4] float32 maps, in chunks (bounded float copies)."""
-    from qaconv_gs.glyphs import random_conv_features
+def _features(images: np.ndarray, featurize, what: str) -> np.ndarray:
+    """uint8 glyphs [n, s, s] -> float32 maps via featurize([b, 1, s, s] float32 in [0, 1]), in chunks
+    (bounded float copies)."""
 
     n = images.shape[0]
     out = None
@@ -66,7 +66,7 @@ def _features(images: np.ndarray, seed: int, what: str) -> np.ndarray:
     t0 = time.perf_counter()
     for a in range(0, n, step):
         x = images[a : a + step, None].astype(np.float32) / np.float32(255.0)
-        f = random_conv_features(x, seed=seed)
+        f = featurize(x)
         if out is None:
             out = np.empty((n,) + f.shape[1:], dtype=np.float32)
         out[a : a + f.shape[0]] = f
@@ -75,7 +75,70 @@ def _features(images: np.ndarray, seed: int, what: str) -> np.ndarray:
     return out
 
 
-def glyph_data(g_max: int, g_min: int, P: int, seed: int) -> dict:
+def train_glyph_matcher(g, sp, exclude: np.ndarray, args) -> tuple:
+    """A matcher trained the way benchmarks/bench_learning.py trains its recipe row: its small CNN
+    ([64, 4, 4] maps) + QAConvGSLoss (k=32, batch-hard triplet, w=1, margin 16, shared fc) on P x K batches
+    from qg.GraphSampler(neighbors=None), SGD 0.05 cosine, --train-epochs epochs on the training fonts of
+    --train-classes classes drawn from those NOT in `exclude` (the probes' classes: their identities are
+    unseen in training, as in re-ID protocols). Returns (featurize, eval-mode head state, facts)."""
+    import qaconv_gs as qg
+    import torch
+    from qaconv_gs.torch import QAConvGSLoss
+
+    from benchmarks.bench_learning import FEAT_C, FEAT_HW, build_cnn, maps_of
+
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed + 1)
+    pool = np.setdiff1d(np.arange(g.num_classes), exclude)
+    T = min(args.train_classes, pool.size)
+    classes = np.sort(rng.choice(pool, T, replace=False))
+    imgs = g.images[np.ix_(list(sp.train), classes)]  # [fonts, T, s, s]
+    x = (imgs.astype(np.float32) / np.float32(255.0)).reshape(-1, 1, *imgs.shape[2:])
+    y = np.tile(np.arange(T, dtype=np.int64), len(sp.train))
+    backbone = build_cnn(torch, args.seed)
+    crit = QAConvGSLoss(
+        T, FEAT_C, FEAT_HW, FEAT_HW, k_nearest=min(32, T - 1), seed=args.seed,
+        triplet="batch", triplet_weight=1.0, margin=16.0, fc="shared",
+    )  # fmt: skip
+    params = list(backbone.parameters()) + list(crit.parameters())
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    bs = 64
+    steps = len(y) // bs
+    total = steps * args.train_epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
+    t0 = time.perf_counter()
+    for epoch in range(args.train_epochs):
+        crit.on_epoch_start()
+        sampler = qg.GraphSampler(y, batch_size=bs, num_instances=2, neighbors=None, seed=args.seed + epoch)
+        run = 0.0
+        for _, idx in zip(range(steps), sampler):
+            loss = crit(backbone(torch.from_numpy(x[idx])), torch.from_numpy(y[idx]))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            run += float(loss.detach())
+        print(
+            f"  trained matcher: epoch {epoch + 1} loss {run / steps:.4f} ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+    crit.eval()
+    head = dict(crit.to_model().head_state)
+
+    def featurize(batch: np.ndarray) -> np.ndarray:
+        return maps_of(torch, backbone, batch)
+
+    facts = {
+        "matcher": "trained",
+        "train_classes": int(T),
+        "train_fonts": len(sp.train),
+        "train_epochs": args.train_epochs,
+        "train_s": time.perf_counter() - t0,
+    }
+    return featurize, head, facts
+
+
+def glyph_data(g_max: int, g_min: int, P: int, seed: int, args=None) -> dict:
     """Gallery pool (the first G maps are the gallery of size G), labels, probes, probe labels, facts."""
     from qaconv_gs.glyphs import font_glyphs, glyph_split
 
@@ -95,13 +158,23 @@ def glyph_data(g_max: int, g_min: int, P: int, seed: int) -> dict:
     pim = g.images[np.ix_(list(sp.probes), probe_classes)]  # [probe fonts, classes, s, s]
     plab = np.broadcast_to(probe_classes, pim.shape[:2]).reshape(-1)
     pick = rng.permutation(plab.size)[:P]
+    head, facts = None, {"matcher": "random"}
+    if args is not None and args.matcher == "trained":
+        featurize, head, facts = train_glyph_matcher(g, sp, probe_classes, args)
+    else:
+        from qaconv_gs.glyphs import random_conv_features
+
+        def featurize(batch: np.ndarray) -> np.ndarray:
+            return random_conv_features(batch, seed=seed)
+
     print(
         f"glyphs: {N} classes x {len(g.fonts)} fonts; gallery fonts {[g.fonts[i] for i in fonts]}", flush=True
     )
     return {
-        "gallery": _features(imgs, seed, "gallery"),
+        "gallery": _features(imgs, featurize, "gallery"),
         "labels": labels,
-        "probe": _features(pim.reshape(-1, *pim.shape[2:])[pick], seed, "probes"),
+        "probe": _features(pim.reshape(-1, *pim.shape[2:])[pick], featurize, "probes"),
+        "head": head,
         "probe_labels": plab[pick],
         "source": "glyphs",
         "facts": {
@@ -110,6 +183,7 @@ def glyph_data(g_max: int, g_min: int, P: int, seed: int) -> dict:
             "gallery_fonts": [g.fonts[i] for i in fonts],
             "probe_fonts": [g.fonts[i] for i in sp.probes],
             "probe_classes": int(probe_classes.size),
+            **facts,
         },
     }
 
@@ -199,7 +273,7 @@ def run(args) -> dict:
     try:
         if args.data == "synthetic":
             raise ImportError("--data synthetic")
-        data = glyph_data(sizes[-1], sizes[0], args.probes, args.seed)
+        data = glyph_data(sizes[-1], sizes[0], args.probes, args.seed, args)
     except (ImportError, FileNotFoundError, ValueError) as exc:
         if args.data == "glyphs":
             raise
@@ -208,10 +282,13 @@ def run(args) -> dict:
     pool, labels, probe, plab = data["gallery"], data["labels"], data["probe"], data["probe_labels"]
     P = probe.shape[0]
     S = probe.shape[2] * probe.shape[3]
-    head = init_head(S, rng=np.random.default_rng(args.seed))
+    head = data.get("head")
+    if head is None:
+        head = init_head(S, rng=np.random.default_rng(args.seed))
     print(
         f"data: {data['source']}; probes {probe.shape}, gallery pool {pool.shape} "
-        f"({pool.nbytes / 2**20:.0f} MiB); head: default init; threads {args.threads}",
+        f"({pool.nbytes / 2**20:.0f} MiB); head: {'trained' if data.get('head') else 'default init'}; "
+        f"threads {args.threads}",
         flush=True,
     )
     rows, per_size = [], []
@@ -431,6 +508,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", choices=["auto", "glyphs", "synthetic"], default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--matcher",
+        choices=["random", "trained"],
+        default="random",
+        help="glyph maps from a fixed random CNN with the default head, or from a CNN + head trained here "
+        "with qaconv-gs on classes disjoint from the probes' (needs torch)",
+    )
+    p.add_argument("--train-classes", type=int, default=1000, help="--matcher trained: training classes")
+    p.add_argument("--train-epochs", type=int, default=2, help="--matcher trained: epochs")
     args = p.parse_args(argv)
     if args.sizes is None:
         args.sizes = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
