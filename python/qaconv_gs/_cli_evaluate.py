@@ -291,7 +291,7 @@ def _int_vector(a: np.ndarray, opt: str, n: int, what: str) -> np.ndarray:
             i = int(bad[0])
             raise ValueError(
                 f"{opt}: expected integer ids, got {bad.size} non-integer value(s) "
-                f"(e.g. {a[i]!r} at index {i})"
+                f"(e.g. {a[i].item()!r} at index {i})"
             )
         if a.size and float(np.abs(a).max()) >= 2**63:
             raise ValueError(f"{opt}: ids must fit in int64")
@@ -618,7 +618,9 @@ def _verification(args: argparse.Namespace) -> dict[str, Any]:
         )
     if not np.isin(raw, (0, 1)).all():
         bad = int(np.flatnonzero(~np.isin(raw, (0, 1)))[0])
-        raise ValueError(f"--labels: expected only 0/1 (or True/False), got {raw[bad]!r} at index {bad}")
+        raise ValueError(
+            f"--labels: expected only 0/1 (or True/False), got {raw[bad].item()!r} at index {bad}"
+        )
     same = raw.astype(bool)
     N = same.shape[0]
     if args.scores is not None:
