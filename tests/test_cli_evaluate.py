@@ -439,6 +439,10 @@ def _bad_inputs(data):
         ),
         (scores + ["--probe-list", missing, "--gallery-ids", f["gid"]], "--probe-list: no such file"),
         (
+            scores + ["--probe-list", f["glist"], "--gallery-list", f["glist"]],
+            "--probe-list: expected 12 image names (one per row of --scores, shape (12, 20)), got 20",
+        ),
+        (
             scores + ["--probe-ids", f["qid"], "--gallery-list", str(d / "bad.txt")],
             "--gallery-list: "
             + str(d / "bad.txt")
@@ -458,6 +462,10 @@ def _bad_inputs(data):
         ),
         (scores + ["--probe", f["probe"], *ids], "--scores: give either --scores or --probe/--gallery"),
         (["evaluate", *ids], "--probe/--gallery or --scores: no input given"),
+        (
+            ["evaluate", "--probe", f["probe"], "--checkpoint", f["ckpt"], *ids],
+            "--gallery: required with --probe",
+        ),
         (scores + ids + ["--checkpoint", f["ckpt"]], "--checkpoint: only with --probe/--gallery maps"),
         (maps + ids + ["--distances"], "--distances: only with --scores"),
         (maps + ids + ["--two-stage", "5", "--rerank"], "--two-stage: not with --rerank"),

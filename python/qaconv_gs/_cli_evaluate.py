@@ -167,7 +167,7 @@ def add_evaluate_parser(sub: Any) -> None:
         metavar="N",
         type=_positive,
         default=None,
-        help="probes scored per call (default: about 1M pairs)",
+        help="probes (verification: pairs) scored per call (default: about 1M pairs per call)",
     )
     opt.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_evaluate)
@@ -194,10 +194,9 @@ def _check_options(args: argparse.Namespace) -> None:
     if not maps and args.scores is None:
         raise ValueError("--probe/--gallery or --scores: no input given (feature maps or a score matrix)")
     if maps:
-        missing = "--gallery" if args.probe is not None and args.gallery is None else None
-        missing = "--probe" if args.probe is None else missing
-        if missing:
-            raise ValueError(f"{missing}: required with {'--gallery' if missing == '--probe' else '--probe'}")
+        if args.probe is None or args.gallery is None:
+            have, need = ("--probe", "--gallery") if args.gallery is None else ("--gallery", "--probe")
+            raise ValueError(f"{need}: required with {have} (feature maps of both sides)")
         if args.checkpoint is None:
             raise ValueError(
                 "--checkpoint: required with --probe/--gallery feature maps (the QAConv head that scores "
