@@ -520,3 +520,143 @@ def test_package_exports_metrics():
     assert qaconv_gs.metrics is metrics and "metrics" in qaconv_gs.__all__
     for name in metrics.__all__:
         assert getattr(metrics, name) is not None, name
+
+
+# ------------------------------------------------------------------------------- ranked shortlists, names
+
+
+def _ranked_ref(ranked, qids, gids, qcams=None, gcams=None, max_rank=10):
+    """Loop reference of cmc_map_ranked: a valid match outside the list is never found."""
+    Q = len(qids)
+    ap = np.full(Q, np.nan)
+    firsts = []
+    for q in range(Q):
+
+        def valid(j, q=q):
+            if gids[j] != qids[q] or gids[j] == -1:
+                return False
+            return qcams is None or gcams[j] != qcams[q]
+
+        total = sum(valid(j) for j in range(len(gids)))
+        if total == 0:
+            continue
+        rank = hits = 0
+        precs, first = [], None
+        for j in ranked[q]:
+            same_cam_match = qcams is not None and gids[j] == qids[q] and gcams[j] == qcams[q]
+            if gids[j] == -1 or same_cam_match:
+                continue
+            rank += 1
+            if gids[j] == qids[q]:
+                hits += 1
+                precs.append(hits / rank)
+                first = rank if first is None else first
+        ap[q] = sum(precs) / total
+        firsts.append(first)
+    n = len(firsts)
+    cmc = np.array([sum(f is not None and f <= r for f in firsts) / n for r in range(1, max_rank + 1)])
+    return cmc, float(np.nanmean(ap)) if n else math.nan, ap, n, Q - n
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_cmc_map_ranked_full_lists_are_cmc_map_bit_for_bit(seed):
+    rng = np.random.default_rng(300 + seed)
+    Q, G = int(rng.integers(1, 25)), int(rng.integers(1, 40))
+    scores = rng.integers(-3, 4, (Q, G)).astype(np.float32)  # ties: cmc_map breaks them by gallery index
+    qids, gids = rng.integers(-1, 5, Q), rng.integers(-1, 5, G)
+    qcams, gcams = rng.integers(0, 3, Q), rng.integers(0, 3, G)
+    order = np.argsort(-scores.astype(np.float64), axis=1, kind="stable")
+    for cams in ((None, None), (qcams, gcams)):
+        want = cmc_map(scores, qids, gids, *cams, max_rank=7)
+        got = metrics.cmc_map_ranked(order, qids, gids, *cams, max_rank=7)
+        np.testing.assert_array_equal(got.cmc, want.cmc)
+        np.testing.assert_array_equal(got.ap, want.ap)
+        assert got.mAP == want.mAP or (math.isnan(got.mAP) and math.isnan(want.mAP))
+        assert (got.num_valid_queries, got.num_skipped_queries) == (
+            want.num_valid_queries,
+            want.num_skipped_queries,
+        )
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_cmc_map_ranked_shortlists_match_the_loop_reference(seed):
+    rng = np.random.default_rng(400 + seed)
+    Q, G = int(rng.integers(1, 20)), int(rng.integers(2, 30))
+    T = int(rng.integers(1, G + 1))
+    ranked = np.stack([rng.permutation(G)[:T] for _ in range(Q)])
+    qids, gids = rng.integers(-1, 5, Q), rng.integers(-1, 5, G)
+    qcams, gcams = rng.integers(0, 3, Q), rng.integers(0, 3, G)
+    for cams in ((None, None), (qcams, gcams)):
+        ref = _ranked_ref(ranked, qids, gids, *cams, max_rank=9)
+        assert_ranking_equal(metrics.cmc_map_ranked(ranked, qids, gids, *cams, max_rank=9), ref)
+
+
+def test_cmc_map_ranked_hand_example():
+    # query id 1: matches at 0 and 2, list [1, 0]: first hit at rank 2, AP = (1/2) / 2
+    # query id 3: list [3, 1] = junk, id 2; its match (4) is not listed: valid, AP 0, never found
+    # query id 7: no match in the gallery: skipped
+    res = metrics.cmc_map_ranked([[1, 0], [3, 1], [4, 2]], [1, 3, 7], HAND_GIDS, max_rank=3)
+    np.testing.assert_array_equal(res.cmc, [0.0, 0.5, 0.5])
+    np.testing.assert_array_equal(res.ap, [0.25, 0.0, np.nan])
+    assert res.mAP == 0.125 and (res.num_valid_queries, res.num_skipped_queries) == (2, 1)
+    # with cameras, gallery 0 (id 1, camera 0) is the query's own camera: ignored
+    res = metrics.cmc_map_ranked([[1, 0, 2]], [1], HAND_GIDS, [0], HAND_GCAMS, max_rank=2)
+    np.testing.assert_array_equal(res.cmc, [0.0, 1.0])
+    assert res.mAP == 0.5
+
+
+@pytest.mark.parametrize(
+    "ranked, qids, exc, msg",
+    [
+        ([[0, 0]], [1], ValueError, "ranked: row 0 lists a gallery index more than once"),
+        ([[0, 5]], [1], ValueError, r"ranked: values must be gallery indices in \[0, 5\), got 5"),
+        ([[0, -1]], [1], ValueError, r"ranked: values must be gallery indices in \[0, 5\), got -1"),
+        ([[0.0, 1.0]], [1], TypeError, "ranked: expected an integer array"),
+        ([0, 1], [1], ValueError, "ranked: expected a non-empty 2-d"),
+        ([[0, 1]], [1, 2], ValueError, "query_ids: expected length 1"),
+    ],
+)
+def test_cmc_map_ranked_bad_input(ranked, qids, exc, msg):
+    with pytest.raises(exc, match=msg):
+        metrics.cmc_map_ranked(ranked, qids, HAND_GIDS)
+
+
+@pytest.mark.parametrize(
+    "name, want",
+    [
+        ("0002_c1s1_000451_03.jpg", (2, 1)),
+        ("/data/Market-1501/query/1501_c6s4_001902_01.jpg", (1501, 6)),
+        ("C:\\market\\bounding_box_test\\0000_c3s1_000001_00.jpg", (0, 3)),
+        ("-1_c3s2_000001_01.jpg", (-1, 3)),
+        ("  0007_c2s3_070952_01.jpg\n", (7, 2)),
+        ("0001_c2_f0046182.jpg", (1, 2)),  # DukeMTMC-reID
+        ("0012_c14s3_000001_01.png", (12, 14)),
+    ],
+)
+def test_parse_market_name(name, want):
+    assert metrics.parse_market_name(name) == want
+
+
+@pytest.mark.parametrize("name", ["foo.jpg", "", "0002c1s1.jpg", "-2_c1s1_0.jpg", "0002_s1c1.jpg", "x/0002"])
+def test_parse_market_name_rejects_other_names(name):
+    with pytest.raises(ValueError, match="is not a Market-1501 style image name"):
+        metrics.parse_market_name(name)
+    with pytest.raises(TypeError, match="name: expected a str"):
+        metrics.parse_market_name(b"0002_c1s1_000451_03.jpg")
+
+
+def test_read_market_list(tmp_path):
+    path = tmp_path / "names.txt"
+    path.write_text("query/0002_c1s1_000451_03.jpg\n\n-1_c3s2_000001_01.jpg\n0000_c6s1_000001_00.jpg\n\n")
+    ids, cams = metrics.read_market_list(path)
+    assert ids.dtype == cams.dtype == np.int64
+    np.testing.assert_array_equal(ids, [2, -1, 0])
+    np.testing.assert_array_equal(cams, [1, 3, 6])
+    path.write_text("0002_c1s1_000451_03.jpg\n0003_c1s1_000451_03.jpg\nThumbs.db\n")
+    with pytest.raises(ValueError, match=r"names.txt: line 3: 'Thumbs.db' is not a Market-1501 style"):
+        metrics.read_market_list(path)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="no image names"):
+        metrics.read_market_list(path)
+    with pytest.raises(FileNotFoundError):
+        metrics.read_market_list(tmp_path / "missing.txt")

@@ -1,4 +1,5 @@
-"""The ``qaconv-gs`` command line (also ``python -m qaconv_gs``): demo, neighbors, match, bench, info."""
+"""The ``qaconv-gs`` command line (also ``python -m qaconv_gs``): demo, neighbors, match, evaluate, bench,
+info."""
 
 from __future__ import annotations
 
@@ -129,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--seed", type=_seed, default=0, help="seed of the fresh head's fc.bias (default 0)")
     mt.add_argument("--threads", type=_threads, default=None)
     mt.set_defaults(func=_cmd_match)
+
+    from ._cli_evaluate import add_evaluate_parser  # here: that module imports helpers from this one
+
+    add_evaluate_parser(sub)
 
     bench = sub.add_parser(
         "bench",

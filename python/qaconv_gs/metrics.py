@@ -56,6 +56,18 @@ Re-ranking: :func:`rerank`
     distances: evaluate them with ``cmc_map(..., higher_is_better=False)``. QAConv similarities are
     turned into distances with :func:`scores_to_distances`.
 
+Shortlists: :func:`cmc_map_ranked`
+    CMC and mAP of per-query ranked lists that cover only part of the gallery (e.g. the survivors of
+    :func:`qaconv_gs.two_stage_search`), with the rules of :func:`cmc_map`. Gallery items outside a
+    query's list count as not retrieved: they never hit in the CMC and add precision 0 to the AP, whose
+    denominator is still the number of valid matches in the whole gallery. With lists that cover the whole
+    gallery in the order :func:`cmc_map` sorts it, the numbers are those of :func:`cmc_map`, bit for bit.
+
+Image names: :func:`parse_market_name`, :func:`read_market_list`
+    Identity and camera from Market-1501 style names (``0002_c1s1_000451_03.jpg``: id 2, camera 1;
+    ``-1_...`` junk; ``0000_...`` distractors; DukeMTMC-reID's ``0001_c2_f0046182.jpg`` has the same
+    pattern).
+
 Plots: :func:`plot_cmc`, :func:`plot_roc` (optional matplotlib, the ``plot`` extra).
 """
 
@@ -63,6 +75,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -74,8 +87,11 @@ __all__ = [
     "RankingResult",
     "VerificationResult",
     "cmc_map",
+    "cmc_map_ranked",
+    "parse_market_name",
     "plot_cmc",
     "plot_roc",
+    "read_market_list",
     "rerank",
     "scores_to_distances",
     "verification",
@@ -324,6 +340,184 @@ def cmc_map(
 def _compact_codes(ids: np.ndarray) -> tuple[np.ndarray, int]:
     uniq, codes = np.unique(ids, return_inverse=True)
     return codes.reshape(-1).astype(np.int64), int(uniq.size)
+
+
+def _pair_codes(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of the (a, b) pairs and the (c, d) pairs, equal exactly where the pairs are equal."""
+    both = np.stack([np.concatenate([a, c]), np.concatenate([b, d])], axis=1)
+    _, inv = np.unique(both, axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    return inv[: a.shape[0]], inv[a.shape[0] :]
+
+
+def _valid_match_counts(qid: np.ndarray, gid: np.ndarray, qcam=None, gcam=None) -> np.ndarray:
+    """[Q] int64: gallery items that are a valid match of each query under the :func:`cmc_map` rules
+    (same id, not junk -1, and not the query's camera when cameras are given). O((Q + G) log(Q + G))."""
+    zeros_q = np.zeros_like(qid)
+    zeros_g = np.zeros_like(gid)
+    q_code, g_code = _pair_codes(qid, zeros_q, gid, zeros_g)
+    count = np.bincount(g_code, minlength=int(q_code.max(initial=-1)) + 1)[q_code]
+    if qcam is not None:
+        q_code, g_code = _pair_codes(qid, qcam, gid, gcam)
+        count = count - np.bincount(g_code, minlength=int(q_code.max(initial=-1)) + 1)[q_code]
+    return np.where(qid == -1, 0, count).astype(np.int64)
+
+
+def cmc_map_ranked(
+    ranked,
+    query_ids,
+    gallery_ids,
+    query_cams=None,
+    gallery_cams=None,
+    *,
+    max_rank: int = 50,
+) -> RankingResult:
+    """CMC and mAP of ranked shortlists (best first), :func:`cmc_map`'s rules, missing items not retrieved.
+
+    For each query only the gallery items of its list are ranked, in the given order; junk (id -1) and,
+    with cameras, same-id same-camera items are removed from the list as in :func:`cmc_map`. A query is
+    valid when the **whole** gallery holds a valid match for it (so the valid queries are those of
+    :func:`cmc_map`); a valid match that is not in its list is never found: it takes no part in the CMC and
+    contributes precision 0 to the AP (whose denominator counts every valid match of the gallery). The
+    CMC beyond the list length repeats its last value. Lists covering the whole gallery in cmc_map's order
+    (score descending, ties to the lower gallery index) give cmc_map's result bit for bit.
+
+    Args:
+        ranked: [Q, T] integer gallery indices in [0, G), distinct within a row, best first (e.g.
+            ``two_stage_search(...).ids``).
+        query_ids, gallery_ids, query_cams, gallery_cams: as for :func:`cmc_map`; G = len(gallery_ids).
+        max_rank: length of the returned CMC (>= 1).
+
+    Returns:
+        :class:`RankingResult`.
+    """
+    gid = as_labels(gallery_ids, "gallery_ids")
+    G = gid.shape[0]
+    if G == 0:
+        raise ValueError("gallery_ids: expected a non-empty array, got shape (0,)")
+    r = _to_array(ranked, "ranked")
+    if r.dtype.kind not in "iu":
+        raise TypeError(f"ranked: expected an integer array of gallery indices, got dtype {r.dtype}")
+    if r.ndim != 2 or r.size == 0:
+        raise ValueError(f"ranked: expected a non-empty 2-d [Q, T] array, got shape {shape_str(r.shape)}")
+    if (r < 0).any() or (r >= G).any():
+        bad = int(r.min()) if (r < 0).any() else int(r.max())
+        raise ValueError(f"ranked: values must be gallery indices in [0, {G}), got {bad}")
+    r = np.ascontiguousarray(r, dtype=np.int64)
+    Q, T = r.shape
+    if T > 1:
+        srt = np.sort(r, axis=1)
+        dup = np.flatnonzero((srt[:, 1:] == srt[:, :-1]).any(axis=1))
+        if dup.size:
+            raise ValueError(f"ranked: row {int(dup[0])} lists a gallery index more than once")
+    qid = _ids(query_ids, "query_ids", Q, f"one per row of ranked, shape {shape_str(r.shape)}")
+    if (query_cams is None) != (gallery_cams is None):
+        raise ValueError("query_cams, gallery_cams: pass both or neither")
+    use_cams = query_cams is not None
+    qcam = gcam = None
+    if use_cams:
+        qcam = _ids(query_cams, "query_cams", Q, f"one per row of ranked, shape {shape_str(r.shape)}")
+        gcam = _ids(gallery_cams, "gallery_cams", G, "one per gallery id")
+    max_rank = check_int(max_rank, "max_rank", 1)
+
+    num_rel = _valid_match_counts(qid, gid, qcam, gcam)
+    ap = np.full(Q, np.nan)
+    hist = np.zeros(max_rank + 2, dtype=np.int64)  # as cmc_map: the last bucket is "beyond max_rank"
+    block_size = max(1, min(256, _BLOCK_ELEMENTS // T))
+    for q0 in range(0, Q, block_size):
+        q1 = min(Q, q0 + block_size)
+        order = r[q0:q1]
+        g_sorted = gid[order]
+        qi = qid[q0:q1, None]
+        keep = g_sorted != -1
+        if use_cams:
+            keep &= ~((g_sorted == qi) & (gcam[order] == qcam[q0:q1, None]))
+        match = keep & (g_sorted == qi)
+        pos = np.cumsum(keep, axis=1, dtype=np.int64)
+        hits = np.cumsum(match, axis=1, dtype=np.int64)
+        rel = num_rel[q0:q1]
+        valid = rel > 0
+        prec = np.divide(hits, pos, out=np.zeros(match.shape), where=match)
+        ap[q0:q1] = np.where(valid, prec.sum(axis=1) / np.maximum(rel, 1), np.nan)
+        rows = np.flatnonzero(valid)
+        found = match[rows].any(axis=1)
+        first = pos[rows[found], np.argmax(match[rows[found]], axis=1)]
+        hist += np.bincount(np.minimum(first, max_rank + 1), minlength=max_rank + 2)
+        hist[max_rank + 1] += int(np.count_nonzero(~found))  # not in the list: never found
+    num_valid = int(np.count_nonzero(num_rel > 0))
+    if num_valid:
+        cmc = np.cumsum(hist[1 : max_rank + 1]) / num_valid
+        mAP = float(np.mean(ap[~np.isnan(ap)]))
+    else:
+        cmc = np.full(max_rank, np.nan)
+        mAP = float("nan")
+    return RankingResult(
+        cmc=_readonly(cmc),
+        mAP=mAP,
+        ap=_readonly(ap),
+        num_valid_queries=num_valid,
+        num_skipped_queries=int(Q - num_valid),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# image names: Market-1501 style
+
+
+_MARKET_NAME = re.compile(r"(-1|\d+)_c(\d+)")
+
+
+def parse_market_name(name: str) -> tuple[int, int]:
+    """(identity, camera) of a Market-1501 style image name, e.g. ``0002_c1s1_000451_03.jpg`` -> (2, 1).
+
+    A leading directory is ignored (``/data/query/0002_c1s1_000451_03.jpg``; ``/`` or ``\\``). Id ``-1`` is
+    Market-1501's junk, ``0`` its distractors (both returned as they are, for :func:`cmc_map` to treat).
+    DukeMTMC-reID names (``0001_c2_f0046182.jpg``) follow the same pattern.
+
+    Raises:
+        TypeError: name is not a str.
+        ValueError: the name does not start with ``ID_cCAM`` (ID = digits or -1, CAM = digits).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str, got {type(name).__name__}")
+    base = name.strip().replace("\\", "/").rsplit("/", 1)[-1]
+    m = _MARKET_NAME.match(base)
+    if m is None:
+        raise ValueError(
+            f"name: {name!r} is not a Market-1501 style image name (expected ID_cCAM..., e.g. "
+            "'0002_c1s1_000451_03.jpg', or -1_cCAM... for junk)"
+        )
+    return int(m.group(1)), int(m.group(2))
+
+
+def read_market_list(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and cameras of a text file of Market-1501 style image names, one per line -> (ids, cams), int64.
+
+    Lines are stripped; blank lines are skipped; paths are allowed (the base name is parsed).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a line that does not parse (its 1-based number and text in the message), or no names.
+    """
+    path = os.fspath(path)
+    ids, cams = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                pid, cam = parse_market_name(text)
+            except ValueError:
+                raise ValueError(
+                    f"{path}: line {number}: {text!r} is not a Market-1501 style image name (expected "
+                    "ID_cCAM..., e.g. '0002_c1s1_000451_03.jpg')"
+                ) from None
+            ids.append(pid)
+            cams.append(cam)
+    if not ids:
+        raise ValueError(f"{path}: no image names (the file is empty)")
+    return np.array(ids, dtype=np.int64), np.array(cams, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------------
