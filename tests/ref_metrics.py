@@ -97,15 +97,9 @@ def cmc_map_ref(
 
 
 def best_threshold_ref(scores, same):
-    """Brute force over -inf, midpoints of sorted unique scores, +inf; first best = smallest."""
-    u = sorted(set(float(s) for s in scores))
-    cands = [-math.inf]
-    for a, b in zip(u[:-1], u[1:]):
-        m = a / 2 + b / 2
-        cands.append(m if m > a else b)
-    cands.append(math.inf)
+    """Brute force over the distinct scores; first best = smallest."""
     best, best_correct = None, -1
-    for t in cands:
+    for t in sorted(set(float(s) for s in scores)):
         correct = sum(1 for s, y in zip(scores, same) if (s >= t) == bool(y))
         if correct > best_correct:
             best, best_correct = t, correct

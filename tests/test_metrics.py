@@ -297,9 +297,13 @@ def test_verification_perfectly_separable():
     same = np.array([True, False] * 50)
     scores = np.where(same, 1.0, -1.0) + np.linspace(0, 0.1, 100)
     res = verification(scores, same, folds=10)
-    assert res.accuracy == 1.0 and res.accuracy_std == 0.0
-    np.testing.assert_array_equal(res.fold_accuracies, np.ones(10))
-    assert (np.abs(res.fold_thresholds) < 1).all()  # between the classes
+    # SPEC's rule picks a threshold among the training scores: the smallest same-pair score of the other
+    # folds. Fold 0 (pairs 0-9) holds the five lowest same pairs, all below its threshold (pair 10's
+    # score), so they are rejected there; every other fold is perfect.
+    np.testing.assert_array_equal(res.fold_accuracies, [0.5] + [1.0] * 9)
+    assert res.accuracy == pytest.approx(0.95)
+    np.testing.assert_array_equal(res.fold_thresholds, [scores[10]] + [1.0] * 9)
+    assert res.thresholds is res.fold_thresholds and res.std == res.accuracy_std
     assert res.eer == 0.0 and res.auc == 1.0
     assert res.tar_at_far == {1e-3: 1.0, 1e-2: 1.0, 1e-1: 1.0}
 
@@ -325,8 +329,8 @@ def test_verification_folds_are_contiguous_and_threshold_ties_go_low():
     scores = np.array([0.0, 1.0, 0.0, 1.0, 2.0])
     same = np.array([0, 1, 1, 0, 1])
     res = verification(scores, same, folds=3)
-    # train on (0.0 same) (1.0 diff) (2.0 same): thresholds -inf and 1.5 both get 2 of 3 right -> -inf
-    assert res.fold_thresholds[0] == -np.inf
+    # train on (0.0 same) (1.0 diff) (2.0 same): thresholds 0.0 and 2.0 both get 2 of 3 right -> 0.0
+    assert res.fold_thresholds[0] == 0.0
     assert res.fold_accuracies[0] == 0.5
     assert_verification_equal(res, verification_ref(scores, same, folds=3))
 
@@ -660,3 +664,46 @@ def test_read_market_list(tmp_path):
         metrics.read_market_list(path)
     with pytest.raises(FileNotFoundError):
         metrics.read_market_list(tmp_path / "missing.txt")
+
+
+# ---------------------------------------------------------------- SPEC.md's pinned names
+
+
+def test_rank_metrics_is_cmc_map_with_market_rules():
+    rng = np.random.default_rng(7)
+    S = rng.standard_normal((9, 30))
+    qid, gid = rng.integers(0, 4, 9), rng.integers(-1, 4, 30)
+    qc, gc = rng.integers(0, 2, 9), rng.integers(0, 2, 30)
+    r = metrics.rank_metrics(S, qid, gid, qc, gc, max_rank=20)
+    want = metrics.cmc_map(S, qid, gid, qc, gc, max_rank=20)
+    assert r.cmc.dtype == np.float64 and r.cmc.shape == (20,)
+    np.testing.assert_array_equal(r.cmc, want.cmc)
+    assert r.mAP == want.mAP and r.num_valid_queries == want.num_valid_queries
+
+
+def test_tar_at_far_scalar_and_sequence_match_verification():
+    rng = np.random.default_rng(3)
+    same = rng.random(400) < 0.5
+    scores = rng.standard_normal(400) + same
+    res = metrics.verification(scores, same)
+    got = metrics.tar_at_far(scores, same, [1e-3, 1e-2, 1e-1])
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, [res.tar_at_far[f] for f in (1e-3, 1e-2, 1e-1)])
+    assert metrics.tar_at_far(scores, same, 0.1) == res.tar_at_far[0.1]
+    assert metrics.tar_at_far(scores, same, 1.0) == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, msg",
+    [
+        (dict(far=1.5), ValueError, "far"),
+        (dict(far="0.1"), TypeError, "far"),
+        (dict(same=[True] * 4), ValueError, "both same"),
+        (dict(scores=[0.1, np.nan, 0.2, 0.3]), ValueError, "scores"),
+    ],
+)
+def test_tar_at_far_bad_input(kwargs, exc, msg):
+    args = dict(scores=[0.1, 0.2, 0.3, 0.4], same=[True, False, True, False], far=0.1)
+    args.update(kwargs)
+    with pytest.raises(exc, match=msg):
+        metrics.tar_at_far(**args)

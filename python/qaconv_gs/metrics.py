@@ -45,10 +45,12 @@ Verification (face): :func:`verification`
     pair is predicted "same" when ``score >= threshold``. Accuracy is K-fold: the pairs are split into
     ``folds`` contiguous folds in the given order (LFW's pairs.txt order; sizes as ``np.array_split``,
     the first ``N % folds`` folds one pair longer). For each fold, the threshold is chosen on the other
-    folds among the candidates ``-inf``, the midpoints between consecutive sorted unique training scores
-    and ``+inf``; the one with the highest training accuracy wins, ties going to the smallest threshold.
-    It is then applied to the held-out fold. The mean and population std (``np.std``) of the fold
-    accuracies are reported with the chosen thresholds. ROC, TAR@FAR, EER and AUC use all pairs.
+    folds among the distinct scores of those folds (SPEC section "Evaluation names"); the one with the highest
+    training accuracy wins, ties going to the smallest threshold. It is then applied to the held-out fold.
+    (So a held-out same pair scoring below every same pair of the other folds is always rejected: the rule
+    never puts a threshold between two observed scores, as midpoint rules do.) The mean and population
+    std (``np.std``) of the fold accuracies are reported with the chosen thresholds. ROC, TAR@FAR, EER
+    and AUC use all pairs.
 
 Re-ranking: :func:`rerank`
     k-reciprocal re-ranking (Zhong et al., CVPR 2017) on distance matrices, memory-lean: the sparse
@@ -91,9 +93,11 @@ __all__ = [
     "parse_market_name",
     "plot_cmc",
     "plot_roc",
+    "rank_metrics",
     "read_market_list",
     "rerank",
     "scores_to_distances",
+    "tar_at_far",
     "verification",
 ]
 
@@ -337,6 +341,14 @@ def cmc_map(
     )
 
 
+def rank_metrics(
+    scores, query_ids, gallery_ids, query_cams=None, gallery_cams=None, max_rank: int = 50
+) -> RankingResult:
+    """The pinned name of SPEC.md ("Evaluation names"): :func:`cmc_map` on similarities [Q, G] with the
+    Market-1501 / MSMT17 rules; ``.cmc`` [max_rank] float64, ``.mAP``, ``.num_valid_queries``."""
+    return cmc_map(scores, query_ids, gallery_ids, query_cams, gallery_cams, max_rank=max_rank)
+
+
 def _compact_codes(ids: np.ndarray) -> tuple[np.ndarray, int]:
     uniq, codes = np.unique(ids, return_inverse=True)
     return codes.reshape(-1).astype(np.int64), int(uniq.size)
@@ -530,9 +542,10 @@ class VerificationResult:
 
     Attributes:
         accuracy: mean of ``fold_accuracies``.
-        accuracy_std: population standard deviation (``np.std``) of ``fold_accuracies``.
+        accuracy_std: population standard deviation (``np.std``) of ``fold_accuracies``; also ``std``.
         fold_accuracies: [folds] accuracy on each held-out fold.
-        fold_thresholds: [folds] threshold chosen on the other folds (may be +-inf).
+        fold_thresholds: [folds] threshold chosen on the other folds (one of their scores); also
+            readable as ``thresholds``.
         fpr, tpr, roc_thresholds: [T] ROC as scikit-learn's ``roc_curve(same, scores,
             drop_intermediate=False)``: thresholds are ``+inf`` then the unique scores in descending order,
             and point i counts the pairs with ``score >= roc_thresholds[i]`` as accepted.
@@ -551,6 +564,16 @@ class VerificationResult:
     tar_at_far: dict[float, float]
     eer: float
     auc: float
+
+    @property
+    def std(self) -> float:
+        """``accuracy_std`` under the name SPEC.md pins."""
+        return self.accuracy_std
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """``fold_thresholds`` under the name SPEC.md pins."""
+        return self.fold_thresholds
 
     @property
     def roc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -619,19 +642,34 @@ def verification(
     )
 
 
-def _midpoints(u: np.ndarray) -> np.ndarray:
-    """Midpoints of consecutive strictly increasing values, each in (u[i], u[i+1]].
+def tar_at_far(scores, same, far) -> float | np.ndarray:
+    """True-accept rate at each requested false-accept rate: the largest TPR over the ROC points whose
+    FPR <= far (the ROC of :func:`verification`: accept ``score >= t`` for each distinct score t).
 
-    Halving first avoids overflow near the float64 limit; for adjacent floats the rounded midpoint may
-    land on u[i], which would put u[i] on the wrong side of the threshold, so u[i+1] is used instead.
+    Args:
+        scores: [N] finite pair similarities; same: [N] bool (or 0/1), both classes present.
+        far: one rate in [0, 1] (returns a float) or a sequence of them (returns float64 [len(far)]).
     """
-    m = u[:-1] / 2 + u[1:] / 2
-    return np.where(m > u[:-1], m, u[1:])
+    s = _as_float64(scores, "scores", 1, allow_inf=False)
+    y = _as_bool_labels(same, "same", s.shape[0])
+    n_pos = int(np.count_nonzero(y))
+    if n_pos == 0 or n_pos == y.size:
+        raise ValueError(
+            f"same: both same (True) and different (False) pairs are needed, got {n_pos} of {y.size} True"
+        )
+    scalar = not isinstance(far, (Sequence, np.ndarray)) or isinstance(far, (str, bytes))
+    if scalar and isinstance(far, (str, bytes)):
+        raise TypeError(f"far: expected a number or a sequence of numbers, got {type(far).__name__}")
+    fars = [check_real(f, "far", 0.0, 1.0) for f in ([far] if scalar else list(np.asarray(far).ravel()))]
+    fpr, tpr, _ = _roc(s, y)
+    out = np.array([tpr[fpr <= f].max() for f in fars], dtype=np.float64)  # (0, 0) is on the ROC
+    return float(out[0]) if scalar else out
 
 
 def _best_threshold(s: np.ndarray, y: np.ndarray) -> float:
-    """Threshold maximising accuracy of ``s >= t`` on (s, y); the smallest among equals."""
-    cand = np.concatenate([[-np.inf], _midpoints(np.unique(s)), [np.inf]])
+    """The distinct score t of ``s`` maximising the accuracy of ``s >= t`` on (s, y); the smallest among
+    equals."""
+    cand = np.unique(s)
     pos = np.sort(s[y])
     neg = np.sort(s[~y])
     accepted_pos = pos.size - np.searchsorted(pos, cand, side="left")
