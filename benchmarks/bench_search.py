@@ -267,6 +267,7 @@ def stage_times(probe, gallery, head, R: int, grid: int, threads: int) -> dict:
 def run(args) -> dict:
     from qaconv_gs import search as s
     from qaconv_gs.head import init_head
+    from qaconv_gs.metrics import cmc_map_ranked
     from qaconv_gs.search import two_stage_search
 
     sizes = sorted(args.sizes)
@@ -299,6 +300,9 @@ def run(args) -> dict:
         print(f"G = {G}: exhaustive on {n_ex} of {P} probes ...", flush=True)
         ex_ids, ex_s = exhaustive(probe, gallery, head, n_ex, args.threads)
         ex_hit = glab[ex_ids[:, 0]] == plab[:n_ex]
+        # CMC over ranks 1..TOP of the top-TOP lists (probes as queries, every gallery map of the probe's
+        # class a true match; no cameras): the exhaustive lists here, each two-stage row's below
+        ex_cmc = cmc_map_ranked(ex_ids, plab[:n_ex], glab, max_rank=TOP).cmc
         ex_acc = float(np.mean(ex_hit))
         size = {
             "G": G,
@@ -309,6 +313,7 @@ def run(args) -> dict:
             "descriptor_rank1_acc": {},
             "gallery_descriptors_s": {},
         }
+        size["cmc_exhaustive"] = ex_cmc.tolist()
         per_size.append(size)
         print(
             f"  exhaustive {ex_s:.2f} s{' (scaled)' if n_ex < P else ''}, rank-1 acc {ex_acc:.3f}", flush=True
@@ -352,6 +357,7 @@ def run(args) -> dict:
                     "exhaustive_s": ex_s,
                     "exhaustive_scaled": n_ex < P,
                     "speedup": ex_s / total,
+                    "cmc": cmc_map_ranked(ids, plab[:n_ex], glab, max_rank=TOP).cmc.tolist(),
                     **st,
                 }
                 rows.append(row)
@@ -492,6 +498,32 @@ def plot(report: dict) -> Path | None:
     path = OUT_DIR / "bench_search.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    plot_cmc(report)
+    return path
+
+
+def plot_cmc(report: dict) -> Path | None:
+    """bench_search_cmc.png: CMC (ranks 1..TOP) of the exhaustive search and of two_stage_search's default
+    (grid, R) at every G, through qaconv_gs.metrics.plot_cmc."""
+    from qaconv_gs.metrics import RankingResult, plot_cmc
+    from qaconv_gs.search import DEFAULT_CANDIDATES, DEFAULT_GRID
+
+    grid, R = DEFAULT_GRID, DEFAULT_CANDIDATES
+    curves = {}
+    for sz in report["sizes"]:
+        G = sz["G"]
+        rows = [r for r in report["rows"] if r["G"] == G and r["grid"] == grid and r["R"] == R]
+
+        def result(cmc):
+            return RankingResult(np.asarray(cmc), float("nan"), np.zeros(0), 0, 0)
+
+        curves[f"G = {G:,}, exhaustive"] = result(sz["cmc_exhaustive"])
+        if rows:
+            curves[f"G = {G:,}, two-stage (grid {grid}, R = {R})"] = result(rows[0]["cmc"])
+    path = OUT_DIR / "bench_search_cmc.png"
+    plot_cmc(
+        curves, path, title=f"CMC, {report['data']} maps ({report['facts'].get('matcher', 'random')} matcher)"
+    )
     return path
 
 

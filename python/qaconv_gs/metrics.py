@@ -1036,7 +1036,7 @@ def plot_cmc(
     ax = fig.subplots()
     for label, r in items:
         n = min(last, r.cmc.shape[0])
-        text = f"R1 {100 * r.cmc[0]:.1f}%, mAP {100 * r.mAP:.1f}%"
+        text = f"R1 {100 * r.cmc[0]:.1f}%" + ("" if math.isnan(r.mAP) else f", mAP {100 * r.mAP:.1f}%")
         ax.plot(
             np.arange(1, n + 1),
             100 * r.cmc[:n],
