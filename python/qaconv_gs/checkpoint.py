@@ -24,6 +24,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ._contract import ARCH_KEYS
+
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = "qaconv-gs-checkpoint"
@@ -274,7 +276,6 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray
 
 TRAINER_PREFIX = "trainer/"
 TRAINER_ROW_KEYS = (TRAINER_PREFIX + "buffer/class_embed", TRAINER_PREFIX + "row_step")
-ARCH_KEYS = ("num_classes", "channels", "height", "width", "fc")  # a checkpoint must match these to load
 
 
 def _json_default(o: Any) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint as _ckpt
+from ._contract import TrainableModel, as_trainable, sqnorm
 from ._validate import as_float32, as_labels, check_int, check_real
 from .optim import SGD, ScheduleSpec, lr_schedule
 
@@ -204,13 +205,8 @@ class Trainer:
         clip_grad_norm: float | None = None,
         seed: int | None = None,
     ) -> None:
-        for attr in ("parameters", "forward_backward"):
-            if not callable(getattr(model, attr, None)):
-                raise TypeError(
-                    f"model: expected an object with a {attr}() method, got {type(model).__name__}"
-                )
+        self._model: TrainableModel = as_trainable(model)  # the contract: all the loop uses of the model
         self.model = model
-        self._comm = _sharded_comm(model)
         self.base_lr = check_real(lr, "lr", lo=0.0)
         if self.base_lr <= 0.0:
             raise ValueError(f"lr: expected a number > 0, got {lr}")
@@ -263,7 +259,7 @@ class Trainer:
     @property
     def rank(self) -> int:
         """This process's rank for a sharded model (0 otherwise): print, plot and write files on rank 0."""
-        return 0 if self._comm is None else int(self._comm.rank)
+        return int(self._model.comm.rank)
 
     def _params(self) -> dict[str, np.ndarray]:
         params = self.model.parameters()
@@ -287,21 +283,6 @@ class Trainer:
         """Bring every class-embedding row up to date (sparse_embed mode; a no-op otherwise)."""
         self.optimizer.flush()
 
-    def _predicted_rows(self, labels: object) -> np.ndarray | None:
-        """Embedding rows the model's forward will read: the labels and their neighbours (a sharded
-        model says which of its rows itself, collectively)."""
-        if self._comm is not None:
-            return np.asarray(self.model.rows_for_step(labels), dtype=np.int64)
-        try:
-            nbrs = self.model.class_neighbors
-        except AttributeError:
-            return None
-        if nbrs is None:
-            return None
-        y = as_labels(labels, "labels", num_classes=self._row_step.size)
-        nbrs = np.asarray(nbrs)
-        return np.unique(np.concatenate([y, nbrs[y].ravel().astype(np.int64)]))
-
     def step(self, features: object, labels: object) -> Any:
         """One training step: ``model.forward_backward(features, labels)`` and the SGD update.
 
@@ -309,30 +290,29 @@ class Trainer:
         With ``sparse_embed=True``, call :meth:`flush` before reading the class-embedding table after manual
         steps (``fit`` does it at every epoch end).
         """
-        opt = self.optimizer
+        opt, model = self.optimizer, self._model
         params = self._params()
         t = self.global_step + 1
         lr = float(self.lr)
         if self.sparse_embed and _EMBED in params:
-            if getattr(self.model, "neighbors_stale", False):
+            if model.neighbors_stale:
                 # this step rebuilds the neighbour table from the whole class table (lazily, on its
                 # first read below): every row must hold its dense-SGD value by then, not only the rows
                 # the step reads (a hand-written loop calls on_epoch_start() without flush(); fit has
                 # flushed already, and up-to-date rows cost nothing here)
                 self.flush()
-            rows = self._predicted_rows(labels)
+            rows = model.rows_for_step(labels)  # the labels and their neighbours (collective if sharded)
             if rows is not None:
-                opt.catch_up(rows, t - 1)
+                opt.catch_up(np.asarray(rows, dtype=np.int64), t - 1)
         # rows the forward reads beyond the predicted ones (per-sample mined classes) are brought up to date
         # when the model knows them, through its row hook
-        set_hook = getattr(self.model, "set_row_hook", None) if self.sparse_embed else None
-        if set_hook is not None:
-            set_hook(lambda ids: opt.catch_up(np.asarray(ids, dtype=np.int64), t - 1))
+        if self.sparse_embed:
+            model.set_row_hook(lambda ids: opt.catch_up(np.asarray(ids, dtype=np.int64), t - 1))
         try:
-            result = self.model.forward_backward(features, labels)
+            result = model.forward_backward(features, labels)
         finally:
-            if set_hook is not None:
-                set_hook(None)
+            if self.sparse_embed:
+                model.set_row_hook(None)
 
         grads: dict[str, np.ndarray] = {}
         grad_head = getattr(result, "grad_head", None) or {}
@@ -345,12 +325,10 @@ class Trainer:
             ids = np.asarray(result.grad_embed_ids, dtype=np.int64).reshape(-1)
             rows_g = np.asarray(result.grad_embed_rows, dtype=np.float32).reshape((ids.size,) + E.shape[1:])
 
-        sq = sum(_sqnorm(g) for g in grads.values())
-        if self._comm is not None:
-            # head gradients are global already; the rows' part is the model's sum over all ranks
-            sq += float(result.grad_embed_sqnorm)
-        elif rows_g is not None:
-            sq += _sqnorm(rows_g)
+        sq = sum(sqnorm(g) for g in grads.values())
+        if rows_g is not None:
+            # head gradients are global already; a sharded model's rows' part is its sum over all ranks
+            sq += model.embed_grad_sqnorm(result)
         err = None
         if not (math.isfinite(sq) and math.isfinite(float(result.loss))):
             # A diverged step must not write NaN/Inf into the parameters (the next step and the next
@@ -361,12 +339,9 @@ class Trainer:
                 "unchanged, except class rows it imprinted). "
                 "Lower the learning rate or set clip_grad_norm."
             )
-        if self._comm is not None:
-            # loss and norm are the same bits on every rank, so every rank decides alike; agreeing
-            # explicitly keeps ranks in step even if that ever stopped being true (one updating, one not)
-            self._comm.agree(err)
-        elif err is not None:
-            raise err
+        # loss and norm are the same bits on every rank, so every rank decides alike; agreeing explicitly
+        # keeps ranks in step even if that ever stopped being true (one updating, one not)
+        model.comm.agree(err)
         self.last_grad_norm = math.sqrt(sq)
         if self.clip_grad_norm is not None:
             coef = self.clip_grad_norm / (self.last_grad_norm + 1e-6)
@@ -464,10 +439,8 @@ class Trainer:
             epoch = self.epoch
             t_epoch = time.perf_counter()
             self.lr = self.base_lr * self.lr_factor(epoch)
-            if callable(getattr(self.model, "train", None)):
-                self.model.train()
-            if callable(getattr(self.model, "on_epoch_start", None)):
-                self.model.on_epoch_start()
+            self._model.train()
+            self._model.on_epoch_start()
             _call(callbacks, "on_epoch_start", self, epoch)
             batches, total = source(epoch)
             sums = dict.fromkeys(_STEP_KEYS, 0.0)
@@ -502,7 +475,7 @@ class Trainer:
                 if bar is not None:
                     bar.close()
             self.flush()
-            change = getattr(self.model, "neighbor_change", None)
+            change = self._model.neighbor_change
             stats: dict[str, Any] = {
                 "epoch": epoch,
                 "steps": n_steps,
@@ -625,15 +598,7 @@ class Trainer:
         rank calls it): the momentum rows and row counters of ``class_embed`` go with each rank's shard, the
         rest of the trainer state (identical on every rank) with the head.
         """
-        extra = _ckpt.pack_trainer_state(self.state_dict())
-        if self._comm is not None:
-            from .distributed.checkpoint import save_trainer_sharded
-
-            save_trainer_sharded(self.model, path, extra)
-        elif callable(getattr(self.model, "save", None)):
-            self.model.save(path, extra=extra)
-        else:
-            _ckpt.save_model_checkpoint(self.model, path, extra)
+        self._model.save_training_checkpoint(path, _ckpt.pack_trainer_state(self.state_dict()))
         return os.fspath(path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -645,24 +610,7 @@ class Trainer:
         a sharded directory saved with any number of ranks, or a one-process trainer checkpoint (collective:
         a failure on one rank raises on every rank). A one-process model loads a sharded directory too.
         """
-        if self._comm is not None:
-            from .distributed.checkpoint import load_trainer_sharded
-
-            parsed = load_trainer_sharded(self.model, path, self._parse_state)
-        else:
-            model = self.model
-            if callable(getattr(model, "load_checkpoint", None)):
-                load_file = lambda p, state: model.load_checkpoint(p)  # noqa: E731
-            else:
-                load_file = lambda p, state: model.load_state_dict(state)  # noqa: E731
-            adopt = getattr(model, "_adopt_saved_neighbors", None)
-            if callable(adopt):
-                from .model import _NBR_EXTRA_KEY
-
-                adopt_nbrs = lambda table: adopt({_NBR_EXTRA_KEY: table})  # noqa: E731
-            else:
-                adopt_nbrs = None
-            parsed = _ckpt.load_trainer_checkpoint(model, path, self._parse_state, load_file, adopt_nbrs)
+        parsed = self._model.load_training_checkpoint(path, self._parse_state)
         self._commit(parsed)
 
     @classmethod
@@ -690,11 +638,9 @@ class Trainer:
                 from .distributed import ShardedQAConvGS as model_cls
         if comm is not None:
             model_overrides["comm"] = comm
-            from .distributed.model import ShardedQAConvGS, _sharded_config
+            from .distributed.model import resume_config
 
-            if isinstance(model_cls, type) and issubclass(model_cls, ShardedQAConvGS):
-                # a one-process init="imprint" model's trained rows go on as they are (init="random")
-                config = _sharded_config(config)
+            config = resume_config(model_cls, config)
         model = model_cls(**{**config, **model_overrides})
         hyper = meta["hyper"]
         if schedule is None:
@@ -707,11 +653,6 @@ class Trainer:
 # --------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------
-
-
-def _sqnorm(g: np.ndarray) -> float:
-    v = g.ravel().astype(np.float64)
-    return float(np.sum(v * v))  # no BLAS call: its thread pool fights the OpenMP kernels
 
 
 def _as_float(v: object) -> float:
@@ -751,16 +692,3 @@ def _progress_bar(progress: bool, total: int | None, desc: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, file=sys.stderr, unit="batch", dynamic_ncols=True, leave=True)
-
-
-def _sharded_comm(model: Any) -> Any:
-    """The communicator of a sharded model (one with ``comm`` and ``rows_for_step``), else None."""
-    comm = getattr(model, "comm", None)
-    if comm is None or not callable(getattr(model, "rows_for_step", None)):
-        return None
-    for attr in ("agree", "allreduce_max"):
-        if not callable(getattr(comm, attr, None)):
-            raise TypeError(
-                f"model.comm: expected a qaconv_gs.distributed.Communicator, got {type(comm).__name__}"
-            )
-    return comm

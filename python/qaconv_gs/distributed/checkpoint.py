@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .._contract import IMPRINT_EXTRA_KEY as _IMPRINT_EXTRA_KEY
+from .._contract import NBR_EXTRA_KEY as _NBR_EXTRA_KEY
 from ..checkpoint import (
     _HOST,
     TRAINER_ROW_KEYS,
@@ -35,7 +37,7 @@ from ..checkpoint import (
     save_checkpoint,
     unpack_trainer_state,
 )
-from ..model import _IMPRINT_EXTRA_KEY, _NBR_EXTRA_KEY, QAConvGS
+from ..model import QAConvGS
 from .comm import Communicator, SingleProcessCommunicator
 from .layout import ShardLayout
 
