@@ -326,6 +326,76 @@ def unpack_trainer_state(
     return {"meta": meta, "arrays": arrays}
 
 
+TRAINER_FORMAT = "qaconv_gs.trainer"
+TRAINER_VERSION = 1
+_INT_COLUMNS = ("step", "epoch", "batch_size")  # history columns stored as int64 (the rest float64)
+
+
+def encode_trainer_state(
+    hyper: Mapping[str, Any],
+    schedule: Any,
+    loop: Mapping[str, Any],
+    optimizer_state: Mapping[str, Any],
+    buffer_order: list[str],
+    history: Any,
+) -> dict[str, Any]:
+    """A trainer's state as ``{"meta": JSON-able dict, "arrays": name -> array}`` (Trainer.state_dict).
+
+    ``hyper``: the Trainer's constructor hyperparameters; ``schedule``: its spec (str / dict) or None;
+    ``loop``: ``seed``, ``epoch``, ``lr_now``; ``optimizer_state``: ``optim.SGD.state_dict()`` (its row
+    parameter is ``class_embed``); ``buffer_order``: the momentum buffers' names in the order to store
+    them; ``history``: a ``History`` (its epochs go into ``meta``, its per-step columns into arrays).
+    """
+    rep, rows = optimizer_state["replicated"], optimizer_state["rows"]
+    meta = {
+        "format": TRAINER_FORMAT,
+        "version": TRAINER_VERSION,
+        "hyper": dict(hyper),
+        "schedule": schedule,
+        "seed": loop["seed"],
+        "epoch": loop["epoch"],
+        "global_step": rep["steps"],
+        "lr_now": loop["lr_now"],
+        "lr_runs": rep["lr_runs"],
+        "history_epochs": [dict(e) for e in history.epochs],
+    }
+    buffers = {**rep["buffers"], **({"class_embed": rows["buffer"]} if "buffer" in rows else {})}
+    arrays = {f"buffer/{k}": buffers[k] for k in buffer_order}
+    for k, v in history.steps.items():  # per-step columns as arrays (compact, exact)
+        arrays[f"history/{k}"] = np.asarray(v, dtype=np.int64 if k in _INT_COLUMNS else np.float64)
+    arrays["row_step"] = rows["row_step"]
+    return {"meta": meta, "arrays": arrays}
+
+
+def decode_trainer_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of an :func:`encode_trainer_state` value: ``hyper``, ``loop`` (``seed``, ``epoch``,
+    ``lr_now``), ``optimizer`` (as ``optim.SGD.state_dict()`` returns it, not yet checked against the
+    parameters) and ``history`` (``History.from_dict`` input). ValueError for another format or version;
+    a missing key raises KeyError (the caller reports a malformed state)."""
+    meta, arrays = state["meta"], state["arrays"]
+    if meta.get("format") != TRAINER_FORMAT or meta.get("version") != TRAINER_VERSION:
+        raise ValueError(
+            f"checkpoint: expected trainer state format {TRAINER_FORMAT} v{TRAINER_VERSION}, "
+            f"got {meta.get('format')} v{meta.get('version')}"
+        )
+    buffers = {k[len("buffer/") :]: v for k, v in arrays.items() if k.startswith("buffer/")}
+    rows = {"row_step": arrays["row_step"]}
+    if "class_embed" in buffers:
+        rows["buffer"] = buffers.pop("class_embed")
+    steps = {
+        k[len("history/") :]: np.asarray(v).tolist() for k, v in arrays.items() if k.startswith("history/")
+    }
+    return {
+        "hyper": meta["hyper"],
+        "loop": {"seed": meta["seed"], "epoch": meta["epoch"], "lr_now": meta["lr_now"]},
+        "optimizer": {
+            "replicated": {"steps": meta["global_step"], "lr_runs": meta["lr_runs"], "buffers": buffers},
+            "rows": rows,
+        },
+        "history": {"epochs": meta["history_epochs"], "steps": steps},
+    }
+
+
 def read_trainer_header(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     """(model config, trainer state without the row arrays' check) of a trainer checkpoint: a file, or a
     sharded directory (then only its manifest and head file are read, not the class rows)."""

@@ -19,10 +19,7 @@ from .optim import SGD, ScheduleSpec, lr_schedule
 
 __all__ = ["History", "Trainer", "lr_schedule"]
 
-_INT_COLUMNS = ("step", "epoch", "batch_size")
 _STEP_KEYS = ("loss", "loss_cls", "loss_triplet", "acc_cls", "acc_triplet")
-_CHECKPOINT_FORMAT = "qaconv_gs.trainer"
-_CHECKPOINT_VERSION = 1
 _EMBED = "class_embed"  # the row-sparse parameter
 
 
@@ -506,34 +503,22 @@ class Trainer:
     # -------------------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer and loop state (no model weights): JSON-able ``meta`` plus NumPy arrays."""
-        opt = self.optimizer.state_dict()
-        rep, rows = opt["replicated"], opt["rows"]
-        meta = {
-            "format": _CHECKPOINT_FORMAT,
-            "version": _CHECKPOINT_VERSION,
-            "hyper": {
-                "lr": self.base_lr,
-                "momentum": self.momentum,
-                "nesterov": self.nesterov,
-                "weight_decay": self.weight_decay,
-                "sparse_embed": self.sparse_embed,
-                "clip_grad_norm": self.clip_grad_norm,
-            },
-            "schedule": self.schedule_spec if isinstance(self.schedule_spec, (str, Mapping)) else None,
-            "seed": self.seed,
-            "epoch": self.epoch,
-            "global_step": rep["steps"],
-            "lr_now": self.lr,
-            "lr_runs": rep["lr_runs"],
-            "history_epochs": [dict(e) for e in self.history.epochs],
+        """Optimizer and loop state (no model weights): JSON-able ``meta`` plus NumPy arrays (the layout is
+        ``qaconv_gs.checkpoint.encode_trainer_state``)."""
+        hyper = {
+            "lr": self.base_lr,
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "weight_decay": self.weight_decay,
+            "sparse_embed": self.sparse_embed,
+            "clip_grad_norm": self.clip_grad_norm,
         }
-        buffers = {**rep["buffers"], **({_EMBED: rows["buffer"]} if "buffer" in rows else {})}
-        arrays = {f"buffer/{k}": buffers[k] for k in self.optimizer.buffers}  # in creation order
-        for k, v in self.history.steps.items():  # per-step columns as arrays (compact, exact)
-            arrays[f"history/{k}"] = np.asarray(v, dtype=np.int64 if k in _INT_COLUMNS else np.float64)
-        arrays["row_step"] = rows["row_step"]
-        return {"meta": meta, "arrays": arrays}
+        schedule = self.schedule_spec if isinstance(self.schedule_spec, (str, Mapping)) else None
+        loop = {"seed": self.seed, "epoch": self.epoch, "lr_now": self.lr}
+        order = list(self.optimizer.buffers)  # momentum buffers in creation order
+        return _ckpt.encode_trainer_state(
+            hyper, schedule, loop, self.optimizer.state_dict(), order, self.history
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (everything is validated before anything changes)."""
@@ -541,39 +526,20 @@ class Trainer:
 
     def _parse_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
         try:
-            meta, arrays = state["meta"], state["arrays"]
-            if meta.get("format") != _CHECKPOINT_FORMAT or meta.get("version") != _CHECKPOINT_VERSION:
+            d = _ckpt.decode_trainer_state(state)
+            opt = self.optimizer.check_state_dict(d["optimizer"])
+            if bool(d["hyper"]["sparse_embed"]) != self.sparse_embed:
                 raise ValueError(
-                    f"checkpoint: expected trainer state format {_CHECKPOINT_FORMAT} v{_CHECKPOINT_VERSION}, "
-                    f"got {meta.get('format')} v{meta.get('version')}"
-                )
-            buffers = {k[len("buffer/") :]: v for k, v in arrays.items() if k.startswith("buffer/")}
-            rows = {"row_step": arrays["row_step"]}
-            if _EMBED in buffers:
-                rows["buffer"] = buffers.pop(_EMBED)
-            replicated = {"steps": meta["global_step"], "lr_runs": meta["lr_runs"], "buffers": buffers}
-            opt = self.optimizer.check_state_dict({"replicated": replicated, "rows": rows})
-            hyper = meta["hyper"]
-            if bool(hyper["sparse_embed"]) != self.sparse_embed:
-                raise ValueError(
-                    f"checkpoint: saved with sparse_embed={hyper['sparse_embed']}, this trainer has "
+                    f"checkpoint: saved with sparse_embed={d['hyper']['sparse_embed']}, this trainer has "
                     f"sparse_embed={self.sparse_embed}"
                 )
+            loop = d["loop"]
             return {
                 "optimizer": opt,
-                "seed": int(meta["seed"]),
-                "epoch": int(meta["epoch"]),
-                "lr": float(meta["lr_now"]),
-                "history": History.from_dict(
-                    {
-                        "epochs": meta["history_epochs"],
-                        "steps": {
-                            k[len("history/") :]: np.asarray(v).tolist()
-                            for k, v in arrays.items()
-                            if k.startswith("history/")
-                        },
-                    }
-                ),
+                "seed": int(loop["seed"]),
+                "epoch": int(loop["epoch"]),
+                "lr": float(loop["lr_now"]),
+                "history": History.from_dict(d["history"]),
             }
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"checkpoint: malformed trainer state ({type(exc).__name__}: {exc})") from None
