@@ -1037,9 +1037,13 @@ class QAConvGS(ModelBase):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        if "_cfg" not in state:  # pickled before the config was held in one ModelConfig
+            state["_cfg"] = ModelConfig(**{k: state.pop(k) for k in CONFIG_KEYS if k in state})
         self.__dict__.update(state)
         self._lock = threading.RLock()
         self.__dict__.setdefault("_row_hook", None)
+        self.__dict__.setdefault("_comm", None)
 
     def __repr__(self) -> str:
         nbr = "stale" if self.neighbors_stale else f"fresh, {self.neighbor_refreshes} refresh(es)"
