@@ -5,7 +5,7 @@ Exact C11 + OpenMP kernels behind a NumPy API; PyTorch is an optional front end 
 
 from __future__ import annotations
 
-from . import _native, data, functional, metrics
+from . import _native, data, functional, metrics, optim
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import match
 from .model import QAConvGS, StepResult
@@ -50,6 +50,7 @@ __all__ = [
     "match",
     "metrics",
     "openmp_enabled",
+    "optim",
     "save_checkpoint",
     "two_stage_search",
 ]

@@ -24,6 +24,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ._contract import ARCH_KEYS
+
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = "qaconv-gs-checkpoint"
@@ -258,3 +260,192 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray
     state = {k: arrays[_STATE + k] for k in state_keys}
     extra = {k: arrays[_EXTRA + k] for k in extra_keys}
     return config, state, extra
+
+
+# --------------------------------------------------------------------------------------------------------
+# trainer checkpoints (one process)
+# --------------------------------------------------------------------------------------------------------
+# A trainer checkpoint is a model checkpoint whose extra arrays also hold the trainer's state:
+#     extra/trainer/meta               uint8 JSON: format "qaconv_gs.trainer", version, hyper, schedule, seed,
+#                                      epoch, global_step, lr_now, lr_runs, history_epochs
+#     extra/trainer/buffer/<param>     momentum buffers (float32, the parameter's shape)
+#     extra/trainer/history/<column>   per-step history columns (int64 or float64)
+#     extra/trainer/row_step           [N] int64: per class row, the step it is up to date with
+# A sharded trainer checkpoint (distributed.checkpoint) is a sharded directory with the same keys: the
+# per-row ones (TRAINER_ROW_KEYS) go with each rank's rows, the rest with the head.
+
+TRAINER_PREFIX = "trainer/"
+TRAINER_ROW_KEYS = (TRAINER_PREFIX + "buffer/class_embed", TRAINER_PREFIX + "row_step")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return repr(o)  # e.g. an object a callback put into the epoch stats
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with NumPy scalars and arrays as Python numbers and lists (anything else as its repr)."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def pack_trainer_state(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A trainer's ``state_dict()`` (``{"meta": JSON-able dict, "arrays": name -> array}``) as the extra
+    arrays of a checkpoint (``trainer/meta`` as uint8 JSON, ``trainer/<name>`` for each array)."""
+    meta = json.dumps(state["meta"], default=_json_default).encode("utf-8")
+    extra = {TRAINER_PREFIX + "meta": np.frombuffer(meta, dtype=np.uint8)}
+    for k, v in state["arrays"].items():
+        extra[TRAINER_PREFIX + k] = v
+    return extra
+
+
+def unpack_trainer_state(
+    extra: Mapping[str, np.ndarray], path: str | os.PathLike, need_rows: bool = True
+) -> dict[str, Any]:
+    """The trainer part of a checkpoint's extra arrays, as the trainer's ``state_dict()`` returns it
+    (ValueError when absent or corrupt; ``need_rows``: the row counters must be there too)."""
+    key = TRAINER_PREFIX + "meta"
+    if key not in extra:
+        raise ValueError(
+            f"checkpoint: {os.fspath(path)!r} holds no trainer state (a plain model checkpoint? "
+            "use QAConvGS.load for those)"
+        )
+    try:
+        meta = json.loads(np.asarray(extra[key], dtype=np.uint8).tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raise ValueError(f"checkpoint: corrupt trainer metadata in {os.fspath(path)!r} ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"checkpoint: corrupt trainer metadata in {os.fspath(path)!r}")
+    arrays = {
+        k[len(TRAINER_PREFIX) :]: v for k, v in extra.items() if k.startswith(TRAINER_PREFIX) and k != key
+    }
+    if need_rows and "row_step" not in arrays:
+        raise ValueError(f"checkpoint: {os.fspath(path)!r} lacks the optimizer's row counters")
+    return {"meta": meta, "arrays": arrays}
+
+
+TRAINER_FORMAT = "qaconv_gs.trainer"
+TRAINER_VERSION = 1
+_INT_COLUMNS = ("step", "epoch", "batch_size")  # history columns stored as int64 (the rest float64)
+
+
+def encode_trainer_state(
+    hyper: Mapping[str, Any],
+    schedule: Any,
+    loop: Mapping[str, Any],
+    optimizer_state: Mapping[str, Any],
+    buffer_order: list[str],
+    history: Any,
+) -> dict[str, Any]:
+    """A trainer's state as ``{"meta": JSON-able dict, "arrays": name -> array}`` (Trainer.state_dict).
+
+    ``hyper``: the Trainer's constructor hyperparameters; ``schedule``: its spec (str / dict) or None;
+    ``loop``: ``seed``, ``epoch``, ``lr_now``; ``optimizer_state``: ``optim.SGD.state_dict()`` (its row
+    parameter is ``class_embed``); ``buffer_order``: the momentum buffers' names in the order to store
+    them; ``history``: a ``History`` (its epochs go into ``meta``, its per-step columns into arrays).
+    """
+    rep, rows = optimizer_state["replicated"], optimizer_state["rows"]
+    meta = {
+        "format": TRAINER_FORMAT,
+        "version": TRAINER_VERSION,
+        "hyper": dict(hyper),
+        "schedule": schedule,
+        "seed": loop["seed"],
+        "epoch": loop["epoch"],
+        "global_step": rep["steps"],
+        "lr_now": loop["lr_now"],
+        "lr_runs": rep["lr_runs"],
+        "history_epochs": [dict(e) for e in history.epochs],
+    }
+    buffers = {**rep["buffers"], **({"class_embed": rows["buffer"]} if "buffer" in rows else {})}
+    arrays = {f"buffer/{k}": buffers[k] for k in buffer_order}
+    for k, v in history.steps.items():  # per-step columns as arrays (compact, exact)
+        arrays[f"history/{k}"] = np.asarray(v, dtype=np.int64 if k in _INT_COLUMNS else np.float64)
+    arrays["row_step"] = rows["row_step"]
+    return {"meta": meta, "arrays": arrays}
+
+
+def decode_trainer_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of an :func:`encode_trainer_state` value: ``hyper``, ``loop`` (``seed``, ``epoch``,
+    ``lr_now``), ``optimizer`` (as ``optim.SGD.state_dict()`` returns it, not yet checked against the
+    parameters) and ``history`` (``History.from_dict`` input). ValueError for another format or version;
+    a missing key raises KeyError (the caller reports a malformed state)."""
+    meta, arrays = state["meta"], state["arrays"]
+    if meta.get("format") != TRAINER_FORMAT or meta.get("version") != TRAINER_VERSION:
+        raise ValueError(
+            f"checkpoint: expected trainer state format {TRAINER_FORMAT} v{TRAINER_VERSION}, "
+            f"got {meta.get('format')} v{meta.get('version')}"
+        )
+    buffers = {k[len("buffer/") :]: v for k, v in arrays.items() if k.startswith("buffer/")}
+    rows = {"row_step": arrays["row_step"]}
+    if "class_embed" in buffers:
+        rows["buffer"] = buffers.pop("class_embed")
+    steps = {
+        k[len("history/") :]: np.asarray(v).tolist() for k, v in arrays.items() if k.startswith("history/")
+    }
+    return {
+        "hyper": meta["hyper"],
+        "loop": {"seed": meta["seed"], "epoch": meta["epoch"], "lr_now": meta["lr_now"]},
+        "optimizer": {
+            "replicated": {"steps": meta["global_step"], "lr_runs": meta["lr_runs"], "buffers": buffers},
+            "rows": rows,
+        },
+        "history": {"epochs": meta["history_epochs"], "steps": steps},
+    }
+
+
+def read_trainer_header(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
+    """(model config, trainer state without the row arrays' check) of a trainer checkpoint: a file, or a
+    sharded directory (then only its manifest and head file are read, not the class rows)."""
+    if os.path.isdir(os.fspath(path)):
+        from .distributed.checkpoint import read_head
+
+        config, extra = read_head(path)
+    else:
+        config, _, extra = load_checkpoint(path)
+    return config, unpack_trainer_state(extra, path, need_rows=False)
+
+
+def save_model_checkpoint(model: Any, path: str | os.PathLike, extra: Mapping[str, Any]) -> None:
+    """One file for a model that only has ``state_dict()`` (and optionally a ``config`` dict)."""
+    config = jsonable(dict(getattr(model, "config", {}) or {}))
+    save_checkpoint(path, config, model.state_dict(), extra=extra)
+
+
+def load_trainer_checkpoint(
+    model: Any,
+    path: str | os.PathLike,
+    parse: Callable[[dict[str, Any]], Any],
+    load_file: Callable[[str | os.PathLike, dict], Any],
+    adopt_neighbors: Callable[[np.ndarray], Any] | None = None,
+) -> Any:
+    """Read a trainer checkpoint into a one-process model, checking everything before anything changes.
+
+    ``path`` is a file (:func:`save_checkpoint` layout) or a sharded directory (read whole). ``parse``
+    gets the trainer state (:func:`unpack_trainer_state`) and validates it (raising leaves the model
+    unchanged); then the model is loaded: ``load_file(path, state)`` for a file (the model's own
+    loader), ``model.load_state_dict(state)`` and ``adopt_neighbors(table)`` (the saved neighbour
+    table, when there is one) for a directory. Returns what ``parse`` returned.
+    """
+    if not os.path.isdir(os.fspath(path)):
+        _, state, extra = load_checkpoint(path)
+        parsed = parse(unpack_trainer_state(extra, path))
+        load_file(path, state)
+        return parsed
+    from .distributed.checkpoint import load_sharded_whole
+
+    whole, state, extra = load_sharded_whole(path)
+    parsed = parse(unpack_trainer_state(extra, path))
+    for key in ARCH_KEYS:
+        mine = getattr(model, key, None)
+        if mine is not None and mine != whole.config[key]:
+            raise ValueError(
+                f"{os.fspath(path)}: checkpoint {key}={whole.config[key]!r} does not match this "
+                f"model's {key}={mine!r}"
+            )
+    model.load_state_dict(state)
+    if adopt_neighbors is not None and not whole.neighbors_stale:
+        adopt_neighbors(whole.local_neighbors)
+    return parsed

@@ -25,15 +25,24 @@ from . import head as _head
 from . import losses as _losses
 from . import matching as _matching
 from . import neighbors as _neighbors
-from ._validate import as_float32, as_labels, check_int, check_real, resolve_threads, shape_str
+from ._contract import (
+    ARCH_KEYS,
+    CONFIG_KEYS,
+    HEAD_PARAM_KEYS,
+    IMPRINT_EXTRA_KEY,
+    INIT_MODES,
+    NBR_EXTRA_KEY,
+    ModelBase,
+    ModelConfig,
+    check_config,
+    choice,
+    kept_entries,
+)
+from ._validate import as_float32, as_labels, check_int, resolve_threads, shape_str
 
 __all__ = ["IncompatibleKeys", "QAConvGS", "StepResult"]
 
-_MAX_LOCATIONS = 65535  # QG_MAX_LOCATIONS: argmax indices are uint16
-_FC_MODES = ("separate", "shared")
-_TRIPLET_MODES = ("class", "batch")
-_HEAD_PARAM_KEYS = ("bn.weight", "bn.bias", "fc.weight", "fc.bias", "logit_bn.weight", "logit_bn.bias")
-_PARAM_KEYS = ("class_embed",) + _HEAD_PARAM_KEYS
+_HEAD_PARAM_KEYS = HEAD_PARAM_KEYS  # (torch.py's name)
 _STATE_KEYS = (
     "class_embed",
     "bn.weight",
@@ -50,33 +59,15 @@ _STATE_KEYS = (
     "logit_bn.num_batches_tracked",
 )
 _RUNNING_KEYS = tuple(k for k in _STATE_KEYS if "running" in k or "num_batches" in k)
-# Key under which save() stores the current neighbour table in the checkpoint's extra arrays.
-_NBR_EXTRA_KEY = "_qaconv_gs.class_neighbors"
+_NBR_EXTRA_KEY = NBR_EXTRA_KEY  # save() stores the current neighbour table under this extra key
 _IDENTIFY_BLOCK = 1024  # classes scored per block in identify(): memory O(B * (top + block))
 _PAIRS_BLOCK = 4096  # aligned pairs per block in match_pairs()
-_CONFIG_KEYS = (
-    "num_classes",
-    "channels",
-    "height",
-    "width",
-    "k_nearest",
-    "fc",
-    "triplet",
-    "triplet_weight",
-    "margin",
-    "seed",
-    "n_threads",
-    "init",
-    "imprint_samples",
-    "k_mined",
-)
-_INIT_MODES = ("imprint", "random")
 # An imprinted location whose mean direction vanishes (e.g. a ReLU backbone that is zero there for every
 # sample) would be a zero-norm location, whose normalisation gradient is 1/eps: it gets this small
 # constant direction instead.
 _IMPRINT_FLOOR = 1e-3
 _IMPRINT_REFRESH_MIN = 64  # fewest imprinted classes that trigger a mid-epoch neighbour refresh
-_IMPRINT_EXTRA_KEY = "_qaconv_gs.imprint_counts"
+_IMPRINT_EXTRA_KEY = IMPRINT_EXTRA_KEY
 # imprinted classes when the saved neighbour table was built: a loaded model refreshes mid-epoch exactly
 # when the saved one would have
 _IMPRINT_AT_EXTRA_KEY = "_qaconv_gs.imprinted_at_refresh"
@@ -145,23 +136,12 @@ def _to_numpy(value: object) -> object:
     return value
 
 
-def _choice(value: object, name: str, options: tuple[str, ...]) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name}: expected one of {options}, got {type(value).__name__}")
-    if value not in options:
-        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
-    return value
-
-
 def _neighbor_change(old: np.ndarray | None, new: np.ndarray) -> float:
     """Fraction of neighbour entries of `new` that were not neighbours of the same class in `old`
     (order inside a row ignored); NaN when there is no previous table of the same shape."""
     if old is None or old.shape != new.shape or new.size == 0:
         return float("nan")
-    n = new.shape[0]
-    offset = np.arange(n, dtype=np.int64)[:, None] * (n + 1)  # make ids row-specific
-    kept = np.isin(new + offset, old + offset)
-    return float(1.0 - kept.mean())
+    return float(1.0 - kept_entries(old, new, new.shape[0]) / new.size)
 
 
 _Laps = list  # [(name, perf_counter())], see QAConvGS._forward_backward
@@ -195,12 +175,6 @@ def _normalize_backward_inplace(g: np.ndarray, y: np.ndarray, norms: np.ndarray,
         b = min(M, a + step)
         g[a:b] = _native.norm_backward(g[a:b], y[a:b], norms[a:b], nt)
     return g
-
-
-def _eval_affine(head: Mapping[str, np.ndarray], S: int, fc: str) -> tuple[np.ndarray, float]:
-    """The eval-mode head as one affine map of the maxima: (w [2S] float32, bias), as match_scores takes."""
-    w, b = _head.head_eval_affine(head, S, fc)
-    return np.ascontiguousarray(w, dtype=np.float32), float(b)
 
 
 def _identify_rows(
@@ -250,58 +224,23 @@ def _top_per_row(sc: np.ndarray, ids: np.ndarray, m: int) -> tuple[np.ndarray, n
     return ids[r[pick], c[pick]].reshape(B, m), sc[r[pick], c[pick]].reshape(B, m)
 
 
-def check_config(
-    num_classes: object,
-    channels: object,
-    height: object,
-    width: object,
-    k_nearest: object = 32,
-    fc: object = "separate",
-    triplet: object = "class",
-    triplet_weight: object = 0.5,
-    margin: object = 1.0,
-    seed: object = None,
-    n_threads: object = None,
-) -> dict[str, Any]:
-    """Validate QAConvGS constructor arguments -> the normalised config dict (the keys of `config`).
+class _Forward(NamedTuple):
+    """The shared front half of QAConvGS.scores() and the training step (B samples, K candidates each,
+    R distinct candidate classes)."""
 
-    Shared by QAConvGS and distributed.ShardedQAConvGS, so both refuse the same inputs with the same
-    messages (TypeError / ValueError naming the argument)."""
-    N = check_int(num_classes, "num_classes")
-    if N < 2:
-        raise ValueError(f"num_classes: expected >= 2 (every class needs at least one neighbour), got {N}")
-    C = check_int(channels, "channels", lo=1)
-    H = check_int(height, "height", lo=1)
-    W = check_int(width, "width", lo=1)
-    if H * W > _MAX_LOCATIONS:
-        raise ValueError(f"height * width: expected at most {_MAX_LOCATIONS} locations, got {H * W}")
-    k = check_int(k_nearest, "k_nearest")
-    if not 1 <= k <= N - 1:
-        raise ValueError(f"k_nearest: expected 1 <= k_nearest <= num_classes - 1 = {N - 1}, got {k}")
-    fc_mode = _choice(fc, "fc", _FC_MODES)
-    triplet_mode = _choice(triplet, "triplet", _TRIPLET_MODES)
-    f32_max = float(np.finfo(np.float32).max)  # the loss kernels take these as float32
-    tw = check_real(triplet_weight, "triplet_weight", lo=0.0, hi=f32_max)
-    mg = check_real(margin, "margin", lo=0.0, hi=f32_max)
-    sd = None if seed is None else check_int(seed, "seed", lo=0)
-    if n_threads is not None:
-        resolve_threads(n_threads)
-    return {
-        "num_classes": N,
-        "channels": C,
-        "height": H,
-        "width": W,
-        "k_nearest": k,
-        "fc": fc_mode,
-        "triplet": triplet_mode,
-        "triplet_weight": tw,
-        "margin": mg,
-        "seed": sd,
-        "n_threads": n_threads,
-    }
+    candidates: np.ndarray  # [B, K] int64 class ids, target first
+    ids: np.ndarray  # [R] int64 sorted unique candidate classes
+    local: np.ndarray  # [B, K] int64 index of each candidate into ids
+    Xn: np.ndarray  # [B, C, S] float32 normalised features
+    Xn_norms: np.ndarray  # [B, S] their location norms
+    En: np.ndarray  # [R, C, S] float32 normalised candidate rows
+    En_norms: np.ndarray  # [R, S] their location norms
+    argmax: tuple  # (ap, ag) argmax locations of the maxima, for the backward
+    scores: np.ndarray  # [B * K] float32 training-mode head scores
+    cache: Any  # the head's backward cache
 
 
-class QAConvGS:
+class QAConvGS(ModelBase):
     """QAConv with class embeddings and neighbour-restricted scoring (QAConv-GS, simulated graph sampling).
 
     Each training sample is scored against its own class and the `k_nearest` classes closest to it
@@ -367,9 +306,9 @@ class QAConvGS:
         imprint_samples: int = 64,
         k_mined: int = 0,
     ) -> None:
-        self.init = _choice(init, "init", _INIT_MODES)
-        self.imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)
-        self.k_mined = check_int(k_mined, "k_mined", lo=0)
+        init = choice(init, "init", INIT_MODES)
+        imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)
+        k_mined = check_int(k_mined, "k_mined", lo=0)
         cfg = check_config(
             num_classes,
             channels,
@@ -383,12 +322,10 @@ class QAConvGS:
             seed,
             n_threads,
         )
+        self._cfg = ModelConfig(**cfg, init=init, imprint_samples=imprint_samples, k_mined=k_mined)
         N, C, H, W = cfg["num_classes"], cfg["channels"], cfg["height"], cfg["width"]
-        self.num_classes, self.channels, self.height, self.width = N, C, H, W
-        self.k_nearest, self.fc, self.triplet = cfg["k_nearest"], cfg["fc"], cfg["triplet"]
-        self.triplet_weight, self.margin = cfg["triplet_weight"], cfg["margin"]
-        self.seed, self.n_threads = cfg["seed"], cfg["n_threads"]
         self.training = True
+        self._comm = None  # the contract's communicator, made on first use (see comm)
 
         rng = np.random.default_rng(self.seed)
         # The random draw is made for both starts, so the head's fc.bias is the same for either.
@@ -410,11 +347,6 @@ class QAConvGS:
     # ------------------------------------------------------------------ configuration and state
 
     @property
-    def S(self) -> int:
-        """Locations per map, H * W."""
-        return self.height * self.width
-
-    @property
     def mined_per_sample(self) -> int:
         """Classes mined per sample: k_mined, capped at the N - 1 - k_nearest classes left to mine."""
         return min(self.k_mined, self.num_classes - 1 - self.k_nearest)
@@ -424,57 +356,16 @@ class QAConvGS:
         """K = 1 + k_nearest + mined_per_sample classes scored per training sample."""
         return 1 + self.k_nearest + self.mined_per_sample
 
-    @property
-    def config(self) -> dict[str, Any]:
-        """The constructor arguments (JSON-serialisable); QAConvGS(**model.config) rebuilds the model."""
-        return {
-            "num_classes": self.num_classes,
-            "channels": self.channels,
-            "height": self.height,
-            "width": self.width,
-            "k_nearest": self.k_nearest,
-            "fc": self.fc,
-            "triplet": self.triplet,
-            "triplet_weight": self.triplet_weight,
-            "margin": self.margin,
-            "seed": self.seed,
-            "n_threads": self.n_threads,
-            "init": self.init,
-            "imprint_samples": self.imprint_samples,
-            "k_mined": self.k_mined,
-        }
-
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> QAConvGS:
         """Build a model from `config` (as returned by `model.config`); unknown keys raise ValueError."""
         if not isinstance(config, Mapping):
             raise TypeError(f"config: expected a mapping, got {type(config).__name__}")
-        known = set(_CONFIG_KEYS)
+        known = set(CONFIG_KEYS)
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"config: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
         return cls(**dict(config))
-
-    @property
-    def class_embed(self) -> np.ndarray:
-        """The live class-embedding table [N, C, H, W] float32 (updated in place by optimisers)."""
-        return self._embed
-
-    @property
-    def head_state(self) -> dict[str, np.ndarray]:
-        """The live head state (parameters and running statistics), keyed like the state_dict."""
-        return self._head
-
-    def parameters(self) -> dict[str, np.ndarray]:
-        """Learnable parameters: name -> the LIVE float32 array (write into it in place to update).
-
-        Keys: class_embed, bn.weight, bn.bias, fc.weight, fc.bias, logit_bn.weight, logit_bn.bias;
-        they match the keys of `StepResult.grad_head` (plus class_embed, whose gradient is sparse).
-        """
-        out = {"class_embed": self._embed}
-        for k in _HEAD_PARAM_KEYS:
-            out[k] = self._head[k]
-        return out
 
     def named_parameters(self):
         """(name, live array) pairs, as parameters().items()."""
@@ -638,7 +529,7 @@ class QAConvGS:
         from .checkpoint import load_checkpoint
 
         config, state, extra = load_checkpoint(path)
-        for key in ("num_classes", "channels", "height", "width", "fc"):
+        for key in ARCH_KEYS:
             if config.get(key) != getattr(self, key):
                 raise ValueError(
                     f"{os.fspath(path)}: checkpoint {key}={config.get(key)!r} does not match this model's "
@@ -679,16 +570,6 @@ class QAConvGS:
         return extra
 
     # ------------------------------------------------------------------ modes and neighbours
-
-    def train(self, mode: bool = True) -> QAConvGS:
-        """Training mode (default): batch-statistics computations also update the running statistics."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self) -> QAConvGS:
-        """Eval mode: forward_backward / scores still use batch statistics but no longer update the
-        running statistics (match, match_pairs, identify always use the running statistics)."""
-        return self.train(False)
 
     @property
     def class_neighbors(self) -> np.ndarray:
@@ -783,16 +664,6 @@ class QAConvGS:
 
     # ------------------------------------------------------------------ validation helpers
 
-    def _features(self, x: object, name: str) -> np.ndarray:
-        a = as_float32(x, name, ndim=4)
-        want = (self.channels, self.height, self.width)
-        if a.shape[1:] != want:
-            raise ValueError(
-                f"{name}: expected shape (B, {self.channels}, {self.height}, {self.width}) (model C, H, W), "
-                f"got {shape_str(a.shape)}"
-            )
-        return a
-
     def _batch(self, features: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
         X = self._features(features, "features")
         y = as_labels(labels, "labels", n=X.shape[0], num_classes=self.num_classes)
@@ -863,7 +734,7 @@ class QAConvGS:
 
     def _restricted_forward(
         self, X: np.ndarray, y: np.ndarray, head: dict, laps: _Laps | None = None, nt: int | None = None
-    ):
+    ) -> _Forward:
         """Shared front half of scores() and forward_backward()."""
         nt = self._step_threads(X.shape[0]) if nt is None else nt
         C, S = self.channels, self.S
@@ -887,7 +758,7 @@ class QAConvGS:
         _lap(laps, "maxima forward")
         scores, cache = _head.head_forward(mp, mg, head, fc=self.fc, training=True, n_threads=nt)
         _lap(laps, "head forward")
-        return cand, ids, local, Xn, Xn_norms, En, En_norms, (ap, ag), scores, cache
+        return _Forward(cand, ids, local, Xn, Xn_norms, En, En_norms, (ap, ag), scores, cache)
 
     # ------------------------------------------------------------------ training maths
 
@@ -1067,7 +938,7 @@ class QAConvGS:
         with self._lock:
             X, y = self._batch(features, labels)
             out = self._restricted_forward(X, y, self._head_for_step())
-            return np.asarray(out[8], dtype=np.float32).reshape(X.shape[0], -1), out[0]
+            return np.asarray(out.scores, dtype=np.float32).reshape(X.shape[0], -1), out.candidates
 
     def dense_scores(self, features: object, labels: object, fill: float = -np.inf) -> np.ndarray:
         """scores() scattered into a dense [B, N] float32 matrix; non-candidate classes get `fill`
@@ -1080,9 +951,6 @@ class QAConvGS:
         return out
 
     # ------------------------------------------------------------------ evaluation (running statistics)
-
-    def _eval_affine(self) -> tuple[np.ndarray, float]:
-        return _eval_affine(self._head, self.S, self.fc)
 
     def match(self, probe: object, gallery: object) -> np.ndarray:
         """Eval-mode QAConv scores of every probe against every gallery map.
@@ -1126,13 +994,41 @@ class QAConvGS:
             best_ids, best_sc = _identify_rows(Xn, self._embed, 0, w, b, top, nt)
         return np.ascontiguousarray(best_ids), np.ascontiguousarray(best_sc, dtype=np.float32)
 
-    # ------------------------------------------------------------------ Python protocol
+    # ------------------------------------------------------------------ the model contract (Trainer)
 
-    def set_row_hook(self, hook) -> None:
-        """`hook(ids)` (int64 sorted class ids) is called in every training step before the class rows
-        `ids` are read for scoring (after the candidates, mined ones included, are known); None removes it.
-        qaconv_gs.Trainer uses it to bring lazily updated rows up to date."""
-        self._row_hook = hook
+    @property
+    def comm(self) -> Any:
+        """The model contract's communicator: a distributed.SingleProcessCommunicator (rank 0 of 1)."""
+        if self._comm is None:
+            from .distributed.comm import SingleProcessCommunicator
+
+            self._comm = SingleProcessCommunicator()
+        return self._comm
+
+    def rows_for_step(self, labels: object) -> np.ndarray:
+        """Class rows the next forward_backward with these labels reads (besides mined candidates, which
+        the row hook reports): the labels and their neighbours, sorted unique int64. Builds the neighbour
+        table when stale, as that step would."""
+        nbrs = self.class_neighbors
+        y = as_labels(labels, "labels", num_classes=self.num_classes)
+        return np.unique(np.concatenate([y, nbrs[y].ravel().astype(np.int64)]))
+
+    def save_training_checkpoint(self, path: str | os.PathLike, extra: dict[str, np.ndarray]) -> None:
+        """save(path, extra=extra): a trainer checkpoint is a model checkpoint with the trainer's extras."""
+        self.save(path, extra=extra)
+
+    def load_training_checkpoint(self, path: str | os.PathLike, parse: Any) -> Any:
+        """Read a trainer checkpoint (a file, or a sharded directory read whole): ``parse`` validates the
+        trainer's part first, then the model is loaded (unchanged on any error). Returns parse's value."""
+        from .checkpoint import load_trainer_checkpoint
+
+        def adopt(table: np.ndarray) -> None:
+            self._adopt_saved_neighbors({_NBR_EXTRA_KEY: table})
+
+        load_file = lambda p, state: self.load_checkpoint(p)  # noqa: E731
+        return load_trainer_checkpoint(self, path, parse, load_file, adopt)
+
+    # ------------------------------------------------------------------ Python protocol
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -1141,9 +1037,13 @@ class QAConvGS:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        if "_cfg" not in state:  # pickled before the config was held in one ModelConfig
+            state["_cfg"] = ModelConfig(**{k: state.pop(k) for k in CONFIG_KEYS if k in state})
         self.__dict__.update(state)
         self._lock = threading.RLock()
         self.__dict__.setdefault("_row_hook", None)
+        self.__dict__.setdefault("_comm", None)
 
     def __repr__(self) -> str:
         nbr = "stale" if self.neighbors_stale else f"fresh, {self.neighbor_refreshes} refresh(es)"

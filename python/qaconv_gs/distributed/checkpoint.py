@@ -21,11 +21,23 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from ..checkpoint import _HOST, _atomic_write, _sweep_orphans, load_checkpoint, save_checkpoint
-from ..model import _IMPRINT_EXTRA_KEY, _NBR_EXTRA_KEY, QAConvGS
+from .._contract import IMPRINT_EXTRA_KEY as _IMPRINT_EXTRA_KEY
+from .._contract import NBR_EXTRA_KEY as _NBR_EXTRA_KEY
+from ..checkpoint import (
+    _HOST,
+    TRAINER_ROW_KEYS,
+    _atomic_write,
+    _sweep_orphans,
+    load_checkpoint,
+    save_checkpoint,
+    unpack_trainer_state,
+)
+from ..model import QAConvGS
 from .comm import Communicator, SingleProcessCommunicator
 from .layout import ShardLayout
 
@@ -299,3 +311,60 @@ def load_sharded(
 def load_sharded_model(path: str | os.PathLike) -> QAConvGS:
     """A one-process QAConvGS from a sharded checkpoint directory (any saved world size)."""
     return load_sharded(path, SingleProcessCommunicator()).gather_model()
+
+
+# --------------------------------------------------------------------------------------------------------
+# trainer checkpoints (the trainer's arrays as extras of a sharded directory; see qaconv_gs.checkpoint)
+# --------------------------------------------------------------------------------------------------------
+
+
+def read_head(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config, replicated extra arrays) of a sharded checkpoint directory, reading only the manifest and
+    the head file (not the class rows)."""
+    path = os.fspath(path)
+    m = _read_manifest(path)
+    _, extra = _load_file(path, m["head"], m["generation"])
+    return dict(m["config"]), {k: v for k, v in extra.items() if k != _GEN_KEY}
+
+
+def load_sharded_whole(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A sharded checkpoint directory read by one process: (one-rank ShardedQAConvGS, its state dict, the
+    extra arrays with the row arrays (whole table) merged in)."""
+    model, rows, extra = load_sharded(path, return_extra=True)
+    return model, model.state_dict(), {**extra, **rows}
+
+
+def save_trainer_sharded(model: Any, path: str | os.PathLike, extra: dict[str, np.ndarray]) -> None:
+    """A sharded trainer checkpoint: ``extra`` (qaconv_gs.checkpoint.pack_trainer_state of this rank's
+    trainer) split into the per-row arrays (with this rank's rows) and the replicated rest. Collective."""
+    extra = dict(extra)
+    rows = {k: extra.pop(k) for k in TRAINER_ROW_KEYS if k in extra}
+    # every rank must pass the same keys: a rank whose momentum buffer was never created (it owned no row
+    # of any step yet) saves zeros, which is what that buffer holds in effect
+    buf_key = TRAINER_ROW_KEYS[0]
+    have = bool(model.comm.allreduce_max(np.array([buf_key in rows], np.int8))[0])
+    if have and buf_key not in rows:
+        rows[buf_key] = np.zeros_like(model.class_embed)
+    model.save(path, row_extra=rows, extra=extra)
+
+
+def load_trainer_sharded(model: Any, path: str | os.PathLike, parse: Callable[[dict[str, Any]], Any]) -> Any:
+    """Read a trainer checkpoint (a sharded directory of any world size, or a one-process file: its
+    whole-table row arrays are cut to this rank's rows) into a sharded model: read and ``parse`` (validate)
+    the trainer state on every rank, agree, then load the model. Collective: a failure on one rank raises
+    on every rank and no model changes. Returns what ``parse`` returned."""
+    err: BaseException | None = None
+    loaded = parsed = None
+    try:
+        loaded, rows, extra = model._read_checkpoint(path)
+        extra = dict(extra)
+        lo, hi = model.lo, model.hi
+        for k in TRAINER_ROW_KEYS:  # a one-process trainer checkpoint holds whole-table rows: keep ours
+            if k not in rows and k in extra and np.ndim(extra[k]) and len(extra[k]) == model.num_classes:
+                rows[k] = np.asarray(extra.pop(k))[lo:hi]
+        parsed = parse(unpack_trainer_state({**extra, **rows}, path))
+    except (OSError, TypeError, ValueError) as exc:
+        err = exc
+    model.comm.agree(err)
+    model._assign(loaded)
+    return parsed

@@ -30,17 +30,18 @@ from .. import evaluate as _evaluate
 from .. import head as _head
 from .. import losses as _losses
 from .. import matching as _matching
-from .._validate import as_float32, as_labels, check_int, resolve_threads, shape_str
-from ..model import (
-    _INIT_MODES,
-    _NBR_EXTRA_KEY,
-    QAConvGS,
-    StepResult,
-    _choice,
-    _eval_affine,
-    _identify_rows,
+from .._contract import (
+    ARCH_KEYS,
+    INIT_MODES,
+    NBR_EXTRA_KEY,
+    ModelBase,
+    ModelConfig,
     check_config,
+    choice,
+    kept_entries,
 )
+from .._validate import as_labels, check_int, resolve_threads, shape_str
+from ..model import QAConvGS, StepResult, _identify_rows
 from ._head import sharded_head_backward, sharded_head_forward
 from .comm import Communicator, SingleProcessCommunicator
 from .layout import ShardLayout
@@ -83,6 +84,15 @@ def _sharded_config(config: dict) -> dict:
     return cfg
 
 
+def resume_config(model_cls: object, config: dict) -> dict:
+    """The constructor arguments with which Trainer.from_checkpoint(comm=...) builds ``model_cls`` from a
+    checkpoint's config: converted by _sharded_config for a ShardedQAConvGS (a one-process init="imprint"
+    model's trained rows go on as they are, init="random"), as saved for any other class."""
+    if isinstance(model_cls, type) and issubclass(model_cls, ShardedQAConvGS):
+        return _sharded_config(config)
+    return config
+
+
 def _check_no_unset_rows(rows: np.ndarray, config: dict, where: str) -> None:
     """Refuse to shard an init="imprint" model with unset (all-zero, never imprinted) rows: the sharded
     model does not imprint, and a zero row's normalisation gradient is 1/eps."""
@@ -112,7 +122,7 @@ def _draw_shard(rng: np.random.Generator, N: int, row: tuple[int, ...], lo: int,
     return out
 
 
-class ShardedQAConvGS:
+class ShardedQAConvGS(ModelBase):
     """One rank's part of a QAConvGS whose class table is split over `comm`'s ranks.
 
     Same constructor arguments as QAConvGS, plus comm (default: single process) and layout (default:
@@ -128,6 +138,8 @@ class ShardedQAConvGS:
     save and load_checkpoint (sharded checkpoints). qaconv_gs.Trainer trains it (one Trainer per rank) and
     qaconv_gs.torch.QAConvGSLoss wraps it (comm=...).
     """
+
+    _EMPTY_BATCH_OK = True  # a rank may have no sample in a step; the global batch must not be empty
 
     def __init__(
         self,
@@ -150,13 +162,13 @@ class ShardedQAConvGS:
         layout: ShardLayout | None = None,
         _init: bool = True,
     ) -> None:
-        self.init = _choice(init, "init", _INIT_MODES)
-        if self.init != "random":
+        init = choice(init, "init", INIT_MODES)
+        if init != "random":
             raise ValueError(f"init: ShardedQAConvGS supports only init='random' for now, got {init!r}")
         # accepted (and kept in config) so that a one-process config builds this model unchanged
-        self.imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)
-        self.k_mined = check_int(k_mined, "k_mined", lo=0)
-        if self.k_mined != 0:
+        imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)
+        k_mined = check_int(k_mined, "k_mined", lo=0)
+        if k_mined != 0:
             raise ValueError(f"k_mined: ShardedQAConvGS supports only k_mined=0 for now, got {k_mined!r}")
         self.comm = SingleProcessCommunicator() if comm is None else comm
         if not isinstance(self.comm, Communicator):
@@ -175,14 +187,7 @@ class ShardedQAConvGS:
             n_threads,
         )
         N = cfg["num_classes"]
-        self.num_classes, self.k_nearest = N, cfg["k_nearest"]
-        self.channels, self.height, self.width = cfg["channels"], cfg["height"], cfg["width"]
-        self.fc, self.triplet = cfg["fc"], cfg["triplet"]
-        self.triplet_weight, self.margin, self.n_threads = (
-            cfg["triplet_weight"],
-            cfg["margin"],
-            cfg["n_threads"],
-        )
+        self._cfg = ModelConfig(**cfg, init=init, imprint_samples=imprint_samples, k_mined=k_mined)
         if seed is None:
             entropy = np.random.SeedSequence().entropy if self.comm.rank == 0 else 0
             seed = int(self.comm.broadcast(np.array(entropy % (1 << 63), dtype=np.int64), 0))
@@ -238,53 +243,14 @@ class ShardedQAConvGS:
         out.load_state_dict(state)
         out.training = self.training
         if table is not None:
-            out._adopt_saved_neighbors({_NBR_EXTRA_KEY: table})
+            out._adopt_saved_neighbors({NBR_EXTRA_KEY: table})
         return out
 
     # ------------------------------------------------------------------ state
 
     @property
-    def config(self) -> dict:
-        return {
-            "num_classes": self.num_classes,
-            "channels": self.channels,
-            "height": self.height,
-            "width": self.width,
-            "k_nearest": self.k_nearest,
-            "fc": self.fc,
-            "triplet": self.triplet,
-            "triplet_weight": self.triplet_weight,
-            "margin": self.margin,
-            "seed": self.seed,
-            "n_threads": self.n_threads,
-            "init": self.init,
-            "imprint_samples": self.imprint_samples,
-            "k_mined": self.k_mined,
-        }
-
-    @property
-    def S(self) -> int:
-        return self.height * self.width
-
-    @property
     def num_candidates(self) -> int:
         return self.k_nearest + 1
-
-    @property
-    def class_embed(self) -> np.ndarray:
-        """This rank's live rows [hi - lo, C, H, W] (global ids lo .. hi-1)."""
-        return self._embed
-
-    @property
-    def head_state(self) -> dict:
-        return self._head
-
-    def parameters(self) -> dict[str, np.ndarray]:
-        """Live arrays: class_embed (this rank's rows) and the replicated head parameters."""
-        out = {"class_embed": self._embed}
-        for k in ("bn.weight", "bn.bias", "fc.weight", "fc.bias", "logit_bn.weight", "logit_bn.bias"):
-            out[k] = self._head[k]
-        return out
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of this rank's state: class_embed (its rows [hi - lo, C, H, W]) and the head's entries
@@ -364,7 +330,7 @@ class ShardedQAConvGS:
         # Normalisation is per map, so normalising here and gathering gives the one-process bits.
         Xn_r = _matching.normalize(X, n_threads=nt)[0] if X.shape[0] else X
         Xn = comm.allgather_concat(Xn_r)
-        w, b = _eval_affine(self._head, self.S, self.fc)
+        w, b = self._eval_affine()
         err = None
         try:  # e.g. NaN rows (a diverged shard) or no memory: the others must not wait in the exchange
             ids, sc = _identify_rows(Xn, self._embed, self.lo, w, b, t, nt)  # [B, min(t, hi - lo)]
@@ -388,13 +354,6 @@ class ShardedQAConvGS:
         if best_i.shape[1] != t:  # pragma: no cover - the ranks' rows together are all N >= top classes
             raise RuntimeError(f"identify: rank {r} collected {best_i.shape[1]} of {t} classes")
         return np.ascontiguousarray(best_i, np.int64), np.ascontiguousarray(best_s, np.float32)
-
-    def train(self, mode: bool = True) -> ShardedQAConvGS:
-        self.training = bool(mode)
-        return self
-
-    def eval(self) -> ShardedQAConvGS:
-        return self.train(False)
 
     # ------------------------------------------------------------------ neighbours
 
@@ -426,9 +385,7 @@ class ShardedQAConvGS:
         have = old is not None and old.shape == new.shape
         changed = 0
         if have and new.size:
-            # row-specific ids (class id + row * (N + 1)) so np.isin compares within rows only
-            off = np.arange(new.shape[0], dtype=np.int64)[:, None] * (self.num_classes + 1)
-            changed = int(new.size - np.count_nonzero(np.isin(new + off, old + off)))
+            changed = new.size - kept_entries(old, new, self.num_classes)
         tot = self.comm.allreduce_sum(np.array([changed, new.size, int(have)], np.int64))
         if int(tot[2]) != self.comm.size or int(tot[1]) == 0:
             return float("nan")
@@ -476,7 +433,7 @@ class ShardedQAConvGS:
         from .checkpoint import load_sharded
 
         loaded, rx, ex = load_sharded(path, self.comm, self.layout, return_extra=True)
-        for key in ("num_classes", "channels", "height", "width", "fc"):
+        for key in ARCH_KEYS:
             if getattr(loaded, key) != getattr(self, key):
                 raise ValueError(
                     f"{os.fspath(path)}: checkpoint {key}={getattr(loaded, key)!r} does not match this "
@@ -492,6 +449,23 @@ class ShardedQAConvGS:
             self._nbr, self._nbr_stale = None, True
         else:
             self._set_neighbors(other._nbr)
+
+    def save_training_checkpoint(self, path, extra: dict[str, np.ndarray]) -> None:
+        """A sharded trainer checkpoint (distributed.checkpoint.save_trainer_sharded); collective."""
+        from .checkpoint import save_trainer_sharded
+
+        save_trainer_sharded(self, path, extra)
+
+    def load_training_checkpoint(self, path, parse):
+        """Read a trainer checkpoint (sharded directory of any world size, or a one-process file) into
+        this model; collective (distributed.checkpoint.load_trainer_sharded). Returns parse's value."""
+        from .checkpoint import load_trainer_sharded
+
+        return load_trainer_sharded(self, path, parse)
+
+    def embed_grad_sqnorm(self, result: ShardedStepResult) -> float:
+        """The step's global squared norm of the embedding gradient (summed over ranks by the step)."""
+        return float(result.grad_embed_sqnorm)
 
     @classmethod
     def load(cls, path, comm: Communicator | None = None, layout: ShardLayout | None = None, **kwargs):
@@ -510,17 +484,6 @@ class ShardedQAConvGS:
         return self._nbr
 
     # ------------------------------------------------------------------ training step
-
-    def _features(self, x: object, name: str) -> np.ndarray:
-        # a rank may have no sample in a step (B_r = 0); the global batch must not be empty (checked later)
-        a = as_float32(x, name, ndim=4, allow_empty=True)
-        want = (self.channels, self.height, self.width)
-        if a.shape[1:] != want:
-            raise ValueError(
-                f"{name}: expected shape (B, {self.channels}, {self.height}, {self.width}) (model C, H, W), "
-                f"got {shape_str(a.shape)}"
-            )
-        return a
 
     def forward_backward(self, features: object, labels: object) -> ShardedStepResult:
         """One step over the batch made of every rank's (features, labels), concatenated in rank order.
