@@ -110,14 +110,30 @@ def make_toy(
     on the upper part); each camera has its own background, colour cast and brightness, and every image a
     random shift and pixel noise. Training uses ids 1..num_ids, testing ids num_ids+1..2*num_ids (disjoint,
     as in Market-1501), each seen by every camera `per_cam` times: the first image of each (id, camera) is a
-    query, the rest are gallery images, plus two distractors (id 0000) and two junk images (id -1)."""
+    query, the rest are gallery images, plus two distractors (id 0000) and two junk images (id -1).
+
+    A folder made by an earlier call (it holds the marker file TOY_DATASET) is rewritten; a folder that holds
+    images of another data set is refused, never touched."""
     from PIL import Image
 
     root = Path(root)
-    rng = np.random.default_rng(seed)
     H, W = int(height), int(width)
     if H < 16 or W < 8:
         raise ValueError(f"height, width: expected at least 16 x 8 pixels, got {H} x {W}")
+    if num_ids < 2 or num_cams < 2 or per_cam < 2:
+        raise ValueError(
+            f"num_ids, num_cams, per_cam: expected >= 2 each (every query needs a match in another camera), "
+            f"got {num_ids}, {num_cams}, {per_cam}"
+        )
+    marker = root / "TOY_DATASET"
+    old = [p for s in SPLITS if (root / s).is_dir() for p in (root / s).iterdir() if p.suffix in IMAGE_EXTS]
+    if old and not marker.is_file():
+        raise FileExistsError(f"{root}: holds images but was not made by make_toy; choose an empty folder")
+    for p in old:
+        p.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text("a synthetic data set written by examples/reid_torchvision.py (make_toy)\n")
+    rng = np.random.default_rng(seed)
     cam_gain = 0.75 + 0.5 * rng.random((num_cams + 1, 3))
     cam_bg = rng.integers(40, 200, size=(num_cams + 1, 3))
     yy, xx = np.mgrid[0:H, 0:W]
@@ -425,7 +441,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     for name in ("epochs", "batch_size", "num_instances", "height", "width", "neck", "k_nearest", "toy_ids"):
-        lo = 0 if name == "epochs" else 1
+        lo = {"epochs": 0, "toy_ids": 2}.get(name, 1)
         if getattr(args, name) < lo:
             ap.error(f"--{name.replace('_', '-')}: expected >= {lo}, got {getattr(args, name)}")
     if args.batch_size < args.num_instances:

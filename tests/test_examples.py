@@ -54,6 +54,17 @@ def test_toy_layout_and_market_rules(reid, tmp_path):
     with Image.open(q_paths[0]) as im:
         x = reid.Transform(32, 16, train=False)(im.convert("RGB"))
     assert tuple(x.shape) == (3, 32, 16) and x.dtype == torch.float32
+    # rewriting a toy folder leaves nothing stale; a folder of other images is refused and left alone
+    reid.make_toy(root, num_ids=2, num_cams=2, per_cam=2, height=32, width=16)
+    assert len(list((root / "bounding_box_train").iterdir())) == 8
+    other = tmp_path / "market" / "query"
+    other.mkdir(parents=True)
+    (other / "0001_c1s1_000151_01.jpg").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="not made by make_toy"):
+        reid.make_toy(tmp_path / "market")
+    assert [p.name for p in other.iterdir()] == ["0001_c1s1_000151_01.jpg"]
+    with pytest.raises(ValueError, match="per_cam"):
+        reid.make_toy(tmp_path / "bad", per_cam=1)
 
 
 def test_reid_example_trains_evaluates_and_saves(reid, tmp_path, capsys):
