@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
+
+import qaconv_gs  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 KERNEL = "qaconv-gs-test-python"
@@ -43,6 +46,10 @@ def test_notebook_runs(data, tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    # ... importing the qaconv_gs under test (a relative PYTHONPATH, as the sanitizer job sets, would not
+    # survive the kernel's working directory, and the kernel would pick up an installed copy instead)
+    pkg_root = str(Path(qaconv_gs.__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")])))
     from jupyter_client.kernelspec import KernelSpecManager
 
     assert KernelSpecManager().get_kernel_spec(KERNEL).argv[0] == sys.executable
