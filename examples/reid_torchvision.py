@@ -214,25 +214,21 @@ def _torchvision():
     return torchvision, None
 
 
-def _dataset_class():
-    torch = _torch()
-    from PIL import Image
+class ImageList:
+    """Map-style data set for torch's DataLoader: item i = (image tensor [3, H, W], label) of paths[i]."""
 
-    class ImageList(torch.utils.data.Dataset):
-        """(image tensor [3, H, W], label) for a list of image files."""
+    def __init__(self, paths, labels, transform):
+        self.paths, self.labels, self.transform = list(paths), np.asarray(labels), transform
 
-        def __init__(self, paths, labels, transform):
-            self.paths, self.labels, self.transform = list(paths), np.asarray(labels), transform
+    def __len__(self):
+        return len(self.paths)
 
-        def __len__(self):
-            return len(self.paths)
+    def __getitem__(self, i):
+        from PIL import Image
 
-        def __getitem__(self, i):
-            with Image.open(self.paths[i]) as im:
-                x = self.transform(im.convert("RGB"))
-            return x, int(self.labels[i])
-
-    return ImageList
+        with Image.open(self.paths[i]) as im:
+            x = self.transform(im.convert("RGB"))
+        return x, int(self.labels[i])
 
 
 class Transform:
@@ -405,7 +401,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     src.add_argument("--make-toy", metavar="DIR", help="write a tiny synthetic data set to DIR and use it")
     ap.add_argument("--toy-ids", type=int, default=12, help="identities per split of --make-toy (default 12)")
-    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=60, help="training epochs (default 60; 0: evaluate only)")
     ap.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     ap.add_argument("--num-instances", type=int, default=4, help="images per identity in a batch (default 4)")
     ap.add_argument(
@@ -414,16 +410,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="graph",
         help="graph: a centre identity + its nearest identities (QAConv-GS); pk: random identities",
     )
-    ap.add_argument("--lr", type=float, default=0.01, help="learning rate of the neck and the QAConv-GS loss")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=0.01,
+        help="lr of the neck and the QAConv-GS loss (default 0.01; cosine decay over the epochs)",
+    )
     ap.add_argument(
         "--base-lr-mult",
         type=float,
         default=None,
         help="backbone lr = lr x this (default 0.1 with --pretrained, else 1)",
     )
-    ap.add_argument("--weight-decay", type=float, default=5e-4)
-    ap.add_argument("--height", type=int, default=384)
-    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default 5e-4)")
+    ap.add_argument("--height", type=int, default=384, help="image height (default 384, as QAConv)")
+    ap.add_argument("--width", type=int, default=128, help="image width (default 128)")
     ap.add_argument("--neck", type=int, default=128, help="channels of the feature maps (default 128)")
     ap.add_argument(
         "--k-nearest", type=int, default=32, help="neighbour classes scored per sample (capped at N-1)"
@@ -436,7 +437,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps (tests)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of torch, the sampler and the loss (default 0)")
     ap.add_argument("--save", metavar="PATH", help="write a checkpoint (backbone + loss + metrics) to PATH")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -480,7 +481,6 @@ def main(argv=None) -> dict:
     N = int(train_ids.size)
     if N < 2:
         raise SystemExit(f"data: training needs at least 2 identities, got {N}")
-    ImageList = _dataset_class()
     train_set = ImageList(tr_paths, labels, Transform(args.height, args.width, train=True))
     print(
         f"{data_dir}: {len(tr_paths)} training images of {N} identities; {len(q_paths)} queries, "
@@ -493,7 +493,7 @@ def main(argv=None) -> dict:
     C, H, W = feature_shape(net, args.height, args.width)
     k = min(args.k_nearest, N - 1)
     criterion = QAConvGSLoss(N, C, H, W, k_nearest=k, seed=args.seed, n_threads=args.threads)
-    print(f"ResNet-50 to layer3 + 1x1 neck: maps [{C}, {H}, {W}]; {criterion}")
+    print(f"ResNet-50 to layer3 + 1x1 neck: maps [{C}, {H}, {W}]; QAConvGSLoss({criterion.extra_repr()})")
 
     neighbors = (lambda: criterion.class_neighbors) if args.sampler == "graph" else None
     sampler = qg.GraphSampler(

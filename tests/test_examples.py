@@ -95,7 +95,7 @@ def test_reid_example_trains_evaluates_and_saves(reid, tmp_path, capsys):
     assert meta["height"] == 64 and meta["width"] == 32 and meta["train_ids"] == list(range(1, 7))
     assert meta["metrics"]["mAP"] == pytest.approx(result["mAP"])
     assert criterion.config["num_classes"] == 6 and criterion.config["k_nearest"] == 4
-    ImageList, tf = reid._dataset_class(), reid.Transform(64, 32, train=False)
+    ImageList, tf = reid.ImageList, reid.Transform(64, 32, train=False)
     splits = [
         reid.list_split(tmp_path / "toy" / s, keep_distractors=s != "query")
         for s in ("query", "bounding_box_test")
