@@ -421,7 +421,8 @@ class Trainer:
             callbacks: objects with any of ``on_epoch_start(trainer, epoch)``,
                 ``on_step_end(trainer, step, result)``, ``on_epoch_end(trainer, epoch, stats)`` (missing ones
                 are skipped); ``stats`` is the epoch's history dict, callbacks may add entries to it.
-            progress: show a tqdm progress bar (on stderr) with the running loss and accuracy.
+            progress: show a tqdm progress bar (on stderr; a widget in Jupyter, via ``tqdm.auto``) with the
+                running loss and accuracy.
 
         Every epoch: set ``lr`` from the schedule, ``model.train()``, ``model.on_epoch_start()`` (marks the
         class-neighbour table stale so it is rebuilt from the current embeddings), the callbacks'
@@ -655,6 +656,7 @@ def _call(callbacks: Sequence[Any], method: str, *args: Any) -> None:
 def _progress_bar(progress: bool, total: int | None, desc: str) -> Any:
     if not progress:
         return None
-    from tqdm import tqdm
+    # tqdm.auto: a text bar on stderr in a terminal (exactly tqdm.tqdm), a widget in Jupyter (ipywidgets)
+    from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, file=sys.stderr, unit="batch", dynamic_ncols=True, leave=True)
