@@ -5,19 +5,20 @@ bench_learning.py times the same call inside training, where the CNN and other j
 the cores; this script times only the loss step, with nothing else running in the process, so its ratios
 are the cleaner measure of what restricted scoring saves. Per configuration: every class row imprinted
 once (explicitly, so no step imprints), the neighbour table built, then --warmup untimed and --steps timed
-steps on random maps with labels drawn as the training batches are (64 random classes x 1 for the default
+steps on random maps with labels drawn as the training batches are (64 random glyphs for the default
 configuration, 32 random classes x 2 for the batch-triplet recipe). Reported: the median and the 10 %-90 %
 range of the per-step times.
 
     python benchmarks/bench_loss_step.py                      # N = 2000, k = 8 32 64 128 N-1, 2 threads
     python benchmarks/bench_loss_step.py --classes 500 --ks 32,N-1
 
-Writes bench_out/bench_loss_step.json (QG_BENCH_OUT).
+Writes bench_out/bench_loss_step.json (--out, or QG_BENCH_OUT).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine_info, thread_env, worker_pythonpath, write_json  # noqa: E402
+from benchmarks._common import OUT_DIR, machine_info, thread_env, worker_pythonpath  # noqa: E402
 
 FEAT_C, FEAT_HW, BATCH = 64, 4, 64
 RECIPE = dict(triplet="batch", triplet_weight=1.0, margin=16.0, fc="shared")
@@ -47,8 +48,8 @@ def time_config(torch, N: int, k: int, extra: dict, args) -> dict:
 
     def labels() -> np.ndarray:
         if pk:
-            return np.repeat(rng.choice(N, BATCH // 2, replace=False), 2)
-        return rng.choice(N, BATCH, replace=False)
+            return np.repeat(rng.choice(N, BATCH // 2, replace=N < BATCH // 2), 2)
+        return rng.integers(0, N, BATCH)  # a shuffled loader's batch: classes may repeat
 
     x = torch.from_numpy(rng.standard_normal((BATCH, FEAT_C, FEAT_HW, FEAT_HW)).astype(np.float32))
     times = []
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(OUT_DIR), help="output directory (bench_out or QG_BENCH_OUT)")
     args = p.parse_args(argv)
     # OpenMP reads its thread count once, at load: pin it by restarting with the environment
     if os.environ.get("OMP_NUM_THREADS") != str(args.threads):
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             f"| {full['median_ms'] / r['median_ms']:.1f}x |"
         )
     payload = {"machine": info, "classes": N, "threads": args.threads, "rows": rows}
-    out = write_json("bench_loss_step", payload)
+    out = Path(args.out) / "bench_loss_step.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2))
     print(f"wrote {out}")
     return 0
 

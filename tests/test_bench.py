@@ -190,3 +190,20 @@ def test_step_bit_identical_for_1_and_2_threads_with_threading_forced(monkeypatc
     whole = m.forward_backward(X, y)
     np.testing.assert_array_equal(whole.grad_embed_rows, a.grad_embed_rows)
     np.testing.assert_array_equal(whole.grad_features, a.grad_features)
+
+
+def test_bench_loss_step_via_cli(tmp_path, capfd):
+    pytest.importorskip("torch")
+    out = tmp_path / "bo"
+    rc = cli.main(
+        ["bench", "--threads", "1", "--out", str(out), "loss_step", "--"]
+        + ["--classes", "40", "--ks", "8,N-1", "--steps", "2", "--warmup", "1"]
+    )
+    text = capfd.readouterr().out
+    assert rc == 0, text
+    res = json.loads((out / "bench_loss_step.json").read_text())
+    assert res["classes"] == 40 and res["threads"] == 1
+    got = {(r["config"], r["k"]) for r in res["rows"]}
+    assert got == {(c, k) for c in ("defaults", "batch-triplet recipe") for k in (8, 39)}
+    assert all(r["median_ms"] > 0 for r in res["rows"])
+    assert "| defaults | N-1 |" in text
