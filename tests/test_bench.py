@@ -6,18 +6,15 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import qaconv_gs as qg
 from qaconv_gs import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # benchmarks/ is a package at the repository root
-    sys.path.insert(0, ROOT)
+from benchmarks import bench_train  # conftest.py puts the repository root on sys.path
 
-from benchmarks import bench_train  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def assert_close(actual, ref, rtol=1e-4, atol_frac=1e-5, name=""):

@@ -6,8 +6,8 @@ import copy
 import math
 
 import numpy as np
+import oracle
 import pytest
-import ref_head
 from hypothesis import given
 from hypothesis import strategies as st
 from qaconv_gs import _native
@@ -96,11 +96,11 @@ def test_forward_train_vs_numpy_and_c_ref(fc, M, S, rng):
     h0 = copy.deepcopy(h)
     mp, mg = _maxima(rng, M, S)
     out, cache = head_forward(mp, mg, h, fc=fc)
-    ref, c = ref_head.forward(mp, mg, h0, fc == "shared")
+    ref, c = oracle.head_forward(mp, mg, h0, fc=fc)
     assert out.dtype == np.float32 and out.shape == (M,)
     _close(out, ref)
     # running statistics, PyTorch rules
-    upd = ref_head.running_update(h0, c)
+    upd = c["running"]
     for k, v in upd.items():
         _close(h[k], v, rtol=1e-5)
     assert h["bn.num_batches_tracked"] == 1 and h["logit_bn.num_batches_tracked"] == 1
@@ -122,7 +122,7 @@ def test_forward_eval_vs_numpy_c_ref_and_affine(fc, rng):
     assert cache is None
     for k in h:  # eval never touches the state
         np.testing.assert_array_equal(h[k], h0[k])
-    ref, _ = ref_head.forward(mp, mg, h0, fc == "shared", training=False)
+    ref, _ = oracle.head_forward(mp, mg, h0, fc=fc, training=False)
     _close(out, ref)
     params, fcw = _params(h0, S, fc)
     np.testing.assert_allclose(
@@ -170,8 +170,8 @@ def test_backward_vs_numpy_and_c_ref(fc, M, S, rng):
     gout = rng.normal(size=M).astype(np.float32)
     _, cache = head_forward(mp, mg, h, fc=fc)
     gmp, gmg, grads = head_backward(gout, cache)
-    _, c = ref_head.forward(mp, mg, h0, fc == "shared")
-    rmp, rmg, rgrads = ref_head.backward(gout, c)
+    _, c = oracle.head_forward(mp, mg, h0, fc=fc)
+    rmp, rmg, rgrads = oracle.head_backward(gout, c)
     _close(gmp, rmp)
     _close(gmg, rmg)
     scale = np.abs(gout).sum()
@@ -201,28 +201,23 @@ def test_reference_backward_finite_differences(fc, rng):
     mp, mg = _maxima(rng, M, S)
     mp, mg = mp.astype(np.float64), mg.astype(np.float64)
     gout = rng.normal(size=M)
-    shared = fc == "shared"
-    _, c = ref_head.forward(mp, mg, h, shared)
-    gmp, gmg, grads = ref_head.backward(gout, c)
+    _, c = oracle.head_forward(mp, mg, h, fc=fc)
+    gmp, gmg, grads = oracle.head_backward(gout, c)
 
     def loss_x(a, b):
-        return float(ref_head.forward(a, b, h, shared)[0] @ gout)
+        return float(oracle.head_forward(a, b, h, fc=fc)[0] @ gout)
 
-    np.testing.assert_allclose(
-        ref_head.numerical_grad(lambda a: loss_x(a, mg), mp), gmp, rtol=1e-5, atol=1e-7
-    )
-    np.testing.assert_allclose(
-        ref_head.numerical_grad(lambda b: loss_x(mp, b), mg), gmg, rtol=1e-5, atol=1e-7
-    )
+    np.testing.assert_allclose(oracle.numerical_grad(lambda a: loss_x(a, mg), mp), gmp, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(oracle.numerical_grad(lambda b: loss_x(mp, b), mg), gmg, rtol=1e-5, atol=1e-7)
     for k in PARAM_KEYS:
         base = {kk: np.asarray(v, np.float64) for kk, v in h.items()}
 
         def loss_p(v, k=k, base=base):
             hh = dict(base)
             hh[k] = v
-            return float(ref_head.forward(mp, mg, hh, shared)[0] @ gout)
+            return float(oracle.head_forward(mp, mg, hh, fc=fc)[0] @ gout)
 
-        num = ref_head.numerical_grad(loss_p, base[k])
+        num = oracle.numerical_grad(loss_p, base[k])
         np.testing.assert_allclose(num, grads[k], rtol=1e-5, atol=1e-7)
 
 
@@ -488,8 +483,8 @@ def test_property_vs_reference(M, S, shared, seed, scale):
     gout = rng.normal(size=M)
     out, cache = head_forward(mp, mg, h, fc=fc)
     gmp, gmg, g = head_backward(gout, cache)
-    ref, c = ref_head.forward(mp, mg, h0, shared)
-    rmp, rmg, rg = ref_head.backward(gout.astype(np.float32), c)
+    ref, c = oracle.head_forward(mp, mg, h0, fc=fc)
+    rmp, rmg, rg = oracle.head_backward(gout.astype(np.float32), c)
     _close(out, ref, atol_rel=1e-4)
     _close(gmp, rmp, atol_rel=1e-4)
     _close(gmg, rmg, atol_rel=1e-4)

@@ -1,4 +1,4 @@
-"""qaconv_gs.metrics against the loop references in ref_metrics.py and hand-computed cases."""
+"""qaconv_gs.metrics against the loop references in oracle/metrics.py and hand-computed cases."""
 
 import math
 import sys
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from oracle.metrics import cmc_map_ref, rerank_ref, verification_ref
 from qaconv_gs import metrics
 from qaconv_gs.metrics import cmc_map, rerank, scores_to_distances, verification
-from ref_metrics import cmc_map_ref, rerank_ref, verification_ref
 
 
 def assert_ranking_equal(res, ref):

@@ -4,11 +4,11 @@ reference, ties, the cap at N - 1 - k_nearest, gradients through mined candidate
 from __future__ import annotations
 
 import numpy as np
+import oracle
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from qaconv_gs.model import QAConvGS, _top_per_row
-from ref_model import ref_candidates, ref_normalize, ref_step
 from test_model import assert_close, head_before
 
 C, H, W = 4, 2, 3
@@ -51,8 +51,8 @@ def mining_model(N=30, k=3, k_mined=5, seed=0, **kw) -> QAConvGS:
 def ref_mined(X, E, base, m):
     """float64: per sample, aligned correlation of normalised maps with every normalised row, the m best
     outside `base`, ties to the lower id."""
-    Xn, _ = ref_normalize(np.asarray(X, np.float64).reshape(len(X), C, S))
-    En, _ = ref_normalize(np.asarray(E, np.float64).reshape(len(E), C, S))
+    Xn, _ = oracle.normalize(np.asarray(X, np.float64).reshape(len(X), C, S))
+    En, _ = oracle.normalize(np.asarray(E, np.float64).reshape(len(E), C, S))
     sc = np.einsum("bcs,ncs->bn", Xn, En)
     for b in range(len(X)):
         sc[b, base[b]] = -np.inf
@@ -68,13 +68,13 @@ def test_mined_candidates_follow_the_float64_reference():
     E = m.class_embed.copy()
     r = m.forward_backward(X, y)
     assert m.num_candidates == 1 + 3 + 5 and r.candidates.shape == (8, 9)
-    base = ref_candidates(y, m.class_neighbors)
+    base = oracle.candidates(y, m.class_neighbors)
     np.testing.assert_array_equal(r.candidates[:, :4], base)
     mined = r.candidates[:, 4:]
     want_ids, want_sc = ref_mined(X, E, base, 5)
     # float32 products may swap classes whose float64 scores are within round-off: compare scores
-    Xn, _ = ref_normalize(X.astype(np.float64).reshape(8, C, S))
-    En, _ = ref_normalize(E.astype(np.float64).reshape(-1, C, S))
+    Xn, _ = oracle.normalize(X.astype(np.float64).reshape(8, C, S))
+    En, _ = oracle.normalize(E.astype(np.float64).reshape(-1, C, S))
     got_sc = np.einsum("bcs,bkcs->bk", Xn, En[mined])
     np.testing.assert_allclose(got_sc, want_sc, atol=1e-5)
     for b in range(8):
@@ -123,7 +123,9 @@ def test_gradients_through_mined_candidates_match_the_oracle(fc, triplet):
     y = np.array([1, 1, 5, 5, 9, 9])
     head0, E0 = head_before(m), m.class_embed.copy()
     r = m.forward_backward(X, y)
-    ref = ref_step(X, y, E0, head0, m.class_neighbors, fc, triplet, m.triplet_weight, m.margin, r.candidates)
+    ref = oracle.forward_backward(
+        X, y, E0, head0, m.class_neighbors, fc, triplet, m.triplet_weight, m.margin, r.candidates
+    )
     for key in ("loss", "loss_cls", "loss_triplet"):
         assert getattr(r, key) == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
     assert_close(r.scores, ref["scores"])

@@ -7,19 +7,14 @@ import copy
 import threading
 
 import numpy as np
+import oracle
 import pytest
 import qaconv_gs.model as model_mod
 import qaconv_gs.neighbors as neighbors_mod
 from hypothesis import given
 from hypothesis import strategies as st
+from oracle import HEAD_PARAM_KEYS
 from qaconv_gs.model import IncompatibleKeys, QAConvGS, StepResult
-from ref_model import (
-    HEAD_PARAM_KEYS,
-    ref_candidates,
-    ref_eval_scores,
-    ref_step,
-    torch_step,
-)
 
 N, C, H, W, K_NN = 12, 8, 4, 3, 4
 S = H * W
@@ -254,7 +249,7 @@ def test_forward_backward_matches_float64_reference(fc, triplet):
     E0 = m.class_embed.copy()
     params0 = {k: v.copy() for k, v in m.parameters().items()}
     r = m.forward_backward(X, y)
-    ref = ref_step(X, y, E0, head0, m.class_neighbors, fc, triplet, m.triplet_weight, m.margin)
+    ref = oracle.forward_backward(X, y, E0, head0, m.class_neighbors, fc, triplet, m.triplet_weight, m.margin)
 
     assert isinstance(r, StepResult)
     for key in ("loss", "loss_cls", "loss_triplet"):
@@ -290,27 +285,32 @@ def test_forward_backward_matches_float64_reference(fc, triplet):
 @pytest.mark.parametrize("fc, triplet", CONFIGS)
 def test_forward_backward_matches_torch_autograd(fc, triplet):
     torch = pytest.importorskip("torch")
+    from benchmarks.torch_reference import torch_step  # the PyTorch twin of the benchmarks
+
     m = make_model(fc, triplet, seed=3)
     X, y = batch(seed=4, B=8)
     head0 = head_before(m)
     E0 = m.class_embed.copy()
     r = m.forward_backward(X, y)
-    loss, leaves, aux = torch_step(
-        torch, X, y, E0, head0, m.class_neighbors, fc, triplet, m.triplet_weight, m.margin
-    )
-    assert r.loss == pytest.approx(float(loss.detach()), rel=1e-4)
-    assert_close(r.scores, aux["scores"])
-    assert_close(r.grad_features, leaves["features"].grad.numpy())
-    assert_close(r.dense_grad_embed(N), leaves["class_embed"].grad.numpy())
+    t = torch_step(
+        torch, X, y, E0, head0, m.class_neighbors, fc=fc, triplet=triplet,
+        triplet_weight=m.triplet_weight, margin=m.margin, dtype=torch.float64, embed_grad="dense",
+    )  # fmt: skip
+    assert r.loss == pytest.approx(t["loss"], rel=1e-4)
+    assert_close(r.scores, t["scores"])
+    assert_close(r.grad_features, t["grad_features"])
+    dense = np.zeros_like(E0, dtype=np.float64)
+    dense[t["grad_embed_ids"]] = t["grad_embed_rows"]  # the dense leaf's gradient, candidate rows
+    assert_close(r.dense_grad_embed(N), dense)
     for k in HEAD_PARAM_KEYS:
-        np.testing.assert_allclose(r.grad_head[k], leaves[k].grad.numpy(), rtol=1e-4, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(r.grad_head[k], t["grad_head"][k], rtol=1e-4, atol=1e-6, err_msg=k)
     sd = m.state_dict()
-    for k, v in aux["running"].items():
+    for k, v in t["running"].items():
         np.testing.assert_allclose(sd[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
 
 
 def _ref_loss(X, y, E, head, nbr, fc, triplet):
-    return ref_step(X, y, E, head, nbr, fc, triplet)
+    return oracle.forward_backward(X, y, E, head, nbr, fc, triplet)
 
 
 @pytest.mark.parametrize("fc, triplet", [("separate", "class"), ("shared", "batch")])
@@ -386,7 +386,7 @@ def test_batch_of_one(triplet):
     head0 = head_before(m)
     E0 = m.class_embed.copy()
     r = m.forward_backward(X, y)
-    ref = ref_step(X, y, E0, head0, m.class_neighbors, "separate", triplet)
+    ref = oracle.forward_backward(X, y, E0, head0, m.class_neighbors, "separate", triplet)
     assert r.loss == pytest.approx(ref["loss"], rel=1e-4)
     assert_close(r.grad_features, ref["grad_features"])
     if triplet == "batch":
@@ -401,7 +401,7 @@ def test_batch_of_97_odd_sizes():
     head0 = head_before(m)
     E0 = m.class_embed.copy()
     r = m.forward_backward(X, y)
-    ref = ref_step(X, y, E0, head0, m.class_neighbors)
+    ref = oracle.forward_backward(X, y, E0, head0, m.class_neighbors)
     assert r.loss == pytest.approx(ref["loss"], rel=1e-4)
     assert_close(r.grad_features, ref["grad_features"])
     assert_close(r.dense_grad_embed(31), ref["grad_embed"])
@@ -422,7 +422,7 @@ def test_property_forward_backward_vs_reference(seed, B, fc, triplet, k):
     head0 = head_before(m)
     E0 = m.class_embed.copy()
     r = m.forward_backward(X, y)
-    ref = ref_step(X, y, E0, head0, m.class_neighbors, fc, triplet)
+    ref = oracle.forward_backward(X, y, E0, head0, m.class_neighbors, fc, triplet)
     if ref["argmax_gap"] < 1e-4:
         return  # a near-tie: float32 and float64 may pick different maxima, both correct
     assert r.loss == pytest.approx(ref["loss"], rel=1e-4, abs=1e-5)
@@ -615,7 +615,7 @@ def test_scores_and_dense_scores():
     s, cand = m.scores(X, y)
     np.testing.assert_array_equal(s, r.scores)
     np.testing.assert_array_equal(cand, r.candidates)
-    np.testing.assert_array_equal(cand, ref_candidates(y, m.class_neighbors))
+    np.testing.assert_array_equal(cand, oracle.candidates(y, m.class_neighbors))
     d = m.dense_scores(X, y)
     assert d.shape == (6, N) and d.dtype == np.float32
     mask = np.zeros((6, N), bool)
@@ -636,7 +636,7 @@ def test_match_against_reference_and_match_pairs():
     G = rng.standard_normal((7, C, H, W)).astype(np.float32)
     Sc = m.match(P, G)
     assert Sc.shape == (5, 7) and Sc.dtype == np.float32
-    assert_close(Sc, ref_eval_scores(P, G, head_before(m), "shared"))
+    assert_close(Sc, oracle.match(P, G, head_before(m), "shared"))
     pairs = m.match_pairs(P, G[:5])
     assert pairs.shape == (5,) and pairs.dtype == np.float32
     np.testing.assert_allclose(pairs, np.diag(Sc[:, :5]), rtol=1e-5, atol=1e-6)
@@ -824,7 +824,9 @@ def test_batch_triplet_with_two_samples_matches_reference():
         m = make_model("separate", "batch")
         head0, E0 = head_before(m), m.class_embed.copy()
         r = m.forward_backward(X, y)
-        ref = ref_step(X, y, E0, head0, m.class_neighbors, "separate", "batch", m.triplet_weight, m.margin)
+        ref = oracle.forward_backward(
+            X, y, E0, head0, m.class_neighbors, "separate", "batch", m.triplet_weight, m.margin
+        )
         assert r.loss_triplet == pytest.approx(ref["loss_triplet"], rel=1e-4, abs=1e-6)
         assert r.acc_triplet == ref["acc_triplet"]
         assert r.loss == pytest.approx(ref["loss"], rel=1e-4, abs=1e-6)

@@ -8,13 +8,14 @@ import sys
 import textwrap
 
 import numpy as np
+import oracle
 import pytest
 import qaconv_gs as qg
 from hypothesis import given
 from hypothesis import strategies as st
 from isa_levels import ISAS, at_isa
+from oracle import assert_neighbors_close
 from qaconv_gs.neighbors import _class_neighbors_ref
-from ref_neighbors import assert_neighbors_close, cosine64, knn64
 
 
 def _clustered(rng, n, d, centres=7, noise=0.6):
@@ -132,7 +133,7 @@ def test_never_self_even_when_self_would_win(rng):
 def test_c_reference_agrees_on_separated_data(rng):
     n, k = 101, 10
     E = rng.standard_normal((n, 64)).astype(np.float32)
-    ref_idx, ref_sim = knn64(E, k + 1)
+    ref_idx, ref_sim = oracle.class_neighbors(E, k + 1)
     gaps = -np.diff(ref_sim, axis=1)
     # precondition (fixed seed): no near-ties anywhere in the top k+1; both kernels are within
     # ~3e-8 of float64 here, so a 1e-6 gap cannot be reordered by rounding
@@ -262,7 +263,7 @@ def test_every_isa_agrees_with_c_reference(isa, rng):
     # similarities everywhere within the documented float32 panel-summation error
     n, k = 230, 10
     E = rng.standard_normal((n, 600)).astype(np.float32)
-    _, ref_sim = knn64(E, k + 1)
+    _, ref_sim = oracle.class_neighbors(E, k + 1)
     clear = (-np.diff(ref_sim, axis=1)).min(axis=1) > 1e-6  # rows without near-ties
     assert clear.mean() > 0.8
     i_fast, s_fast = qg.class_neighbors(E, k, return_similarity=True, n_threads=2)
@@ -473,9 +474,9 @@ def test_big_case_sampled_rows():
 
 
 def test_reference_helpers_self_check(rng):
-    # the oracle itself: knn64 agrees with a plain argsort on tie-free data, and excludes self
+    # the oracle itself: class_neighbors agrees with a plain argsort on tie-free data, and excludes self
     E = rng.standard_normal((30, 5))
-    S = cosine64(E)
+    S = oracle.cosine_similarity(E)
     np.fill_diagonal(S, -np.inf)
-    idx, sim = knn64(E, 4)
+    idx, sim = oracle.class_neighbors(E, 4)
     np.testing.assert_array_equal(idx, np.argsort(-S, axis=1, kind="stable")[:, :4])

@@ -8,11 +8,12 @@ from __future__ import annotations
 from . import _native, data, functional, metrics, optim
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import match
+from .history import History
 from .model import QAConvGS, StepResult
 from .neighbors import class_neighbors
 from .sampler import GraphSampler
 from .search import SearchResult, two_stage_search
-from .trainer import History, Trainer, lr_schedule
+from .trainer import Trainer, lr_schedule
 
 __version__ = "0.1.0"
 

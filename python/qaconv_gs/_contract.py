@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from . import losses as _losses
 from ._validate import as_float32, as_labels, check_int, check_real, resolve_threads, shape_str
 from .head import head_eval_affine
 
@@ -278,6 +279,39 @@ class ModelBase:
     def embed_grad_sqnorm(self, result: Any) -> float:
         """Squared L2 norm of ``result``'s class-embedding gradient (a one-process step: its rows)."""
         return sqnorm(np.asarray(result.grad_embed_rows, dtype=np.float32))
+
+    # the loss terms of a training step (the scores, and the in-batch pairs of triplet="batch", are the
+    # subclass's: a sharded model scores its own pairs and gathers them)
+
+    def _class_loss(self, scores: np.ndarray, nt: int) -> tuple[Any, float, float]:
+        """The restricted class loss of scores [B, K]: (ClassLoss, loss_triplet, acc_triplet). With
+        triplet="batch" its ranking term is off (weight 0) and the triplet values are 0 until
+        :meth:`_batch_triplet` gives them."""
+        if self.triplet == "class":
+            cl = _losses.class_loss(scores, self.margin, self.triplet_weight, n_threads=nt)
+            return cl, float(cl.loss_triplet), float(cl.acc_triplet)
+        return _losses.class_loss(scores, self.margin, 0.0, n_threads=nt), 0.0, 0.0
+
+    def _batch_triplet(
+        self, scores: np.ndarray, labels: np.ndarray, nt: int
+    ) -> tuple[float, float, np.ndarray]:
+        """The in-batch batch-hard triplet of square scores [B, B]: (loss, acc, gradient [B, B] float32,
+        already times triplet_weight)."""
+        tl, tgrad, tacc = _losses.batch_triplet(
+            scores, labels, self.margin, return_accuracy=True, n_threads=nt
+        )
+        return float(tl), float(tacc), np.asarray(tgrad, dtype=np.float32) * np.float32(self.triplet_weight)
+
+    def _loss_fields(self, cl: Any, loss_t: float, acc_t: float) -> dict[str, float]:
+        """The loss and accuracy fields of a StepResult."""
+        loss_cls = float(cl.loss_cls)
+        return {
+            "loss": loss_cls + self.triplet_weight * loss_t,
+            "loss_cls": loss_cls,
+            "loss_triplet": loss_t,
+            "acc_cls": float(cl.acc_cls),
+            "acc_triplet": acc_t,
+        }
 
     def _eval_affine(self) -> tuple[np.ndarray, float]:
         return eval_affine(self._head, self.S, self.fc)

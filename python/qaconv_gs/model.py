@@ -22,7 +22,6 @@ import numpy as np
 from . import _native
 from . import evaluate as _evaluate
 from . import head as _head
-from . import losses as _losses
 from . import matching as _matching
 from . import neighbors as _neighbors
 from ._contract import (
@@ -805,26 +804,18 @@ class QAConvGS(ModelBase):
         )
         extra_grad_xn = None
         extra_grad_head = None
-        if self.triplet == "class":
-            cl = _losses.class_loss(scores, self.margin, self.triplet_weight, n_threads=nt)
-            loss_t, acc_t = float(cl.loss_triplet), float(cl.acc_triplet)
-        else:
-            cl = _losses.class_loss(scores, self.margin, 0.0, n_threads=nt)
-            loss_t = acc_t = 0.0
-            if B >= 2:  # one sample has no in-batch pair to rank (and BN needs >= 2 values)
-                bmp, bmg, bap, bag = _native.match_maxima(Xn, Xn, True, nt)
-                bscores, bcache = _head.head_forward(bmp, bmg, head, fc=self.fc, training=True, n_threads=nt)
-                del bmp, bmg
-                tl, tgrad, tacc = _losses.batch_triplet(
-                    bscores, y, self.margin, return_accuracy=True, n_threads=nt
-                )
-                loss_t, acc_t = float(tl), float(tacc)
-                tgrad = np.asarray(tgrad, dtype=np.float32) * np.float32(self.triplet_weight)
-                gbmp, gbmg, extra_grad_head = _head.head_backward(tgrad, bcache, n_threads=nt)
-                gp, gg = _native.match_backward(Xn, Xn, gbmp, gbmg, bap, bag, nt)
-                gp += gg
-                extra_grad_xn = gp
-                del gbmp, gbmg, bap, bag, gg
+        cl, loss_t, acc_t = self._class_loss(scores, nt)
+        # one sample has no in-batch pair to rank (and BN needs >= 2 values)
+        if self.triplet == "batch" and B >= 2:
+            bmp, bmg, bap, bag = _native.match_maxima(Xn, Xn, True, nt)
+            bscores, bcache = _head.head_forward(bmp, bmg, head, fc=self.fc, training=True, n_threads=nt)
+            del bmp, bmg
+            loss_t, acc_t, tgrad = self._batch_triplet(bscores, y, nt)
+            gbmp, gbmg, extra_grad_head = _head.head_backward(tgrad, bcache, n_threads=nt)
+            gp, gg = _native.match_backward(Xn, Xn, gbmp, gbmg, bap, bag, nt)
+            gp += gg
+            extra_grad_xn = gp
+            del gbmp, gbmg, bap, bag, gg
         _lap(laps, "loss")
         gmp, gmg, grad_head = _head.head_backward(cl.grad, cache, n_threads=nt)
         del cache
@@ -858,13 +849,8 @@ class QAConvGS(ModelBase):
         grad_x = _normalize_backward_inplace(gXn, Xn, Xn_norms, nt)
         del Xn
         _lap(laps, "normalize backward")
-        loss_cls = float(cl.loss_cls)
         out = StepResult(
-            loss=loss_cls + self.triplet_weight * loss_t,
-            loss_cls=loss_cls,
-            loss_triplet=loss_t,
-            acc_cls=float(cl.acc_cls),
-            acc_triplet=acc_t,
+            **self._loss_fields(cl, loss_t, acc_t),
             scores=np.asarray(scores, dtype=np.float32).reshape(B, -1),
             candidates=cand,
             grad_features=grad_x.reshape(B, C, self.height, self.width),

@@ -1,5 +1,9 @@
 """Trainer: the training loop around :class:`qaconv_gs.optim.SGD`: learning-rate schedules, clipping, an
-epoch loop that refreshes the model's class neighbours, callbacks, a training history and exact resume."""
+epoch loop that refreshes the model's class neighbours, callbacks, a training history and exact resume.
+
+The optimiser lives in ``optim.py``, the data shapes ``fit`` accepts in ``_data_sources.py``, the
+:class:`History` it records in ``history.py`` (re-exported here), the checkpoint layouts in ``checkpoint.py``
+and ``distributed/checkpoint.py``, what the loop may ask of a model in ``_contract.py``."""
 
 from __future__ import annotations
 
@@ -7,132 +11,21 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from . import checkpoint as _ckpt
 from ._contract import TrainableModel, as_trainable, sqnorm
-from ._validate import as_float32, as_labels, check_int, check_real
+from ._data_sources import epoch_batches, unpack
+from ._validate import check_int, check_real
+from .history import STEP_KEYS, History
 from .optim import SGD, ScheduleSpec, lr_schedule
 
 __all__ = ["History", "Trainer", "lr_schedule"]
 
-_STEP_KEYS = ("loss", "loss_cls", "loss_triplet", "acc_cls", "acc_triplet")
 _EMBED = "class_embed"  # the row-sparse parameter
-
-
-# --------------------------------------------------------------------------------------------------------
-# history
-# --------------------------------------------------------------------------------------------------------
-
-
-class History:
-    """What happened during training.
-
-    ``steps``: dict of equally long lists, one entry per optimizer step: ``step`` (1-based global step),
-    ``epoch``, ``batch_size``, ``loss``, ``loss_cls``, ``loss_triplet``, ``acc_cls``, ``acc_triplet``, ``lr``,
-    ``grad_norm`` (before clipping) and ``time`` (seconds for the step).
-
-    ``epochs``: one dict per finished epoch: ``epoch``, ``steps``, ``samples``, the sample-weighted means of
-    the five step metrics, ``lr``, ``neighbor_change`` (the model's fraction of neighbour-table entries that
-    changed at this epoch's refresh; NaN when unknown) and ``time`` (seconds), plus whatever ``on_epoch_end``
-    callbacks added to the ``stats`` dict they receive (e.g. a held-out ``rank1``).
-    """
-
-    def __init__(self) -> None:
-        self.steps: dict[str, list[float]] = {
-            k: [] for k in ("step", "epoch", "batch_size", *_STEP_KEYS, "lr", "grad_norm", "time")
-        }
-        self.epochs: list[dict[str, Any]] = []
-
-    def __len__(self) -> int:
-        return len(self.epochs)
-
-    def epoch_values(self, key: str) -> np.ndarray:
-        """Per-epoch values of ``key`` as a float64 array (NaN where an epoch lacks it)."""
-        return np.array([_as_float(e.get(key)) for e in self.epochs], dtype=np.float64)
-
-    def to_dict(self) -> dict[str, Any]:
-        steps = {k: list(v) for k, v in self.steps.items()}
-        return {"steps": steps, "epochs": [dict(e) for e in self.epochs]}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> History:
-        h = cls()
-        for k, v in d.get("steps", {}).items():
-            h.steps[k] = list(v)
-        h.epochs = [dict(e) for e in d.get("epochs", [])]
-        return h
-
-    def __repr__(self) -> str:
-        if not self.epochs:
-            return f"History(epochs=0, steps={len(self.steps['step'])})"
-        last = self.epochs[-1]
-        return (
-            f"History(epochs={len(self.epochs)}, steps={len(self.steps['step'])}, "
-            f"last: loss={last['loss']:.4f}, acc_cls={last['acc_cls']:.3f})"
-        )
-
-    def plot(self, path: str | os.PathLike, title: str | None = None) -> str:
-        """Write a PNG with the loss curves (left) and the accuracy curves (right) to ``path``.
-
-        Per-step values are drawn faintly, per-epoch means as lines with markers, at x = epoch (steps at
-        fractional epochs). Extra per-epoch metrics added by callbacks whose values lie in [0, 1] (such as
-        a held-out ``rank1``) join the accuracy panel. Uses matplotlib's Agg canvas directly, so the global
-        pyplot backend is left alone. Returns the path.
-        """
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(11, 4.2), dpi=110)
-        FigureCanvasAgg(fig)
-        ax_loss, ax_acc = fig.subplots(1, 2)
-        step_epoch = np.asarray(self.steps["epoch"], dtype=np.float64)
-        x_steps = np.zeros_like(step_epoch)
-        for e in np.unique(step_epoch):
-            sel = np.flatnonzero(step_epoch == e)
-            x_steps[sel] = e + (np.arange(sel.size) + 1) / sel.size
-        x_epochs = self.epoch_values("epoch") + 1.0
-        colors = {"loss": "C0", "loss_cls": "C1", "loss_triplet": "C2", "acc_cls": "C1", "acc_triplet": "C2"}
-        panels = ((ax_loss, ("loss", "loss_cls", "loss_triplet")), (ax_acc, ("acc_cls", "acc_triplet")))
-        for ax, keys in panels:
-            for k in keys:
-                if x_steps.size:
-                    ax.plot(x_steps, self.steps[k], color=colors[k], alpha=0.25, linewidth=0.8)
-                if x_epochs.size:
-                    style = "^--" if k.endswith("triplet") else "o-"  # acc_triplet often equals acc_cls
-                    ax.plot(x_epochs, self.epoch_values(k), style, color=colors[k], label=k)
-        known = {"epoch", "steps", "samples", "lr", "neighbor_change", "time", *_STEP_KEYS}
-        extras = sorted({k for e in self.epochs for k in e} - known)
-        for i, k in enumerate(extras):
-            vals = self.epoch_values(k)
-            finite = vals[np.isfinite(vals)]
-            if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
-                ax_acc.plot(x_epochs, vals, "s--", color=f"C{3 + i}", label=k)
-        losses = np.asarray(self.steps["loss"], dtype=np.float64)
-        if losses.size and losses.min() > 0 and losses.max() / losses.min() > 100:
-            ax_loss.set_yscale("log")  # losses fall by orders of magnitude; keep the tail readable
-        ax_loss.set_title("loss")
-        ax_acc.set_title("accuracy")
-        ax_acc.set_ylim(-0.02, 1.02)
-        for ax in (ax_loss, ax_acc):
-            ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(loc="best", fontsize=8)
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
-        path = os.fspath(path)
-        fig.savefig(path, format="png")
-        return path
-
-
-# --------------------------------------------------------------------------------------------------------
-# the trainer
-# --------------------------------------------------------------------------------------------------------
 
 
 class Trainer:
@@ -352,54 +245,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ fitting
 
-    def _epoch_batches(self, data: Any, epochs: int) -> Callable[[int], tuple[Iterable, int | None]]:
-        """Normalise ``data`` into ``epoch -> (iterable of (features, labels), length or None)``."""
-        if isinstance(data, tuple) and len(data) == 3 and not _looks_like_batch(data[2]):
-            features = as_float32(data[0], "features", 4)
-            labels = as_labels(data[1], "labels", n=features.shape[0])
-            sampler = data[2]
-            if isinstance(sampler, (int, np.integer)) and not isinstance(sampler, bool):
-                batch_size = check_int(sampler, "batch_size", lo=1)
-                n = features.shape[0]
-
-                def shuffled(epoch: int) -> tuple[Iterable, int]:
-                    order = np.random.default_rng([self.seed, epoch]).permutation(n)
-                    chunks = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-                    return ((features[c], labels[c]) for c in chunks), len(chunks)
-
-                return shuffled
-            if not hasattr(sampler, "__iter__"):
-                raise TypeError(
-                    "data: expected (features, labels, sampler) with a sampler yielding index arrays "
-                    f"(e.g. GraphSampler) or an int batch size, got {type(sampler).__name__}"
-                )
-
-            def sampled(epoch: int) -> tuple[Iterable, int | None]:
-                if hasattr(sampler, "set_epoch"):
-                    sampler.set_epoch(epoch)
-                size = len(sampler) if hasattr(sampler, "__len__") else None
-                return ((features[idx], labels[idx]) for idx in (np.asarray(i) for i in sampler)), size
-
-            return sampled
-        if callable(data):
-
-            def called(epoch: int) -> tuple[Iterable, int | None]:
-                batches = data(epoch)
-                return batches, (len(batches) if hasattr(batches, "__len__") else None)
-
-            return called
-        if not hasattr(data, "__iter__"):
-            raise TypeError(
-                "data: expected an iterable of (features, labels) batches, a callable epoch -> iterable, or "
-                f"(features, labels, sampler), got {type(data).__name__}"
-            )
-        if iter(data) is data and epochs > 1:
-            raise TypeError(
-                "data: a one-shot iterator (e.g. a generator) cannot be re-iterated for several epochs; pass "
-                "a list, a callable epoch -> iterable, or (features, labels, sampler)"
-            )
-        return lambda epoch: (data, len(data) if hasattr(data, "__len__") else None)
-
     def fit(
         self,
         data: Any,
@@ -431,7 +276,7 @@ class Trainer:
         """
         epochs = check_int(epochs, "epochs", lo=0)
         callbacks = list(callbacks or [])
-        source = self._epoch_batches(data, epochs)
+        source = epoch_batches(data, epochs, lambda: self.seed)
         self.stop_training = False
         for _ in range(epochs):
             epoch = self.epoch
@@ -441,12 +286,12 @@ class Trainer:
             self._model.on_epoch_start()
             _call(callbacks, "on_epoch_start", self, epoch)
             batches, total = source(epoch)
-            sums = dict.fromkeys(_STEP_KEYS, 0.0)
+            sums = dict.fromkeys(STEP_KEYS, 0.0)
             n_steps = n_samples = 0
             bar = _progress_bar(progress and self.rank == 0, total, f"epoch {epoch + 1}")
             try:
                 for batch in batches:
-                    features, labels = _unpack(batch)
+                    features, labels = unpack(batch)
                     t0 = time.perf_counter()
                     result = self.step(features, labels)
                     dt = time.perf_counter() - t0
@@ -456,7 +301,7 @@ class Trainer:
                     self._record_step(epoch, bsz, result, dt)
                     n_steps += 1
                     n_samples += bsz
-                    for k in _STEP_KEYS:
+                    for k in STEP_KEYS:
                         sums[k] += float(getattr(result, k)) * bsz
                     if bar is not None:
                         bar.update(1)
@@ -478,7 +323,7 @@ class Trainer:
                 "epoch": epoch,
                 "steps": n_steps,
                 "samples": n_samples,
-                **{k: (sums[k] / n_samples if n_samples else float("nan")) for k in _STEP_KEYS},
+                **{k: (sums[k] / n_samples if n_samples else float("nan")) for k in STEP_KEYS},
                 "lr": self.lr,
                 "neighbor_change": float("nan") if change is None else float(change),
                 "time": time.perf_counter() - t_epoch,
@@ -495,7 +340,7 @@ class Trainer:
         s["step"].append(self.global_step)
         s["epoch"].append(epoch)
         s["batch_size"].append(bsz)
-        for k in _STEP_KEYS:
+        for k in STEP_KEYS:
             s[k].append(float(getattr(result, k)))
         s["lr"].append(self.lr)
         s["grad_norm"].append(self.last_grad_norm)
@@ -620,30 +465,6 @@ class Trainer:
 # --------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------
-
-
-def _as_float(v: object) -> float:
-    try:
-        return float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def _looks_like_batch(x: object) -> bool:
-    """True for a (features, labels) pair or an array (so a 3-tuple of batches is not a sampler tuple)."""
-    return isinstance(x, (tuple, list, np.ndarray)) or (hasattr(x, "shape") and hasattr(x, "dtype"))
-
-
-def _unpack(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, Mapping):
-        return batch["features"], batch["labels"]
-    try:
-        features, labels = batch
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"data: each batch must be a (features, labels) pair, got {type(batch).__name__}"
-        ) from None
-    return features, labels
 
 
 def _call(callbacks: Sequence[Any], method: str, *args: Any) -> None:

@@ -28,7 +28,6 @@ import numpy as np
 from .. import _native
 from .. import evaluate as _evaluate
 from .. import head as _head
-from .. import losses as _losses
 from .. import matching as _matching
 from .._contract import (
     ARCH_KEYS,
@@ -662,38 +661,27 @@ class ShardedQAConvGS(ModelBase):
         extra_head = None
         extra_own = None  # [B_r] feature-grad contribution computed here for own samples
         extra_part = None  # (sample ids, rows) partials for any sample
-        if self.triplet == "class":
-            cl = _losses.class_loss(scores, self.margin, self.triplet_weight, n_threads=nt)
-            loss_t, acc_t = float(cl.loss_triplet), float(cl.acc_triplet)
-        else:
-            cl = _losses.class_loss(scores, self.margin, 0.0, n_threads=nt)
-            loss_t = acc_t = 0.0
-            if B >= 2:
-                if Br:
-                    bmp, bmg, bap, bag = _matching.pair_maxima(Xn_r, Xn, return_argmax=True, n_threads=nt)
-                else:  # no probe here, but the head statistics and gathers below are collective
-                    bmp = bmg = np.empty((0, B, S), np.float32)
-                    bap = bag = np.empty((0, B, S), np.uint16)
-                b_r, bcache = sharded_head_forward(
-                    bmp.reshape(-1, S), bmg.reshape(-1, S), head, self.fc, comm
+        cl, loss_t, acc_t = self._class_loss(scores, nt)
+        if self.triplet == "batch" and B >= 2:
+            if Br:
+                bmp, bmg, bap, bag = _matching.pair_maxima(Xn_r, Xn, return_argmax=True, n_threads=nt)
+            else:  # no probe here, but the head statistics and gathers below are collective
+                bmp = bmg = np.empty((0, B, S), np.float32)
+                bap = bag = np.empty((0, B, S), np.uint16)
+            b_r, bcache = sharded_head_forward(bmp.reshape(-1, S), bmg.reshape(-1, S), head, self.fc, comm)
+            bscores = comm.allgather_concat(b_r.reshape(X.shape[0], B))
+            loss_t, acc_t, tgrad = self._batch_triplet(bscores, y, nt)
+            gbmp, gbmg, extra_head = sharded_head_backward(
+                tgrad[off : off + X.shape[0]].reshape(-1), bcache, comm
+            )
+            if Br:
+                gp, gg = _matching.pair_maxima_backward(
+                    gbmp.reshape(bmp.shape), gbmg.reshape(bmg.shape), bap, bag, Xn_r, Xn, n_threads=nt
                 )
-                bscores = comm.allgather_concat(b_r.reshape(X.shape[0], B))
-                tl, tgrad, tacc = _losses.batch_triplet(
-                    bscores, y, self.margin, return_accuracy=True, n_threads=nt
-                )
-                loss_t, acc_t = float(tl), float(tacc)
-                tgrad = np.asarray(tgrad, dtype=np.float32) * np.float32(self.triplet_weight)
-                gbmp, gbmg, extra_head = sharded_head_backward(
-                    tgrad[off : off + X.shape[0]].reshape(-1), bcache, comm
-                )
-                if Br:
-                    gp, gg = _matching.pair_maxima_backward(
-                        gbmp.reshape(bmp.shape), gbmg.reshape(bmg.shape), bap, bag, Xn_r, Xn, n_threads=nt
-                    )
-                else:
-                    gp, gg = np.empty_like(Xn_r), np.zeros_like(Xn)
-                extra_own = gp
-                extra_part = (np.arange(B, dtype=np.int64), gg)
+            else:
+                gp, gg = np.empty_like(Xn_r), np.zeros_like(Xn)
+            extra_own = gp
+            extra_part = (np.arange(B, dtype=np.int64), gg)
 
         gmp, gmg, grad_head = sharded_head_backward(cl.grad[pb, pj], hcache, comm)
         if extra_head is not None:
@@ -721,15 +709,10 @@ class ShardedQAConvGS(ModelBase):
         else:
             gXn_r = self._to_owners(gx_part, ub.astype(np.int64), counts)
         grad_x = _matching.normalize_backward(gXn_r, Xn_r, norms_r, n_threads=nt) if Br else gXn_r
-        loss_cls = float(cl.loss_cls)
         sl = slice(off, off + X.shape[0])
         sq = float(comm.allreduce_sum(np.array([np.square(grad_rows, dtype=np.float64).sum()]))[0])
         return ShardedStepResult(
-            loss=loss_cls + self.triplet_weight * loss_t,
-            loss_cls=loss_cls,
-            loss_triplet=loss_t,
-            acc_cls=float(cl.acc_cls),
-            acc_triplet=acc_t,
+            **self._loss_fields(cl, loss_t, acc_t),
             scores=scores[sl].copy(),
             candidates=cand[sl].copy(),
             grad_features=grad_x,

@@ -1,21 +1,21 @@
-"""NumPy float64 reference for class_neighbors, and a tie-tolerant comparison."""
+"""Float64 reference of functional.class_neighbors (brute force), and a tie-tolerant comparison."""
 
 from __future__ import annotations
 
 import numpy as np
 
 
-def cosine64(E) -> np.ndarray:
+def cosine_similarity(E) -> np.ndarray:
     """[N, N] float64 cosine similarities of the flattened rows (x / max(||x||, 1e-12))."""
     X = np.asarray(E, dtype=np.float64).reshape(len(E), -1)
     X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
     return X @ X.T
 
 
-def knn64(E, k: int) -> tuple[np.ndarray, np.ndarray]:
+def class_neighbors(E, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute force: for each row the k most similar other rows (self excluded by index), ordered by
     (similarity desc, index asc). Returns (idx [N, k] int64, sim [N, k] float64)."""
-    S = cosine64(E)
+    S = cosine_similarity(E)
     n = S.shape[0]
     idx = np.empty((n, k), dtype=np.int64)
     for i in range(n):
@@ -38,8 +38,8 @@ def assert_neighbors_close(idx, sim, E, k: int, rtol: float = 1e-5, atol: float 
     idx = np.asarray(idx)
     n = len(E)
     assert idx.shape == (n, k) and idx.dtype == np.int64
-    S = cosine64(E)
-    ref_idx, ref_sim = knn64(E, k)
+    S = cosine_similarity(E)
+    ref_idx, ref_sim = class_neighbors(E, k)
     rows = np.arange(n)[:, None]
     assert not (idx == rows).any(), "a class is its own neighbour"
     assert ((idx >= 0) & (idx < n)).all()

@@ -1,8 +1,19 @@
-"""NumPy float64 references of the fused losses (value, accuracy, gradient), written from the formulas."""
+"""Float64 references of the fused losses (value, accuracy, gradient), written from the formulas."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
+from qaconv_gs.functional import ClassLoss  # the record only (its fields, here float64)
+
+
+class BatchTriplet(NamedTuple):
+    loss: float
+    acc: float
+    n_valid: int
+    grad: np.ndarray  # [B, B]
+    hinge: np.ndarray  # [B] margin - pos + neg of the rows having both, NaN elsewhere
 
 
 def _softplus(x):
@@ -18,9 +29,9 @@ def _sigmoid(x):
     return out
 
 
-def class_loss(s, margin=1.0, triplet_weight=0.5):
-    """-> (loss, loss_cls, loss_triplet, acc_cls, acc_triplet, grad)."""
-    s = np.asarray(s, np.float64)
+def class_loss(scores, margin=1.0, triplet_weight=0.5) -> ClassLoss:
+    """Restricted scores [B, K], target column 0: CE over the K candidates + weight * margin ranking."""
+    s = np.asarray(scores, np.float64)
     B, K = s.shape
     mx = s.max(axis=1, keepdims=True)
     e = np.exp(s - mx)
@@ -39,12 +50,12 @@ def class_loss(s, margin=1.0, triplet_weight=0.5):
     grad /= B
     acc_cls = float(np.mean(np.argmax(s, axis=1) == 0))
     acc_tri = float(np.mean(s[:, 0] > neg))
-    return lc.mean() + triplet_weight * lt.mean(), lc.mean(), lt.mean(), acc_cls, acc_tri, grad
+    return ClassLoss(lc.mean() + triplet_weight * lt.mean(), lc.mean(), lt.mean(), acc_cls, acc_tri, grad)
 
 
-def batch_triplet(s, labels, margin=16.0):
-    """-> (loss, acc, n_valid, grad)."""
-    s = np.asarray(s, np.float64)
+def batch_triplet(scores, labels, margin=16.0) -> BatchTriplet:
+    """Batch-hard triplet over square scores [B, B]: hardest positive (diagonal excluded) and negative."""
+    s = np.asarray(scores, np.float64)
     labels = np.asarray(labels)
     B = s.shape[0]
     same = labels[:, None] == labels[None, :]
@@ -53,11 +64,13 @@ def batch_triplet(s, labels, margin=16.0):
     valid = posmask.any(1) & negmask.any(1)
     nv = int(valid.sum())
     grad = np.zeros_like(s)
+    hinge = np.full(B, np.nan)
     loss = acc = 0.0
     for b in np.flatnonzero(valid):
         jp = np.flatnonzero(posmask[b])[np.argmin(s[b, posmask[b]])]
         jn = np.flatnonzero(negmask[b])[np.argmax(s[b, negmask[b]])]
         h = margin - s[b, jp] + s[b, jn]
+        hinge[b] = h
         loss += max(h, 0.0)
         acc += float(s[b, jp] > s[b, jn])
         if h > 0:
@@ -66,12 +79,12 @@ def batch_triplet(s, labels, margin=16.0):
     if nv:
         loss /= nv
         acc /= nv
-    return loss, acc, nv, grad
+    return BatchTriplet(loss, acc, nv, grad, hinge)
 
 
-def pairwise_bce(s, labels, gallery_labels=None):
+def pairwise_bce(scores, labels, gallery_labels=None):
     """-> (loss, acc, grad)."""
-    s = np.asarray(s, np.float64)
+    s = np.asarray(scores, np.float64)
     lp = np.asarray(labels)
     lg = lp if gallery_labels is None else np.asarray(gallery_labels)
     t = (lp[:, None] == lg[None, :]).astype(np.float64)
@@ -84,9 +97,9 @@ def pairwise_bce(s, labels, gallery_labels=None):
     return loss, acc / s.shape[0], grad
 
 
-def focal(s, targets, gamma=2.0):
+def focal_class_memory(scores, targets, gamma=2.0):
     """-> (loss, acc, grad); gradient from the product rule on bce * q**gamma."""
-    s = np.asarray(s, np.float64)
+    s = np.asarray(scores, np.float64)
     B, N = s.shape
     t = np.zeros_like(s)
     t[np.arange(B), np.asarray(targets)] = 1
