@@ -375,6 +375,42 @@ def run(args) -> dict:
         "map_shape": shape,
         "sizes": per_size,
         "rows": rows,
+        "smallest_gallery": evaluate_smallest(probe, pool[: sizes[0]], labels[: sizes[0]], plab, head, args),
+    }
+
+
+def evaluate_smallest(probe, gallery, glab, plab, head, args) -> dict:
+    """The field's reports on the smallest gallery, from its full [P, G] QAConv scores: CMC / mAP
+    (metrics.cmc_map; every gallery map of the probe's class a true match, no cameras) and verification
+    (metrics.verification) on every same-class pair plus as many different-class pairs drawn at random."""
+    import qaconv_gs as qg
+    from qaconv_gs import metrics
+
+    S = np.asarray(qg.match(probe, gallery, head, n_threads=args.threads), dtype=np.float64)
+    rank = metrics.cmc_map(S, plab, glab, max_rank=TOP)
+    same = plab[:, None] == glab[None, :]
+    pos = np.flatnonzero(same.ravel())
+    rng = np.random.default_rng(args.seed + 2)
+    neg = rng.choice(np.flatnonzero(~same.ravel()), size=min(pos.size, int((~same).sum())), replace=False)
+    pairs = rng.permutation(np.concatenate([pos, neg]))  # LFW-style folds need both kinds in every fold
+    ver = metrics.verification(S.ravel()[pairs], same.ravel()[pairs])
+    print(
+        f"G = {gallery.shape[0]:,}, full scores: rank-1 {rank.rank(1):.3f}, mAP {rank.mAP:.3f}; verification "
+        f"on {pairs.size} pairs: 10-fold accuracy {ver.accuracy:.3f} +- {ver.accuracy_std:.3f}, "
+        f"TAR@FAR=1e-2 {ver.tar_at_far[1e-2]:.3f}, EER {ver.eer:.3f}, AUC {ver.auc:.3f}",
+        flush=True,
+    )
+    return {
+        "G": int(gallery.shape[0]),
+        "cmc": rank.cmc.tolist(),
+        "mAP": rank.mAP,
+        "pairs": int(pairs.size),
+        "accuracy": ver.accuracy,
+        "accuracy_std": ver.accuracy_std,
+        "tar_at_far": {str(k): v for k, v in ver.tar_at_far.items()},
+        "eer": ver.eer,
+        "auc": ver.auc,
+        "roc": {"fpr": ver.fpr.tolist(), "tpr": ver.tpr.tolist()},
     }
 
 
@@ -520,6 +556,19 @@ def plot_cmc(report: dict) -> Path | None:
         curves[f"G = {G:,}, exhaustive"] = result(sz["cmc_exhaustive"])
         if rows:
             curves[f"G = {G:,}, two-stage (grid {grid}, R = {R})"] = result(rows[0]["cmc"])
+    sm = report.get("smallest_gallery")
+    if sm:
+        from qaconv_gs.metrics import VerificationResult, plot_roc
+
+        ver = VerificationResult(
+            sm["accuracy"], sm["accuracy_std"], np.zeros(0), np.zeros(0), np.asarray(sm["roc"]["fpr"]),
+            np.asarray(sm["roc"]["tpr"]), np.zeros(0), {}, sm["eer"], sm["auc"],
+        )  # fmt: skip
+        plot_roc(
+            {f"G = {sm['G']:,}, {sm['pairs']} pairs": ver},
+            OUT_DIR / "bench_search_roc.png",
+            title=f"verification, {report['data']} maps ({report['facts'].get('matcher', 'random')} matcher)",
+        )
     path = OUT_DIR / "bench_search_cmc.png"
     plot_cmc(
         curves, path, title=f"CMC, {report['data']} maps ({report['facts'].get('matcher', 'random')} matcher)"
