@@ -32,9 +32,10 @@ typedef struct qg_pairs_job {
 } qg_pairs_job;
 
 /*
- * Generic backward over "rows": row t owns output map out[t] (C x S); its contributions are the
+ * Generic backward over "rows": row t owns output map out[rowid[t]] (C x S); its contributions are the
  * pairs list[off[t]..off[t+1]) (pair ids in the order to sum), each with far-side map
- * far[farid(pair)]. Work items are (row, channel block).
+ * far[farid(pair)]. How an engine splits the rows into work items is its own choice (portable: (row,
+ * channel block), or whole rows with ytab; AVX2: runs of rows that read the same far maps).
  */
 typedef struct qg_bwd_job {
     int64_t nrows;
@@ -53,7 +54,8 @@ typedef struct qg_bwd_job {
     float *out;
     /* Optional (NULL: off): after an output map is complete, the engine applies the normalisation backward
      * to it in place, with y rebuilt from the raw table: out map m <- norm_bwd(out[m], ytab[yrow[m]],
-     * ynorm[m]), the bits of qg_norm_backward_rows_f32 on the finished output. */
+     * ynorm[m]), the bits of qg_norm_backward_rows_f32 on the finished output. Maps of no row are not
+     * touched (the restricted driver zeroes them; zeros stay zeros through the normalisation backward). */
     const float *ytab;
     const int64_t *yrow;
     const float *ynorm;
