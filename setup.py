@@ -102,8 +102,10 @@ class BuildExt(build_ext):
 
 omp = ["-fopenmp"] if USE_OPENMP else []
 sanitize_link = ["-fsanitize=" + os.environ["QG_SANITIZE"]] if os.environ.get("QG_SANITIZE") else []
-sources = ["python/qaconv_gs/_native.c"] + sorted(glob.glob("csrc/*.c"))
-depends = sorted(glob.glob("csrc/*.h"))
+# The bindings (python/qaconv_gs/_native.c, the module, and one _native_<family>.c per kernel family) and the
+# kernels (csrc/).
+sources = sorted(glob.glob("python/qaconv_gs/_native*.c")) + sorted(glob.glob("csrc/*.c"))
+depends = sorted(glob.glob("python/qaconv_gs/_native*.h")) + sorted(glob.glob("csrc/*.h"))
 
 ext = Extension(
     "qaconv_gs._native",

@@ -1,9 +1,9 @@
 /*
- * qg_match_avx2.c - AVX2 + FMA engines of qg_match.h: the fused correlation + two-way max (the engine of
- * qg_match_simd.h with a 6 x 16 tile in 12 ymm accumulators), the backward through the argmax and
- * the normalisation work items. Compiled with -mavx2 -mfma (setup.py, x86-64 only) and chosen at run
- * time through the tables in qg_match.c when ctx->isa >= QG_ISA_AVX2 (the backward and normalisation
- * items also on AVX-512 CPUs); elsewhere this file compiles to nothing.
+ * qg_match_avx2.c - the AVX2 + FMA record of the match family (qg_match_kernels_avx2, qg_match_impl.h):
+ * the fused correlation + two-way max (the engine of qg_match_simd.h with a 6 x 16 tile in 12 ymm
+ * accumulators), the backward through the argmax and the normalisation work items. Compiled with
+ * -mavx2 -mfma (setup.py, x86-64 only); qg_match.c picks the record when ctx->isa is QG_ISA_AVX2, and the
+ * AVX-512 record reuses its backward and normalisation items. Elsewhere this file compiles to nothing.
  */
 #include "qg_match_impl.h"
 
@@ -589,5 +589,12 @@ void qg_norm_bwd_item_avx2(const float *gym, const float *ym, int raw, const flo
         }
     }
 }
+
+const qg_match_kernels qg_match_kernels_avx2 = {
+    .pairs = qg_match_pairs_avx2,
+    .bwd = qg_match_bwd_avx2,
+    .norm_fwd_item = qg_norm_fwd_item_avx2,
+    .norm_bwd_item = qg_norm_bwd_item_avx2,
+};
 
 #endif /* __AVX2__ && __FMA__ */

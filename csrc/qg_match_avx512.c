@@ -5,11 +5,10 @@
  * loads and six broadcasts for 12 half-width FMAs: fewer instructions per FLOP on CPUs whose 512-bit
  * FMA rate equals the 256-bit one (Zen 4), twice the FLOPs per cycle where it is double (Intel server
  * cores). Every Z element is the same float32 FMA chain over c as in the AVX2 engine, so the two give
- * the same bits. The backward and the normalisation items stay the AVX2 ones on AVX-512 CPUs (they
- * are bound by memory traffic and double-precision conversions, not by vector width).
- * Compiled with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx2 -mfma (setup.py, x86-64 only) and
- * chosen at run time through the table in qg_match.c when ctx->isa >= QG_ISA_AVX512; elsewhere this
- * file compiles to nothing.
+ * the same bits. The file's record, qg_match_kernels_avx512, names the AVX2 backward and normalisation
+ * items (they are bound by memory traffic and double-precision conversions, not by vector width).
+ * Compiled with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx2 -mfma (setup.py, x86-64 only);
+ * qg_match.c picks the record when ctx->isa >= QG_ISA_AVX512. Elsewhere this file compiles to nothing.
  */
 #include "qg_match_impl.h"
 
@@ -57,5 +56,12 @@ QG_AI void qg_ukernel(const float *restrict a, const float *restrict b, int64_t 
 }
 
 #include "qg_match_simd.h"
+
+const qg_match_kernels qg_match_kernels_avx512 = {
+    .pairs = qg_match_pairs_avx512,
+    .bwd = qg_match_bwd_avx2,              /* reused: qg_match_avx2.c */
+    .norm_fwd_item = qg_norm_fwd_item_avx2, /* reused */
+    .norm_bwd_item = qg_norm_bwd_item_avx2, /* reused */
+};
 
 #endif /* AVX-512 F/DQ/VL + FMA */

@@ -1,7 +1,8 @@
 /*
- * qg_match_impl.h - internal interface between the portable pair-maxima driver (qg_match.c) and
- * its ISA-specific engines (qg_match_avx2.c). Not part of the kernel API; include only from
- * qg_match*.c.
+ * qg_match_impl.h - private to qg_match*.c: the jobs the drivers (qg_match.c) hand to the engines, the
+ * contract every engine honours, and the one record of engines per ISA level (qg_match_kernels):
+ * portable (qg_match_portable.c), AVX2 (qg_match_avx2.c), AVX-512 (qg_match_avx512.c). Not part of the
+ * kernel API.
  *
  * A job is a validated list of pairs: pair q (0 <= q < nA*K) is A[q / K] against
  * B[cand ? cand[q] : q % K] (all pairs: cand == NULL and K == nB). Outputs are either the maxima
@@ -31,9 +32,10 @@ typedef struct qg_pairs_job {
 } qg_pairs_job;
 
 /*
- * Generic backward over "rows": row t owns output map out[t] (C x S); its contributions are the
+ * Generic backward over "rows": row t owns output map out[rowid[t]] (C x S); its contributions are the
  * pairs list[off[t]..off[t+1]) (pair ids in the order to sum), each with far-side map
- * far[farid(pair)]. Work items are (row, channel block).
+ * far[farid(pair)]. How an engine splits the rows into work items is its own choice (portable: (row,
+ * channel block), or whole rows with ytab; AVX2: runs of rows that read the same far maps).
  */
 typedef struct qg_bwd_job {
     int64_t nrows;
@@ -50,9 +52,10 @@ typedef struct qg_bwd_job {
     const float *gmp, *gmg;
     const uint16_t *ap, *ag;
     float *out;
-    /* Optional (NULL: off): after an output map is complete, apply the normalisation backward to it in
-     * place, with y rebuilt from the raw table: out map m <- norm_bwd(out[m], ytab[yrow[m]], ynorm[m]),
-     * the bits of qg_norm_backward_rows_f32 on the finished output. */
+    /* Optional (NULL: off): after an output map is complete, the engine applies the normalisation backward
+     * to it in place, with y rebuilt from the raw table: out map m <- norm_bwd(out[m], ytab[yrow[m]],
+     * ynorm[m]), the bits of qg_norm_backward_rows_f32 on the finished output. Maps of no row are not
+     * touched (the restricted driver zeroes them; zeros stay zeros through the normalisation backward). */
     const float *ytab;
     const int64_t *yrow;
     const float *ynorm;
@@ -62,7 +65,7 @@ typedef struct qg_bwd_job {
 #define QG_NORM_SB 256
 
 /* Normalisation work items: n <= QG_NORM_SB locations starting at the given pointers (map row
- * stride S), as described at qg_norm_fwd_item / qg_norm_bwd_item in qg_match.c; every engine
+ * stride S), as described at qg_norm_fwd_item / qg_norm_bwd_item in qg_match_portable.c; every engine
  * gives the same bits. */
 typedef void (*qg_norm_fwd_item_fn)(const float *xm, int64_t n, int64_t C, int64_t S, float *ym, float *nm);
 typedef void (*qg_norm_bwd_item_fn)(const float *gym, const float *ym, int raw, const float *nm, int64_t n,
@@ -117,13 +120,30 @@ static inline void qg_norm_bwd_inv(const float *nm, int64_t n, double *dot, doub
     }
 }
 
-/* An engine runs a validated job (sizes checked, no overflow, candidates in range, npairs > 0). */
+/* The engines of one ISA level. Contract, the same for every record (so that a driver never asks which
+ * record it runs, and every level gives the bits the tests pin):
+ *   pairs: the maxima (and argmax) or the fused scores of a validated job (sizes checked, no overflow,
+ *          candidates in range, npairs > 0); every pair's values do not depend on the thread count, and the
+ *          AVX2 and AVX-512 engines give the same bits (the same float32 FMA chain per element).
+ *   bwd:   the backward of a validated job (argmax in range, nrows > 0): every output element the same sum
+ *          in the same order in every engine; with job->ytab, every output map it writes also gets the
+ *          normalisation backward (qg_norm_bwd_item on the finished map, raw = 1), maps it does not write
+ *          are left alone.
+ *   norm_fwd_item / norm_bwd_item: the normalisation work items (above), the same bits in every engine. */
 typedef int (*qg_pairs_engine)(const qg_pairs_job *job, const qg_ctx *ctx);
+typedef int (*qg_bwd_engine)(const qg_bwd_job *job, const qg_ctx *ctx);
 
+typedef struct qg_match_kernels {
+    qg_pairs_engine pairs;
+    qg_bwd_engine bwd;
+    qg_norm_fwd_item_fn norm_fwd_item;
+    qg_norm_bwd_item_fn norm_bwd_item;
+} qg_match_kernels;
+
+extern const qg_match_kernels qg_match_kernels_portable;
 #if QG_X86
-int qg_match_pairs_avx2(const qg_pairs_job *job, const qg_ctx *ctx);
-int qg_match_pairs_avx512(const qg_pairs_job *job, const qg_ctx *ctx);
-/* Backward of a validated job (argmax in range), same sums in the same order as the portable one. */
+extern const qg_match_kernels qg_match_kernels_avx2, qg_match_kernels_avx512;
+/* The AVX2 pieces the AVX-512 record reuses (bound by memory traffic and gathers, not by vector width). */
 int qg_match_bwd_avx2(const qg_bwd_job *job, const qg_ctx *ctx);
 void qg_norm_fwd_item_avx2(const float *xm, int64_t n, int64_t C, int64_t S, float *ym, float *nm);
 void qg_norm_bwd_item_avx2(const float *gym, const float *ym, int raw, const float *nm, int64_t n, int64_t C,

@@ -4,7 +4,7 @@
  * qg_match_avx512.c (12 x 16 tile in zmm registers). No include guard: each of those files includes
  * it once, after defining
  *   QG_AI, MR (tile rows), NR (tile columns, 16: the epilogue works on two 8-lane halves),
- *   QG_FWD_ENGINE (the engine's name, declared in qg_match_impl.h) and
+ *   QG_FWD_ENGINE (the engine's name: a static function, the `pairs` of the file's record) and
  *   qg_ukernel(a, b, C, t): t[2i + h] = lanes 8h..8h+7 of row i of the MR x NR tile A_panel^T B_panel,
  *     every element one float32 FMA chain over c = 0..C-1 in order, starting from zero,
  * and including <immintrin.h>, <math.h> and <string.h>.
@@ -424,7 +424,7 @@ static int qg_unit_val(const qg_geo *g, qg_scr *sc, int64_t i0, int64_t na, int6
 /* Fraction of padding when n items are rounded up to a multiple of m. */
 static double qg_waste(int64_t n, int64_t m) { return (double)(qg_rup(n, m) - n) / (double)n; }
 
-int QG_FWD_ENGINE(const qg_pairs_job *job, const qg_ctx *ctx)
+static int QG_FWD_ENGINE(const qg_pairs_job *job, const qg_ctx *ctx)
 {
     qg_geo g;
     g.job = job;
