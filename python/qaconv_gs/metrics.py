@@ -325,9 +325,14 @@ def cmc_map(
             first = chosen_rank[rows, true_pos]
             hist += np.bincount(np.minimum(first, max_rank + 1), minlength=max_rank + 2)
 
+    return _ranking_result(hist, ap, int(num_valid), num_valid * (repeat if sgs else 1), Q, max_rank)
+
+
+def _ranking_result(hist: np.ndarray, ap: np.ndarray, num_valid: int, draws: int, Q: int, max_rank: int):
+    """RankingResult from the histogram of first-hit ranks (hist[r], r = 1..max_rank; 0 and max_rank + 1
+    collect the rest) over `draws` ranked lists and the per-query AP (NaN for skipped queries)."""
     if num_valid:
-        per = num_valid * (repeat if sgs else 1)
-        cmc = np.cumsum(hist[1 : max_rank + 1]) / per
+        cmc = np.cumsum(hist[1 : max_rank + 1]) / draws
         mAP = float(np.mean(ap[~np.isnan(ap)]))
     else:
         cmc = np.full(max_rank, np.nan)
@@ -336,7 +341,7 @@ def cmc_map(
         cmc=_readonly(cmc),
         mAP=mAP,
         ap=_readonly(ap),
-        num_valid_queries=int(num_valid),
+        num_valid_queries=num_valid,
         num_skipped_queries=int(Q - num_valid),
     )
 
@@ -457,19 +462,7 @@ def cmc_map_ranked(
         hist += np.bincount(np.minimum(first, max_rank + 1), minlength=max_rank + 2)
         hist[max_rank + 1] += int(np.count_nonzero(~found))  # not in the list: never found
     num_valid = int(np.count_nonzero(num_rel > 0))
-    if num_valid:
-        cmc = np.cumsum(hist[1 : max_rank + 1]) / num_valid
-        mAP = float(np.mean(ap[~np.isnan(ap)]))
-    else:
-        cmc = np.full(max_rank, np.nan)
-        mAP = float("nan")
-    return RankingResult(
-        cmc=_readonly(cmc),
-        mAP=mAP,
-        ap=_readonly(ap),
-        num_valid_queries=num_valid,
-        num_skipped_queries=int(Q - num_valid),
-    )
+    return _ranking_result(hist, ap, num_valid, num_valid, Q, max_rank)
 
 
 # ----------------------------------------------------------------------------------------------------------
