@@ -102,6 +102,7 @@ class QAConvGSMethod(Method):
         seed,
         init="imprint",
         k_mined=0,
+        k_batch=0,
         triplet="class",
         sampler="random",
         tw=0.5,
@@ -121,13 +122,19 @@ class QAConvGSMethod(Method):
             seed=seed,
             init=init,
             k_mined=k_mined,
+            k_batch=k_batch,
             triplet=triplet,
             triplet_weight=tw,
             margin=margin,
             fc=fc,
         )
         mined = self.crit._core.mined_per_sample
-        self.name = f"qaconv-gs k={'N-1' if k == N - 1 else k}" + (f"+{mined} mined" if mined else "")
+        extra = self.crit._core.batch_per_sample
+        self.name = (
+            f"qaconv-gs k={'N-1' if k == N - 1 else k}"
+            + (f"+{extra} batch" if extra else "")
+            + (f"+{mined} mined" if mined else "")
+        )
         extras = [
             x
             for x, default in ((init, "imprint"), (triplet, "class"), (sampler, "random"), (fc, "separate"))
@@ -144,8 +151,10 @@ class QAConvGSMethod(Method):
         self.sweep = {
             "k": k,
             "k_mined": mined,
-            "default_config": not extras and not mined,
-            "config": ", ".join(extras) + (f", {mined} mined" if mined else ""),
+            "default_config": not extras and not mined and not extra,
+            "config": ", ".join(extras)
+            + (f", {mined} mined" if mined else "")
+            + (f", {extra} batch" if extra else ""),
         }
 
     def parameters(self):
@@ -500,6 +509,7 @@ def main(argv=None) -> int:
                 args.seed,
                 init=kw.get("init", "imprint"),
                 k_mined=int(kw.get("mined", 0)),
+                k_batch=int(kw.get("batch", 0)),
                 triplet=kw.get("triplet", "class"),
                 sampler=kw.get("sampler", "random"),
                 tw=float(kw.get("tw", 0.5)),
@@ -529,14 +539,18 @@ def main(argv=None) -> int:
             f"| {r['method']} | {ident} | {r['retrieval']:.3f} | {r['loss_step_ms']:.1f} "
             f"| {r['epoch_s']:.0f} |"
         )
-    # each restricted row against the full-scoring row of the same configuration (a neighbour refresh
-    # rate means nothing to full scoring, so refresh=R rows compare with the full row without it)
+    # each restricted row against the full-scoring row of the same configuration (refresh rates, batch
+    # and mined extras mean nothing to full scoring: such rows compare with the full row without them)
     fulls = {r["config"]: r for r in rows if r.get("k") == N - 1}
     lines = []
     for r in rows:
         if "config" not in r or r["k"] >= N - 1:
             continue
-        cfg = ", ".join(x for x in r["config"].split(", ") if not x.startswith("refresh="))
+        cfg = ", ".join(
+            x
+            for x in r["config"].split(", ")
+            if x and not x.startswith("refresh=") and not x.endswith(("batch", "mined"))
+        )
         f = fulls.get(r["config"]) or fulls.get(cfg)
         if f is None:
             continue

@@ -60,6 +60,7 @@ class ModelConfig:
     init: str = "imprint"
     imprint_samples: int = 64
     k_mined: int = 0
+    k_batch: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON-able ``config`` dict (keys in declaration order)."""

@@ -79,8 +79,10 @@ class StepResult:
 
     Attributes:
         loss, loss_cls, loss_triplet, acc_cls, acc_triplet: floats (loss = loss_cls + w * loss_triplet).
-        scores: [B, K] float32 restricted training-mode scores, K = k_nearest + 1, target in column 0.
-        candidates: [B, K] int64 class ids scored per sample (target first, then its neighbours).
+        scores: [B, K] float32 restricted training-mode scores, K = the model's num_candidates
+            (k_nearest + 1, plus any k_batch / k_mined extras), target in column 0.
+        candidates: [B, K] int64 class ids scored per sample (target first, then its neighbours, then
+            the extras).
         grad_features: [B, C, H, W] float32 dloss/dfeatures.
         grad_embed_ids: [R] int64 sorted unique class ids that received a gradient (alias `embed_rows`).
         grad_embed_rows: [R, C, H, W] float32 dloss/dclass_embed[grad_embed_ids]; every other row is 0.
@@ -206,6 +208,24 @@ def _identify_rows(
     return best_ids, best_sc
 
 
+def _batch_extras(y: np.ndarray, exclude: np.ndarray, r: int, N: int, seed: int | None) -> np.ndarray:
+    """[B, r] int64: for each row of `exclude` [B, K0] (the sample's target and neighbours), the first r
+    classes of one pool not in that row. The pool is the batch's classes in a random order, then random
+    other classes, long enough (r + K0) that every row finds r. The generator is seeded by (seed, labels),
+    so the same batch always gets the same extras and nothing needs checkpointing."""
+    rng = np.random.default_rng([0 if seed is None else int(seed), *y.tolist()])
+    present = np.unique(y)
+    pool = rng.permutation(present)
+    need = r + exclude.shape[1] - pool.size
+    if need > 0:
+        # Generator.choice without replacement is O(size) for size << N (no O(N) complement)
+        draw = rng.choice(N, size=min(N, need + present.size), replace=False)
+        pool = np.concatenate([pool, draw[~np.isin(draw, present)][:need]])
+    hit = (pool[None, None, :] == exclude[:, :, None]).any(axis=1)  # [B, pool]
+    first = np.argsort(hit, axis=1, kind="stable")[:, :r]  # the row's first r pool entries not excluded
+    return np.ascontiguousarray(pool[first], dtype=np.int64)
+
+
 def _top_per_row(sc: np.ndarray, ids: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     """The m best of each row of sc [B, n] (class ids [B, n], distinct within a row), best first, ties to
     the lower id: a partition finds each row's m-th best score, and only the entries at or above it are
@@ -243,7 +263,8 @@ class QAConvGS(ModelBase):
     """QAConv with class embeddings and neighbour-restricted scoring (QAConv-GS, simulated graph sampling).
 
     Each training sample is scored against its own class and the `k_nearest` classes closest to it
-    (K = k_nearest + 1 candidates, target first) instead of against all `num_classes` classes.
+    (K = k_nearest + 1 candidates, target first; k_batch and k_mined add more) instead of against all
+    `num_classes` classes.
 
     Args:
         num_classes: N >= 2 identities, one learnable embedding map [C, H, W] each.
@@ -274,6 +295,14 @@ class QAConvGS(ModelBase):
             step (capped at N - 1 - k_nearest), scored after the target and its k_nearest neighbours.
             Off by default: on the learning benchmark (2,000 glyph classes) k_mined=16 changed held-out
             accuracy by < 0.02 and cost about 2x the loss step (24.8 against 12.8 ms at k_nearest=32).
+        k_batch: extra candidates per sample from the step's other classes (keyword-only, >= 0, default 0;
+            capped at N - 1 - k_nearest): the batch's classes that are not already the sample's target or
+            neighbours, in a random order, topped up with random classes when the batch has too few, so
+            every sample gets exactly k_batch more. The draws are a function of the seed and the batch's
+            labels only (no state to checkpoint; the same batch gets the same candidates). With P x K
+            batches of random classes these are random negatives next to the hard ones (Partial-FC's
+            sampled classes next to the k nearest): on the learning benchmark (2,000 glyph classes, the
+            batch-triplet recipe) k_nearest=32, k_batch=32 beat k_nearest=64 at the same cost.
 
     Attributes:
         training: True after construction / train(); False after eval(). In eval mode the
@@ -304,10 +333,12 @@ class QAConvGS(ModelBase):
         init: str = "imprint",
         imprint_samples: int = 64,
         k_mined: int = 0,
+        k_batch: int = 0,
     ) -> None:
         init = choice(init, "init", INIT_MODES)
         imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)
         k_mined = check_int(k_mined, "k_mined", lo=0)
+        k_batch = check_int(k_batch, "k_batch", lo=0)
         cfg = check_config(
             num_classes,
             channels,
@@ -321,7 +352,9 @@ class QAConvGS(ModelBase):
             seed,
             n_threads,
         )
-        self._cfg = ModelConfig(**cfg, init=init, imprint_samples=imprint_samples, k_mined=k_mined)
+        self._cfg = ModelConfig(
+            **cfg, init=init, imprint_samples=imprint_samples, k_mined=k_mined, k_batch=k_batch
+        )
         N, C, H, W = cfg["num_classes"], cfg["channels"], cfg["height"], cfg["width"]
         self.training = True
         self._comm = None  # the contract's communicator, made on first use (see comm)
@@ -346,14 +379,20 @@ class QAConvGS(ModelBase):
     # ------------------------------------------------------------------ configuration and state
 
     @property
+    def batch_per_sample(self) -> int:
+        """Extra in-batch / random candidates per sample: k_batch, capped at N - 1 - k_nearest."""
+        return min(self.k_batch, self.num_classes - 1 - self.k_nearest)
+
+    @property
     def mined_per_sample(self) -> int:
-        """Classes mined per sample: k_mined, capped at the N - 1 - k_nearest classes left to mine."""
-        return min(self.k_mined, self.num_classes - 1 - self.k_nearest)
+        """Classes mined per sample: k_mined, capped at the classes left after the target, the k_nearest
+        neighbours and the batch_per_sample extras."""
+        return min(self.k_mined, self.num_classes - 1 - self.k_nearest - self.batch_per_sample)
 
     @property
     def num_candidates(self) -> int:
-        """K = 1 + k_nearest + mined_per_sample classes scored per training sample."""
-        return 1 + self.k_nearest + self.mined_per_sample
+        """K = 1 + k_nearest + batch_per_sample + mined_per_sample classes scored per training sample."""
+        return 1 + self.k_nearest + self.batch_per_sample + self.mined_per_sample
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> QAConvGS:
@@ -678,10 +717,13 @@ class QAConvGS(ModelBase):
         return h
 
     def _candidates(self, y: np.ndarray, Xn: np.ndarray, nt: int | None) -> np.ndarray:
-        """[B, K] int64: the target, its k_nearest neighbours, then the classes mined for each sample
-        (Xn [B, C, S]: the step's normalised features)."""
+        """[B, K] int64: the target, its k_nearest neighbours, the batch_per_sample in-batch / random
+        classes, then the classes mined for each sample (Xn [B, C, S]: the step's normalised features)."""
         nbr = self.class_neighbors
         base = np.concatenate([y[:, None], nbr[y]], axis=1)
+        r = self.batch_per_sample
+        if r:
+            base = np.concatenate([base, _batch_extras(y, base, r, self.num_classes, self.seed)], axis=1)
         m = self.mined_per_sample
         if m == 0:
             return base
@@ -918,7 +960,7 @@ class QAConvGS(ModelBase):
     def scores(self, features: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
         """Restricted training-mode scores (batch statistics over the B x K pairs of this call).
 
-        Returns (scores [B, K] float32, candidates [B, K] int64), K = k_nearest + 1, target first.
+        Returns (scores [B, K] float32, candidates [B, K] int64), K = num_candidates, target first.
         In training mode this updates the running statistics, as a training-mode forward does.
         """
         with self._lock:

@@ -144,6 +144,7 @@ def _build() -> dict[str, Any]:
             init=None,
             imprint_samples=64,
             k_mined=0,
+            k_batch=0,
         ):
             super().__init__()
             kwargs = dict(
@@ -166,6 +167,7 @@ def _build() -> dict[str, Any]:
                     init=init,
                     imprint_samples=imprint_samples,
                     k_mined=k_mined,
+                    k_batch=k_batch,
                 )
             else:
                 if init not in (None, "random"):
@@ -180,6 +182,7 @@ def _build() -> dict[str, Any]:
                     **kwargs,
                     imprint_samples=imprint_samples,
                     k_mined=k_mined,
+                    k_batch=k_batch,
                     comm=comm,
                 )
             self._init_from(core)

@@ -75,11 +75,13 @@ class ShardedStepResult(StepResult):
 def _sharded_config(config: dict) -> dict:
     """A one-process model's config as ShardedQAConvGS arguments for a model whose rows are then loaded:
     init="imprint" only says how the rows started, so it becomes "random" (see _check_no_unset_rows), and
-    k_mined becomes 0 (the sharded step does not mine candidates yet; the rows and head are unchanged)."""
+    k_mined and k_batch become 0 (the sharded step does not add candidates yet; the rows and head are
+    unchanged)."""
     cfg = dict(config)
     if cfg.get("init") == "imprint":
         cfg["init"] = "random"
     cfg["k_mined"] = 0
+    cfg["k_batch"] = 0
     return cfg
 
 
@@ -157,6 +159,7 @@ class ShardedQAConvGS(ModelBase):
         init: str = "random",
         imprint_samples: int = 64,
         k_mined: int = 0,
+        k_batch: int = 0,
         comm: Communicator | None = None,
         layout: ShardLayout | None = None,
         _init: bool = True,
@@ -169,6 +172,9 @@ class ShardedQAConvGS(ModelBase):
         k_mined = check_int(k_mined, "k_mined", lo=0)
         if k_mined != 0:
             raise ValueError(f"k_mined: ShardedQAConvGS supports only k_mined=0 for now, got {k_mined!r}")
+        k_batch = check_int(k_batch, "k_batch", lo=0)
+        if k_batch != 0:
+            raise ValueError(f"k_batch: ShardedQAConvGS supports only k_batch=0 for now, got {k_batch!r}")
         self.comm = SingleProcessCommunicator() if comm is None else comm
         if not isinstance(self.comm, Communicator):
             raise TypeError(f"comm: expected a qaconv_gs.distributed.Communicator, got {type(comm).__name__}")
@@ -186,7 +192,9 @@ class ShardedQAConvGS(ModelBase):
             n_threads,
         )
         N = cfg["num_classes"]
-        self._cfg = ModelConfig(**cfg, init=init, imprint_samples=imprint_samples, k_mined=k_mined)
+        self._cfg = ModelConfig(
+            **cfg, init=init, imprint_samples=imprint_samples, k_mined=k_mined, k_batch=k_batch
+        )
         if seed is None:
             entropy = np.random.SeedSequence().entropy if self.comm.rank == 0 else 0
             seed = int(self.comm.broadcast(np.array(entropy % (1 << 63), dtype=np.int64), 0))

@@ -1,0 +1,142 @@
+"""k_batch: per-sample extra candidates from the step's other classes, topped up with random classes; the
+rule (in-batch classes first, never a duplicate, exactly k_batch more), determinism from (seed, labels),
+the cap, gradients through the extras against the float64 oracle, and the sharded / adapter plumbing."""
+
+from __future__ import annotations
+
+import numpy as np
+import oracle
+import pytest
+import qaconv_gs as qg
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from qaconv_gs.distributed.model import ShardedQAConvGS, _sharded_config
+from qaconv_gs.model import QAConvGS
+from test_model import assert_close, head_before
+
+C, H, W = 4, 2, 3
+
+
+def batch_model(N=30, k=3, k_batch=5, seed=0, **kw) -> QAConvGS:
+    return QAConvGS(N, C, H, W, k_nearest=k, seed=seed, init="random", k_batch=k_batch, **kw)
+
+
+def step(m: QAConvGS, y, seed=1):
+    X = np.random.default_rng(seed).standard_normal((len(y), C, H, W)).astype(np.float32)
+    return m.forward_backward(X, np.asarray(y))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    N=st.integers(6, 40),
+    k=st.integers(1, 5),
+    r=st.integers(1, 12),
+    labels=st.lists(st.integers(0, 39), min_size=1, max_size=10),
+    seed=st.integers(0, 2**16),
+)
+def test_extras_follow_the_rule(N, k, r, labels, seed):
+    k = min(k, N - 1)
+    y = np.array([c % N for c in labels])
+    m = batch_model(N=N, k=k, k_batch=r, seed=seed)
+    cand = step(m, y).candidates
+    rr = m.batch_per_sample
+    assert rr == min(r, N - 1 - k) and cand.shape == (len(y), 1 + k + rr) == (len(y), m.num_candidates)
+    nbr = m.class_neighbors
+    present = set(y.tolist())
+    for i, row in enumerate(cand.tolist()):
+        base, extra = row[: 1 + k], row[1 + k :]
+        assert base == [int(y[i])] + nbr[y[i]].tolist()
+        assert len(set(row)) == len(row)  # no class twice in a row
+        assert all(0 <= c < N for c in extra)
+        in_batch_left = present - set(base)
+        # the batch's other classes come first: all of them when they fit, else only batch classes
+        if len(in_batch_left) >= rr:
+            assert set(extra) <= in_batch_left
+        else:
+            assert in_batch_left <= set(extra)
+
+
+def test_pk_batch_gets_every_other_class_of_the_batch():
+    # 4 classes x 2, k = 1: each sample's extras are the batch's classes outside its own row (2 or 3 of
+    # them), then random classes outside the batch
+    m = batch_model(N=50, k=1, k_batch=4)
+    y = np.array([3, 3, 17, 17, 28, 28, 40, 40])
+    cand = step(m, y).candidates
+    for row in cand.tolist():
+        left = {3, 17, 28, 40} - set(row[:2])
+        assert left <= set(row[2:])
+        assert not (set(row[2:]) - left) & {3, 17, 28, 40}
+
+
+def test_draws_depend_on_seed_and_labels_only():
+    y = np.array([0, 4, 4, 9])
+    a = step(batch_model(k_batch=8, seed=5), y).candidates
+    b = step(batch_model(k_batch=8, seed=5, n_threads=1), y, seed=9).candidates  # other maps, threads
+    np.testing.assert_array_equal(a, b)
+    m = batch_model(k_batch=8, seed=5)
+    step(m, np.array([1, 2, 3]))
+    np.testing.assert_array_equal(step(m, y).candidates, a)  # no hidden state between steps
+    assert not np.array_equal(step(batch_model(k_batch=8, seed=6), y).candidates, a)
+    assert not np.array_equal(step(batch_model(k_batch=8, seed=5), y[::-1]).candidates, a[::-1])
+
+
+@pytest.mark.parametrize("k, k_batch, want", [(7, 5, 2), (9, 3, 0), (2, 0, 0), (4, 5, 5)])
+def test_batch_per_sample_is_capped(k, k_batch, want):
+    m = batch_model(N=10, k=k, k_batch=k_batch)
+    assert m.batch_per_sample == want and m.num_candidates == 1 + k + want
+    assert m.config["k_batch"] == k_batch
+    cand = step(m, [0, 1, 2, 2]).candidates
+    assert cand.shape == (4, 1 + k + want)
+    if 1 + k + want == 10:  # every class once per row
+        np.testing.assert_array_equal(np.sort(cand, axis=1), np.tile(np.arange(10), (4, 1)))
+
+
+def test_with_k_mined_every_candidate_is_distinct():
+    m = batch_model(N=25, k=2, k_batch=4, k_mined=3)
+    assert m.num_candidates == 1 + 2 + 4 + 3
+    cand = step(m, [0, 5, 5, 11, 24]).candidates
+    assert all(len(set(row)) == len(row) for row in cand.tolist())
+
+
+@pytest.mark.parametrize("fc, triplet", [("separate", "class"), ("shared", "batch")])
+def test_gradients_through_batch_candidates_match_the_oracle(fc, triplet):
+    m = batch_model(N=14, k=2, k_batch=4, fc=fc, triplet=triplet)
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((6, C, H, W)).astype(np.float32)
+    y = np.array([1, 1, 5, 5, 9, 9])
+    head0, E0 = head_before(m), m.class_embed.copy()
+    r = m.forward_backward(X, y)
+    ref = oracle.forward_backward(
+        X, y, E0, head0, m.class_neighbors, fc, triplet, m.triplet_weight, m.margin, r.candidates
+    )
+    for key in ("loss", "loss_cls", "loss_triplet"):
+        assert getattr(r, key) == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+    assert_close(r.scores, ref["scores"])
+    assert_close(r.grad_features, ref["grad_features"], err_msg="grad_features")
+    np.testing.assert_array_equal(r.grad_embed_ids, np.unique(r.candidates))
+    assert_close(r.dense_grad_embed(14), ref["grad_embed"], err_msg="grad_embed")
+
+
+def test_k_batch_validation_and_plumbing(tmp_path):
+    with pytest.raises(ValueError, match="k_batch"):
+        batch_model(k_batch=-1)
+    with pytest.raises(TypeError, match="k_batch"):
+        batch_model(k_batch=1.5)
+    m = batch_model(k_batch=6)
+    step(m, [1, 2, 3])
+    m.save(tmp_path / "m.npz")
+    assert QAConvGS.load(tmp_path / "m.npz").config["k_batch"] == 6
+    dims = dict(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=3)
+    msg = r"^k_batch: ShardedQAConvGS supports only k_batch=0 for now, got 2$"
+    with pytest.raises(ValueError, match=msg):
+        ShardedQAConvGS(**dims, k_batch=2)
+    assert ShardedQAConvGS(**dims).config["k_batch"] == 0
+    assert _sharded_config(qg.QAConvGS(**dims, k_batch=2).config)["k_batch"] == 0
+
+
+def test_torch_adapter_passes_k_batch():
+    pytest.importorskip("torch")
+    from qaconv_gs.torch import QAConvGSLoss
+
+    crit = QAConvGSLoss(20, C, H, W, k_nearest=2, k_batch=3, seed=0)
+    assert crit.config["k_batch"] == 3 and crit._core.num_candidates == 6
