@@ -549,7 +549,7 @@ def main(argv=None) -> int:
         cfg = ", ".join(
             x
             for x in r["config"].split(", ")
-            if x and not x.startswith("refresh=") and not x.endswith(("batch", "mined"))
+            if x and not x.startswith("refresh=") and not x.endswith((" batch", " mined"))
         )
         f = fulls.get(r["config"]) or fulls.get(cfg)
         if f is None:
