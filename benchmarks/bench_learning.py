@@ -446,6 +446,45 @@ def plot(rows, N, path_prefix):
     return paths
 
 
+def report(rows: list, N: int) -> None:
+    """The table of `rows` and each restricted row against its full-scoring twin."""
+    print()
+    print("| method | identification | retrieval | loss step (ms) | epoch (s) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        ident = "-" if r["identification"] is None else f"{r['identification']:.3f}"
+        print(
+            f"| {r['method']} | {ident} | {r['retrieval']:.3f} | {r['loss_step_ms']:.1f} "
+            f"| {r['epoch_s']:.0f} |"
+        )
+    # each restricted row against the full-scoring row of the same configuration (refresh rates, batch
+    # and mined extras mean nothing to full scoring: such rows compare with the full row without them)
+    fulls = {r["config"]: r for r in rows if r.get("k") == N - 1}
+    lines = []
+    for r in rows:
+        if "config" not in r or r["k"] >= N - 1:
+            continue
+        cfg = ", ".join(
+            x
+            for x in r["config"].split(", ")
+            if x and not x.startswith("refresh=") and not x.endswith((" batch", " mined"))
+        )
+        f = fulls.get(r["config"]) or fulls.get(cfg)
+        if f is None:
+            continue
+        ident = r["identification"] / f["identification"]
+        retr = r["retrieval"] / f["retrieval"]
+        step = f["loss_step_ms"] / r["loss_step_ms"]
+        epoch = f["epoch_s"] / r["epoch_s"]
+        lines.append(
+            f"{r['method']} vs {f['method']}: identification {ident:.3f}x, retrieval {retr:.3f}x, "
+            f"loss step {step:.1f}x less time, epoch {epoch:.1f}x less time"
+        )
+    if lines:
+        print()
+        print("\n".join(lines))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--classes", type=int, default=2000)
@@ -465,7 +504,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="300 classes, 2 epochs")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="train nothing: report and plot the rows of earlier runs' bench_learning.json files together "
+        "(runs of the same classes, epochs and seed, e.g. run side by side as separate processes)",
+    )
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge)
     if args.quick:
         args.classes, args.epochs = 300, 2
     import torch
@@ -530,41 +578,7 @@ def main(argv=None) -> int:
             f"  -> identification {ident}, retrieval {r['retrieval']:.3f}, "
             f"loss step {r['loss_step_ms']:.1f} ms"
         )
-    print()
-    print("| method | identification | retrieval | loss step (ms) | epoch (s) |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        ident = "-" if r["identification"] is None else f"{r['identification']:.3f}"
-        print(
-            f"| {r['method']} | {ident} | {r['retrieval']:.3f} | {r['loss_step_ms']:.1f} "
-            f"| {r['epoch_s']:.0f} |"
-        )
-    # each restricted row against the full-scoring row of the same configuration (refresh rates, batch
-    # and mined extras mean nothing to full scoring: such rows compare with the full row without them)
-    fulls = {r["config"]: r for r in rows if r.get("k") == N - 1}
-    lines = []
-    for r in rows:
-        if "config" not in r or r["k"] >= N - 1:
-            continue
-        cfg = ", ".join(
-            x
-            for x in r["config"].split(", ")
-            if x and not x.startswith("refresh=") and not x.endswith((" batch", " mined"))
-        )
-        f = fulls.get(r["config"]) or fulls.get(cfg)
-        if f is None:
-            continue
-        ident = r["identification"] / f["identification"]
-        retr = r["retrieval"] / f["retrieval"]
-        step = f["loss_step_ms"] / r["loss_step_ms"]
-        epoch = f["epoch_s"] / r["epoch_s"]
-        lines.append(
-            f"{r['method']} vs {f['method']}: identification {ident:.3f}x, retrieval {retr:.3f}x, "
-            f"loss step {step:.1f}x less time, epoch {epoch:.1f}x less time"
-        )
-    if lines:
-        print()
-        print("\n".join(lines))
+    report(rows, N)
     payload = {
         "machine": machine_info(),
         "classes": N,
@@ -576,6 +590,26 @@ def main(argv=None) -> int:
         "rows": rows,
     }
     out = write_json("bench_learning", payload)
+    for p in plot(rows, N, "bench_learning"):
+        print(f"wrote {p}")
+    print(f"wrote {out}")
+    return 0
+
+
+def merge(paths: list) -> int:
+    import json
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    keys = {(r["classes"], r["epochs"], r["lr"], tuple(r["probe_fonts"])) for r in runs}
+    if len(keys) != 1:
+        raise SystemExit(f"--merge: the runs differ in classes / epochs / lr / fonts: {sorted(keys)}")
+    rows = [row for r in runs for row in r["rows"]]
+    N = runs[0]["classes"]
+    for r, p in zip(runs, paths):
+        m = r["machine"]
+        print(f"{p}: {len(r['rows'])} rows, {m['date']}, {m['cpu']}, load {m.get('load_average')}")
+    report(rows, N)
+    out = write_json("bench_learning", {**runs[0], "rows": rows, "merged_from": [r["machine"] for r in runs]})
     for p in plot(rows, N, "bench_learning"):
         print(f"wrote {p}")
     print(f"wrote {out}")
