@@ -201,6 +201,7 @@ def test_bench_loss_step_via_cli(tmp_path, capfd):
     res = json.loads((out / "bench_loss_step.json").read_text())
     assert res["classes"] == 40 and res["threads"] == 1
     got = {(r["config"], r["k"]) for r in res["rows"]}
-    assert got == {(c, k) for c in ("defaults", "batch-triplet recipe") for k in (8, 39)}
+    want = {(c, k) for c in ("defaults", "batch-triplet recipe") for k in (8, 39)}
+    assert got == want | {("recipe, k_batch=32", 8)}
     assert all(r["median_ms"] > 0 for r in res["rows"])
     assert "| defaults | N-1 |" in text
