@@ -48,23 +48,23 @@ from benchmarks._common import OUT_DIR, machine_info, write_json  # noqa: E402
 FEAT_C, FEAT_HW = 64, 4
 
 
-def build_cnn(torch, seed: int):
-    """32x32 glyph -> [64, 4, 4] maps: three conv-BN-ReLU-pool stages and a 1x1 neck with BN."""
+def build_cnn(torch, seed: int, pooled_stages: int = 3):
+    """32x32 glyph -> [64, 4, 4] maps: three conv-BN-ReLU-pool stages and a 1x1 neck with BN
+    (pooled_stages=2: the third stage keeps its resolution, [64, 8, 8] maps)."""
     nn = torch.nn
     torch.manual_seed(seed)
 
-    def stage(cin, cout):
+    def stage(cin, cout, pool=True):
         return [
             nn.Conv2d(cin, cout, 3, padding=1, bias=False),
             nn.BatchNorm2d(cout),
             nn.ReLU(),
-            nn.MaxPool2d(2),
-        ]
+        ] + ([nn.MaxPool2d(2)] if pool else [])
 
     return nn.Sequential(
         *stage(1, 32),
         *stage(32, 64),
-        *stage(64, 128),
+        *stage(64, 128, pool=pooled_stages >= 3),
         nn.Conv2d(128, FEAT_C, 1, bias=False),
         nn.BatchNorm2d(FEAT_C),
     )

@@ -77,7 +77,9 @@ def _features(images: np.ndarray, featurize, what: str) -> np.ndarray:
 
 def train_glyph_matcher(g, sp, exclude: np.ndarray, args) -> tuple:
     """A matcher trained the way benchmarks/bench_learning.py trains its recipe row: its small CNN
-    ([64, 4, 4] maps) + QAConvGSLoss (k=32, batch-hard triplet, w=1, margin 16, shared fc) on P x K batches
+    ([64, 4, 4] maps, or [64, 8, 8] with --matcher-hw 8, the default: QAConv's cost grows with the square of
+    the locations, and 4 x 4 maps are too small for a shortlist to pay) + QAConvGSLoss (k=32, batch-hard
+    triplet, w=1, margin 16, shared fc) on P x K batches
     from qg.GraphSampler(neighbors=None), SGD 0.05 cosine, --train-epochs epochs on the training fonts of
     --train-classes classes drawn from those NOT in `exclude` (the probes' classes: their identities are
     unseen in training, as in re-ID protocols). Returns (featurize, eval-mode head state, facts)."""
@@ -85,7 +87,7 @@ def train_glyph_matcher(g, sp, exclude: np.ndarray, args) -> tuple:
     import torch
     from qaconv_gs.torch import QAConvGSLoss
 
-    from benchmarks.bench_learning import FEAT_C, FEAT_HW, build_cnn, maps_of
+    from benchmarks.bench_learning import FEAT_C, build_cnn, maps_of
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed + 1)
@@ -95,9 +97,10 @@ def train_glyph_matcher(g, sp, exclude: np.ndarray, args) -> tuple:
     imgs = g.images[np.ix_(list(sp.train), classes)]  # [fonts, T, s, s]
     x = (imgs.astype(np.float32) / np.float32(255.0)).reshape(-1, 1, *imgs.shape[2:])
     y = np.tile(np.arange(T, dtype=np.int64), len(sp.train))
-    backbone = build_cnn(torch, args.seed)
+    backbone = build_cnn(torch, args.seed, pooled_stages=3 if args.matcher_hw == 4 else 2)
+    hw = args.matcher_hw
     crit = QAConvGSLoss(
-        T, FEAT_C, FEAT_HW, FEAT_HW, k_nearest=min(32, T - 1), seed=args.seed,
+        T, FEAT_C, hw, hw, k_nearest=min(32, T - 1), seed=args.seed,
         triplet="batch", triplet_weight=1.0, margin=16.0, fc="shared",
     )  # fmt: skip
     params = list(backbone.parameters()) + list(crit.parameters())
@@ -130,6 +133,7 @@ def train_glyph_matcher(g, sp, exclude: np.ndarray, args) -> tuple:
 
     facts = {
         "matcher": "trained",
+        "map_hw": hw,
         "train_classes": int(T),
         "train_fonts": len(sp.train),
         "train_epochs": args.train_epochs,
@@ -598,6 +602,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--train-classes", type=int, default=1000, help="--matcher trained: training classes")
     p.add_argument("--train-epochs", type=int, default=2, help="--matcher trained: epochs")
+    p.add_argument(
+        "--matcher-hw",
+        type=int,
+        choices=[4, 8],
+        default=8,
+        help="--matcher trained: map size (8: [64, 8, 8], the CNN's last stage unpooled; 4: bench_learning)",
+    )
     args = p.parse_args(argv)
     if args.sizes is None:
         args.sizes = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
