@@ -85,6 +85,8 @@ def _build() -> dict[str, Any]:
             if need[0]:
                 dev, dt = ctx.feature_meta
                 gf = torch.from_numpy(res.grad_features)
+                # never a view of res: autograd may keep the tensor as .grad and add a second backward's
+                # gradient (of the same res, with retain_graph) into it in place
                 grads[0] = (gf.clone() if unit else gf.to(torch.float64) * g64).to(dev, dt)
             if need[1]:
                 # rows scattered in NumPy: torch's indexed assignment costs ~1 ms a step at N = 2,000
@@ -98,7 +100,8 @@ def _build() -> dict[str, Any]:
                 if need[2 + i]:
                     dev, dt = ctx.param_meta[i]
                     gk = torch.from_numpy(np.asarray(res.grad_head[key], dtype=np.float64))
-                    grads[2 + i] = (gk if unit else gk * g64).to(dev, dt)
+                    # a copy either way: a float64 parameter's .to() would alias res (see the features)
+                    grads[2 + i] = (gk.clone() if unit else gk * g64).to(dev, dt)
             return tuple(grads)
 
     class QAConvGSLoss(nn.Module):
