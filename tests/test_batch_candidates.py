@@ -5,14 +5,13 @@ the cap, gradients through the extras against the float64 oracle, and the sharde
 from __future__ import annotations
 
 import numpy as np
-import oracle
 import pytest
 import qaconv_gs as qg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from qaconv_gs.distributed.model import ShardedQAConvGS, _sharded_config
 from qaconv_gs.model import QAConvGS
-from test_model import assert_close, head_before
+from test_mining import assert_step_matches_oracle
 
 C, H, W = 4, 2, 3
 
@@ -101,20 +100,8 @@ def test_with_k_mined_every_candidate_is_distinct():
 @pytest.mark.parametrize("fc, triplet", [("separate", "class"), ("shared", "batch")])
 def test_gradients_through_batch_candidates_match_the_oracle(fc, triplet):
     m = batch_model(N=14, k=2, k_batch=4, fc=fc, triplet=triplet)
-    rng = np.random.default_rng(7)
-    X = rng.standard_normal((6, C, H, W)).astype(np.float32)
-    y = np.array([1, 1, 5, 5, 9, 9])
-    head0, E0 = head_before(m), m.class_embed.copy()
-    r = m.forward_backward(X, y)
-    ref = oracle.forward_backward(
-        X, y, E0, head0, m.class_neighbors, fc, triplet, m.triplet_weight, m.margin, r.candidates
-    )
-    for key in ("loss", "loss_cls", "loss_triplet"):
-        assert getattr(r, key) == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
-    assert_close(r.scores, ref["scores"])
-    assert_close(r.grad_features, ref["grad_features"], err_msg="grad_features")
-    np.testing.assert_array_equal(r.grad_embed_ids, np.unique(r.candidates))
-    assert_close(r.dense_grad_embed(14), ref["grad_embed"], err_msg="grad_embed")
+    assert_step_matches_oracle(m, fc, triplet)
+    assert m.num_candidates == 7
 
 
 def test_k_batch_validation_and_plumbing(tmp_path):
