@@ -46,6 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import OUT_DIR, machine_info, write_json  # noqa: E402
 
 FEAT_C, FEAT_HW = 64, 4
+# The P x K batch-triplet recipe (with --variants "...,triplet=batch,sampler=pk,tw=1,margin=16,fc=shared"),
+# as QAConvGS / QAConvGSLoss arguments for the other benchmarks that train or time it
+RECIPE = dict(triplet="batch", triplet_weight=1.0, margin=16.0, fc="shared")
 
 
 def build_cnn(torch, seed: int, pooled_stages: int = 3):

@@ -28,9 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import OUT_DIR, machine_info, thread_env, worker_pythonpath  # noqa: E402
+from benchmarks.bench_learning import FEAT_C, FEAT_HW, RECIPE  # noqa: E402
 
-FEAT_C, FEAT_HW, BATCH = 64, 4, 64
-RECIPE = dict(triplet="batch", triplet_weight=1.0, margin=16.0, fc="shared")
+BATCH = 64
 # name -> (QAConvGSLoss arguments, the configuration whose k = N-1 row is its full-scoring twin); k_batch
 # extras are capped at 0 under full scoring, so that configuration skips k = N-1 and uses the recipe's
 CONFIGS = {

@@ -87,7 +87,7 @@ def train_glyph_matcher(g, sp, exclude: np.ndarray, args) -> tuple:
     import torch
     from qaconv_gs.torch import QAConvGSLoss
 
-    from benchmarks.bench_learning import FEAT_C, build_cnn, maps_of
+    from benchmarks.bench_learning import FEAT_C, RECIPE, build_cnn, maps_of
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed + 1)
@@ -99,10 +99,7 @@ def train_glyph_matcher(g, sp, exclude: np.ndarray, args) -> tuple:
     y = np.tile(np.arange(T, dtype=np.int64), len(sp.train))
     backbone = build_cnn(torch, args.seed, pooled_stages=3 if args.matcher_hw == 4 else 2)
     hw = args.matcher_hw
-    crit = QAConvGSLoss(
-        T, FEAT_C, hw, hw, k_nearest=min(32, T - 1), seed=args.seed,
-        triplet="batch", triplet_weight=1.0, margin=16.0, fc="shared",
-    )  # fmt: skip
+    crit = QAConvGSLoss(T, FEAT_C, hw, hw, k_nearest=min(32, T - 1), seed=args.seed, **RECIPE)
     params = list(backbone.parameters()) + list(crit.parameters())
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     bs = 64

@@ -601,11 +601,7 @@ def verification(
     if isinstance(far_targets, (str, bytes)) or not isinstance(far_targets, (Sequence, np.ndarray)):
         raise TypeError(f"far_targets: expected a sequence of numbers, got {type(far_targets).__name__}")
     fars = [check_real(f, "far_targets", 0.0, 1.0) for f in far_targets]
-    n_pos = int(np.count_nonzero(y))
-    if n_pos == 0 or n_pos == N:
-        raise ValueError(
-            f"same: both same (True) and different (False) pairs are needed, got {n_pos} of {N} True"
-        )
+    _check_both_kinds(y)
 
     sizes = np.full(folds, N // folds)
     sizes[: N % folds] += 1  # np.array_split's sizes
@@ -620,7 +616,7 @@ def verification(
         fold_acc[f] = np.mean((s[test] >= thr) == y[test])
 
     fpr, tpr, thr = _roc(s, y)
-    tar = {f: float(tpr[fpr <= f].max()) for f in fars}  # (0, 0) is on the ROC: never empty
+    tar = {f: _tar(fpr, tpr, f) for f in fars}
     return VerificationResult(
         accuracy=float(np.mean(fold_acc)),
         accuracy_std=float(np.std(fold_acc)),
@@ -645,18 +641,28 @@ def tar_at_far(scores, same, far) -> float | np.ndarray:
     """
     s = _as_float64(scores, "scores", 1, allow_inf=False)
     y = _as_bool_labels(same, "same", s.shape[0])
+    _check_both_kinds(y)
+    if isinstance(far, (str, bytes)):
+        raise TypeError(f"far: expected a number or a sequence of numbers, got {type(far).__name__}")
+    scalar = not isinstance(far, (Sequence, np.ndarray))
+    fars = [check_real(f, "far", 0.0, 1.0) for f in ([far] if scalar else list(np.asarray(far).ravel()))]
+    fpr, tpr, _ = _roc(s, y)
+    out = np.array([_tar(fpr, tpr, f) for f in fars], dtype=np.float64)
+    return float(out[0]) if scalar else out
+
+
+def _check_both_kinds(y: np.ndarray) -> None:
+    """Verification needs same and different pairs (bool labels y [N])."""
     n_pos = int(np.count_nonzero(y))
     if n_pos == 0 or n_pos == y.size:
         raise ValueError(
             f"same: both same (True) and different (False) pairs are needed, got {n_pos} of {y.size} True"
         )
-    scalar = not isinstance(far, (Sequence, np.ndarray)) or isinstance(far, (str, bytes))
-    if scalar and isinstance(far, (str, bytes)):
-        raise TypeError(f"far: expected a number or a sequence of numbers, got {type(far).__name__}")
-    fars = [check_real(f, "far", 0.0, 1.0) for f in ([far] if scalar else list(np.asarray(far).ravel()))]
-    fpr, tpr, _ = _roc(s, y)
-    out = np.array([tpr[fpr <= f].max() for f in fars], dtype=np.float64)  # (0, 0) is on the ROC
-    return float(out[0]) if scalar else out
+
+
+def _tar(fpr: np.ndarray, tpr: np.ndarray, far: float) -> float:
+    """The largest TPR over the ROC points with FPR <= far ((0, 0) is on the ROC: never empty)."""
+    return float(tpr[fpr <= far].max())
 
 
 def _best_threshold(s: np.ndarray, y: np.ndarray) -> float:
