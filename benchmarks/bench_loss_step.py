@@ -6,7 +6,8 @@ the cores; this script times only the loss step, with nothing else running in th
 are the cleaner measure of what restricted scoring saves. Per configuration: every class row imprinted
 once (explicitly, so no step imprints), the neighbour table built, then --warmup untimed and --steps timed
 steps on random maps with labels drawn as the training batches are (64 random glyphs for the default
-configuration, 32 random classes x 2 for the batch-triplet recipe, with and without k_batch=32).
+configuration, 32 random classes x 2 for the batch-triplet recipe, with and without k_batch=32, plain or
+weighted).
 Reported: the median and the 10 %-90 % range of the per-step times.
 
     python benchmarks/bench_loss_step.py                      # N = 2000, k = 8 32 64 128 N-1, 2 threads
@@ -28,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import OUT_DIR, machine_info, thread_env, worker_pythonpath  # noqa: E402
-from benchmarks.bench_learning import FEAT_C, FEAT_HW, RECIPE  # noqa: E402
+from benchmarks.bench_learning import FEAT_C, FEAT_HW, RECIPE, WEIGHTED  # noqa: E402
 
 BATCH = 64
 # name -> (QAConvGSLoss arguments, the configuration whose k = N-1 row is its full-scoring twin); k_batch
@@ -37,6 +38,7 @@ CONFIGS = {
     "defaults": ({}, "defaults"),
     "batch-triplet recipe": (RECIPE, "batch-triplet recipe"),
     "recipe, k_batch=32": ({**RECIPE, "k_batch": 32}, "batch-triplet recipe"),
+    "recipe, k_batch=32 weighted": (WEIGHTED, "batch-triplet recipe"),
 }
 
 

@@ -57,6 +57,24 @@ static void head_wsum(const qg_head_params *p, int64_t S, double *wsum, double *
     *bias_total = p->shared ? 2.0 * (double)p->fc_bias : (double)p->fc_bias;
 }
 
+/* The pair weights' total (M when there are none); QG_EINVAL for a weight < 0 or non-finite, or a zero
+ * total. Serial and in order, so the total is the same for any thread count. */
+static int head_weight_total(const float *w, int64_t M, double *total)
+{
+    if (!w) {
+        *total = (double)M;
+        return QG_OK;
+    }
+    double t = 0.0;
+    for (int64_t m = 0; m < M; ++m) {
+        if (!(w[m] >= 0.0f) || !isfinite(w[m])) return QG_EINVAL;
+        t += (double)w[m];
+    }
+    if (!(t > 0.0) || !isfinite(t)) return QG_EINVAL;
+    *total = t;
+    return QG_OK;
+}
+
 /* Per-row sum and fc dot product over the raw input (double accumulation). */
 static inline void head_row_sum_dot(const float *xs, const float *xg, const float *w, int64_t S, int shared,
                                     double *sum_out, double *dot_out)
@@ -99,6 +117,10 @@ int qg_head_forward_train_f32(const float *mp, const float *mg, int64_t M, int64
     int rc = head_check(mp, mg, M, S, p);
     if (rc != QG_OK) return rc;
     if (M < 2 || !out || !st) return QG_EINVAL;
+    const float *pw = p->pair_weight;
+    double wtot;
+    rc = head_weight_total(pw, M, &wtot);
+    if (rc != QG_OK) return rc;
 
     const int64_t rpb = head_rows_per_block(M, S);
     const int64_t nblk = (M + rpb - 1) / rpb;
@@ -120,11 +142,15 @@ int qg_head_forward_train_f32(const float *mp, const float *mg, int64_t M, int64
             const float *xs = mp + m * S, *xg = mg + m * S;
             double sum;
             head_row_sum_dot(xs, xg, p->fc_weight, S, p->shared, &sum, &dot[m]);
+            /* a weighted row counts w times its 2S values (w = 1: the same bits as unweighted) */
+            const double wn = pw ? (double)pw[m] * row_n : row_n;
+            if (!(wn > 0.0)) continue;
             double mu = sum / row_n;
             double rm2 = head_row_m2(xs, xg, S, mu);
-            double nn = n + row_n, delta = mu - mean;
-            mean += delta * (row_n / nn);
-            m2 += rm2 + delta * delta * (n * row_n / nn);
+            if (pw) rm2 *= (double)pw[m];
+            double nn = n + wn, delta = mu - mean;
+            mean += delta * (wn / nn);
+            m2 += rm2 + delta * delta * (n * wn / nn);
             n = nn;
         }
         bcnt[blk] = n;
@@ -139,6 +165,7 @@ int qg_head_forward_train_f32(const float *mp, const float *mg, int64_t M, int64
     double n = 0.0, mean1 = 0.0, m2 = 0.0;
     for (int64_t blk = 0; blk < nblk; ++blk) {
         double nb = bcnt[blk], nn = n + nb, delta = bmean[blk] - mean1;
+        if (!(nb > 0.0)) continue; /* a block of zero-weight rows */
         mean1 += delta * (nb / nn);
         m2 += bm2[blk] + delta * delta * (n * nb / nn);
         n = nn;
@@ -157,14 +184,14 @@ int qg_head_forward_train_f32(const float *mp, const float *mg, int64_t M, int64
     double zsum = 0.0;
     for (int64_t m = 0; m < M; ++m) {
         dot[m] = a1 * dot[m] + zoff;
-        zsum += dot[m];
+        zsum += pw ? (double)pw[m] * dot[m] : dot[m];
     }
-    double mean2 = zsum / (double)M, zm2 = 0.0;
+    double mean2 = zsum / wtot, zm2 = 0.0;
     for (int64_t m = 0; m < M; ++m) {
         double d = dot[m] - mean2;
-        zm2 += d * d;
+        zm2 += pw ? (double)pw[m] * d * d : d * d;
     }
-    double var2 = zm2 / (double)M;
+    double var2 = zm2 / wtot;
     if (!isfinite(mean2) || !isfinite(var2)) {
         qg_free(dot);
         return QG_ENONFINITE;
@@ -232,6 +259,10 @@ int qg_head_backward_f32(const float *mp, const float *mg, int64_t M, int64_t S,
     if (!(st->var1 >= 0.0) || !(st->var2 >= 0.0) || !isfinite(st->mean1) || !isfinite(st->mean2) ||
         !isfinite(st->var1) || !isfinite(st->var2))
         return QG_EINVAL;
+    const float *pw = p->pair_weight;
+    double wtot;
+    rc = head_weight_total(pw, M, &wtot);
+    if (rc != QG_OK) return rc;
 
     const int64_t width = 2 * S;
     const int64_t rpb = head_rows_per_block(M, S);
@@ -279,10 +310,12 @@ int qg_head_backward_f32(const float *mp, const float *mg, int64_t M, int64_t S,
         s_g += (double)gout[m];
         s_gz += (double)gout[m] * zhat;
     }
-    const double mg_ = s_g / (double)M, mgz = s_gz / (double)M;
+    /* weighted statistics: pair m's share of the mean / variance corrections is w[m] / total */
+    const double mg_ = s_g / wtot, mgz = s_gz / wtot;
     double s_dz = 0.0, s_dzxw = 0.0;
     for (int64_t m = 0; m < M; ++m) {
-        double d = g2 * inv2 * ((double)gout[m] - mg_ - dz[m] * mgz);
+        const double wm = pw ? (double)pw[m] : 1.0;
+        double d = g2 * inv2 * ((double)gout[m] - wm * mg_ - dz[m] * (wm * mgz));
         dz[m] = d;
         s_dz += d;
         s_dzxw += d * xw[m];
@@ -292,7 +325,7 @@ int qg_head_backward_f32(const float *mp, const float *mg, int64_t M, int64_t S,
     g->fc_bias = p->shared ? 2.0 * s_dz : s_dz;
     g->bn_bias = s_dz * wsum;
     g->bn_weight = s_dzxw;
-    const double n1 = (double)M * (double)width;
+    const double n1 = wtot * (double)width;
     const double A = g1 * s_dz * wsum / n1, Bc = g1 * s_dzxw / n1;
 
     /* pass B: input gradients and per-block column partials sum_m dz[m] * x[m, j] */
@@ -308,12 +341,13 @@ int qg_head_backward_f32(const float *mp, const float *mg, int64_t M, int64_t S,
             const float *xs = mp + m * S, *xg = mg + m * S;
             float *gs = gmp + m * S, *gg = gmg + m * S;
             const double d = dz[m], dg1 = d * g1;
+            const double wm = pw ? (double)pw[m] : 1.0, Am = wm * A, Bm = wm * Bc;
             for (int64_t j = 0; j < S; ++j) {
                 double a = (double)xs[j], b = (double)xg[j];
                 cs[j] += d * a;
                 cg[j] += d * b;
-                gs[j] = (float)(inv1 * (dg1 * (double)w[j] - A - (a - mean1) * inv1 * Bc));
-                gg[j] = (float)(inv1 * (dg1 * (double)w2[j] - A - (b - mean1) * inv1 * Bc));
+                gs[j] = (float)(inv1 * (dg1 * (double)w[j] - Am - (a - mean1) * inv1 * Bm));
+                gg[j] = (float)(inv1 * (dg1 * (double)w2[j] - Am - (b - mean1) * inv1 * Bm));
             }
         }
         bad |= !isfinite(cs[0]);

@@ -6,6 +6,12 @@
  *   fc:       separate (shared == 0): z[m] = sum_j fc_weight[j] * y[m, j] + fc_bias, fc_weight [2S]
  *             shared   (shared == 1): z[m] = sum_s fc_weight[s] * (y[m, s] + y[m, S+s]) + 2 * fc_bias
  *   logit_bn: out = lbn_weight * (z - mean2) / sqrt(var2 + eps) + lbn_bias, one mean/var over M values
+ * Weighted statistics (training only): with p->pair_weight = w [M] (finite, >= 0, sum > 0) both batch
+ * statistics are weighted means over the pairs (pair m's 2S values each count w[m]; the biased
+ * variance divides by the weight total), and the backward differentiates through those weighted
+ * statistics. A restricted step whose sampled candidates stand for the classes it does not score uses
+ * it to estimate the statistics of the full candidate set. NULL (or all ones) is the unweighted head,
+ * bit for bit.
  * Training mode uses batch statistics (biased variance for normalisation) and reports them in
  * qg_head_stats; the caller updates running statistics (PyTorch BatchNorm1d semantics).
  * Eval mode uses the running statistics in qg_head_params.
@@ -17,7 +23,7 @@
  * per-block double partials combined in block order; the logit_bn part is O(M) and serial.
  * Precision: all sums and the fc dot products in double; outputs rounded to float32 once.
  * Errors: QG_EINVAL (M < 1, M < 2 in training/backward, S < 1, eps <= 0, non-finite parameters,
- * running_var + eps <= 0 in eval), QG_ENONFINITE (NaN/Inf reached the statistics or outputs),
+ * running_var + eps <= 0 in eval, a pair weight < 0 or non-finite, or weights summing to 0), QG_ENONFINITE (NaN/Inf reached the statistics or outputs),
  * QG_ENOMEM, QG_EINTR (poll asked to stop; outputs are then unspecified).
  */
 #ifndef QG_HEAD_H
@@ -34,6 +40,7 @@ typedef struct qg_head_params {
     const float *fc_weight;     /* [2S] (separate) or [S] (shared) */
     float fc_bias;
     float lbn_weight, lbn_bias, lbn_running_mean, lbn_running_var;
+    const float *pair_weight;   /* [M] statistics weights, training forward / backward only; NULL: all 1 */
 } qg_head_params;
 
 typedef struct qg_head_stats {

@@ -16,6 +16,24 @@ static int ref_check(const float *mp, const float *mg, int64_t M, int64_t S, con
     return QG_OK;
 }
 
+/* pair m's statistics weight (1 without weights) */
+static inline double ref_pw(const qg_head_params *p, int64_t m)
+{
+    return p->pair_weight ? (double)p->pair_weight[m] : 1.0;
+}
+
+/* the weights' total, or -1 when a weight is < 0 or non-finite or the total is not > 0 */
+static double ref_weight_total(const qg_head_params *p, int64_t M)
+{
+    double t = 0.0;
+    for (int64_t m = 0; m < M; ++m) {
+        double w = ref_pw(p, m);
+        if (!(w >= 0.0) || !isfinite(w)) return -1.0;
+        t += w;
+    }
+    return t > 0.0 && isfinite(t) ? t : -1.0;
+}
+
 /* x[m, j] for j in [0, 2S): the first S from mp, the rest from mg */
 static inline double ref_x(const float *mp, const float *mg, int64_t S, int64_t m, int64_t j)
 {
@@ -39,16 +57,18 @@ static double ref_fc(const float *mp, const float *mg, int64_t S, int64_t m, con
     return z + (p->shared ? 2.0 : 1.0) * (double)p->fc_bias;
 }
 
-static void ref_bn1_stats(const float *mp, const float *mg, int64_t M, int64_t S, double *mean, double *var)
+/* weighted mean and biased variance of all M * 2S values (pair m's values weigh w[m]; wtot = sum w) */
+static void ref_bn1_stats(const float *mp, const float *mg, int64_t M, int64_t S, const qg_head_params *p,
+                          double wtot, double *mean, double *var)
 {
-    double s = 0.0, n = (double)M * (double)(2 * S);
+    double s = 0.0, n = wtot * (double)(2 * S);
     for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < 2 * S; ++j) s += ref_x(mp, mg, S, m, j);
+        for (int64_t j = 0; j < 2 * S; ++j) s += ref_pw(p, m) * ref_x(mp, mg, S, m, j);
     double mu = s / n, v = 0.0;
     for (int64_t m = 0; m < M; ++m)
         for (int64_t j = 0; j < 2 * S; ++j) {
             double d = ref_x(mp, mg, S, m, j) - mu;
-            v += d * d;
+            v += ref_pw(p, m) * d * d;
         }
     *mean = mu;
     *var = v / n;
@@ -60,19 +80,21 @@ int qg_head_forward_train_ref_f32(const float *mp, const float *mg, int64_t M, i
     int rc = ref_check(mp, mg, M, S, p);
     if (rc != QG_OK) return rc;
     if (M < 2 || !out || !st) return QG_EINVAL;
+    const double wtot = ref_weight_total(p, M);
+    if (wtot < 0.0) return QG_EINVAL;
     if (qg_poll(ctx)) return QG_EINTR;
     double mean1, var1;
-    ref_bn1_stats(mp, mg, M, S, &mean1, &var1);
+    ref_bn1_stats(mp, mg, M, S, p, wtot, &mean1, &var1);
     if (!isfinite(mean1) || !isfinite(var1)) return QG_ENONFINITE;
     /* two passes over z (recomputed) so no scratch is needed */
     double zs = 0.0;
-    for (int64_t m = 0; m < M; ++m) zs += ref_fc(mp, mg, S, m, p, mean1, var1);
-    double mean2 = zs / (double)M, v2 = 0.0;
+    for (int64_t m = 0; m < M; ++m) zs += ref_pw(p, m) * ref_fc(mp, mg, S, m, p, mean1, var1);
+    double mean2 = zs / wtot, v2 = 0.0;
     for (int64_t m = 0; m < M; ++m) {
         double d = ref_fc(mp, mg, S, m, p, mean1, var1) - mean2;
-        v2 += d * d;
+        v2 += ref_pw(p, m) * d * d;
     }
-    double var2 = v2 / (double)M, inv2 = 1.0 / sqrt(var2 + (double)p->eps);
+    double var2 = v2 / wtot, inv2 = 1.0 / sqrt(var2 + (double)p->eps);
     if (!isfinite(mean2) || !isfinite(var2)) return QG_ENONFINITE;
     for (int64_t m = 0; m < M; ++m) {
         double zz = ref_fc(mp, mg, S, m, p, mean1, var1);
@@ -113,12 +135,14 @@ int qg_head_backward_ref_f32(const float *mp, const float *mg, int64_t M, int64_
     int rc = ref_check(mp, mg, M, S, p);
     if (rc != QG_OK) return rc;
     if (M < 2 || !st || !gout || !gmp || !gmg || !g || !g->fc_weight) return QG_EINVAL;
+    const double wtot = ref_weight_total(p, M);
+    if (wtot < 0.0) return QG_EINVAL;
     if (qg_poll(ctx)) return QG_EINTR;
     const int64_t W = 2 * S, nw = p->shared ? S : W;
     const double eps = (double)p->eps, g1 = (double)p->bn_weight, b1 = (double)p->bn_bias;
     const double g2 = (double)p->lbn_weight;
     const double inv1 = 1.0 / sqrt(st->var1 + eps), inv2 = 1.0 / sqrt(st->var2 + eps);
-    const double n1 = (double)M * (double)W;
+    const double n1 = wtot * (double)W;
 
     /* logit_bn: dout -> dz (textbook batch-norm backward) */
     double s_g = 0.0, s_gz = 0.0;
@@ -130,12 +154,13 @@ int qg_head_backward_ref_f32(const float *mp, const float *mg, int64_t M, int64_
     g->lbn_weight = s_gz;
     g->lbn_bias = s_g;
 
-    /* dz[m] (textbook logit_bn backward), kept in scratch */
+    /* dz[m] (textbook logit_bn backward, pair m's share of the statistics' corrections w[m] / wtot) */
     double *dz = (double *)qg_malloc(M * (int64_t)sizeof(double));
     if (!dz) return QG_ENOMEM;
     for (int64_t m = 0; m < M; ++m) {
         double zhat = (ref_fc(mp, mg, S, m, p, st->mean1, st->var1) - st->mean2) * inv2;
-        dz[m] = inv2 * ((double)gout[m] * g2 - g2 * s_g / (double)M - zhat * g2 * s_gz / (double)M);
+        const double wm = ref_pw(p, m);
+        dz[m] = inv2 * ((double)gout[m] * g2 - wm * g2 * s_g / wtot - zhat * wm * g2 * s_gz / wtot);
     }
 
     /* fc (weights via y explicitly) and the sums of dxhat, dxhat * xhat over all M * 2S values */
@@ -166,7 +191,7 @@ int qg_head_backward_ref_f32(const float *mp, const float *mg, int64_t M, int64_
         for (int64_t j = 0; j < W; ++j) {
             double xhat = (ref_x(mp, mg, S, m, j) - st->mean1) * inv1;
             double dxhat = dz[m] * ref_w(p, S, j) * g1;
-            double dx = inv1 * (dxhat - s_dxh / n1 - xhat * s_dxhx / n1);
+            double dx = inv1 * (dxhat - ref_pw(p, m) * s_dxh / n1 - xhat * ref_pw(p, m) * s_dxhx / n1);
             if (j < S)
                 gmp[m * S + j] = (float)dx;
             else

@@ -127,3 +127,77 @@ def test_torch_adapter_passes_k_batch():
 
     crit = QAConvGSLoss(20, C, H, W, k_nearest=2, k_batch=3, seed=0)
     assert crit.config["k_batch"] == 3 and crit._core.num_candidates == 6
+
+
+# ------------------------------------------------------------------------------ weighted_extras
+
+
+def weighted_model(N=14, k=2, k_batch=4, **kw) -> QAConvGS:
+    kw.setdefault("triplet", "batch")
+    kw.setdefault("fc", "shared")
+    return batch_model(N=N, k=k, k_batch=k_batch, weighted_extras=True, **kw)
+
+
+@pytest.mark.parametrize("fc", ["separate", "shared"])
+@pytest.mark.parametrize("k_mined", [0, 2])
+def test_weighted_extras_step_matches_the_oracle(fc, k_mined):
+    """The extras weigh (N - 1 - k - mined) / k_batch in the head's statistics and add its log to their
+    logits in the class softmax: the whole step (losses, scores, every gradient) against float64."""
+    m = weighted_model(fc=fc, k_mined=k_mined)
+    w = (14 - 1 - 2 - k_mined) / 4
+    assert m.extra_weight == w
+    weights = np.ones((6, m.num_candidates))
+    weights[:, 3:7] = w
+    assert_step_matches_oracle(m, fc, "batch", weights=weights)
+
+
+def test_weighted_extras_with_the_class_triplet_off():
+    m = weighted_model(triplet="class", triplet_weight=0.0, fc="separate")
+    weights = np.ones((6, 7))
+    weights[:, 3:] = (14 - 1 - 2) / 4
+    assert_step_matches_oracle(m, "separate", "class", weights=weights)
+
+
+def test_weighted_extras_change_the_step_and_nothing_without_extras():
+    y = [1, 1, 5, 5, 9, 9]
+    plain, weighted = batch_model(N=14, k=2, k_batch=4, triplet="batch"), weighted_model(fc="separate")
+    a, b = step(plain, y), step(weighted, y)
+    np.testing.assert_array_equal(a.candidates, b.candidates)
+    assert a.loss != b.loss  # the extras now stand for the 11 unscored classes
+    # without extras (k_batch=0, or no room after the neighbours) the flag changes nothing, bit for bit
+    for kb, k in ((0, 2), (4, 13)):
+        p = QAConvGS(14, C, H, W, k_nearest=k, seed=0, init="random", k_batch=kb, triplet="batch")
+        q = QAConvGS(14, C, H, W, k_nearest=k, seed=0, init="random", k_batch=kb, triplet="batch",
+                     weighted_extras=True)  # fmt: skip
+        assert q.extra_weight == 1.0
+        ra, rb = step(p, y), step(q, y)
+        assert ra.loss == rb.loss and np.array_equal(ra.grad_features, rb.grad_features)
+
+
+def test_weighted_extras_validation_and_plumbing(tmp_path):
+    with pytest.raises(TypeError, match="^weighted_extras: expected a bool, got int$"):
+        batch_model(weighted_extras=1)
+    msg = r"^weighted_extras: needs triplet='batch' or triplet_weight=0"
+    with pytest.raises(ValueError, match=msg):
+        batch_model(weighted_extras=True)  # triplet="class", triplet_weight=0.5
+    m = weighted_model()
+    step(m, [1, 2, 3])
+    m.save(tmp_path / "m.npz")
+    back = QAConvGS.load(tmp_path / "m.npz")
+    assert back.config["weighted_extras"] is True and back.extra_weight == m.extra_weight
+    assert QAConvGS(6, C, H, W, k_nearest=2).config["weighted_extras"] is False
+    dims = dict(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=3)
+    with pytest.raises(
+        ValueError, match="^weighted_extras: ShardedQAConvGS supports only weighted_extras=False"
+    ):
+        ShardedQAConvGS(**dims, weighted_extras=True)
+    cfg = qg.QAConvGS(**dims, k_batch=2, triplet="batch", weighted_extras=True).config
+    assert _sharded_config(cfg)["weighted_extras"] is False
+
+
+def test_torch_adapter_passes_weighted_extras():
+    pytest.importorskip("torch")
+    from qaconv_gs.torch import QAConvGSLoss
+
+    crit = QAConvGSLoss(20, C, H, W, k_nearest=2, k_batch=3, seed=0, triplet="batch", weighted_extras=True)
+    assert crit.config["weighted_extras"] is True and crit._core.extra_weight == (20 - 1 - 2) / 3

@@ -202,6 +202,6 @@ def test_bench_loss_step_via_cli(tmp_path, capfd):
     assert res["classes"] == 40 and res["threads"] == 1
     got = {(r["config"], r["k"]) for r in res["rows"]}
     want = {(c, k) for c in ("defaults", "batch-triplet recipe") for k in (8, 39)}
-    assert got == want | {("recipe, k_batch=32", 8)}
+    assert got == want | {("recipe, k_batch=32", 8), ("recipe, k_batch=32 weighted", 8)}
     assert all(r["median_ms"] > 0 for r in res["rows"])
     assert "| defaults | N-1 |" in text

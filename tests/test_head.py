@@ -490,3 +490,143 @@ def test_property_vs_reference(M, S, shared, seed, scale):
     _close(gmg, rmg, atol_rel=1e-4)
     for k in ("fc.weight", "bn.weight", "logit_bn.weight", "logit_bn.bias"):
         _close(g[k], rg[k], atol_rel=1e-4)
+
+
+# ------------------------------------------------------------------------------ weighted statistics
+
+
+def _weights(rng, M, zeros=True):
+    w = rng.uniform(0.1, 60.0, size=M).astype(np.float32)
+    if zeros and M > 2:
+        w[rng.choice(M, size=M // 3, replace=False)] = 0.0
+        w[0] = max(w[0], 1.0)
+    return w
+
+
+@pytest.mark.parametrize("fc", FCS)
+@pytest.mark.parametrize("M,S", [(2, 1), (3, 4), (97, 7), (300, 64)])
+def test_weighted_forward_backward_vs_numpy_and_c_ref(fc, M, S, rng):
+    h = _random_head(S, fc, rng)
+    h0 = copy.deepcopy(h)
+    mp, mg = _maxima(rng, M, S)
+    w = _weights(rng, M)
+    gout = rng.normal(size=M).astype(np.float32)
+    out, cache = head_forward(mp, mg, h, fc=fc, weights=w)
+    ref, c = oracle.head_forward(mp, mg, h0, fc=fc, weights=w)
+    _close(out, ref)
+    for k, v in c["running"].items():
+        _close(h[k], v, rtol=1e-5)
+    np.testing.assert_allclose(cache.stats, [c["mean1"], c["var1"], c["mean2"], c["var2"]], rtol=1e-9)
+    gmp, gmg, grads = head_backward(gout, cache)
+    rmp, rmg, rgrads = oracle.head_backward(gout, c)
+    _close(gmp, rmp)
+    _close(gmg, rmg)
+    for k in ("bn.weight", "fc.weight", "logit_bn.weight", "logit_bn.bias"):
+        _close(grads[k], rgrads[k])
+    params, fcw = _params(h0, S, fc)
+    _, out_r, st_r = _native.head_forward_train_ref(mp, mg, fcw, params, 1, w)
+    np.testing.assert_allclose(out, out_r, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cache.stats, st_r, rtol=1e-9)
+    bmp, bmg, bfw, _ = _native.head_backward_ref(mp, mg, fcw, params, cache.stats, gout, 1, w)
+    _close(gmp, bmp, rtol=1e-5)
+    _close(gmg, bmg, rtol=1e-5)
+    _close(grads["fc.weight"].reshape(-1), bfw, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fc", FCS)
+def test_weighted_reference_backward_finite_differences(fc, rng):
+    M, S = 6, 3
+    h = _random_head(S, fc, rng)
+    mp, mg = (a.astype(np.float64) for a in _maxima(rng, M, S))
+    w = np.array([1.0, 0.0, 3.5, 0.25, 2.0, 7.0])
+    gout = rng.normal(size=M)
+    _, c = oracle.head_forward(mp, mg, h, fc=fc, weights=w)
+    gmp, gmg, _ = oracle.head_backward(gout, c)
+
+    def loss_x(a, b):
+        return float(oracle.head_forward(a, b, h, fc=fc, weights=w)[0] @ gout)
+
+    np.testing.assert_allclose(oracle.numerical_grad(lambda a: loss_x(a, mg), mp), gmp, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(oracle.numerical_grad(lambda b: loss_x(mp, b), mg), gmg, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fc", FCS)
+def test_unit_weights_are_the_unweighted_head_bit_for_bit(fc, rng):
+    M, S = 300, 16
+    h = _random_head(S, fc, rng)
+    mp, mg = _maxima(rng, M, S)
+    gout = rng.normal(size=M).astype(np.float32)
+    ha, hb = copy.deepcopy(h), copy.deepcopy(h)
+    oa, ca = head_forward(mp, mg, ha, fc=fc)
+    ob, cb = head_forward(mp, mg, hb, fc=fc, weights=np.ones(M, np.float32))
+    assert np.array_equal(oa, ob) and ca.stats == cb.stats
+    for x, y in zip(head_backward(gout, ca)[:2], head_backward(gout, cb)[:2]):
+        assert np.array_equal(x, y)
+    assert all(np.array_equal(ha[k], hb[k]) for k in h)
+
+
+@pytest.mark.parametrize("fc", FCS)
+def test_integer_weights_equal_repeated_pairs(fc, rng):
+    """A pair of weight 3 moves the statistics as three copies of it would."""
+    M, S = 40, 5
+    h = _random_head(S, fc, rng)
+    mp, mg = _maxima(rng, M, S)
+    w = rng.integers(0, 4, size=M).astype(np.float32)
+    w[0] = 1.0
+    rep = np.repeat(np.arange(M), w.astype(int))
+    out_w, cache_w = head_forward(mp, mg, copy.deepcopy(h), fc=fc, weights=w)
+    out_r, cache_r = head_forward(mp[rep], mg[rep], copy.deepcopy(h), fc=fc)
+    np.testing.assert_allclose(cache_w.stats, cache_r.stats, rtol=1e-9, atol=1e-12)
+    first = np.searchsorted(rep, np.arange(M))
+    keep = w > 0
+    np.testing.assert_allclose(out_w[keep], out_r[first[keep]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fc", FCS)
+def test_weighted_threads_bit_identical(fc, rng):
+    M, S = 700, 48
+    h = _random_head(S, fc, rng)
+    mp, mg = _maxima(rng, M, S)
+    w = _weights(rng, M)
+    gout = rng.normal(size=M).astype(np.float32)
+    res = []
+    for nt in (1, 2, 3):
+        out, cache = head_forward(mp, mg, copy.deepcopy(h), fc=fc, n_threads=nt, weights=w)
+        res.append((out, *head_backward(gout, cache, n_threads=nt)))
+    for r in res[1:]:
+        for a, b in zip(res[0][:3], r[:3]):
+            assert np.array_equal(a, b)
+        for k in PARAM_KEYS:
+            assert np.array_equal(res[0][3][k], r[3][k])
+
+
+def test_weighted_errors(rng):
+    M, S = 6, 3
+    h = _random_head(S, "separate", rng)
+    mp, mg = _maxima(rng, M, S)
+    cases = [
+        (np.ones(M - 1), "weights: expected shape (6,)"),
+        (np.ones((M, 1)), "weights: expected shape (6,)"),
+        (-np.ones(M), "weights: expected values >= 0"),
+        (np.zeros(M), "at least one weight > 0"),
+        (np.array([1, 1, 1, np.nan, 1, 1]), "weights"),
+        (np.array(["a"] * M), "weights"),
+    ]
+    for w, msg in cases:
+        before = copy.deepcopy(h)
+        with pytest.raises((ValueError, TypeError), match=msg.replace("(", r"\(").replace(")", r"\)")):
+            head_forward(mp, mg, h, weights=w)
+        assert all(np.array_equal(before[k], h[k]) for k in h)  # nothing written
+    with pytest.raises(ValueError, match="training mode only"):
+        head_forward(mp, mg, h, training=False, weights=np.ones(M))
+    # the kernels re-check what the Python layer validated
+    params, fcw = _params(h, S, "separate")
+    for fn in (_native.head_forward_train, _native.head_forward_train_ref):
+        with pytest.raises(ValueError, match="weights|invalid argument"):
+            fn(mp, mg, fcw, params, 1, -np.ones(M, np.float32))
+        with pytest.raises(ValueError, match="weights: expected 6 values"):
+            fn(mp, mg, fcw, params, 1, np.ones(4, np.float32))
+    _, cache = head_forward(mp, mg, copy.deepcopy(h))
+    for fn in (_native.head_backward, _native.head_backward_ref):
+        with pytest.raises(ValueError, match="invalid argument"):
+            fn(mp, mg, fcw, params, cache.stats, np.ones(M, np.float32), 1, np.zeros(M, np.float32))

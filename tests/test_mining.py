@@ -115,7 +115,7 @@ def test_mined_per_sample_is_capped(k, k_mined, want):
         np.testing.assert_array_equal(np.sort(r.candidates, axis=1), np.tile(np.arange(10), (4, 1)))
 
 
-def assert_step_matches_oracle(m: QAConvGS, fc: str, triplet: str) -> None:
+def assert_step_matches_oracle(m: QAConvGS, fc: str, triplet: str, weights=None) -> None:
     """One step of `m` (14 classes) on a fixed batch against the float64 oracle scoring the same candidates
     (so any candidate rule, mined or k_batch, is checked through the losses, scores and gradients)."""
     rng = np.random.default_rng(7)
@@ -124,7 +124,7 @@ def assert_step_matches_oracle(m: QAConvGS, fc: str, triplet: str) -> None:
     head0, E0 = head_before(m), m.class_embed.copy()
     r = m.forward_backward(X, y)
     ref = oracle.forward_backward(
-        X, y, E0, head0, m.class_neighbors, fc, triplet, m.triplet_weight, m.margin, r.candidates
+        X, y, E0, head0, m.class_neighbors, fc, triplet, m.triplet_weight, m.margin, r.candidates, weights
     )
     for key in ("loss", "loss_cls", "loss_triplet"):
         assert getattr(r, key) == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key

@@ -61,6 +61,7 @@ class ModelConfig:
     imprint_samples: int = 64
     k_mined: int = 0
     k_batch: int = 0
+    weighted_extras: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON-able ``config`` dict (keys in declaration order)."""

@@ -1,12 +1,13 @@
 /*
  * _native_head.c - bindings of csrc/qg_head.* (the similarity head: BN + FC + BN over the pair maxima),
  * private, called from qaconv_gs.head only; `_ref` rows bind the scalar reference kernels:
- *   head_forward_train(mp [M,S], mg [M,S], fc_weight [2S]|[S], params, n_threads)
+ *   head_forward_train(mp [M,S], mg [M,S], fc_weight [2S]|[S], params, n_threads, weights=None)
  *       -> (z [M], out [M], (mean1, var1, mean2, var2))
  *   head_forward_eval(mp, mg, fc_weight, params, n_threads) -> out [M]
- *   head_backward(mp, mg, fc_weight, params, stats, gout [M], n_threads)
+ *   head_backward(mp, mg, fc_weight, params, stats, gout [M], n_threads, weights=None)
  *       -> (gmp [M,S], gmg [M,S], gfc_weight, (g_bn_weight, g_bn_bias, g_fc_bias, g_lbn_weight, g_lbn_bias))
  * params = (shared, eps, bn_w, bn_b, bn_rm, bn_rv, fc_b, lbn_w, lbn_b, lbn_rm, lbn_rv).
+ * weights: None or float32 [M] statistics weights per pair (the kernels check them: QG_EINVAL).
  */
 #include "_native.h"
 
@@ -69,6 +70,21 @@ static int qg_head_args(qg_frame *f, PyObject *omp, PyObject *omg, PyObject *ofw
     return 0;
 }
 
+/* Optional per-pair statistics weights: None leaves p->pair_weight NULL, else a float32 [M] vector. */
+static int qg_head_weights(qg_frame *f, PyObject *ow, qg_head_in *h)
+{
+    if (!ow || ow == Py_None) return 0;
+    PyArrayObject *w = qg_in(f, ow, NPY_FLOAT32, 1, "weights");
+    if (!w) return -1;
+    if (QG_DIM(w, 0) != h->M) {
+        PyErr_Format(PyExc_ValueError, "weights: expected %lld values (one per pair), got %lld", (long long)h->M,
+                     (long long)QG_DIM(w, 0));
+        return -1;
+    }
+    h->p.pair_weight = QG_F32(w);
+    return 0;
+}
+
 /* ValueError unless there are at least 2 pairs (batch statistics). */
 static int qg_head_training(const qg_head_in *h)
 {
@@ -81,15 +97,15 @@ static int qg_head_training(const qg_head_in *h)
 
 static PyObject *qg_head_train_body(qg_frame *f, PyObject *args, PyObject *kw, qg_head_train_fn fn, const char *label)
 {
-    static char *kwlist[] = {"mp", "mg", "fc_weight", "params", "n_threads", NULL};
-    PyObject *omp, *omg, *ofw, *params;
+    static char *kwlist[] = {"mp", "mg", "fc_weight", "params", "n_threads", "weights", NULL};
+    PyObject *omp, *omg, *ofw, *params, *ow = NULL;
     int n_threads = 1;
     qg_head_in h;
     qg_head_stats st = {0, 0, 0, 0};
     PyArrayObject *z, *out;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|i", kwlist, &omp, &omg, &ofw, &params, &n_threads) ||
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|iO", kwlist, &omp, &omg, &ofw, &params, &n_threads, &ow) ||
         qg_check_threads(n_threads) < 0 || qg_head_args(f, omp, omg, ofw, params, &h) < 0 ||
-        qg_head_training(&h) < 0)
+        qg_head_training(&h) < 0 || qg_head_weights(f, ow, &h) < 0)
         return NULL;
     const npy_intp dims[1] = {(npy_intp)h.M};
     if (!(z = qg_out(f, 1, dims, NPY_FLOAT32)) || !(out = qg_out(f, 1, dims, NPY_FLOAT32))) return NULL;
@@ -118,14 +134,14 @@ static PyObject *qg_head_eval_body(qg_frame *f, PyObject *args, PyObject *kw, qg
 
 static PyObject *qg_head_bwd_body(qg_frame *f, PyObject *args, PyObject *kw, qg_head_bwd_fn fn, const char *label)
 {
-    static char *kwlist[] = {"mp", "mg", "fc_weight", "params", "stats", "gout", "n_threads", NULL};
-    PyObject *omp, *omg, *ofw, *params, *ogo;
+    static char *kwlist[] = {"mp", "mg", "fc_weight", "params", "stats", "gout", "n_threads", "weights", NULL};
+    PyObject *omp, *omg, *ofw, *params, *ogo, *ow = NULL;
     int n_threads = 1;
     qg_head_in h;
     qg_head_stats st;
     PyArrayObject *go, *gmp, *gmg, *gfw;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO(dddd)O|i", kwlist, &omp, &omg, &ofw, &params, &st.mean1,
-                                     &st.var1, &st.mean2, &st.var2, &ogo, &n_threads) ||
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO(dddd)O|iO", kwlist, &omp, &omg, &ofw, &params, &st.mean1,
+                                     &st.var1, &st.mean2, &st.var2, &ogo, &n_threads, &ow) ||
         qg_check_threads(n_threads) < 0 || qg_head_args(f, omp, omg, ofw, params, &h) < 0 ||
         !(go = qg_in(f, ogo, NPY_FLOAT32, 1, "gout")))
         return NULL;
@@ -134,7 +150,7 @@ static PyObject *qg_head_bwd_body(qg_frame *f, PyObject *args, PyObject *kw, qg_
                      (long long)QG_DIM(go, 0));
         return NULL;
     }
-    if (qg_head_training(&h) < 0) return NULL;
+    if (qg_head_training(&h) < 0 || qg_head_weights(f, ow, &h) < 0) return NULL;
     const npy_intp d2[2] = {(npy_intp)h.M, (npy_intp)h.S}, d1[1] = {(npy_intp)QG_DIM(h.fw, 0)};
     if (!(gmp = qg_out(f, 2, d2, NPY_FLOAT32)) || !(gmg = qg_out(f, 2, d2, NPY_FLOAT32)) ||
         !(gfw = qg_out(f, 1, d1, NPY_FLOAT32)))

@@ -169,6 +169,7 @@ class _HeadCache:
     fc_shape: tuple
     params: tuple
     stats: tuple  # (mean1, var1, mean2, var2)
+    weights: np.ndarray | None = None  # [M] float32 statistics weights, or None
 
 
 def head_forward(
@@ -181,11 +182,16 @@ def head_forward(
     momentum: float = 0.1,
     eps: float = 1e-5,
     n_threads=None,
+    weights=None,
 ):
     """mp, mg [..., S] -> (logits [...] float32, cache).
 
     training=True uses batch statistics and updates head's running stats in place (like
     torch.nn.functional.batch_norm); cache is what head_backward needs (None in eval mode).
+    weights (training only): None, or [...] per-pair statistics weights (finite, >= 0, not all 0): both
+    batch statistics become weighted over the pairs (a pair's 2S maxima each count its weight), and the
+    backward differentiates through them. A restricted step uses this so that sampled candidates standing
+    for the classes it does not score move the statistics as those classes would. All ones = None.
     """
     shared = _check_fc(fc)
     for x, name in ((mp, "mp"), (mg, "mg")):
@@ -208,6 +214,13 @@ def head_forward(
     params, fcw = _params(head, S, shared, eps)
     mp2 = mp.reshape(M, S)
     mg2 = mg.reshape(M, S)
+    wts = None
+    if weights is not None:
+        if not training:
+            raise ValueError(
+                "weights: per-pair statistics weights apply to training mode only (training=False)"
+            )
+        wts = _pair_weights(weights, lead)
     if not training:
         out = _native.head_forward_eval(mp2, mg2, fcw, params, nt)
         return out.reshape(lead), None
@@ -216,15 +229,31 @@ def head_forward(
             f"mp: expected more than 1 value per channel when training (M >= 2 pairs), got shape "
             f"{shape_str(mp.shape)}"
         )
-    _z, out, stats = _native.head_forward_train(mp2, mg2, fcw, params, nt)
+    _z, out, stats = _native.head_forward_train(mp2, mg2, fcw, params, nt, wts)
     updates = {  # both checked before either is written
         "bn": _running_update(head, "bn", stats[0], stats[1], M * 2 * S, momentum),
         "logit_bn": _running_update(head, "logit_bn", stats[2], stats[3], M, momentum),
     }
     _update_running(head, updates)
     fc_shape = (1, fcw.size)
-    cache = _HeadCache(mp2, mg2, lead, fcw, fc_shape, params, tuple(stats))
+    cache = _HeadCache(mp2, mg2, lead, fcw, fc_shape, params, tuple(stats), wts)
     return out.reshape(lead), cache
+
+
+def _pair_weights(weights: object, lead: tuple) -> np.ndarray:
+    """Validated [M] float32 statistics weights of shape `lead` (ValueError naming `weights`)."""
+    w = as_float32(weights, "weights")
+    if w.shape != lead:
+        raise ValueError(
+            f"weights: expected shape {shape_str(lead)} (one per pair, like mp[..., 0]), "
+            f"got {shape_str(w.shape)}"
+        )
+    if (w < 0).any():
+        raise ValueError(f"weights: expected values >= 0, got {float(w.min()):.4g}")
+    total = float(w.sum(dtype=np.float64))
+    if not total > 0.0:
+        raise ValueError("weights: expected at least one weight > 0 (the statistics need mass), got all 0")
+    return np.ascontiguousarray(w.reshape(-1))
 
 
 def head_backward(grad_logits, cache, *, n_threads=None):
@@ -240,7 +269,7 @@ def head_backward(grad_logits, cache, *, n_threads=None):
     nt = resolve_threads(n_threads)
     S = cache.mp.shape[1]
     gmp, gmg, gfw, sc = _native.head_backward(
-        cache.mp, cache.mg, cache.fc_weight, cache.params, cache.stats, g.reshape(-1), nt
+        cache.mp, cache.mg, cache.fc_weight, cache.params, cache.stats, g.reshape(-1), nt, cache.weights
     )
     grads = {
         "bn.weight": np.array([sc[0]], np.float32),

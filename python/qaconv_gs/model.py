@@ -305,6 +305,16 @@ class QAConvGS(ModelBase):
             glyph classes, the batch-triplet recipe) k_nearest=32 with k_batch=32 gave 0.686 / 0.636 and
             0.664 / 0.622 identification / retrieval in two runs that differed only in the random extras,
             against 0.665 / 0.630 for k_nearest=64 at about the same cost: not a measurable gain yet.
+        weighted_extras: let the k_batch extras stand for the classes the step does not score (keyword-only,
+            default False; needs triplet="batch" or triplet_weight=0). Each extra stands for
+            w = (N - 1 - k_nearest - mined) / k_batch classes (see extra_weight): log(w) is added to its
+            logit in the class softmax (sampled softmax's log-count correction) and its pairs weigh w in
+            the head's batch statistics (head_forward(weights=...)), so the restricted loss and the head's
+            normalisation estimate those of full scoring: the target and its hard classes exactly, the
+            rest through a uniform sample. The estimate assumes the extras are uniform over the rest (true
+            for shuffled or P x K batches of random classes, not for neighbour-graph batches). acc_cls is
+            then measured on the corrected logits. On the learning benchmark (README) it closes most of
+            the gap between restricted and full scoring with the batch-triplet recipe.
 
     Attributes:
         training: True after construction / train(); False after eval(). In eval mode the
@@ -336,11 +346,15 @@ class QAConvGS(ModelBase):
         imprint_samples: int = 64,
         k_mined: int = 0,
         k_batch: int = 0,
+        weighted_extras: bool = False,
     ) -> None:
         init = choice(init, "init", INIT_MODES)
         imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)
         k_mined = check_int(k_mined, "k_mined", lo=0)
         k_batch = check_int(k_batch, "k_batch", lo=0)
+        if not isinstance(weighted_extras, (bool, np.bool_)):
+            raise TypeError(f"weighted_extras: expected a bool, got {type(weighted_extras).__name__}")
+        weighted_extras = bool(weighted_extras)
         cfg = check_config(
             num_classes,
             channels,
@@ -354,8 +368,21 @@ class QAConvGS(ModelBase):
             seed,
             n_threads,
         )
+        if weighted_extras and cfg["triplet"] == "class" and cfg["triplet_weight"] > 0:
+            # the class ranking term takes the hardest negative of the raw scores; the corrected logits
+            # are for the softmax only, and one kernel call computes both
+            raise ValueError(
+                "weighted_extras: needs triplet='batch' or triplet_weight=0 (the class triplet's hardest "
+                f"negative would be taken over the corrected logits), got triplet='class', "
+                f"triplet_weight={cfg['triplet_weight']}"
+            )
         self._cfg = ModelConfig(
-            **cfg, init=init, imprint_samples=imprint_samples, k_mined=k_mined, k_batch=k_batch
+            **cfg,
+            init=init,
+            imprint_samples=imprint_samples,
+            k_mined=k_mined,
+            k_batch=k_batch,
+            weighted_extras=weighted_extras,
         )
         N, C, H, W = cfg["num_classes"], cfg["channels"], cfg["height"], cfg["width"]
         self.training = True
@@ -390,6 +417,36 @@ class QAConvGS(ModelBase):
         """Classes mined per sample: k_mined, capped at the classes left after the target, the k_nearest
         neighbours and the batch_per_sample extras."""
         return min(self.k_mined, self.num_classes - 1 - self.k_nearest - self.batch_per_sample)
+
+    @property
+    def extra_weight(self) -> float:
+        """With weighted_extras: the unscored classes each k_batch extra stands for, (N - 1 - k_nearest -
+        mined_per_sample) / batch_per_sample; 1.0 otherwise."""
+        r = self.batch_per_sample
+        if not self.weighted_extras or r == 0:
+            return 1.0
+        return (self.num_classes - 1 - self.k_nearest - self.mined_per_sample) / r
+
+    def _pair_weights(self, B: int) -> np.ndarray | None:
+        """[B, K] float32 head-statistics weights of the candidates (None when unweighted)."""
+        w = self.extra_weight
+        if w == 1.0:
+            return None
+        out = np.ones((B, self.num_candidates), dtype=np.float32)
+        k0 = 1 + self.k_nearest
+        out[:, k0 : k0 + self.batch_per_sample] = np.float32(w)
+        return out
+
+    def _corrected_logits(self, scores: np.ndarray) -> np.ndarray:
+        """The class loss's logits: with weighted_extras, log(extra_weight) added to the extras' columns
+        (sampled softmax's log-count correction), so the restricted softmax estimates the full one."""
+        w = self.extra_weight
+        if w == 1.0:
+            return scores
+        out = np.array(scores, dtype=np.float32, copy=True).reshape(-1, self.num_candidates)
+        k0 = 1 + self.k_nearest
+        out[:, k0 : k0 + self.batch_per_sample] += np.float32(math.log(w))
+        return out
 
     @property
     def num_candidates(self) -> int:
@@ -799,7 +856,9 @@ class QAConvGS(ModelBase):
         _lap(laps, "normalize")
         mp, mg, ap, ag = _native.match_maxima_restricted(Xn, En, local, True, nt)
         _lap(laps, "maxima forward")
-        scores, cache = _head.head_forward(mp, mg, head, fc=self.fc, training=True, n_threads=nt)
+        scores, cache = _head.head_forward(
+            mp, mg, head, fc=self.fc, training=True, n_threads=nt, weights=self._pair_weights(X.shape[0])
+        )
         _lap(laps, "head forward")
         return _Forward(cand, ids, local, Xn, Xn_norms, En, En_norms, (ap, ag), scores, cache)
 
@@ -848,7 +907,7 @@ class QAConvGS(ModelBase):
         )
         extra_grad_xn = None
         extra_grad_head = None
-        cl, loss_t, acc_t = self._class_loss(scores, nt)
+        cl, loss_t, acc_t = self._class_loss(self._corrected_logits(scores), nt)
         # one sample has no in-batch pair to rank (and BN needs >= 2 values)
         if self.triplet == "batch" and B >= 2:
             bmp, bmg, bap, bag = _native.match_maxima(Xn, Xn, True, nt)

@@ -148,6 +148,7 @@ def _build() -> dict[str, Any]:
             imprint_samples=64,
             k_mined=0,
             k_batch=0,
+            weighted_extras=False,
         ):
             super().__init__()
             kwargs = dict(
@@ -171,6 +172,7 @@ def _build() -> dict[str, Any]:
                     imprint_samples=imprint_samples,
                     k_mined=k_mined,
                     k_batch=k_batch,
+                    weighted_extras=weighted_extras,
                 )
             else:
                 if init not in (None, "random"):
@@ -186,6 +188,7 @@ def _build() -> dict[str, Any]:
                     imprint_samples=imprint_samples,
                     k_mined=k_mined,
                     k_batch=k_batch,
+                    weighted_extras=weighted_extras,
                     comm=comm,
                 )
             self._init_from(core)

@@ -39,11 +39,15 @@ def forward_backward(
     triplet_weight=0.5,
     margin=1.0,
     cand=None,
+    weights=None,
 ):
     """One training step in float64 (candidates [B, K]: the target and its neighbours in `nbr`, unless
-    `cand` gives them, target first). Returns a dict with loss terms, accuracies, scores, candidates,
-    grad_features [B, C, H, W], grad_embed (dense [N, C, H, W]), grad_head, running (new running stats),
-    and diagnostics (argmax gap, hinge values) to keep finite differences away from switches and kinks."""
+    `cand` gives them, target first). weights [B, K] (weighted_extras): each candidate stands for that
+    many classes: the class head's batch statistics are weighted by it and the class loss's softmax
+    takes log(weight) added to the logit (the ranking term of triplet="class" is then not supported).
+    Returns a dict with loss terms, accuracies, scores, candidates, grad_features [B, C, H, W], grad_embed
+    (dense [N, C, H, W]), grad_head, running (new running stats), and diagnostics (argmax gap, hinge
+    values) to keep finite differences away from switches and kinks."""
     X = np.asarray(features, dtype=np.float64)
     E = np.asarray(class_embed, dtype=np.float64)
     B, C, H, W = X.shape
@@ -54,16 +58,19 @@ def forward_backward(
     En, enorm = matching.normalize(E.reshape(E.shape[0], C, S))
     mp, mg, ap, ag, Z = matching.pair_maxima_restricted(Xn, En, cand)
     gap = matching.argmax_gap(Z)
-    scores, cache = _head(mp, mg, head, fc)
+    wts = None if weights is None else np.asarray(weights, dtype=np.float64)
+    scores, cache = _head(mp, mg, head, fc, weights=None if wts is None else wts.reshape(-1))
     running = cache["running"]
+    logits = scores if wts is None else scores + np.log(wts)
     gXn = np.zeros_like(Xn)
     grad_head = None
     if triplet == "class":
-        cl = losses.class_loss(scores, margin, triplet_weight)
+        assert wts is None or triplet_weight == 0
+        cl = losses.class_loss(logits, margin, triplet_weight)
         loss_t, acc_t = cl.loss_triplet, cl.acc_triplet
         hinges = [margin - scores[:, 0] + scores[:, 1:].max(axis=1)]
     else:
-        cl = losses.class_loss(scores, margin, 0.0)
+        cl = losses.class_loss(logits, margin, 0.0)
         loss_t = acc_t = 0.0
         hinges = []
         if B >= 2:

@@ -75,13 +75,14 @@ class ShardedStepResult(StepResult):
 def _sharded_config(config: dict) -> dict:
     """A one-process model's config as ShardedQAConvGS arguments for a model whose rows are then loaded:
     init="imprint" only says how the rows started, so it becomes "random" (see _check_no_unset_rows), and
-    k_mined and k_batch become 0 (the sharded step does not add candidates yet; the rows and head are
-    unchanged)."""
+    k_mined and k_batch become 0 and weighted_extras False (the sharded step does not add candidates yet;
+    the rows and head are unchanged)."""
     cfg = dict(config)
     if cfg.get("init") == "imprint":
         cfg["init"] = "random"
     cfg["k_mined"] = 0
     cfg["k_batch"] = 0
+    cfg["weighted_extras"] = False
     return cfg
 
 
@@ -160,6 +161,7 @@ class ShardedQAConvGS(ModelBase):
         imprint_samples: int = 64,
         k_mined: int = 0,
         k_batch: int = 0,
+        weighted_extras: bool = False,
         comm: Communicator | None = None,
         layout: ShardLayout | None = None,
         _init: bool = True,
@@ -175,6 +177,10 @@ class ShardedQAConvGS(ModelBase):
         k_batch = check_int(k_batch, "k_batch", lo=0)
         if k_batch != 0:
             raise ValueError(f"k_batch: ShardedQAConvGS supports only k_batch=0 for now, got {k_batch!r}")
+        if not isinstance(weighted_extras, (bool, np.bool_)):
+            raise TypeError(f"weighted_extras: expected a bool, got {type(weighted_extras).__name__}")
+        if weighted_extras:
+            raise ValueError("weighted_extras: ShardedQAConvGS supports only weighted_extras=False for now")
         self.comm = SingleProcessCommunicator() if comm is None else comm
         if not isinstance(self.comm, Communicator):
             raise TypeError(f"comm: expected a qaconv_gs.distributed.Communicator, got {type(comm).__name__}")
@@ -193,7 +199,12 @@ class ShardedQAConvGS(ModelBase):
         )
         N = cfg["num_classes"]
         self._cfg = ModelConfig(
-            **cfg, init=init, imprint_samples=imprint_samples, k_mined=k_mined, k_batch=k_batch
+            **cfg,
+            init=init,
+            imprint_samples=imprint_samples,
+            k_mined=k_mined,
+            k_batch=k_batch,
+            weighted_extras=False,
         )
         if seed is None:
             entropy = np.random.SeedSequence().entropy if self.comm.rank == 0 else 0
