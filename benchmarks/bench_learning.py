@@ -24,9 +24,18 @@ Reported on the held-out fonts:
   ``match`` with the trained head; softmax / cosface: cosine of pooled features, what their users do);
 * the loss step's time (the loss's forward + backward, the CNN excluded) and the whole epoch's time.
 
-    python benchmarks/bench_learning.py --random-init \
-        --variants "k=32,mined=16;k=32,triplet=batch,sampler=graph,tw=1,margin=16,fc=shared"   # README
     python benchmarks/bench_learning.py --quick                            # small, a couple of minutes
+    # the README's run: three processes side by side (1 thread each), then one table from their JSON
+    PK=triplet=batch,sampler=pk,tw=1,margin=16,fc=shared
+    QG_BENCH_OUT=out/A python benchmarks/bench_learning.py --threads 1 --methods qaconv-gs --ks 8,N-1
+    QG_BENCH_OUT=out/B python benchmarks/bench_learning.py --threads 1 --ks 32,128 \
+        --methods qaconv-gs,softmax,cosface,qaconv2.1 --cosface 16:0.1,32:0.2,64:0.35
+    QG_BENCH_OUT=out/C python benchmarks/bench_learning.py --threads 1 --methods none --variants \
+        "k=32,batch=32,wx=1,$PK;k=32,batch=32,wx=1,mined=16,$PK;k=32,$PK;k=N-1,$PK"
+    python benchmarks/bench_learning.py --merge out/A/bench_learning.json out/B/... out/C/...
+
+--variants keys: k, init, mined (k_mined), batch (k_batch), wx=1 (weighted_extras), triplet, sampler
+(random / pk / graph), tw (triplet_weight), margin, fc, refresh (neighbour rebuilds per epoch).
 
 Writes bench_out/bench_learning.json and docs-ready PNGs (accuracy per method, accuracy and loss-step time
 against k) under bench_out/ (QG_BENCH_OUT).
@@ -467,7 +476,8 @@ def report(rows: list, N: int) -> None:
             f"| {r['epoch_s']:.0f} |"
         )
     # each restricted row against the full-scoring row of the same configuration (refresh rates, batch
-    # and mined extras mean nothing to full scoring: such rows compare with the full row without them)
+    # and mined extras and their weighting mean nothing to full scoring: such rows compare with the full
+    # row without them)
     fulls = {r["config"]: r for r in rows if r.get("k") == N - 1}
     lines = []
     for r in rows:
@@ -476,7 +486,7 @@ def report(rows: list, N: int) -> None:
         cfg = ", ".join(
             x
             for x in r["config"].split(", ")
-            if x and not x.startswith("refresh=") and not x.endswith((" batch", " mined"))
+            if x and not x.startswith("refresh=") and not x.endswith((" batch", " mined")) and x != "weighted"
         )
         f = fulls.get(r["config"]) or fulls.get(cfg)
         if f is None:
@@ -507,7 +517,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--variants",
         default="",
-        help="more qaconv-gs runs, ';'-separated, e.g. 'k=32,mined=0,triplet=batch,sampler=graph'",
+        help="more qaconv-gs runs, ';'-separated, e.g. 'k=32,batch=32,wx=1,triplet=batch,sampler=pk' "
+        "(keys: see the module docstring)",
     )
     ap.add_argument("--random-init", action="store_true", help="also run qaconv-gs k=32 with init='random'")
     ap.add_argument("--threads", type=int, default=2)

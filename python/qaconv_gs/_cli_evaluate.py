@@ -24,7 +24,6 @@ PROTOCOLS = ("market", "cuhk03", "verification")
 FARS = (1e-3, 1e-2, 1e-1)
 _BLOCK_PAIRS = 1 << 20  # pairs scored per call when --block is not given (memory: the [P, G] scores anyway)
 _PROGRESS_PAIRS = 1 << 18  # a progress bar from this many pairs on (stderr a terminal, no --quiet)
-_HEAD_PREFIXES = ("bn", "fc", "logit_bn")
 
 EPILOG = """\
 examples:
@@ -335,28 +334,10 @@ def _side(
 
 def _load_head(path: str, maps_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """The QAConv head (bn.*, fc.*, logit_bn.*) of a model or trainer checkpoint built for these maps."""
-    from .checkpoint import load_checkpoint
-    from .evaluate import head_fc_kind
+    from .checkpoint import load_head_for_maps
 
     _exists(path, "--checkpoint")
-    try:
-        config, state, _ = load_checkpoint(path)
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"--checkpoint: {exc}") from None
-    head = {k: np.asarray(v) for k, v in state.items() if k.split(".")[0] in _HEAD_PREFIXES}
-    if "fc.weight" not in head:
-        raise ValueError(f"--checkpoint: {path!r} holds no QAConv head (no 'fc.weight')")
-    want = tuple(config.get(k) for k in ("channels", "height", "width"))
-    if want != tuple(maps_shape):
-        raise ValueError(
-            f"--probe: maps of shape (C, H, W) = {tuple(maps_shape)}, but the checkpoint {path!r} was built "
-            f"for {want}"
-        )
-    try:
-        head_fc_kind(head, int(maps_shape[1] * maps_shape[2]))
-    except ValueError as exc:
-        raise ValueError(f"--checkpoint: {path!r}: {exc}") from None
-    return head
+    return load_head_for_maps(path, maps_shape, checkpoint_name="--checkpoint", maps_name="--probe")
 
 
 def _input_maps(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:

@@ -278,6 +278,45 @@ TRAINER_PREFIX = "trainer/"
 TRAINER_ROW_KEYS = (TRAINER_PREFIX + "buffer/class_embed", TRAINER_PREFIX + "row_step")
 
 
+_HEAD_PREFIXES = ("bn", "fc", "logit_bn")
+
+
+def load_head_for_maps(
+    path: str | os.PathLike, maps: tuple[int, ...], *, checkpoint_name: str, maps_name: str
+) -> dict[str, np.ndarray]:
+    """The QAConv head (bn.*, fc.*, logit_bn.*) of a model or trainer checkpoint, for maps of shape
+    `maps` = (C, H, W). The checkpoint's model must have been built for that shape (the head's size alone
+    cannot tell: a "separate" head for 2 x 4 locations has the size of a "shared" one for 4 x 4), and its
+    fc.weight must fit both the saved fc mode and S = H * W. Errors (ValueError) start with the name of
+    the offending command-line option: `checkpoint_name` or `maps_name`."""
+    from .evaluate import head_fc_kind
+
+    try:
+        config, state, _ = load_checkpoint(path)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{checkpoint_name}: {exc}") from None
+    head = {k: np.asarray(v) for k, v in state.items() if k.split(".")[0] in _HEAD_PREFIXES}
+    if "fc.weight" not in head:
+        raise ValueError(f"{checkpoint_name}: {str(path)!r} holds no QAConv head (no 'fc.weight')")
+    want = tuple(config.get(k) for k in ("channels", "height", "width"))
+    if want != tuple(maps):
+        raise ValueError(
+            f"{maps_name}: maps of shape (C, H, W) = {tuple(maps)}, but the checkpoint {str(path)!r} was "
+            f"built for {want}"
+        )
+    S = int(maps[1] * maps[2])
+    try:
+        kind = head_fc_kind(head, S)
+    except ValueError as exc:
+        raise ValueError(f"{checkpoint_name}: {str(path)!r}: {exc}") from None
+    if config.get("fc") not in (None, kind):
+        raise ValueError(
+            f"{checkpoint_name}: {str(path)!r} has an fc.weight of {kind!r} size, but its config says "
+            f"fc={config['fc']!r}"
+        )
+    return head
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()

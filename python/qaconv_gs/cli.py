@@ -359,30 +359,6 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- match
 
 
-def _head_from_checkpoint(path: str, maps: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """The head parameters and running statistics of a model or trainer checkpoint, for probe maps of
-    shape `maps` = (C, H, W): the checkpoint's model must have been built for that shape (its head's
-    size alone cannot tell, e.g. a "separate" head for 2 x 4 locations has the size of a "shared" one
-    for 4 x 4)."""
-    from .checkpoint import load_checkpoint
-
-    config, state, _ = load_checkpoint(path)
-    head = {k: np.asarray(v) for k, v in state.items() if k.split(".")[0] in ("bn", "fc", "logit_bn")}
-    if "fc.weight" not in head:
-        raise ValueError(f"checkpoint: {path!r} holds no QAConv head (no 'fc.weight')")
-    want = tuple(config.get(k) for k in ("channels", "height", "width"))
-    if want != tuple(maps):
-        raise ValueError(
-            f"probe: the checkpoint {path!r} was built for maps of shape (C, H, W) = {want}, "
-            f"got {tuple(maps)}"
-        )
-    fc = config.get("fc")
-    S = int(maps[1] * maps[2])
-    if fc is not None and np.asarray(head["fc.weight"]).size != (2 * S if fc == "separate" else S):
-        raise ValueError(f"checkpoint: {path!r} has an fc.weight of a size that does not fit its fc={fc!r}")
-    return head
-
-
 def _cmd_match(args: argparse.Namespace) -> int:
     from .evaluate import match
     from .head import init_head
@@ -392,7 +368,11 @@ def _cmd_match(args: argparse.Namespace) -> int:
     if probe.ndim != 4:
         raise ValueError(f"probe: expected a 4-d [P, C, H, W] array, got shape {probe.shape}")
     if args.checkpoint:
-        head = _head_from_checkpoint(args.checkpoint, probe.shape[1:])
+        from .checkpoint import load_head_for_maps
+
+        head = load_head_for_maps(
+            args.checkpoint, probe.shape[1:], checkpoint_name="checkpoint", maps_name="probe"
+        )
         source = args.checkpoint
     else:
         S = int(probe.shape[2] * probe.shape[3])
