@@ -311,3 +311,37 @@ def test_checksum_covers_the_dtype(tmp_path):
     np.savez(tmp_path / "tampered.npz", **arrays)
     with pytest.raises(ValueError, match="checksum|SHA"):
         load_checkpoint(tmp_path / "tampered.npz")
+
+
+def test_load_head_for_maps_checks_shape_and_fc(tmp_path):
+    """The head loader of `qaconv-gs match` / `evaluate`: the maps' shape, a head at all, and an fc.weight
+    that fits both S and the saved fc mode, each refused naming the option."""
+    from qaconv_gs.checkpoint import load_head_for_maps
+
+    m = QAConvGS(5, 3, 2, 4, k_nearest=2, seed=0)
+    m.save(tmp_path / "m.npz")
+    kw = dict(checkpoint_name="--ck", maps_name="--maps")
+    head = load_head_for_maps(tmp_path / "m.npz", (3, 2, 4), **kw)
+    assert set(head) == {k for k in m.state_dict() if k.split(".")[0] in ("bn", "fc", "logit_bn")}
+    np.testing.assert_array_equal(head["fc.weight"], m.state_dict()["fc.weight"])
+    with pytest.raises(
+        ValueError, match=r"^--maps: maps of shape \(C, H, W\) = \(3, 4, 2\), but the checkpoint"
+    ):
+        load_head_for_maps(tmp_path / "m.npz", (3, 4, 2), **kw)
+    with pytest.raises(ValueError, match="^--ck: "):
+        load_head_for_maps(tmp_path / "missing.npz", (3, 2, 4), **kw)
+    config, state, _ = load_checkpoint(tmp_path / "m.npz")
+    save_checkpoint(tmp_path / "nohead.npz", config, {"class_embed": state["class_embed"]})
+    with pytest.raises(ValueError, match=r"^--ck: .* holds no QAConv head \(no 'fc.weight'\)$"):
+        load_head_for_maps(tmp_path / "nohead.npz", (3, 2, 4), **kw)
+    # a "shared"-sized fc.weight (S values) under a config that says "separate"
+    bad = {**state, "fc.weight": state["fc.weight"][:, :8]}
+    save_checkpoint(tmp_path / "mixed.npz", config, bad)
+    with pytest.raises(
+        ValueError, match=r"^--ck: .* fc.weight of 'shared' size, but its config says fc='separate'"
+    ):
+        load_head_for_maps(tmp_path / "mixed.npz", (3, 2, 4), **kw)
+    bad = {**state, "fc.weight": state["fc.weight"][:, :5]}
+    save_checkpoint(tmp_path / "odd.npz", config, bad)
+    with pytest.raises(ValueError, match=r"^--ck: .*'fc.weight' has 5 values"):
+        load_head_for_maps(tmp_path / "odd.npz", (3, 2, 4), **kw)
