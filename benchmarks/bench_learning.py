@@ -420,7 +420,8 @@ def plot(rows, N, path_prefix):
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     paths = []
     fig, ax = plt.subplots(figsize=(9, 4.2))
-    names = [r["method"] for r in rows]
+    # the batch-triplet recipe's arguments spelt out make unreadable tick labels
+    names = [r["method"].replace(" (batch, pk, shared, w=1, margin=16)", ", P x K") for r in rows]
     xs = np.arange(len(rows))
     ident = [r["identification"] or 0.0 for r in rows]
     retr = [r["retrieval"] for r in rows]
@@ -430,7 +431,8 @@ def plot(rows, N, path_prefix):
     ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("held-out fonts, top-1")
     ax.set_title(f"Hangul glyphs, N = {N} classes, held-out font families", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.0)
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     p = OUT_DIR / f"{path_prefix}.png"
     fig.savefig(p, dpi=120)
