@@ -34,8 +34,9 @@ Reported on the held-out fonts:
         "k=32,batch=32,wx=1,$PK;k=32,batch=32,wx=1,mined=16,$PK;k=32,$PK;k=N-1,$PK"
     python benchmarks/bench_learning.py --merge out/A/bench_learning.json out/B/... out/C/...
 
---variants keys: k, init, mined (k_mined), batch (k_batch), wx=1 (weighted_extras), triplet, sampler
-(random / pk / graph), tw (triplet_weight), margin, fc, refresh (neighbour rebuilds per epoch).
+--variants keys: k, init, mined (k_mined), batch (k_batch), wx=1 (weighted_extras), nb (neighbors_by:
+cosine / aligned), triplet, sampler (random / pk / graph), tw (triplet_weight), margin, fc, refresh
+(neighbour rebuilds per epoch).
 
 Writes bench_out/bench_learning.json and docs-ready PNGs (accuracy per method, accuracy and loss-step time
 against k) under bench_out/ (QG_BENCH_OUT).
@@ -125,6 +126,7 @@ class QAConvGSMethod(Method):
         fc="separate",
         refresh=1,
         weighted_extras=False,
+        neighbors_by="cosine",
     ):
         from qaconv_gs.torch import QAConvGSLoss
 
@@ -140,6 +142,7 @@ class QAConvGSMethod(Method):
             k_mined=k_mined,
             k_batch=k_batch,
             weighted_extras=weighted_extras,
+            neighbors_by=neighbors_by,
             triplet=triplet,
             triplet_weight=tw,
             margin=margin,
@@ -154,7 +157,13 @@ class QAConvGSMethod(Method):
         )
         extras = [
             x
-            for x, default in ((init, "imprint"), (triplet, "class"), (sampler, "random"), (fc, "separate"))
+            for x, default in (
+                (init, "imprint"),
+                (triplet, "class"),
+                (sampler, "random"),
+                (fc, "separate"),
+                (neighbors_by, "cosine"),
+            )
             if x != default
         ]
         extras += [
@@ -587,6 +596,7 @@ def main(argv=None) -> int:
                 fc=kw.get("fc", "separate"),
                 refresh=int(kw.get("refresh", 1)),
                 weighted_extras=kw.get("wx", "0") == "1",
+                neighbors_by=kw.get("nb", "cosine"),
             )
         )
     rows = []

@@ -28,6 +28,7 @@ MAX_LOCATIONS = 65535  # QG_MAX_LOCATIONS: argmax indices are uint16
 FC_MODES = ("separate", "shared")
 TRIPLET_MODES = ("class", "batch")
 INIT_MODES = ("imprint", "random")
+NEIGHBOR_MODES = ("cosine", "aligned")
 HEAD_PARAM_KEYS = ("bn.weight", "bn.bias", "fc.weight", "fc.bias", "logit_bn.weight", "logit_bn.bias")
 PARAM_KEYS = ("class_embed",) + HEAD_PARAM_KEYS
 ARCH_KEYS = ("num_classes", "channels", "height", "width", "fc")  # a checkpoint must match these to load
@@ -62,6 +63,7 @@ class ModelConfig:
     k_mined: int = 0
     k_batch: int = 0
     weighted_extras: bool = False
+    neighbors_by: str = "cosine"
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON-able ``config`` dict (keys in declaration order)."""

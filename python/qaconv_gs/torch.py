@@ -149,6 +149,7 @@ def _build() -> dict[str, Any]:
             k_mined=0,
             k_batch=0,
             weighted_extras=False,
+            neighbors_by="cosine",
         ):
             super().__init__()
             kwargs = dict(
@@ -173,6 +174,7 @@ def _build() -> dict[str, Any]:
                     k_mined=k_mined,
                     k_batch=k_batch,
                     weighted_extras=weighted_extras,
+                    neighbors_by=neighbors_by,
                 )
             else:
                 if init not in (None, "random"):
@@ -189,6 +191,7 @@ def _build() -> dict[str, Any]:
                     k_mined=k_mined,
                     k_batch=k_batch,
                     weighted_extras=weighted_extras,
+                    neighbors_by=neighbors_by,
                     comm=comm,
                 )
             self._init_from(core)

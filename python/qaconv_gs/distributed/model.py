@@ -33,6 +33,7 @@ from .._contract import (
     ARCH_KEYS,
     INIT_MODES,
     NBR_EXTRA_KEY,
+    NEIGHBOR_MODES,
     ModelBase,
     ModelConfig,
     check_config,
@@ -83,6 +84,7 @@ def _sharded_config(config: dict) -> dict:
     cfg["k_mined"] = 0
     cfg["k_batch"] = 0
     cfg["weighted_extras"] = False
+    cfg["neighbors_by"] = "cosine"
     return cfg
 
 
@@ -162,6 +164,7 @@ class ShardedQAConvGS(ModelBase):
         k_mined: int = 0,
         k_batch: int = 0,
         weighted_extras: bool = False,
+        neighbors_by: str = "cosine",
         comm: Communicator | None = None,
         layout: ShardLayout | None = None,
         _init: bool = True,
@@ -181,6 +184,11 @@ class ShardedQAConvGS(ModelBase):
             raise TypeError(f"weighted_extras: expected a bool, got {type(weighted_extras).__name__}")
         if weighted_extras:
             raise ValueError("weighted_extras: ShardedQAConvGS supports only weighted_extras=False for now")
+        if choice(neighbors_by, "neighbors_by", NEIGHBOR_MODES) != "cosine":
+            raise ValueError(
+                "neighbors_by: ShardedQAConvGS supports only neighbors_by='cosine' for now, "
+                f"got {neighbors_by!r}"
+            )
         self.comm = SingleProcessCommunicator() if comm is None else comm
         if not isinstance(self.comm, Communicator):
             raise TypeError(f"comm: expected a qaconv_gs.distributed.Communicator, got {type(comm).__name__}")
