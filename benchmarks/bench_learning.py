@@ -430,7 +430,12 @@ def plot(rows, N, path_prefix):
     paths = []
     fig, ax = plt.subplots(figsize=(9, 4.2))
     # the batch-triplet recipe's arguments spelt out make unreadable tick labels
-    names = [r["method"].replace(" (batch, pk, shared, w=1, margin=16)", ", P x K") for r in rows]
+    names = [
+        r["method"]
+        .replace(" (batch, pk, shared, w=1, margin=16)", ", P x K")
+        .replace(" (batch, pk, shared, aligned, w=1, margin=16)", ", P x K, aligned")
+        for r in rows
+    ]
     xs = np.arange(len(rows))
     ident = [r["identification"] or 0.0 for r in rows]
     retr = [r["retrieval"] for r in rows]
@@ -487,8 +492,8 @@ def report(rows: list, N: int) -> None:
             f"| {r['epoch_s']:.0f} |"
         )
     # each restricted row against the full-scoring row of the same configuration (refresh rates, batch
-    # and mined extras and their weighting mean nothing to full scoring: such rows compare with the full
-    # row without them)
+    # and mined extras, their weighting and the neighbour metric mean nothing to full scoring: such rows
+    # compare with the full row without them)
     fulls = {r["config"]: r for r in rows if r.get("k") == N - 1}
     lines = []
     for r in rows:
@@ -497,7 +502,10 @@ def report(rows: list, N: int) -> None:
         cfg = ", ".join(
             x
             for x in r["config"].split(", ")
-            if x and not x.startswith("refresh=") and not x.endswith((" batch", " mined")) and x != "weighted"
+            if x
+            and not x.startswith("refresh=")
+            and not x.endswith((" batch", " mined"))
+            and x not in ("weighted", "aligned")
         )
         f = fulls.get(r["config"]) or fulls.get(cfg)
         if f is None:

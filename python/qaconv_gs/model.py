@@ -323,7 +323,7 @@ class QAConvGS(ModelBase):
             rows: their aligned correlation, QAConv's normalised-map metric without the search over
             positions; one normalisation of the table per rebuild). On the learning benchmark (README, the
             batch-triplet recipe with 32 weighted extras) "aligned" gave +0.007 / +0.009 identification
-            and +0.009 / +0.013 retrieval on two seeds.
+            and +0.009 / +0.012 retrieval on two seeds.
 
     Attributes:
         training: True after construction / train(); False after eval(). In eval mode the
