@@ -32,7 +32,9 @@ Reported on the held-out fonts:
         --methods qaconv-gs,softmax,cosface,qaconv2.1 --cosface 16:0.1,32:0.2,64:0.35
     QG_BENCH_OUT=out/C python benchmarks/bench_learning.py --threads 1 --methods none --variants \
         "k=32,batch=32,wx=1,$PK;k=32,batch=32,wx=1,mined=16,$PK;k=32,$PK;k=N-1,$PK"
-    python benchmarks/bench_learning.py --merge out/A/bench_learning.json out/B/... out/C/...
+    QG_BENCH_OUT=out/D python benchmarks/bench_learning.py --threads 1 --methods none --variants \
+        "k=32,batch=32,wx=1,nb=aligned,$PK"
+    python benchmarks/bench_learning.py --merge out/A/bench_learning.json out/B/... out/C/... out/D/...
 
 --variants keys: k, init, mined (k_mined), batch (k_batch), wx=1 (weighted_extras), nb (neighbors_by:
 cosine / aligned), triplet, sampler (random / pk / graph), tw (triplet_weight), margin, fc, refresh
@@ -60,7 +62,7 @@ FEAT_C, FEAT_HW = 64, 4
 # as QAConvGS / QAConvGSLoss arguments for the other benchmarks that train or time it
 RECIPE = dict(triplet="batch", triplet_weight=1.0, margin=16.0, fc="shared")
 # ... and the recipe with 32 weighted extras per sample (the in-batch / random classes standing for the
-# classes a restricted step does not score): the restricted configuration the README's table leads with
+# classes a restricted step does not score), as bench_loss_step times it (neighbors_by changes no step)
 WEIGHTED = {**RECIPE, "k_batch": 32, "weighted_extras": True}
 
 
@@ -431,10 +433,7 @@ def plot(rows, N, path_prefix):
     fig, ax = plt.subplots(figsize=(9, 4.2))
     # the batch-triplet recipe's arguments spelt out make unreadable tick labels
     names = [
-        r["method"]
-        .replace(" (batch, pk, shared, w=1, margin=16)", ", P x K")
-        .replace(" (batch, pk, shared, aligned, w=1, margin=16)", ", P x K, aligned")
-        for r in rows
+        r["method"].replace("batch, pk, shared, ", "P x K, ").replace(", w=1, margin=16", "") for r in rows
     ]
     xs = np.arange(len(rows))
     ident = [r["identification"] or 0.0 for r in rows]

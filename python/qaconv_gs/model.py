@@ -439,14 +439,18 @@ class QAConvGS(ModelBase):
             return 1.0
         return (self.num_classes - 1 - self.k_nearest - self.mined_per_sample) / r
 
+    def _extra_columns(self) -> slice:
+        """The k_batch extras' columns of a step's [B, K] candidates (after the target and neighbours)."""
+        k0 = 1 + self.k_nearest
+        return slice(k0, k0 + self.batch_per_sample)
+
     def _pair_weights(self, B: int) -> np.ndarray | None:
         """[B, K] float32 head-statistics weights of the candidates (None when unweighted)."""
         w = self.extra_weight
         if w == 1.0:
             return None
         out = np.ones((B, self.num_candidates), dtype=np.float32)
-        k0 = 1 + self.k_nearest
-        out[:, k0 : k0 + self.batch_per_sample] = np.float32(w)
+        out[:, self._extra_columns()] = np.float32(w)
         return out
 
     def _corrected_logits(self, scores: np.ndarray) -> np.ndarray:
@@ -456,8 +460,7 @@ class QAConvGS(ModelBase):
         if w == 1.0:
             return scores
         out = np.array(scores, dtype=np.float32, copy=True).reshape(-1, self.num_candidates)
-        k0 = 1 + self.k_nearest
-        out[:, k0 : k0 + self.batch_per_sample] += np.float32(math.log(w))
+        out[:, self._extra_columns()] += np.float32(math.log(w))
         return out
 
     @property

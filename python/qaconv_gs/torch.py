@@ -160,40 +160,22 @@ def _build() -> dict[str, Any]:
                 margin=margin,
                 seed=seed,
                 n_threads=n_threads,
+                # keyword-only options both models take (the sharded one refuses what it cannot do yet)
+                imprint_samples=imprint_samples,
+                k_mined=k_mined,
+                k_batch=k_batch,
+                weighted_extras=weighted_extras,
+                neighbors_by=neighbors_by,
             )
             if comm is None:
                 init = "imprint" if init is None else init
-                core = QAConvGS(
-                    num_classes,
-                    channels,
-                    height,
-                    width,
-                    **kwargs,
-                    init=init,
-                    imprint_samples=imprint_samples,
-                    k_mined=k_mined,
-                    k_batch=k_batch,
-                    weighted_extras=weighted_extras,
-                    neighbors_by=neighbors_by,
-                )
+                core = QAConvGS(num_classes, channels, height, width, **kwargs, init=init)
             else:
                 if init not in (None, "random"):
                     raise ValueError(
                         f"init: the sharded loss supports only init='random' for now, got {init!r}"
                     )
-                core = ShardedQAConvGS(
-                    num_classes,
-                    channels,
-                    height,
-                    width,
-                    **kwargs,
-                    imprint_samples=imprint_samples,
-                    k_mined=k_mined,
-                    k_batch=k_batch,
-                    weighted_extras=weighted_extras,
-                    neighbors_by=neighbors_by,
-                    comm=comm,
-                )
+                core = ShardedQAConvGS(num_classes, channels, height, width, **kwargs, comm=comm)
             self._init_from(core)
 
         def _init_from(self, core: QAConvGS) -> None:

@@ -212,7 +212,6 @@ class ShardedQAConvGS(ModelBase):
             imprint_samples=imprint_samples,
             k_mined=k_mined,
             k_batch=k_batch,
-            weighted_extras=False,
         )
         if seed is None:
             entropy = np.random.SeedSequence().entropy if self.comm.rank == 0 else 0
