@@ -829,10 +829,8 @@ class QAConvGS(ModelBase):
             e = min(self.num_classes, s + _MINE_BLOCK)
             En, _ = _native.norm_forward(table[s:e], nt)
             sc = q @ En.reshape(e - s, C * S).T
-            for j in range(exclude.shape[1]):
-                col = exclude[:, j]
-                inside = np.flatnonzero((col >= s) & (col < e))
-                sc[inside, col[inside] - s] = -np.inf
+            r, j = np.nonzero((exclude >= s) & (exclude < e))
+            sc[r, exclude[r, j] - s] = -np.inf
             ids = np.concatenate(
                 [best_ids, np.broadcast_to(np.arange(s, e, dtype=np.int64), (B, e - s))], axis=1
             )
