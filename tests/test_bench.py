@@ -205,3 +205,40 @@ def test_bench_loss_step_via_cli(tmp_path, capfd):
     assert got == want | {("recipe, k_batch=32", 8), ("recipe, k_batch=32 weighted", 8)}
     assert all(r["median_ms"] > 0 for r in res["rows"])
     assert "| defaults | N-1 |" in text
+
+
+def test_bench_learning_variants_parse_and_build():
+    torch = pytest.importorskip("torch")
+    from benchmarks import bench_learning as bl
+
+    kw = bl.parse_variant("k=N-1,batch=4,wx=1,nb=aligned,triplet=batch,sampler=pk,tw=1,margin=16,fc=shared")
+    m = bl.method_from_variant(torch, 50, kw, 0)
+    core = m.crit._core
+    assert (core.k_nearest, core.fc, core.triplet, core.neighbors_by) == (49, "shared", "batch", "aligned")
+    assert m.sampler == "pk" and m.name.startswith("qaconv-gs k=N-1")
+    m = bl.method_from_variant(torch, 50, bl.parse_variant("k=8,batch=4,wx=1,triplet=batch"), 0)
+    assert (core := m.crit._core).batch_per_sample == 4 and core.weighted_extras
+    with pytest.raises(SystemExit, match="unknown keys \\['kk'\\]"):
+        bl.parse_variant("kk=8")
+
+
+def test_diagnose_learning_analyse_runs_on_a_saved_model(tmp_path, capsys):
+    from benchmarks import diagnose_learning
+
+    rng = np.random.default_rng(0)
+    N, C, H = 12, 8, 2
+    m = qg.QAConvGS(N, C, H, H, k_nearest=3, fc="shared", seed=0, init="random")
+    m.eval()
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        m.save(d / "model.qgs")
+        maps = {k: rng.standard_normal((n, C, H, H)).astype(np.float32) for k, n in
+                (("probe", 24), ("gallery", 12), ("train", 48))}  # fmt: skip
+        np.savez(d / "maps.npz", **maps, y_probe=np.arange(24) % N, y_train=np.arange(48) % N)
+    assert (
+        diagnose_learning.main(["analyse", str(tmp_path / "a"), str(tmp_path / "b"), "--threads", "1"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "rows blended toward the training class means: 0: " in out
+    assert "negative softmax mass" in out and "with the fc of" in out
