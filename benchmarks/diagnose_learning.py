@@ -20,6 +20,7 @@ features know from what the learned rows add; the share of the negative softmax 
 out probes) among the true class's nearest 32 / 33-128 / 129-512 classes and beyond; the head's fc weights;
 the per-location norms of the rows. With two models (restricted, full): retrieval with the fc swapped.
 
+    PK=triplet=batch,sampler=pk,tw=1,margin=16,fc=shared      # the P x K recipe, as in bench_learning.py
     python benchmarks/diagnose_learning.py train "k=32,batch=32,wx=1,nb=aligned,$PK" out/al
     python benchmarks/diagnose_learning.py train "k=N-1,$PK" out/full
     python benchmarks/diagnose_learning.py analyse out/al out/full
