@@ -58,8 +58,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import OUT_DIR, machine_info, write_json  # noqa: E402
 
 FEAT_C, FEAT_HW = 64, 4
-# the keys a --variants entry may set (see the module docstring)
-VARIANT_KEYS = set("k init mined batch wx nb triplet sampler tw margin fc refresh".split())
 # The P x K batch-triplet recipe (with --variants "...,triplet=batch,sampler=pk,tw=1,margin=16,fc=shared"),
 # as QAConvGS / QAConvGSLoss arguments for the other benchmarks that train or time it
 RECIPE = dict(triplet="batch", triplet_weight=1.0, margin=16.0, fc="shared")
@@ -411,35 +409,37 @@ def graph_batches(torch, backbone, x_tr, y_tr, N, bs, steps, seed):
     return out
 
 
+# --variants keys besides k -> (QAConvGSMethod argument, parser of the value); a key left out keeps the
+# method's default
+VARIANT_ARGS = {
+    "init": ("init", str),
+    "mined": ("k_mined", int),
+    "batch": ("k_batch", int),
+    "wx": ("weighted_extras", lambda v: v == "1"),
+    "nb": ("neighbors_by", str),
+    "triplet": ("triplet", str),
+    "sampler": ("sampler", str),
+    "tw": ("tw", float),
+    "margin": ("margin", float),
+    "fc": ("fc", str),
+    "refresh": ("refresh", int),
+}
+
+
 def parse_variant(spec: str) -> dict:
     """One --variants entry, "key=value,..." (keys in the module docstring), as a dict."""
     kw = dict(kv.split("=", 1) for kv in spec.split(","))
-    unknown = set(kw) - VARIANT_KEYS
+    unknown = set(kw) - set(VARIANT_ARGS) - {"k"}
     if unknown:
         raise SystemExit(f"--variants: unknown keys {sorted(unknown)} in {spec!r}")
     return kw
 
 
 def method_from_variant(torch, N: int, kw: dict, seed: int) -> QAConvGSMethod:
-    """The qaconv-gs method of one parsed --variants entry."""
+    """The qaconv-gs method of one parsed --variants entry (k defaults to 32)."""
     k = N - 1 if kw.get("k", "32") == "N-1" else int(kw.get("k", "32"))
-    return QAConvGSMethod(
-        torch,
-        N,
-        k,
-        seed,
-        init=kw.get("init", "imprint"),
-        k_mined=int(kw.get("mined", 0)),
-        k_batch=int(kw.get("batch", 0)),
-        triplet=kw.get("triplet", "class"),
-        sampler=kw.get("sampler", "random"),
-        tw=float(kw.get("tw", 0.5)),
-        margin=float(kw.get("margin", 1.0)),
-        fc=kw.get("fc", "separate"),
-        refresh=int(kw.get("refresh", 1)),
-        weighted_extras=kw.get("wx", "0") == "1",
-        neighbors_by=kw.get("nb", "cosine"),
-    )
+    args = {name: parse(kw[key]) for key, (name, parse) in VARIANT_ARGS.items() if key in kw}
+    return QAConvGSMethod(torch, N, k, seed, **args)
 
 
 def load_data(num_classes: int, seed: int):
