@@ -114,22 +114,19 @@ def train(args) -> int:
     return 0
 
 
-def _loc_normalised(a: np.ndarray, C: int) -> np.ndarray:
-    a = a.reshape(len(a), C, -1).astype(np.float64)
-    return a / (np.linalg.norm(a, axis=1, keepdims=True) + 1e-12)
-
-
 def _top1(model, maps, labels) -> float:
     ids, _ = model.identify(maps, top=1)
     return float((ids[:, 0] == labels).mean())
 
 
 def analyse_one(qg, path: Path, threads: int) -> None:
+    from qaconv_gs.matching import normalize
+
     m = qg.QAConvGS.load(path / "model.qgs", n_threads=threads)
     m.eval()
     z = np.load(path / "maps.npz")
     P, yp, T, yt = z["probe"], z["y_probe"], z["train"], z["y_train"]
-    N, C = m.num_classes, m.channels
+    N = m.num_classes
     ids, _ = m.identify(P, top=min(50, N))
     hit = ids[:, 0] == yp
     sub = np.random.default_rng(0).choice(len(yt), min(4000, len(yt)), replace=False)
@@ -140,9 +137,9 @@ def analyse_one(qg, path: Path, threads: int) -> None:
         f" training glyphs top-1 {_top1(m, T[sub], yt[sub]):.4f}"
     )
     wrong, truth = ids[~hit, 0], yp[~hit]
+    nbr = qg.class_neighbors(m.class_embed, k=min(512, N - 1))  # nearest first: a prefix is a smaller k
     for k in sorted({min(32, N - 1), min(128, N - 1)}):
-        nbr = qg.class_neighbors(m.class_embed, k=k)
-        inside = (nbr[truth] == wrong[:, None]).any(1).mean()
+        inside = (nbr[truth, :k] == wrong[:, None]).any(1).mean()
         print(f"  errors ({wrong.size}) won by one of the true class's {k} cosine neighbours: {inside:.3f}")
     counts = np.sort(np.bincount(wrong, minlength=N))[::-1]
     share = counts[:20].sum() / wrong.size
@@ -151,13 +148,12 @@ def analyse_one(qg, path: Path, threads: int) -> None:
         f" errors, the commonest {counts[:3].tolist()} times"
     )
     learned = m.class_embed.copy()
-    means = np.zeros((N, C, P.shape[2] * P.shape[3]))
-    np.add.at(means, yt, _loc_normalised(T, C))
-    means = _loc_normalised(means, C)
-    rows = _loc_normalised(learned, C)
+    m.imprint(T, yt)  # every row := its class's mean location-normalised training map
+    means = normalize(m.class_embed, n_threads=threads)[0]
+    rows = normalize(learned, n_threads=threads)[0]
     blend = []
     for a in (0.0, 0.25, 0.5, 0.75, 1.0):
-        m.class_embed[...] = ((1 - a) * rows + a * means).reshape(learned.shape)
+        m.class_embed[...] = (1 - a) * rows + a * means
         blend.append(f"{a:g}: {_top1(m, P, yp):.4f}")
     m.class_embed[...] = learned
     print("  identification with rows blended toward the training class means:", ", ".join(blend))
@@ -168,14 +164,14 @@ def analyse_one(qg, path: Path, threads: int) -> None:
     logits[np.arange(ps.size), yp[ps]] = -np.inf
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    near = np.take_along_axis(p, qg.class_neighbors(m.class_embed, k=min(512, N - 1))[yp[ps]], 1)
+    near = np.take_along_axis(p, nbr[yp[ps]], 1)
     bands = [near[:, a:b].sum(1).mean() for a, b in ((0, 32), (32, 128), (128, 512))]
     print(
         "  negative softmax mass (eval logits) in the true class's nearest 1-32 / 33-128 / 129-512 / beyond: "
         + " / ".join(f"{v:.3f}" for v in bands + [1 - sum(bands)])
     )
     fc = np.asarray(m.head_state["fc.weight"]).ravel()
-    norms = np.linalg.norm(learned.reshape(N, C, -1), axis=1)
+    norms = normalize(learned, n_threads=threads)[1]
     p10, p50, p90 = np.percentile(norms, [10, 50, 90])
     print(
         f"  fc weights: min {fc.min():.3f} max {fc.max():.3f}, {np.mean(fc < 0):.2f} negative; row location"
