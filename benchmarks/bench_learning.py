@@ -636,6 +636,7 @@ def main(argv=None) -> int:
     payload = {
         "machine": machine_info(),
         "classes": N,
+        "seed": args.seed,
         "train_fonts": [g.fonts[i] for i in sp.train],
         "probe_fonts": [g.fonts[i] for i in sp.probes],
         "gallery_font": g.fonts[sp.gallery],
