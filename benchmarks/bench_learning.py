@@ -35,13 +35,18 @@ Reported on the held-out fonts:
     QG_BENCH_OUT=out/D python benchmarks/bench_learning.py --threads 1 --methods none --variants \
         "k=32,batch=32,wx=1,nb=aligned,$PK"
     python benchmarks/bench_learning.py --merge out/A/bench_learning.json out/B/... out/C/... out/D/...
+    # more seeds (--seed S draws other syllables and another CNN start), then every run together: each
+    # method per seed and its mean, restricted / full ratios and margins over the baselines per seed
+    python benchmarks/bench_learning.py --merge benchmarks/results/learning/*.json
+
+benchmarks/results/learning/ keeps the JSON of the runs the README's learning tables come from.
 
 --variants keys: k, init, mined (k_mined), batch (k_batch), wx=1 (weighted_extras), nb (neighbors_by:
 cosine / aligned), triplet, sampler (random / pk / graph), tw (triplet_weight), margin, fc, refresh
 (neighbour rebuilds per epoch).
 
 Writes bench_out/bench_learning.json and docs-ready PNGs (accuracy per method, accuracy and loss-step time
-against k) under bench_out/ (QG_BENCH_OUT).
+against k; with --merge of several seeds also each method per seed) under bench_out/ (QG_BENCH_OUT).
 """
 
 from __future__ import annotations
@@ -512,22 +517,12 @@ def plot(rows, N, path_prefix):
     return paths
 
 
-def report(rows: list, N: int) -> None:
-    """The table of `rows` and each restricted row against its full-scoring twin."""
-    print()
-    print("| method | identification | retrieval | loss step (ms) | epoch (s) |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        ident = "-" if r["identification"] is None else f"{r['identification']:.3f}"
-        print(
-            f"| {r['method']} | {ident} | {r['retrieval']:.3f} | {r['loss_step_ms']:.1f} "
-            f"| {r['epoch_s']:.0f} |"
-        )
-    # each restricted row against the full-scoring row of the same configuration (refresh rates, batch
-    # and mined extras, their weighting and the neighbour metric mean nothing to full scoring: such rows
-    # compare with the full row without them)
+def twins(rows: list, N: int) -> list:
+    """(restricted row, its full-scoring twin) pairs among `rows`: the full row of the same configuration;
+    refresh rates, batch and mined extras, their weighting and the neighbour metric mean nothing to full
+    scoring, so such rows pair with the full row without them."""
     fulls = {r["config"]: r for r in rows if r.get("k") == N - 1}
-    lines = []
+    pairs = []
     for r in rows:
         if "config" not in r or r["k"] >= N - 1:
             continue
@@ -540,8 +535,24 @@ def report(rows: list, N: int) -> None:
             and x not in ("weighted", "aligned")
         )
         f = fulls.get(r["config"]) or fulls.get(cfg)
-        if f is None:
-            continue
+        if f is not None:
+            pairs.append((r, f))
+    return pairs
+
+
+def report(rows: list, N: int) -> None:
+    """The table of `rows` and each restricted row against its full-scoring twin."""
+    print()
+    print("| method | identification | retrieval | loss step (ms) | epoch (s) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        ident = "-" if r["identification"] is None else f"{r['identification']:.3f}"
+        print(
+            f"| {r['method']} | {ident} | {r['retrieval']:.3f} | {r['loss_step_ms']:.1f} "
+            f"| {r['epoch_s']:.0f} |"
+        )
+    lines = []
+    for r, f in twins(rows, N):
         ident = r["identification"] / f["identification"]
         retr = r["retrieval"] / f["retrieval"]
         step = f["loss_step_ms"] / r["loss_step_ms"]
@@ -580,7 +591,8 @@ def main(argv=None) -> int:
         nargs="+",
         metavar="JSON",
         help="train nothing: report and plot the rows of earlier runs' bench_learning.json files together "
-        "(runs of the same classes, epochs and seed, e.g. run side by side as separate processes)",
+        "(runs of the same classes and epochs, e.g. run side by side as separate processes); runs of several "
+        "seeds also get each method per seed, its mean, and the ratios and margins per seed",
     )
     args = ap.parse_args(argv)
     if args.merge:
@@ -651,21 +663,162 @@ def main(argv=None) -> int:
     return 0
 
 
+BASELINES = ("softmax", "cosface", "qaconv2.1")
+
+
+def is_baseline(method: str) -> bool:
+    return method.split(" ")[0] in BASELINES
+
+
+def seed_summary(by_seed: dict, N: int) -> None:
+    """Rows of several seeds (seed -> rows): each method per seed and its mean, each restricted row's
+    ratio to its full twin per seed, and qaconv-gs retrieval against the best baseline of the same seed
+    (the best CosFace of each seed picked by its retrieval on the held-out fonts, which favours CosFace)."""
+    seeds = sorted(by_seed)
+    methods = list(dict.fromkeys(r["method"] for s in seeds for r in by_seed[s]))
+    cell = {(s, r["method"]): r for s in seeds for r in by_seed[s]}
+
+    def fmt(r):
+        ident = "-" if r["identification"] is None else f"{r['identification']:.3f}"
+        return f"{ident} / {r['retrieval']:.3f}"
+
+    print()
+    print(f"identification / retrieval by seed ({len(seeds)} seeds, N = {N})")
+    print("| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean (seeds) |")
+    print("|---|" + "---|" * (len(seeds) + 1))
+    for m in methods:
+        got = [cell[s, m] for s in seeds if (s, m) in cell]
+        ids = [r["identification"] for r in got if r["identification"] is not None]
+        mean = (f"{np.mean(ids):.3f}" if ids else "-") + f" / {np.mean([r['retrieval'] for r in got]):.3f}"
+        cells = [fmt(cell[s, m]) if (s, m) in cell else "" for s in seeds]
+        print(f"| {m} | " + " | ".join(cells) + f" | {mean} ({len(got)}) |")
+    ratios: dict = {}
+    for s in seeds:
+        for r, f in twins(by_seed[s], N):
+            ratios.setdefault((r["method"], f["method"]), []).append(
+                (s, r["identification"] / f["identification"], r["retrieval"] / f["retrieval"])
+            )
+    if ratios:
+        print()
+        print("restricted / full twin, same seed: identification, retrieval")
+        for (m, fm), rs in ratios.items():
+            per = ", ".join(f"seed {s} {i:.3f}x / {t:.3f}x" for s, i, t in rs)
+            ri = np.array([i for _, i, _ in rs])
+            rt = np.array([t for _, _, t in rs])
+            spread = (
+                f" (sd {ri.std(ddof=1):.3f} / {rt.std(ddof=1):.3f}; {int((ri >= 0.99).sum())} / "
+                f"{int((rt >= 0.99).sum())} of {len(rs)} seeds >= 0.99x)"
+                if len(rs) > 1
+                else ""
+            )
+            print(f"- {m} vs {fm}: {per}; mean {ri.mean():.3f}x / {rt.mean():.3f}x{spread}")
+    lines = []
+    for m in methods:
+        if is_baseline(m):
+            continue
+        margins = []
+        for s in seeds:
+            base = [r for r in by_seed[s] if is_baseline(r["method"])]
+            if (s, m) not in cell or not base:
+                continue
+            best = max(base, key=lambda r: r["retrieval"])
+            margins.append((s, cell[s, m]["retrieval"] - best["retrieval"], best["method"]))
+        if margins:
+            wins = sum(d > 0 for _, d, _ in margins)
+            per = ", ".join(f"seed {s} {d:+.3f} ({b})" for s, d, b in margins)
+            lines.append(
+                f"- {m}: above the best baseline on {wins} of {len(margins)} seeds, mean margin "
+                f"{np.mean([d for _, d, _ in margins]):+.3f}: {per}"
+            )
+    if lines:
+        print()
+        print("retrieval minus the best baseline's (softmax, CosFace, QAConv 2.1) of the same seed")
+        print("\n".join(lines))
+
+
+def plot_seeds(by_seed: dict, path_prefix: str) -> list:
+    """One panel per measure: each method's value on each seed (dots) and its mean (bar); methods
+    present on at least two seeds only."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    seeds = sorted(by_seed)
+    cell = {(s, r["method"]): r for s in seeds for r in by_seed[s]}
+    methods = [
+        m
+        for m in dict.fromkeys(r["method"] for s in seeds for r in by_seed[s])
+        if sum((s, m) in cell for s in seeds) >= 2
+    ]
+    if not methods:
+        return []
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    names = [
+        m.replace("batch, pk, shared, ", "P x K, ").replace(", w=1, margin=16", "").replace("qaconv-gs ", "")
+        for m in methods
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    for ax, key in zip(axes, ("identification", "retrieval")):
+        for i, m in enumerate(methods):
+            vals = [cell[s, m][key] for s in seeds if (s, m) in cell and cell[s, m][key] is not None]
+            if not vals:
+                continue
+            ax.bar(i, np.mean(vals), 0.6, color="C7" if is_baseline(m) else "C0", alpha=0.5)
+            ax.plot([i] * len(vals), vals, "k.", ms=6)
+        ax.set_xticks(np.arange(len(methods)))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{key}: mean of seeds (bar), each seed (dot)", fontsize=9)
+        ax.set_ylim(0.5, 0.75)
+    axes[0].set_ylabel("held-out fonts, top-1")
+    fig.suptitle(f"Hangul glyphs, seeds {', '.join(map(str, seeds))}", fontsize=10)
+    fig.tight_layout()
+    p = OUT_DIR / f"{path_prefix}_seeds.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return [p]
+
+
 def merge(paths: list) -> int:
+    """Report and plot the rows of earlier runs together; runs of several seeds also get the per-seed
+    summary (``seed_summary``)."""
     import json
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
     keys = {(r["classes"], r["epochs"], r["lr"], tuple(r["probe_fonts"])) for r in runs}
     if len(keys) != 1:
         raise SystemExit(f"--merge: the runs differ in classes / epochs / lr / fonts: {sorted(keys)}")
-    rows = [row for r in runs for row in r["rows"]]
+    unseeded = [p for r, p in zip(runs, paths) if "seed" not in r]
+    if unseeded:
+        raise SystemExit(f"--merge: these runs record no seed (older than the seed field): {unseeded}")
     N = runs[0]["classes"]
+    by_seed: dict = {}
     for r, p in zip(runs, paths):
         m = r["machine"]
-        print(f"{p}: {len(r['rows'])} rows, {m['date']}, {m['cpu']}, load {m.get('load_average')}")
+        print(
+            f"{p}: seed {r['seed']}, {len(r['rows'])} rows, {m['date']}, {m['cpu']}, "
+            f"load {m.get('load_average')}"
+        )
+        by_seed.setdefault(r["seed"], []).extend(r["rows"])
+    for s in sorted(by_seed):
+        seen = [row["method"] for row in by_seed[s]]
+        dup = sorted({x for x in seen if seen.count(x) > 1})
+        if dup:
+            raise SystemExit(f"--merge: seed {s} has these methods more than once: {dup}")
+    first = min(by_seed)
+    if len(by_seed) > 1:
+        print(f"\nseed {first}:")
+    rows = by_seed[first]
     report(rows, N)
-    out = write_json("bench_learning", {**runs[0], "rows": rows, "merged_from": [r["machine"] for r in runs]})
-    for p in plot(rows, N, "bench_learning"):
+    if len(by_seed) > 1:
+        seed_summary(by_seed, N)
+    payload = {**runs[0], "seed": first, "rows": rows, "merged_from": [r["machine"] for r in runs]}
+    if len(by_seed) > 1:
+        payload["rows_by_seed"] = {str(s): by_seed[s] for s in sorted(by_seed)}
+    out = write_json("bench_learning", payload)
+    for p in plot(rows, N, "bench_learning") + plot_seeds(by_seed, "bench_learning"):
         print(f"wrote {p}")
     print(f"wrote {out}")
     return 0

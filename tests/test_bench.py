@@ -4,6 +4,7 @@ benchmarks/torch_reference.py against QAConvGS.forward_backward."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 
@@ -242,3 +243,69 @@ def test_diagnose_learning_analyse_runs_on_a_saved_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "rows blended toward the training class means: 0: " in out
     assert "negative softmax mass" in out and "with the fc of" in out
+
+
+def _learning_run(path, seed, rows, **extra):
+    run = {"machine": {"date": "d", "cpu": "c"}, "classes": 10, "epochs": 1, "lr": 0.05,
+           "probe_fonts": ["P"], **extra, "rows": rows}  # fmt: skip
+    if seed is not None:
+        run["seed"] = seed
+    path.write_text(json.dumps(run))
+    return str(path)
+
+
+def _learning_row(method, ident, retr, k=None, config=None):
+    row = {"method": method, "identification": ident, "retrieval": retr, "loss_step_ms": 1.0, "epoch_s": 1.0}
+    if k is not None:
+        row.update(k=k, k_mined=0, default_config=False, config=config)
+    return row
+
+
+def test_bench_learning_merge_summarises_seeds(tmp_path, capsys, monkeypatch):
+    from benchmarks import _common
+    from benchmarks import bench_learning as bl
+
+    monkeypatch.setattr(_common, "OUT_DIR", tmp_path / "out")
+    monkeypatch.setattr(bl, "OUT_DIR", tmp_path / "out")
+    cfg = "batch, pk"
+
+    def seed_rows(seed, restricted, full, q21):
+        return [
+            _learning_row("qaconv-gs k=3+3 batch (batch, pk)", *restricted, k=3, config=cfg + ", 3 batch"),
+            _learning_row("qaconv-gs k=N-1 (batch, pk)", *full, k=9, config=cfg),
+            _learning_row("qaconv2.1", None, q21),
+            _learning_row("cosface s=16 m=0.1", 0.5, 0.45),
+        ]
+
+    paths = [
+        _learning_run(tmp_path / "a.json", 0, seed_rows(0, (0.6, 0.5), (0.8, 0.5), 0.4)),
+        _learning_run(tmp_path / "b.json", 1, seed_rows(1, (0.8, 0.5), (0.8, 0.4), 0.6)),
+    ]
+    assert bl.main(["--merge", *paths]) == 0
+    out = capsys.readouterr().out
+    # per seed ratios to the full twin, their mean and how many seeds pass 0.99x
+    assert "seed 0 0.750x / 1.000x, seed 1 1.000x / 1.250x; mean 0.875x / 1.125x" in out
+    assert "1 / 2 of 2 seeds >= 0.99x" in out
+    # the best baseline of each seed: qaconv2.1 on seed 1 (0.6), cosface on seed 0 (0.45)
+    assert "above the best baseline on 1 of 2 seeds, mean margin -0.025: seed 0 +0.050 (cosface" in out
+    assert "| qaconv2.1 | - / 0.400 | - / 0.600 | - / 0.500 (2) |" in out
+    saved = json.loads((tmp_path / "out" / "bench_learning.json").read_text())
+    assert sorted(saved["rows_by_seed"]) == ["0", "1"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "out" / "bench_learning_seeds.png").stat().st_size > 0
+
+
+def test_bench_learning_merge_refuses_unseeded_and_repeated_runs(tmp_path):
+    from benchmarks import bench_learning as bl
+
+    row = _learning_row("softmax", 0.5, 0.5)
+    a = _learning_run(tmp_path / "a.json", None, [row])
+    with pytest.raises(SystemExit, match="record no seed"):
+        bl.main(["--merge", a])
+    b = _learning_run(tmp_path / "b.json", 0, [row])
+    c = _learning_run(tmp_path / "c.json", 0, [row])
+    with pytest.raises(SystemExit, match="seed 0 has these methods more than once: \\['softmax'\\]"):
+        bl.main(["--merge", b, c])
+    d = _learning_run(tmp_path / "d.json", 1, [row], epochs=2)
+    with pytest.raises(SystemExit, match="differ in classes / epochs"):
+        bl.main(["--merge", b, d])
