@@ -322,6 +322,14 @@ def maps_of(torch, backbone, x, bs=2048):
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
+def sgd_cosine(torch, params: list, lr: float, total_steps: int) -> tuple:
+    """Every method's optimiser: SGD (momentum 0.9, Nesterov, weight decay 5e-4) and a cosine learning
+    rate over `total_steps` steps (call the scheduler's step() after each optimiser step)."""
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total_steps)))
+    return opt, sched
+
+
 def run_method(torch, method, data, args, seed):
     """Train backbone + method for args.epochs; returns the metrics row."""
     import qaconv_gs as qg
@@ -329,12 +337,10 @@ def run_method(torch, method, data, args, seed):
     x_tr, y_tr, x_probe, y_probe, x_gal = data
     N = int(y_tr.max()) + 1
     backbone = build_cnn(torch, seed)
-    params = list(backbone.parameters()) + method.parameters()
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     bs = 64
     steps_per_epoch = len(y_tr) // bs
-    total = steps_per_epoch * args.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
+    opt, sched = sgd_cosine(torch, list(backbone.parameters()) + method.parameters(), args.lr,
+                            steps_per_epoch * args.epochs)  # fmt: skip
     rng = np.random.default_rng(seed)
     loss_time = 0.0
     epoch_times, losses = [], []

@@ -87,7 +87,7 @@ def train_glyph_matcher(g, sp, exclude: np.ndarray, args) -> tuple:
     import torch
     from qaconv_gs.torch import QAConvGSLoss
 
-    from benchmarks.bench_learning import FEAT_C, RECIPE, build_cnn, maps_of
+    from benchmarks.bench_learning import FEAT_C, RECIPE, build_cnn, maps_of, sgd_cosine
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed + 1)
@@ -100,12 +100,10 @@ def train_glyph_matcher(g, sp, exclude: np.ndarray, args) -> tuple:
     backbone = build_cnn(torch, args.seed, pooled_stages=3 if args.matcher_hw == 4 else 2)
     hw = args.matcher_hw
     crit = QAConvGSLoss(T, FEAT_C, hw, hw, k_nearest=min(32, T - 1), seed=args.seed, **RECIPE)
-    params = list(backbone.parameters()) + list(crit.parameters())
-    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     bs = 64
     steps = len(y) // bs
-    total = steps * args.train_epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
+    params = list(backbone.parameters()) + list(crit.parameters())
+    opt, sched = sgd_cosine(torch, params, 0.05, steps * args.train_epochs)
     t0 = time.perf_counter()
     for epoch in range(args.train_epochs):
         crit.on_epoch_start()
