@@ -676,6 +676,19 @@ def is_baseline(method: str) -> bool:
     return method.split(" ")[0] in BASELINES
 
 
+# two-sided 95 % quantiles of Student's t by degrees of freedom (1..30); the normal's 1.960 beyond
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)  # fmt: skip
+
+
+def t_interval(values: np.ndarray) -> tuple[float, float]:
+    """95 % confidence interval of the mean of `values` (>= 2 of them; Student's t, independent seeds)."""
+    n = len(values)
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.960) * np.std(values, ddof=1) / math.sqrt(n)
+    return float(np.mean(values) - half), float(np.mean(values) + half)
+
+
 def seed_summary(by_seed: dict, N: int) -> None:
     """Rows of several seeds (seed -> rows): each method per seed and its mean, each restricted row's
     ratio to its full twin per seed, and qaconv-gs retrieval against the best baseline of the same seed
@@ -711,12 +724,14 @@ def seed_summary(by_seed: dict, N: int) -> None:
             per = ", ".join(f"seed {s} {i:.3f}x / {t:.3f}x" for s, i, t in rs)
             ri = np.array([i for _, i, _ in rs])
             rt = np.array([t for _, _, t in rs])
-            spread = (
-                f" (sd {ri.std(ddof=1):.3f} / {rt.std(ddof=1):.3f}; {int((ri >= 0.99).sum())} / "
-                f"{int((rt >= 0.99).sum())} of {len(rs)} seeds >= 0.99x)"
-                if len(rs) > 1
-                else ""
-            )
+            spread = ""
+            if len(rs) > 1:
+                lo_i, hi_i = t_interval(ri)
+                lo_t, hi_t = t_interval(rt)
+                spread = (
+                    f" (95 % t-interval of the mean [{lo_i:.3f}, {hi_i:.3f}] / [{lo_t:.3f}, {hi_t:.3f}]; "
+                    f"{int((ri >= 0.99).sum())} / {int((rt >= 0.99).sum())} of {len(rs)} seeds >= 0.99x)"
+                )
             print(f"- {m} vs {fm}: {per}; mean {ri.mean():.3f}x / {rt.mean():.3f}x{spread}")
     lines = []
     for m in methods:

@@ -285,7 +285,8 @@ def test_bench_learning_merge_summarises_seeds(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     # per seed ratios to the full twin, their mean and how many seeds pass 0.99x
     assert "seed 0 0.750x / 1.000x, seed 1 1.000x / 1.250x; mean 0.875x / 1.125x" in out
-    assert "1 / 2 of 2 seeds >= 0.99x" in out
+    # mean 0.875 / 1.125, sd 0.177 / 0.177 over 2 seeds: t(1) = 12.706, half-width 12.706 * 0.125 = 1.588
+    assert "95 % t-interval of the mean [-0.713, 2.463] / [-0.463, 2.713]; 1 / 2 of 2 seeds >= 0.99x" in out
     # the best baseline of each seed: qaconv2.1 on seed 1 (0.6), cosface on seed 0 (0.45)
     assert "above the best baseline on 1 of 2 seeds, mean margin -0.025: seed 0 +0.050 (cosface" in out
     assert "| qaconv2.1 | - / 0.400 | - / 0.600 | - / 0.500 (2) |" in out
@@ -293,6 +294,17 @@ def test_bench_learning_merge_summarises_seeds(tmp_path, capsys, monkeypatch):
     assert sorted(saved["rows_by_seed"]) == ["0", "1"]
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "out" / "bench_learning_seeds.png").stat().st_size > 0
+
+
+def test_bench_learning_t_interval():
+    from benchmarks import bench_learning as bl
+
+    # mean 2, sd 1, n 4: 2 +- 3.182 * 1 / 2
+    lo, hi = bl.t_interval(np.array([1.0, 2.0, 2.0, 3.0]) * 1.0)
+    sd = np.std([1.0, 2.0, 2.0, 3.0], ddof=1)
+    assert (lo, hi) == pytest.approx((2 - 3.182 * sd / 2, 2 + 3.182 * sd / 2))
+    lo, hi = bl.t_interval(np.arange(40.0))  # past the table: the normal quantile
+    assert hi - 19.5 == pytest.approx(1.960 * np.std(np.arange(40.0), ddof=1) / np.sqrt(40))
 
 
 def test_bench_learning_merge_refuses_unseeded_and_repeated_runs(tmp_path):
