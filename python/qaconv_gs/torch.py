@@ -42,6 +42,7 @@ def _build() -> dict[str, Any]:
     from torch import nn
     from torch.autograd.function import once_differentiable
 
+    from ._contract import sharded_refusal
     from .distributed import ShardedQAConvGS
     from .model import _HEAD_PARAM_KEYS, QAConvGS
 
@@ -171,10 +172,8 @@ def _build() -> dict[str, Any]:
                 init = "imprint" if init is None else init
                 core = QAConvGS(num_classes, channels, height, width, **kwargs, init=init)
             else:
-                if init not in (None, "random"):
-                    raise ValueError(
-                        f"init: the sharded loss supports only init='random' for now, got {init!r}"
-                    )
+                if init is not None and (err := sharded_refusal("init", init, "the sharded loss")):
+                    raise err
                 core = ShardedQAConvGS(num_classes, channels, height, width, **kwargs, comm=comm)
             self._init_from(core)
 

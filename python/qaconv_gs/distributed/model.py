@@ -34,11 +34,13 @@ from .._contract import (
     INIT_MODES,
     NBR_EXTRA_KEY,
     NEIGHBOR_MODES,
+    SHARDED_ONLY,
     ModelBase,
     ModelConfig,
     check_config,
     choice,
     kept_entries,
+    sharded_refusal,
 )
 from .._validate import as_labels, check_int, resolve_threads, shape_str
 from ..model import QAConvGS, StepResult, _identify_rows
@@ -76,16 +78,9 @@ class ShardedStepResult(StepResult):
 def _sharded_config(config: dict) -> dict:
     """A one-process model's config as ShardedQAConvGS arguments for a model whose rows are then loaded:
     init="imprint" only says how the rows started, so it becomes "random" (see _check_no_unset_rows), and
-    k_mined and k_batch become 0 and weighted_extras False (the sharded step does not add candidates yet;
-    the rows and head are unchanged)."""
-    cfg = dict(config)
-    if cfg.get("init") == "imprint":
-        cfg["init"] = "random"
-    cfg["k_mined"] = 0
-    cfg["k_batch"] = 0
-    cfg["weighted_extras"] = False
-    cfg["neighbors_by"] = "cosine"
-    return cfg
+    the candidate options take the values of SHARDED_ONLY (k_mined = k_batch = 0, weighted_extras False,
+    neighbors_by "cosine": the sharded step does not add candidates yet; the rows and head are unchanged)."""
+    return {**config, **SHARDED_ONLY}
 
 
 def resume_config(model_cls: object, config: dict) -> dict:
@@ -169,26 +164,21 @@ class ShardedQAConvGS(ModelBase):
         layout: ShardLayout | None = None,
         _init: bool = True,
     ) -> None:
+        # validated as QAConvGS does, then refused unless they are the values SHARDED_ONLY names
         init = choice(init, "init", INIT_MODES)
-        if init != "random":
-            raise ValueError(f"init: ShardedQAConvGS supports only init='random' for now, got {init!r}")
         # accepted (and kept in config) so that a one-process config builds this model unchanged
         imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)
         k_mined = check_int(k_mined, "k_mined", lo=0)
-        if k_mined != 0:
-            raise ValueError(f"k_mined: ShardedQAConvGS supports only k_mined=0 for now, got {k_mined!r}")
         k_batch = check_int(k_batch, "k_batch", lo=0)
-        if k_batch != 0:
-            raise ValueError(f"k_batch: ShardedQAConvGS supports only k_batch=0 for now, got {k_batch!r}")
         if not isinstance(weighted_extras, (bool, np.bool_)):
             raise TypeError(f"weighted_extras: expected a bool, got {type(weighted_extras).__name__}")
-        if weighted_extras:
-            raise ValueError("weighted_extras: ShardedQAConvGS supports only weighted_extras=False for now")
-        if choice(neighbors_by, "neighbors_by", NEIGHBOR_MODES) != "cosine":
-            raise ValueError(
-                "neighbors_by: ShardedQAConvGS supports only neighbors_by='cosine' for now, "
-                f"got {neighbors_by!r}"
-            )
+        weighted_extras = bool(weighted_extras)
+        neighbors_by = choice(neighbors_by, "neighbors_by", NEIGHBOR_MODES)
+        given = dict(init=init, k_mined=k_mined, k_batch=k_batch, weighted_extras=weighted_extras,
+                     neighbors_by=neighbors_by)  # fmt: skip
+        for name in SHARDED_ONLY:
+            if (err := sharded_refusal(name, given[name])) is not None:
+                raise err
         self.comm = SingleProcessCommunicator() if comm is None else comm
         if not isinstance(self.comm, Communicator):
             raise TypeError(f"comm: expected a qaconv_gs.distributed.Communicator, got {type(comm).__name__}")
