@@ -711,15 +711,21 @@ def seed_summary(by_seed: dict, N: int) -> None:
         mean = (f"{np.mean(ids):.3f}" if ids else "-") + f" / {np.mean([r['retrieval'] for r in got]):.3f}"
         cells = [fmt(cell[s, m]) if (s, m) in cell else "" for s in seeds]
         print(f"| {m} | " + " | ".join(cells) + f" | {mean} ({len(got)}) |")
+    # the ratio and margin lines are for methods run on two seeds or more (one seed's are in its table)
+    several = {m for m in methods if sum((s, m) in cell for s in seeds) >= 2}
     ratios: dict = {}
     for s in seeds:
         for r, f in twins(by_seed[s], N):
+            if r["method"] not in several or f["method"] not in several:
+                continue
             ratios.setdefault((r["method"], f["method"]), []).append(
                 (s, r["identification"] / f["identification"], r["retrieval"] / f["retrieval"])
             )
     if ratios:
         print()
-        print("restricted / full twin, same seed: identification, retrieval")
+        print(
+            "restricted / full twin, same seed (methods run on two seeds or more): identification, retrieval"
+        )
         for (m, fm), rs in ratios.items():
             per = ", ".join(f"seed {s} {i:.3f}x / {t:.3f}x" for s, i, t in rs)
             ri = np.array([i for _, i, _ in rs])
@@ -735,7 +741,7 @@ def seed_summary(by_seed: dict, N: int) -> None:
             print(f"- {m} vs {fm}: {per}; mean {ri.mean():.3f}x / {rt.mean():.3f}x{spread}")
     lines = []
     for m in methods:
-        if is_baseline(m):
+        if is_baseline(m) or m not in several:
             continue
         margins = []
         for s in seeds:
@@ -753,7 +759,10 @@ def seed_summary(by_seed: dict, N: int) -> None:
             )
     if lines:
         print()
-        print("retrieval minus the best baseline's (softmax, CosFace, QAConv 2.1) of the same seed")
+        print(
+            "retrieval minus the best baseline's (softmax, CosFace, QAConv 2.1) of the same seed (methods "
+            "run on two seeds or more)"
+        )
         print("\n".join(lines))
 
 
