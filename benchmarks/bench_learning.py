@@ -35,8 +35,9 @@ Reported on the held-out fonts:
     QG_BENCH_OUT=out/D python benchmarks/bench_learning.py --threads 1 --methods none --variants \
         "k=32,batch=32,wx=1,nb=aligned,$PK"
     python benchmarks/bench_learning.py --merge out/A/bench_learning.json out/B/... out/C/... out/D/...
-    # more seeds (--seed S draws other syllables and another CNN start), then every run together: each
-    # method per seed and its mean, restricted / full ratios and margins over the baselines per seed
+    # more seeds (--seed S draws other syllables and another CNN start; --seeds 0,1,2 runs them one after
+    # the other and ends with the summary below), then every run together: each method per seed and its
+    # mean, restricted / full ratios (with a 95 % t-interval) and margins over the baselines per seed
     python benchmarks/bench_learning.py --merge benchmarks/results/learning/*.json
 
 benchmarks/results/learning/ keeps the JSON of the runs the README's learning tables come from.
@@ -591,6 +592,12 @@ def main(argv=None) -> int:
     ap.add_argument("--random-init", action="store_true", help="also run qaconv-gs k=32 with init='random'")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds, run one after the other (overrides --seed): one JSON per seed and the "
+        "summary over seeds that --merge prints",
+    )
     ap.add_argument("--quick", action="store_true", help="300 classes, 2 epochs")
     ap.add_argument(
         "--merge",
@@ -611,11 +618,31 @@ def main(argv=None) -> int:
     import os
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    g, sp, data = load_data(args.classes, args.seed)
+    seeds = [args.seed] if args.seeds is None else [int(v) for v in args.seeds.split(",")]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds: a seed is listed twice: {args.seeds}")
+    payloads = []
+    for seed in seeds:
+        payloads.append(run_seed(torch, args, seed))
+        # one file per seed as soon as it is done (--merge reads them back); bench_learning.json last
+        name = "bench_learning" if len(seeds) == 1 else f"bench_learning_seed{seed}"
+        print(f"wrote {write_json(name, payloads[-1])}")
+    if len(seeds) > 1:
+        return merge_runs(payloads, [f"seed {s}" for s in seeds])
+    rows, N = payloads[0]["rows"], payloads[0]["classes"]
+    for p in plot(rows, N, "bench_learning"):
+        print(f"wrote {p}")
+    return 0
+
+
+def run_seed(torch, args, seed: int) -> dict:
+    """Every method of `args` on the data and CNN start of `seed`: prints its table, returns the payload
+    (what bench_learning.json holds)."""
+    g, sp, data = load_data(args.classes, seed)
     N = g.num_classes
     print(
         f"bench_learning: {N} classes, {len(sp.train)} training fonts, {len(sp.probes)} probe fonts, "
-        f"gallery {g.fonts[sp.gallery]}; {args.epochs} epochs, lr {args.lr}",
+        f"gallery {g.fonts[sp.gallery]}; {args.epochs} epochs, lr {args.lr}, seed {seed}",
         flush=True,
     )
     methods = set(args.methods.split(","))
@@ -624,25 +651,25 @@ def main(argv=None) -> int:
         # k values past N - 1 are full scoring: each k runs once (--quick's 300 classes clamp 512 to N-1)
         ks = {N - 1 if k.strip() == "N-1" else min(int(k), N - 1): None for k in args.ks.split(",")}
         for kk in ks:
-            todo.append(lambda kk=kk: QAConvGSMethod(torch, N, kk, args.seed, "imprint"))
+            todo.append(lambda kk=kk: QAConvGSMethod(torch, N, kk, seed, "imprint"))
         if args.random_init:
-            todo.append(lambda: QAConvGSMethod(torch, N, min(32, N - 1), args.seed, "random"))
+            todo.append(lambda: QAConvGSMethod(torch, N, min(32, N - 1), seed, "random"))
     if "softmax" in methods:
-        todo.append(lambda: PooledMethod(torch, N, args.seed))
+        todo.append(lambda: PooledMethod(torch, N, seed))
     if "cosface" in methods:
         for sm in args.cosface.split(","):
             s, m = (float(v) for v in sm.split(":"))
-            todo.append(lambda s=s, m=m: PooledMethod(torch, N, args.seed, s, m))
+            todo.append(lambda s=s, m=m: PooledMethod(torch, N, seed, s, m))
     if "qaconv2.1" in methods:
-        todo.append(lambda: QAConv21Method(torch, N, args.seed))
+        todo.append(lambda: QAConv21Method(torch, N, seed))
     for spec in args.variants.split(";") if args.variants else []:
         kw = parse_variant(spec)
-        todo.append(lambda kw=kw: method_from_variant(torch, N, kw, args.seed))
+        todo.append(lambda kw=kw: method_from_variant(torch, N, kw, seed))
     rows = []
     for make in todo:
         method = make()
         print(f"- {method.name}", flush=True)
-        rows.append(run_method(torch, method, data, args, args.seed))
+        rows.append(run_method(torch, method, data, args, seed))
         r = rows[-1]
         r.update(method.sweep)
         ident = "-" if r["identification"] is None else f"{r['identification']:.3f}"
@@ -651,10 +678,10 @@ def main(argv=None) -> int:
             f"loss step {r['loss_step_ms']:.1f} ms"
         )
     report(rows, N)
-    payload = {
+    return {
         "machine": machine_info(),
         "classes": N,
-        "seed": args.seed,
+        "seed": seed,
         "train_fonts": [g.fonts[i] for i in sp.train],
         "probe_fonts": [g.fonts[i] for i in sp.probes],
         "gallery_font": g.fonts[sp.gallery],
@@ -662,11 +689,6 @@ def main(argv=None) -> int:
         "lr": args.lr,
         "rows": rows,
     }
-    out = write_json("bench_learning", payload)
-    for p in plot(rows, N, "bench_learning"):
-        print(f"wrote {p}")
-    print(f"wrote {out}")
-    return 0
 
 
 BASELINES = ("softmax", "cosface", "qaconv2.1")
@@ -812,20 +834,24 @@ def plot_seeds(by_seed: dict, path_prefix: str) -> list:
 
 
 def merge(paths: list) -> int:
-    """Report and plot the rows of earlier runs together; runs of several seeds also get the per-seed
-    summary (``seed_summary``)."""
+    """--merge: the runs of these bench_learning JSON files reported together (see merge_runs)."""
     import json
 
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    return merge_runs([json.loads(Path(p).read_text()) for p in paths], [str(p) for p in paths])
+
+
+def merge_runs(runs: list, names: list) -> int:
+    """Report and plot the rows of several runs together (payloads of run_seed; `names` label them);
+    runs of several seeds also get the per-seed summary (``seed_summary``)."""
     keys = {(r["classes"], r["epochs"], r["lr"], tuple(r["probe_fonts"])) for r in runs}
     if len(keys) != 1:
         raise SystemExit(f"--merge: the runs differ in classes / epochs / lr / fonts: {sorted(keys)}")
-    unseeded = [p for r, p in zip(runs, paths) if "seed" not in r]
+    unseeded = [p for r, p in zip(runs, names) if "seed" not in r]
     if unseeded:
         raise SystemExit(f"--merge: these runs record no seed (older than the seed field): {unseeded}")
     N = runs[0]["classes"]
     by_seed: dict = {}
-    for r, p in zip(runs, paths):
+    for r, p in zip(runs, names):
         m = r["machine"]
         print(
             f"{p}: seed {r['seed']}, {len(r['rows'])} rows, {m['date']}, {m['cpu']}, "

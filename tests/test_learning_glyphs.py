@@ -85,3 +85,29 @@ def test_seed_start_stalls(runs):
 def test_training_does_not_make_matching_worse(runs):
     _, retrieval, before = runs["default"]
     assert retrieval >= 0.9 * before, runs
+
+
+def test_bench_learning_runs_several_seeds(tmp_path, monkeypatch, capsys):
+    """benchmarks/bench_learning.py --seeds: one JSON per seed, each recording its seed, and the summary
+    over seeds (tiny: 20 syllables, 1 epoch; accuracy is not asserted here)."""
+    import json
+
+    from benchmarks import _common
+    from benchmarks import bench_learning as bl
+
+    monkeypatch.setattr(_common, "OUT_DIR", tmp_path)
+    monkeypatch.setattr(bl, "OUT_DIR", tmp_path)
+    pk = "triplet=batch,sampler=pk,tw=1,margin=16,fc=shared"
+    argv = ["--classes", "20", "--epochs", "1", "--threads", "1", "--seeds", "3,4", "--methods", "softmax",
+            "--variants", f"k=4,{pk};k=N-1,{pk}"]  # fmt: skip
+    assert bl.main(argv) == 0
+    out = capsys.readouterr().out
+    runs = {s: json.loads((tmp_path / f"bench_learning_seed{s}.json").read_text()) for s in (3, 4)}
+    assert [runs[s]["seed"] for s in (3, 4)] == [3, 4]
+    assert all(len(r["rows"]) == 3 for r in runs.values())
+    assert "identification / retrieval by seed (2 seeds, N = 20)" in out
+    assert "seed 3 " in out and "seed 4 " in out and "95 % t-interval of the mean" in out
+    merged = json.loads((tmp_path / "bench_learning.json").read_text())
+    assert sorted(merged["rows_by_seed"]) == ["3", "4"]
+    with pytest.raises(SystemExit, match="listed twice"):
+        bl.main(["--seeds", "1,1"])
