@@ -77,8 +77,8 @@ CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
 # The one value ShardedQAConvGS accepts for each option it does not implement yet (one-process models take
-# any): the sharded constructor and the torch adapter refuse anything else with sharded_refusal's message,
-# and a one-process config is converted to these values when a trained model is sharded.
+# any): its constructor (also behind the sharded torch loss) refuses anything else with sharded_refusal's
+# message, and a one-process config is converted to these values when a trained model is sharded.
 SHARDED_ONLY: dict[str, Any] = {
     "init": "random",
     "k_mined": 0,
@@ -88,12 +88,12 @@ SHARDED_ONLY: dict[str, Any] = {
 }
 
 
-def sharded_refusal(name: str, value: object, who: str = "ShardedQAConvGS") -> ValueError | None:
+def sharded_refusal(name: str, value: object) -> ValueError | None:
     """The ValueError for a (validated) option value the sharded model does not support yet, or None."""
     allowed = SHARDED_ONLY[name]
     if value == allowed:
         return None
-    return ValueError(f"{name}: {who} supports only {name}={allowed!r} for now, got {value!r}")
+    return ValueError(f"{name}: ShardedQAConvGS supports only {name}={allowed!r} for now, got {value!r}")
 
 
 def choice(value: object, name: str, options: tuple[str, ...]) -> str:

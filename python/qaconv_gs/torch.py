@@ -42,7 +42,6 @@ def _build() -> dict[str, Any]:
     from torch import nn
     from torch.autograd.function import once_differentiable
 
-    from ._contract import sharded_refusal
     from .distributed import ShardedQAConvGS
     from .model import _HEAD_PARAM_KEYS, QAConvGS
 
@@ -172,9 +171,9 @@ def _build() -> dict[str, Any]:
                 init = "imprint" if init is None else init
                 core = QAConvGS(num_classes, channels, height, width, **kwargs, init=init)
             else:
-                if init is not None and (err := sharded_refusal("init", init, "the sharded loss")):
-                    raise err
-                core = ShardedQAConvGS(num_classes, channels, height, width, **kwargs, comm=comm)
+                # the sharded model refuses the init values it cannot do yet (SHARDED_ONLY)
+                init = "random" if init is None else init
+                core = ShardedQAConvGS(num_classes, channels, height, width, **kwargs, init=init, comm=comm)
             self._init_from(core)
 
         def _init_from(self, core: QAConvGS) -> None:
