@@ -465,6 +465,11 @@ def load_data(num_classes: int, seed: int):
     return g, sp, (x_tr, y_tr, x_probe, y_probe, x_gal)
 
 
+def short_name(method: str) -> str:
+    """A method's name for tick labels: the batch-triplet recipe's arguments spelt out are unreadable."""
+    return method.replace("batch, pk, shared, ", "P x K, ").replace(", w=1, margin=16", "")
+
+
 def plot(rows, N, path_prefix):
     try:
         import matplotlib
@@ -476,10 +481,7 @@ def plot(rows, N, path_prefix):
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     paths = []
     fig, ax = plt.subplots(figsize=(9, 4.2))
-    # the batch-triplet recipe's arguments spelt out make unreadable tick labels
-    names = [
-        r["method"].replace("batch, pk, shared, ", "P x K, ").replace(", w=1, margin=16", "") for r in rows
-    ]
+    names = [short_name(r["method"]) for r in rows]
     xs = np.arange(len(rows))
     ident = [r["identification"] or 0.0 for r in rows]
     retr = [r["retrieval"] for r in rows]
@@ -711,13 +713,20 @@ def t_interval(values: np.ndarray) -> tuple[float, float]:
     return float(np.mean(values) - half), float(np.mean(values) + half)
 
 
+def seed_cells(by_seed: dict) -> tuple:
+    """(sorted seeds, methods in first-seen order, {(seed, method): row}, methods run on >= 2 seeds)."""
+    seeds = sorted(by_seed)
+    methods = list(dict.fromkeys(r["method"] for s in seeds for r in by_seed[s]))
+    cell = {(s, r["method"]): r for s in seeds for r in by_seed[s]}
+    several = [m for m in methods if sum((s, m) in cell for s in seeds) >= 2]
+    return seeds, methods, cell, several
+
+
 def seed_summary(by_seed: dict, N: int) -> None:
     """Rows of several seeds (seed -> rows): each method per seed and its mean, each restricted row's
     ratio to its full twin per seed, and qaconv-gs retrieval against the best baseline of the same seed
     (the best CosFace of each seed picked by its retrieval on the held-out fonts, which favours CosFace)."""
-    seeds = sorted(by_seed)
-    methods = list(dict.fromkeys(r["method"] for s in seeds for r in by_seed[s]))
-    cell = {(s, r["method"]): r for s in seeds for r in by_seed[s]}
+    seeds, methods, cell, several = seed_cells(by_seed)
 
     def fmt(r):
         ident = "-" if r["identification"] is None else f"{r['identification']:.3f}"
@@ -734,7 +743,6 @@ def seed_summary(by_seed: dict, N: int) -> None:
         cells = [fmt(cell[s, m]) if (s, m) in cell else "" for s in seeds]
         print(f"| {m} | " + " | ".join(cells) + f" | {mean} ({len(got)}) |")
     # the ratio and margin lines are for methods run on two seeds or more (one seed's are in its table)
-    several = {m for m in methods if sum((s, m) in cell for s in seeds) >= 2}
     ratios: dict = {}
     for s in seeds:
         for r, f in twins(by_seed[s], N):
@@ -798,20 +806,11 @@ def plot_seeds(by_seed: dict, path_prefix: str) -> list:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    seeds = sorted(by_seed)
-    cell = {(s, r["method"]): r for s in seeds for r in by_seed[s]}
-    methods = [
-        m
-        for m in dict.fromkeys(r["method"] for s in seeds for r in by_seed[s])
-        if sum((s, m) in cell for s in seeds) >= 2
-    ]
+    seeds, _, cell, methods = seed_cells(by_seed)
     if not methods:
         return []
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    names = [
-        m.replace("batch, pk, shared, ", "P x K, ").replace(", w=1, margin=16", "").replace("qaconv-gs ", "")
-        for m in methods
-    ]
+    names = [short_name(m).replace("qaconv-gs ", "") for m in methods]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     for ax, key in zip(axes, ("identification", "retrieval")):
         for i, m in enumerate(methods):
