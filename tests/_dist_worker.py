@@ -47,7 +47,7 @@ def model_config(case: dict) -> dict:
         "fc": case.get("fc", "separate"),
         "triplet": case.get("triplet", "class"),
         "seed": case.get("seed", 0),
-        "init": "random",  # the sharded model's only start; the one-process runs compared with it match
+        "init": case.get("init", "random"),  # the one-process runs compared with it use the same start
     }
 
 

@@ -72,6 +72,28 @@ def test_demo_under_torchrun_equals_one_process(one_process, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["demo_curves_restricted.png"]
 
 
+def test_fonts_demo_under_torchrun_equals_one_process(tmp_path):
+    """--data fonts on 2 ranks: the sharded model starts as one process does (init="imprint", rows imprinted
+    on the rank owning them) and prints the same curve."""
+    pytest.importorskip("torch")
+    pytest.importorskip("PIL", reason="Pillow is not installed (pip install 'qaconv-gs[fonts]')")
+    from test_cli import _fonts_installed
+
+    if not _fonts_installed():
+        pytest.skip("Korean fonts not installed (see qaconv_gs.glyphs.DEBIAN_PACKAGES)")
+    args = ["-m", "qaconv_gs", "demo", "--data", "fonts", "--classes", "30", "--epochs", "2", "--k", "4"]
+    args += ["--no-progress", "--no-full", "--threads", "1"]
+    one = _run([sys.executable, *args, "--out", str(tmp_path / "one")])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = _run(launcher + args + ["--out", str(tmp_path / "two"), "--compare-one-process"])
+    assert "distributed: 2 ranks (TorchCommunicator)" in out, out
+    assert _epoch_lines(out) == _epoch_lines(one) and len(_epoch_lines(one)) == 3, out
+    m = re.search(r"max \|loss difference\| ([\d.e+-]+) ", out)
+    assert m is not None and float(m.group(1)) <= 1e-4, out
+    row = next(line.split() for line in out.splitlines() if re.match(r"restricted +\d", line))
+    assert float(row[-1]) > 0.3  # held-out rank-1 after two epochs; chance 0.033
+
+
 def _mpi_ready() -> str | None:
     """mpirun / mpiexec when mpi4py loads an MPI library (checked in a subprocess), else None."""
     launcher = shutil.which("mpirun") or shutil.which("mpiexec")

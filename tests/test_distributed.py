@@ -138,6 +138,12 @@ def _cases(R: int, tmp: Path | None = None) -> list[dict]:
             "trainer": {"sparse_embed": False},
         },
         {"name": "train_sparse_clip", "kind": "train", **_TRAIN_SPARSE_CLIP, "counts": counts},
+        {
+            "name": "train_imprint",
+            "kind": "train",
+            **_TRAIN_IMPRINT,
+            "counts": {1: [40], 2: [19, 21], 3: [13, 0, 27]}[R],
+        },
         {"name": "torch_loss", "kind": "torch_loss", **_TORCH_LOSS, "counts": counts},
         {"name": "identify", **_IDENTIFY, "counts": {1: [9], 2: [0, 6], 3: [4, 0, 3]}[R]},
         {"name": "identify_errors", **_IDENTIFY, "kind": "identify_errors", "counts": [2] * R},
@@ -169,6 +175,15 @@ _TRAIN_SPARSE_CLIP = {
     "steps": 4,
     "refresh_at": 2,
     "trainer": {"sparse_embed": True, "clip_grad_norm": 0.05},
+}
+# init="imprint" (the default): 150 classes, 40 random labels a step, so the first steps imprint rows on
+# every rank and the imprinted classes double (past 64) between two refreshes: a mid-epoch rebuild
+_TRAIN_IMPRINT = {
+    **{"N": 150, "C": 4, "H": 2, "W": 2, "k": 5, "seed": 2, "data_seed": 8, "counts": [19, 21]},
+    "init": "imprint",
+    "steps": 5,
+    "refresh_at": 4,
+    "trainer": {"sparse_embed": True},
 }
 # QAConvGSLoss + torch.optim.SGD + NeighborRefresh, batch-hard triplet (the in-batch pairs cross ranks)
 _TORCH_LOSS = {**_TRAIN_SPARSE_CLIP, "steps": 3, "triplet": "batch"}
@@ -359,10 +374,10 @@ def test_torch_sharded_step_equals_one_process(torch_run, name):
     _check_step(case, res[name])
 
 
-@pytest.mark.parametrize("name", ["train", "train_sparse_clip"])
+@pytest.mark.parametrize("name", ["train", "train_sparse_clip", "train_imprint"])
 def test_torch_trainer_steps_equal_one_process(torch_run, name):
     """Trainer steps (dense updates; lazy sparse updates with the global-norm clipping active; a
-    neighbour refresh mid-way) give the one-process parameters."""
+    neighbour refresh mid-way; imprinting from the default start) give the one-process parameters."""
     R, res = torch_run
     _check_train(next(c for c in _cases(R) if c["name"] == name), res[name])
 
@@ -382,7 +397,7 @@ def _check_torch_loss(case: dict, ranks: list[dict]) -> None:
     want = W.torch_steps(QAConvGSLoss(**W.model_config(case)), case, slice(None))
     for d in ranks:
         np.testing.assert_allclose(d["losses"], want["losses"], rtol=RTOL)
-        assert int(d["refreshes"]) == int(want["refreshes"]) == 1
+        assert int(d["refreshes"]) == int(want["refreshes"]) >= 1
         for k in want:
             if k.startswith("state.") and k != "state.class_embed":
                 np.testing.assert_allclose(d[k], want[k], rtol=RTOL, atol=1e-7, err_msg=k)
@@ -392,12 +407,13 @@ def _check_torch_loss(case: dict, ranks: list[dict]) -> None:
     _close(np.concatenate([d["state.class_embed"] for d in ranks]), want["state.class_embed"], "class_embed")
 
 
-def test_threads_torch_adapter_sharded_equals_one_process():
+@pytest.mark.parametrize("init", ["random", "imprint"])
+def test_threads_torch_adapter_sharded_equals_one_process(init):
     """The same on thread ranks, with a rank whose local batch is empty, and the module's helpers."""
     pytest.importorskip("torch")
     from qaconv_gs.torch import QAConvGSLoss
 
-    case = {**_TORCH_LOSS, "counts": [5, 0, 7]}
+    case = {**_TORCH_LOSS, "counts": [5, 0, 7], "init": init}
 
     def rank(c):
         crit = QAConvGSLoss(**W.model_config(case), comm=c)
@@ -679,9 +695,24 @@ def _single_step(case: dict) -> dict:
     return W.step_record(model, model.forward_backward(X, y))
 
 
+@pytest.mark.parametrize("init", ["imprint", "random"])
+def test_sharded_model_start_equals_qaconvgs(init):
+    """The same defaults as QAConvGS: init="imprint" starts with every row unset (zero), and either start
+    gives the one-process table and head."""
+    dims = dict(num_classes=12, channels=4, height=2, width=2, k_nearest=3, seed=5)
+    m = qg.QAConvGS(**dims, init=init)
+    s = ShardedQAConvGS(**dims, init=init)
+    assert (ShardedQAConvGS(**dims).config == s.config) == (init == "imprint")
+    assert s.config == m.config
+    np.testing.assert_array_equal(s.class_embed, m.class_embed)
+    assert s.class_embed.any() == (init == "random")
+    for k, v in m.head_state.items():
+        np.testing.assert_array_equal(np.asarray(s.head_state[k]), np.asarray(v))
+
+
 def test_sharded_model_construction_and_gather():
     m = qg.QAConvGS(num_classes=12, channels=4, height=2, width=2, k_nearest=3, seed=5, init="random")
-    s = ShardedQAConvGS(num_classes=12, channels=4, height=2, width=2, k_nearest=3, seed=5)
+    s = ShardedQAConvGS(num_classes=12, channels=4, height=2, width=2, k_nearest=3, seed=5, init="random")
     np.testing.assert_array_equal(s.class_embed, m.class_embed)
     for k, v in m.head_state.items():
         np.testing.assert_array_equal(np.asarray(s.head_state[k]), np.asarray(v))
@@ -775,16 +806,10 @@ def test_sharded_checkpoint_in_process(tmp_path):
     np.testing.assert_array_equal(ShardedQAConvGS.load(tmp_path / "s1").class_embed, model.class_embed)
 
 
-def test_sharded_init_is_random_only_and_configs_round_trip(tmp_path):
-    """ShardedQAConvGS accepts init="random" only and keeps it in config, so configs build either model;
-    a trained init="imprint" model shards (from_model, shard_checkpoint, its .npz, a trainer checkpoint
-    through Trainer.from_checkpoint(comm=...)) as init="random" with its rows as they are, unless a row
-    is still unset (all zero), which the sharded model could not imprint."""
+def test_sharded_options_and_configs_round_trip():
+    """ShardedQAConvGS validates the options as QAConvGS does, refuses the candidate options it does not
+    shard yet (SHARDED_ONLY) and keeps every option in config, so configs build either model."""
     dims = dict(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=3)
-    with pytest.raises(
-        ValueError, match=r"^init: ShardedQAConvGS supports only init='random' for now, got 'imprint'$"
-    ):
-        ShardedQAConvGS(**dims, init="imprint")
     with pytest.raises(ValueError, match="init"):
         ShardedQAConvGS(**dims, init="zeros")
     with pytest.raises(ValueError, match="imprint_samples"):
@@ -795,43 +820,66 @@ def test_sharded_init_is_random_only_and_configs_round_trip(tmp_path):
         ShardedQAConvGS(**dims, k_mined=4)
     with pytest.raises(TypeError, match="k_mined"):
         ShardedQAConvGS(**dims, k_mined=1.5)
-    s = ShardedQAConvGS(**dims)
-    assert s.config["k_mined"] == 0
-    assert s.config["init"] == "random" and ShardedQAConvGS(**dims, init="random").config == s.config
-    one = qg.QAConvGS.from_config(s.config)
-    assert one.config == s.config and one.init == "random"
-    np.testing.assert_array_equal(one.class_embed, s.class_embed)
-    assert ShardedQAConvGS(**one.config).config == one.config
-    assert s.gather_model().config == s.config
+    for init in ("imprint", "random"):
+        s = ShardedQAConvGS(**dims, init=init, imprint_samples=5)
+        assert s.config["k_mined"] == 0 and s.config["imprint_samples"] == 5
+        one = qg.QAConvGS.from_config(s.config)
+        assert one.config == s.config and one.init == init
+        np.testing.assert_array_equal(one.class_embed, s.class_embed)
+        assert ShardedQAConvGS(**one.config).config == one.config
+        assert s.gather_model().config == s.config
 
-    fresh = qg.QAConvGS(**dims)  # init="imprint": every row unset
-    fresh.save(tmp_path / "fresh.npz")
-    for build in (
-        lambda: ShardedQAConvGS.from_model(fresh),
-        lambda: shard_checkpoint(fresh, tmp_path / "no", 2),
-        lambda: load_sharded(tmp_path / "fresh.npz"),
-    ):
-        with pytest.raises(ValueError, match="6 class row.*unset"):
-            build()
-    assert not (tmp_path / "no").exists()
 
-    model = qg.QAConvGS(**dims)
+def _half_imprinted(N: int = 9) -> qg.QAConvGS:
+    """An init="imprint" model part way through imprinting: rows 0-1 unset, the others imprinted from 1
+    to 3 samples (imprint_samples=2: some still open), neighbour table built mid-way."""
+    model = qg.QAConvGS(num_classes=N, channels=2, height=1, width=2, k_nearest=2, seed=3, imprint_samples=2)
     rng = np.random.default_rng(0)
-    X = rng.standard_normal((12, 2, 1, 2)).astype(np.float32)
-    model.imprint(X, np.arange(12) % 6)
-    assert model.config["init"] == "imprint" and model.class_embed.reshape(6, -1).any(axis=1).all()
-    f = ShardedQAConvGS.from_model(model)
-    assert f.config == {**model.config, "init": "random"}
-    np.testing.assert_array_equal(f.class_embed, model.class_embed)
+    y = np.array([2, 3, 3, 4, 5, 6, 7, 8, 8, 8])
+    model.forward_backward(rng.standard_normal((y.size, 2, 1, 2)).astype(np.float32), y)
+    return model
+
+
+def _check_same_imprint_state(got: qg.QAConvGS, want: qg.QAConvGS) -> None:
+    assert got.config == want.config
+    np.testing.assert_array_equal(got.class_embed, want.class_embed)
+    np.testing.assert_array_equal(got._imprinted, want._imprinted)
+    assert got.neighbors_stale == want.neighbors_stale
+    if not want.neighbors_stale:
+        np.testing.assert_array_equal(got.class_neighbors, want.class_neighbors)
+        assert got._imprinted_at_refresh == want._imprinted_at_refresh
+
+
+def test_sharded_imprint_state_round_trips(tmp_path):
+    """A one-process model part way through imprinting shards with its unset rows, imprint counts and
+    neighbour table (from_model, shard_checkpoint, its .npz, a sharded save, a trainer checkpoint through
+    Trainer.from_checkpoint(comm=...)) and gathers back to the same state."""
+    model = _half_imprinted()
+    assert set(model._imprinted.tolist()) == {0, 1, 2, 3} and not model.neighbors_stale
+    assert model._imprinted_at_refresh == 7
+    for R in (1, 2, 3):
+        parts = [ShardedQAConvGS.from_model(model, _RankView(r, R)) for r in range(R)]
+        np.testing.assert_array_equal(np.concatenate([p._imprinted for p in parts]), model._imprinted)
+        assert {p._imprinted_at_refresh for p in parts} == {7}
+    s = ShardedQAConvGS.from_model(model)
+    _check_same_imprint_state(s.gather_model(), model)
+    _check_same_imprint_state(s.copy().gather_model(), model)
     shard_checkpoint(model, tmp_path / "ck", 2)
-    np.testing.assert_array_equal(load_sharded_model(tmp_path / "ck").class_embed, model.class_embed)
+    _check_same_imprint_state(load_sharded_model(tmp_path / "ck"), model)
+    parts = [load_sharded(tmp_path / "ck", _RankView(r, 3)) for r in range(3)]
+    np.testing.assert_array_equal(np.concatenate([p._imprinted for p in parts]), model._imprinted)
     model.save(tmp_path / "one.npz")
-    parts = [load_sharded(tmp_path / "one.npz", _RankView(r, 2)) for r in range(2)]
-    np.testing.assert_array_equal(np.concatenate([p.class_embed for p in parts]), model.class_embed)
+    _check_same_imprint_state(load_sharded(tmp_path / "one.npz").gather_model(), model)
+    s.save(tmp_path / "s1")
+    _check_same_imprint_state(load_sharded_model(tmp_path / "s1"), model)
     qg.Trainer(model, **W.TRAINER_KW).save_checkpoint(tmp_path / "trainer.npz")
     t = qg.Trainer.from_checkpoint(tmp_path / "trainer.npz", comm=SingleProcessCommunicator())
-    assert isinstance(t.model, ShardedQAConvGS) and t.model.config["init"] == "random"
-    np.testing.assert_array_equal(t.model.class_embed, model.class_embed)
+    assert isinstance(t.model, ShardedQAConvGS)
+    _check_same_imprint_state(t.model.gather_model(), model)
+    # a file without imprint counts (init="random" saves none): its rows count as fully imprinted
+    rnd = qg.QAConvGS(**{**model.config, "init": "random"})
+    rnd.save(tmp_path / "random.npz")
+    assert (load_sharded(tmp_path / "random.npz")._imprinted == 2).all()
 
 
 def test_sharded_checkpoint_errors(tmp_path):
@@ -1339,6 +1387,82 @@ def test_threads_trainer_equals_one_process(sparse, clip, counts):
     refresh mid-way, a rank whose local batch is empty."""
     case = {**_TRAIN_SPARSE_CLIP, "steps": 4, "trainer": {"sparse_embed": sparse, "clip_grad_norm": clip}}
     _check_train(case, _thread_train(case, counts))
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+@pytest.mark.parametrize("counts", [[19, 21], [13, 0, 27], [10, 10, 10, 10]], ids=["R2", "R3_empty", "R4"])
+def test_threads_imprint_trainer_equals_one_process(sparse, counts):
+    """From the default start (init="imprint"), Trainer steps on R thread ranks imprint the same rows with
+    the same counts as one process, rebuild the neighbour table at the same steps (first step, the
+    doubling mid-epoch, on_epoch_start) and train to the same parameters."""
+    case = {**_TRAIN_IMPRINT, "counts": counts, "trainer": {"sparse_embed": sparse}}
+
+    def run(model, sl):
+        trainer = qg.Trainer(model, **W.TRAINER_KW, **case["trainer"])
+        refreshes, imprinted = [], []
+        for step in range(case["steps"]):
+            if step == case["refresh_at"]:
+                model.on_epoch_start()
+            X, y, _ = W.make_batch({**case, "data_seed": case["data_seed"] + step})
+            trainer.step(X[sl], y[sl])
+            refreshes.append(model.neighbor_refreshes)
+            imprinted.append(model._imprinted.copy())
+        trainer.flush()
+        nbr = getattr(model, "local_neighbors", None)
+        return {
+            "refreshes": refreshes,
+            "imprinted": imprinted,
+            "embed": model.class_embed.copy(),
+            "nbr": model.class_neighbors if nbr is None else nbr,
+        }
+
+    one = qg.QAConvGS(**W.model_config(case))
+    assert one.init == "imprint"
+    want = run(one, slice(None))
+    # the table is rebuilt at the first step (twice with lazy rows: rows_for_step reads it before the
+    # step imprints), once mid-epoch when the imprinted classes double, and after on_epoch_start; rows of
+    # classes seen fewer than 64 times are still open
+    first = 2 if sparse else 1
+    assert want["refreshes"] == [first, first, first + 1, first + 1, first + 2], want["refreshes"]
+    assert 0 < np.count_nonzero(want["imprinted"][-1]) < case["N"]
+    ranks = run_threads(len(counts), lambda c: run(ShardedQAConvGS(**W.model_config(case), comm=c),
+                                                   W._slice(counts, c.rank)))  # fmt: skip
+    for d in ranks:
+        assert d["refreshes"] == want["refreshes"]
+    for step in range(case["steps"]):
+        np.testing.assert_array_equal(np.concatenate([d["imprinted"][step] for d in ranks]),
+                                      want["imprinted"][step])  # fmt: skip
+    _close(np.concatenate([d["embed"] for d in ranks]), want["embed"], "class_embed")
+    np.testing.assert_array_equal(np.concatenate([d["nbr"] for d in ranks]), want["nbr"])
+
+
+def test_sharded_step_that_fails_leaves_its_imprinting_undone():
+    """A step that raises after imprinting (here: from the optimiser's row hook) leaves the rows, counts
+    and neighbour table as they were, as QAConvGS does; the same step then succeeds."""
+    case = {**_TRAIN_IMPRINT, "counts": [40]}
+    X, y, _ = W.make_batch(case)
+    s = ShardedQAConvGS(**W.model_config(case))
+    s.forward_backward(X[:10], y[:10])
+    before = (s.class_embed.copy(), s._imprinted.copy(), s.local_neighbors.copy(), s.neighbor_refreshes)
+
+    def fail(ids):
+        raise KeyboardInterrupt
+
+    s.set_row_hook(fail)
+    with pytest.raises(KeyboardInterrupt):
+        s.forward_backward(X[10:], y[10:])
+    np.testing.assert_array_equal(s.class_embed, before[0])
+    np.testing.assert_array_equal(s._imprinted, before[1])
+    np.testing.assert_array_equal(s.local_neighbors, before[2])
+    assert s.neighbor_refreshes == before[3]
+    s.set_row_hook(None)
+    one = qg.QAConvGS(**W.model_config(case))
+    one.forward_backward(X[:10], y[:10])
+    want = one.forward_backward(X[10:], y[10:])
+    got = s.forward_backward(X[10:], y[10:])
+    np.testing.assert_array_equal(got.scores, want.scores)
+    np.testing.assert_array_equal(s.class_embed, one.class_embed)
+    np.testing.assert_array_equal(s._imprinted, one._imprinted)
 
 
 @pytest.mark.parametrize("counts", [[6, 6], [2, 0, 3, 7]], ids=["R2", "R4_empty_rank"])

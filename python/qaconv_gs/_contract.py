@@ -32,10 +32,12 @@ NEIGHBOR_MODES = ("cosine", "aligned")
 HEAD_PARAM_KEYS = ("bn.weight", "bn.bias", "fc.weight", "fc.bias", "logit_bn.weight", "logit_bn.bias")
 PARAM_KEYS = ("class_embed",) + HEAD_PARAM_KEYS
 ARCH_KEYS = ("num_classes", "channels", "height", "width", "fc")  # a checkpoint must match these to load
-# Keys under which a model checkpoint stores the current neighbour table and the imprint counts in its
-# extra arrays.
+# Keys under which a model checkpoint stores the current neighbour table, the imprint counts and the
+# number of imprinted classes when that table was built in its extra arrays (a loaded model then refreshes
+# mid-epoch exactly when the saved one would have).
 NBR_EXTRA_KEY = "_qaconv_gs.class_neighbors"
 IMPRINT_EXTRA_KEY = "_qaconv_gs.imprint_counts"
+IMPRINT_AT_EXTRA_KEY = "_qaconv_gs.imprinted_at_refresh"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -80,7 +82,6 @@ CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 # any): its constructor (also behind the sharded torch loss) refuses anything else with sharded_refusal's
 # message, and a one-process config is converted to these values when a trained model is sharded.
 SHARDED_ONLY: dict[str, Any] = {
-    "init": "random",
     "k_mined": 0,
     "k_batch": 0,
     "weighted_extras": False,

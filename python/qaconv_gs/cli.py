@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="synthetic",
         help="'synthetic' (default): generated feature maps; 'fonts': real images, Hangul syllables drawn "
         "from Debian's Korean typefaces (classes = syllables, samples = fonts), feature maps from a fixed "
-        "random CNN, tested on held-out font families (needs Pillow and the fonts; one process; "
-        "--samples / --held-out do not apply)",
+        "random CNN, tested on held-out font families (needs Pillow and the fonts; --samples / --held-out "
+        "do not apply)",
     )
     demo.add_argument("--epochs", type=_positive, default=4, help="training epochs (default 4)")
     demo.add_argument("--classes", type=_positive, default=100, help="identities N (default 100)")
@@ -458,17 +458,18 @@ def _demo_run(
     xtr, ytr, xte, yte = data[:4]
     gallery = data[4] if len(data) > 4 else None  # fonts: one held-out font's glyph per class, in class order
     n_cls, C, H, W = args.classes, xtr.shape[1], xtr.shape[2], xtr.shape[3]
+    # fonts: the defaults, as a user would start; synthetic: the seed system's random start (its maps are
+    # easy to match, and its printed curves are kept comparable across versions). One process and R ranks
+    # train alike either way.
+    init = "imprint" if args.data == "fonts" else "random"
     if comm is None:
-        # synthetic: init="random", as the sharded model (its only start), so one process and R ranks train
-        # alike; fonts (one process only): the defaults, as a user would start
-        init = "imprint" if args.data == "fonts" else "random"
         model = QAConvGS(n_cls, C, H, W, k_nearest=k, seed=args.seed, n_threads=args.threads, init=init)
         neighbors = lambda: model.class_neighbors  # noqa: E731
     else:
         from .distributed import ShardedQAConvGS
 
         model = ShardedQAConvGS(
-            n_cls, C, H, W, k_nearest=k, seed=args.seed, n_threads=args.threads, comm=comm
+            n_cls, C, H, W, k_nearest=k, seed=args.seed, n_threads=args.threads, comm=comm, init=init
         )
         neighbors = model.gather_neighbors  # every rank samples the same batches from the whole table
     trainer = Trainer(model, lr=args.lr, schedule=f"cosine:{args.epochs}:0.05", seed=args.seed)
@@ -563,11 +564,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     comm = _demo_comm(args.distributed)
     if args.compare_one_process and comm is None:
         raise ValueError("--compare-one-process: needs a distributed run (--distributed torch or mpi)")
-    if args.data == "fonts" and comm is not None:
-        raise ValueError(
-            "--data fonts: runs in one process (the sharded model cannot imprint class embeddings yet); "
-            "use --distributed off, or the synthetic data for a distributed run"
-        )
     if comm is None or comm.rank == 0:
         os.makedirs(args.out, exist_ok=True)
     threads = resolve_threads(args.threads)

@@ -28,6 +28,7 @@ from ._contract import (
     ARCH_KEYS,
     CONFIG_KEYS,
     HEAD_PARAM_KEYS,
+    IMPRINT_AT_EXTRA_KEY,
     IMPRINT_EXTRA_KEY,
     INIT_MODES,
     NBR_EXTRA_KEY,
@@ -68,10 +69,55 @@ _PAIRS_BLOCK = 4096  # aligned pairs per block in match_pairs()
 _IMPRINT_FLOOR = 1e-3
 _IMPRINT_REFRESH_MIN = 64  # fewest imprinted classes that trigger a mid-epoch neighbour refresh
 _IMPRINT_EXTRA_KEY = IMPRINT_EXTRA_KEY
-# imprinted classes when the saved neighbour table was built: a loaded model refreshes mid-epoch exactly
-# when the saved one would have
-_IMPRINT_AT_EXTRA_KEY = "_qaconv_gs.imprinted_at_refresh"
+_IMPRINT_AT_EXTRA_KEY = IMPRINT_AT_EXTRA_KEY
 _MINE_BLOCK = 4096  # classes per block of the per-sample mining product
+
+
+def imprint_rows(
+    embed: np.ndarray,
+    counts: np.ndarray,
+    X: np.ndarray,
+    y: np.ndarray,
+    imprint_samples: int,
+    *,
+    only_unset: bool,
+    lo: int = 0,
+) -> np.ndarray:
+    """Weight imprinting in place: row y - lo of embed [n, C, H, W] (float32) moves to the mean over the
+    samples of class y of their location-normalised maps X [B, C, H, W] (float64 arithmetic), blended as a
+    running mean with the counts[n] samples it averaged before. only_unset: only rows with fewer than
+    imprint_samples samples, as the training step does; else the rows are replaced and count as fully
+    imprinted. Returns the sorted global ids written. The maths of QAConvGS.imprint, shared with the
+    sharded model (which passes its own rows, counts and first class id `lo`): the same bits either way."""
+    ids, inv = np.unique(y, return_inverse=True)
+    loc = ids - lo
+    if only_unset:
+        unset = counts[loc] < imprint_samples
+        if not unset.any():
+            return ids[:0]
+    else:
+        unset = np.ones(ids.size, dtype=bool)
+        counts[loc] = 0  # an explicit call replaces the rows
+    C = embed.shape[1]
+    S = int(np.prod(embed.shape[2:], dtype=np.int64))
+    x = X.reshape(-1, C, S).astype(np.float64)
+    x /= np.maximum(np.sqrt(np.einsum("bcs,bcs->bs", x, x)), 1e-12)[:, None, :]
+    sums = np.zeros((ids.size, C, S), dtype=np.float64)
+    np.add.at(sums, inv, x)
+    mean = sums / np.bincount(inv, minlength=ids.size)[:, None, None]
+    weak = np.sqrt(np.einsum("rcs,rcs->rs", mean, mean)) < _IMPRINT_FLOOR
+    if weak.any():
+        mean.transpose(0, 2, 1)[weak] = _IMPRINT_FLOOR / math.sqrt(C)
+    write = loc[unset]
+    cnt = np.bincount(inv, minlength=ids.size)[unset]
+    old = counts[write].astype(np.float64)
+    a = (cnt / (old + cnt))[:, None, None, None]
+    new = mean[unset].reshape((write.size,) + embed.shape[1:])
+    embed[write] = (embed[write] * (1 - a) + new * a).astype(np.float32)
+    counts[write] += cnt
+    if not only_unset:
+        counts[write] = np.maximum(counts[write], imprint_samples)
+    return ids[unset]
 
 
 @dataclass(repr=False)
@@ -726,33 +772,9 @@ class QAConvGS(ModelBase):
             return self._imprint(X, y, only_unset=bool(only_unset))
 
     def _imprint(self, X: np.ndarray, y: np.ndarray, only_unset: bool) -> np.ndarray:
-        ids, inv = np.unique(y, return_inverse=True)
-        if only_unset:
-            unset = self._imprinted[ids] < self.imprint_samples
-            if not unset.any():
-                return ids[:0]
-        else:
-            unset = np.ones(ids.size, dtype=bool)
-            self._imprinted[ids] = 0  # an explicit call replaces the rows
-        C, S = self.channels, self.S
-        x = X.reshape(-1, C, S).astype(np.float64)
-        x /= np.maximum(np.sqrt(np.einsum("bcs,bcs->bs", x, x)), 1e-12)[:, None, :]
-        sums = np.zeros((ids.size, C, S), dtype=np.float64)
-        np.add.at(sums, inv, x)
-        mean = sums / np.bincount(inv, minlength=ids.size)[:, None, None]
-        weak = np.sqrt(np.einsum("rcs,rcs->rs", mean, mean)) < _IMPRINT_FLOOR
-        if weak.any():
-            mean.transpose(0, 2, 1)[weak] = _IMPRINT_FLOOR / math.sqrt(C)
-        write = ids[unset]
-        cnt = np.bincount(inv, minlength=ids.size)[unset]
-        old = self._imprinted[write].astype(np.float64)
-        a = (cnt / (old + cnt))[:, None, None, None]
-        new = mean[unset].reshape((write.size,) + self._embed.shape[1:])
-        self._embed[write] = (self._embed[write] * (1 - a) + new * a).astype(np.float32)
-        self._imprinted[write] += cnt
-        if not only_unset:
-            self._imprinted[write] = np.maximum(self._imprinted[write], self.imprint_samples)
-        self._nbr_stale = True
+        write = imprint_rows(self._embed, self._imprinted, X, y, self.imprint_samples, only_unset=only_unset)
+        if write.size:
+            self._nbr_stale = True
         return write
 
     def on_epoch_start(self) -> None:

@@ -107,8 +107,8 @@ def _build() -> dict[str, Any]:
     class QAConvGSLoss(nn.Module):
         """QAConv-GS loss as an nn.Module: features [B, C, H, W] + labels [B] -> scalar loss tensor.
 
-        Same arguments as qaconv_gs.QAConvGS (init="imprint" by default: the forward writes imprinted rows
-        into class_embed in place, outside autograd, before scoring; sharded: init="random" only for now).
+        Same arguments as qaconv_gs.QAConvGS (init="imprint" by default, sharded too: the forward writes
+        imprinted rows into class_embed in place, outside autograd, before scoring).
         Parameters: class_embed [N, C, H, W] and the head
         (bn, fc, logit_bn as nn.BatchNorm1d(1) / nn.Linear submodules, so state_dict keys equal
         QAConvGS.state_dict()'s and the running statistics are buffers). Forward and backward call
@@ -144,7 +144,7 @@ def _build() -> dict[str, Any]:
             n_threads=None,
             *,
             comm=None,
-            init=None,
+            init="imprint",
             imprint_samples=64,
             k_mined=0,
             k_batch=0,
@@ -168,11 +168,8 @@ def _build() -> dict[str, Any]:
                 neighbors_by=neighbors_by,
             )
             if comm is None:
-                init = "imprint" if init is None else init
                 core = QAConvGS(num_classes, channels, height, width, **kwargs, init=init)
-            else:
-                # the sharded model refuses the init values it cannot do yet (SHARDED_ONLY)
-                init = "random" if init is None else init
+            else:  # it refuses the candidate options it cannot do yet (SHARDED_ONLY)
                 core = ShardedQAConvGS(num_classes, channels, height, width, **kwargs, init=init, comm=comm)
             self._init_from(core)
 
@@ -333,9 +330,8 @@ def _build() -> dict[str, Any]:
         def load_state_dict(self, state_dict, strict=True, assign=False):
             out = super().load_state_dict(state_dict, strict=strict, assign=assign)
             self._core.on_epoch_start()  # new embeddings: neighbours must follow
-            if not _sharded(self._core):
-                self._sync()
-                self._core._counts_from_rows()  # loaded rows count as imprinted, zero rows as unset
+            self._sync()
+            self._core._counts_from_rows()  # loaded rows count as imprinted, zero rows as unset
             return out
 
         # ---- evaluation helpers (eval-mode head, running statistics)

@@ -4,7 +4,8 @@ Layout of `path/` (a directory; a shared file system when the ranks run on sever
     manifest.json                 {"format", "version", "generation", "config", "world_size", "bounds",
                                    "shards": [{"file", "lo", "hi"}], "head": file, "neighbors": bool}
     head-<gen>.npz                the replicated head state (qaconv_gs.checkpoint format)
-    shard-<gen>-<r>-of-<R>.npz    class_embed rows [lo, hi) (+ their neighbour rows), checkpoint format
+    shard-<gen>-<r>-of-<R>.npz    class_embed rows [lo, hi) (+ their neighbour rows and imprint counts),
+                                  checkpoint format
 
 Every file is written atomically by qaconv_gs.checkpoint (SHA-256 checked on load). The files of one save
 carry a random generation id in their names and contents; the manifest is written last (atomically), so
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .._contract import IMPRINT_AT_EXTRA_KEY as _IMPRINT_AT_EXTRA_KEY
 from .._contract import IMPRINT_EXTRA_KEY as _IMPRINT_EXTRA_KEY
 from .._contract import NBR_EXTRA_KEY as _NBR_EXTRA_KEY
 from ..checkpoint import (
@@ -78,10 +80,14 @@ def _check_extra(extra, what: str, rows: int | None = None) -> dict[str, np.ndar
 
 
 def _write_shard(
-    path: str, gen: str, config: dict, r: int, R: int, lo: int, hi: int, rows, nbr, row_extra=None
+    path: str, gen: str, config: dict, r: int, R: int, lo: int, hi: int, rows, nbr, counts, row_extra=None
 ) -> str:
     name = f"shard-{gen}-{r:05d}-of-{R:05d}.npz"
-    extra = {_SHARD_KEY: np.array([lo, hi, r, R], np.int64), _GEN_KEY: _gen_array(gen)}
+    extra = {
+        _SHARD_KEY: np.array([lo, hi, r, R], np.int64),
+        _GEN_KEY: _gen_array(gen),
+        _IMPRINT_EXTRA_KEY: np.asarray(counts, np.int64),
+    }
     if nbr is not None:
         extra[_NBR_EXTRA_KEY] = np.asarray(nbr, np.int64)
     for k, v in (row_extra or {}).items():
@@ -170,10 +176,13 @@ def save_sharded(model, path: str | os.PathLike, *, row_extra=None, extra=None) 
     config = model.config
     comm.barrier()  # the directory exists
     name = _write_shard(
-        path, gen, config, comm.rank, comm.size, model.lo, model.hi, model.class_embed, nbr, rx
-    )
+        path, gen, config, comm.rank, comm.size, model.lo, model.hi, model.class_embed, nbr,
+        model._imprinted, rx,
+    )  # fmt: skip
     names = [bytes(b).decode() for b in comm.allgather(np.frombuffer(name.encode(), np.uint8))]
     if comm.rank == 0:
+        if have_nbr:  # the same on every rank
+            ex[_IMPRINT_AT_EXTRA_KEY] = np.array(model._imprinted_at_refresh, np.int64)
         head = _write_head(path, gen, config, model.head_state, ex)
         _write_manifest(path, gen, config, model.layout.bounds, names, head, have_nbr, list(rx))
     comm.barrier()  # the manifest is in place before anyone reads it
@@ -181,9 +190,8 @@ def save_sharded(model, path: str | os.PathLike, *, row_extra=None, extra=None) 
 
 def shard_checkpoint(model: QAConvGS, path: str | os.PathLike, world_size: int) -> None:
     """Write a one-process model as a sharded checkpoint for `world_size` ranks (offline, no communicator)."""
-    from .model import _check_no_unset_rows, _sharded_config
+    from .model import _sharded_config
 
-    _check_no_unset_rows(model.class_embed, model.config, "model")
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     layout = ShardLayout.even(model.num_classes, int(world_size))
@@ -194,10 +202,10 @@ def shard_checkpoint(model: QAConvGS, path: str | os.PathLike, world_size: int) 
     for r in range(layout.world_size):
         lo, hi = layout.range(r)
         rows_nbr = None if nbr is None else nbr[lo:hi]
-        names.append(
-            _write_shard(path, gen, config, r, layout.world_size, lo, hi, model.class_embed[lo:hi], rows_nbr)
-        )
-    head = _write_head(path, gen, config, model.head_state)
+        parts = (model.class_embed[lo:hi], rows_nbr, model._imprinted[lo:hi])
+        names.append(_write_shard(path, gen, config, r, layout.world_size, lo, hi, *parts))
+    at = {} if nbr is None else {_IMPRINT_AT_EXTRA_KEY: np.array(model._imprinted_at_refresh, np.int64)}
+    head = _write_head(path, gen, config, model.head_state, at)
     _write_manifest(path, gen, config, layout.bounds, names, head, nbr is not None)
 
 
@@ -245,7 +253,7 @@ def load_sharded(
 
     With return_extra: (model, row_extra, extra): row_extra re-sharded to this rank's rows (dict), extra
     the replicated arrays (for a one-process .npz: {} and its extra arrays)."""
-    from .model import ShardedQAConvGS, _check_no_unset_rows, _sharded_config
+    from .model import ShardedQAConvGS, _sharded_config
 
     comm = SingleProcessCommunicator() if comm is None else comm
     path = os.fspath(path)
@@ -255,13 +263,16 @@ def load_sharded(
         rows = np.asarray(state["class_embed"], np.float32)
         if rows.shape[0] != model.num_classes:
             raise ValueError(f"{path}: class_embed has {rows.shape[0]} rows, config says {model.num_classes}")
-        _check_no_unset_rows(rows, config, path)
         model._embed = np.array(rows[model.lo : model.hi], copy=True)
         model._head = {k: np.array(v, copy=True) for k, v in state.items() if k != "class_embed"}
+        counts = extra.get(_IMPRINT_EXTRA_KEY)
+        if counts is not None and np.shape(counts) == (model.num_classes,):
+            counts = np.asarray(counts)[model.lo : model.hi]
+        model._counts_from_rows(counts)
         nbr = extra.get(_NBR_EXTRA_KEY)
         if nbr is not None and np.asarray(nbr).shape == (model.num_classes, model.k_nearest):
-            model._set_neighbors(np.asarray(nbr)[model.lo : model.hi])
-        extra = {k: v for k, v in extra.items() if k not in (_NBR_EXTRA_KEY, _IMPRINT_EXTRA_KEY)}
+            _adopt_neighbors(model, np.asarray(nbr)[model.lo : model.hi], extra.get(_IMPRINT_AT_EXTRA_KEY))
+        extra = {k: v for k, v in extra.items() if not k.startswith("_qaconv_gs.")}
         return (model, {}, extra) if return_extra else model
     m = _read_manifest(path)
     gen = m["generation"]
@@ -270,6 +281,7 @@ def load_sharded(
     lo, hi = model.lo, model.hi
     embed = np.empty((hi - lo, C, H, W), np.float32)
     nbr = np.empty((hi - lo, model.k_nearest), np.int64) if m["neighbors"] else None
+    counts: np.ndarray | None = np.zeros(hi - lo, np.int64)  # None once a shard without counts was read
     row_keys = list(m.get("row_extra", [])) if return_extra else []
     rx: dict[str, np.ndarray] = {}
     for sh in m["shards"]:
@@ -288,6 +300,11 @@ def load_sharded(
         embed[a - lo : b - lo] = rows[a - sh["lo"] : b - sh["lo"]]
         if nbr is not None:
             nbr[a - lo : b - lo] = np.asarray(extra[_NBR_EXTRA_KEY], np.int64)[a - sh["lo"] : b - sh["lo"]]
+        saved = extra.get(_IMPRINT_EXTRA_KEY)
+        if counts is not None and saved is not None and np.shape(saved) == (sh["hi"] - sh["lo"],):
+            counts[a - lo : b - lo] = np.asarray(saved)[a - sh["lo"] : b - sh["lo"]]
+        else:  # written before the counts were saved: counted from the rows below
+            counts = None
         for k in row_keys:
             v = np.asarray(extra[_ROW_PREFIX + k])
             if k not in rx:
@@ -296,8 +313,9 @@ def load_sharded(
     head_state, head_extra = _load_file(path, m["head"], gen)
     model._embed = embed
     model._head = {k: np.array(v, copy=True) for k, v in head_state.items()}
+    model._counts_from_rows(counts)
     if nbr is not None:
-        model._set_neighbors(nbr)
+        _adopt_neighbors(model, nbr, head_extra.get(_IMPRINT_AT_EXTRA_KEY))
     if not return_extra:
         return model
     for k in row_keys:  # a rank that owns no class still gets correctly shaped (empty) arrays
@@ -305,7 +323,19 @@ def load_sharded(
             _, ex0 = _load_file(path, m["shards"][0]["file"], gen)
             v = np.asarray(ex0[_ROW_PREFIX + k])
             rx[k] = np.empty((0,) + v.shape[1:], v.dtype)
-    return model, rx, {k: v for k, v in head_extra.items() if k != _GEN_KEY}
+    return model, rx, {k: v for k, v in head_extra.items() if not k.startswith("_qaconv_gs.")}
+
+
+def _adopt_neighbors(model: Any, rows: np.ndarray, at: object) -> None:
+    """Take saved neighbour rows with the number of imprinted classes when they were built. Without that
+    number (files older than it) an init="imprint" model drops the rows instead: it would need every
+    rank's counts (a collective) to take them as built now, and the next step rebuilds them."""
+    at = None if at is None else np.asarray(at)
+    known = at is not None and at.shape == () and at.dtype.kind in "iu" and 0 <= int(at) <= model.num_classes
+    if not known and model.init == "imprint":
+        return
+    model._set_neighbors(rows)
+    model._imprinted_at_refresh = int(at) if known else 0
 
 
 def load_sharded_model(path: str | os.PathLike) -> QAConvGS:
@@ -324,7 +354,7 @@ def read_head(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     path = os.fspath(path)
     m = _read_manifest(path)
     _, extra = _load_file(path, m["head"], m["generation"])
-    return dict(m["config"]), {k: v for k, v in extra.items() if k != _GEN_KEY}
+    return dict(m["config"]), {k: v for k, v in extra.items() if not k.startswith("_qaconv_gs.")}
 
 
 def load_sharded_whole(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray]]:

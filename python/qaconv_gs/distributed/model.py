@@ -3,6 +3,10 @@
 Rank r owns the class rows layout.range(r) (embedding rows, their optimiser state, their neighbour rows);
 the head (a few scalars and the fc weight) is replicated and kept identical. One training step:
 
+0. with init="imprint", while some class of the global batch is still being imprinted (one small
+   all-reduce says so), the raw maps are all-gathered instead of the normalised ones and each rank imprints
+   the classes it owns (the arithmetic of QAConvGS.imprint on the same samples: the same rows); the
+   all-reduced counts decide, as one process does, whether the neighbour table is rebuilt first;
 1. every rank normalises its local batch and all-gathers the normalised maps and labels (rank order);
 2. the candidate rows [y_b, nbr[y_b]] come from the rank owning y_b (all-gathered, B_total x K ids);
 3. each rank scores the candidate pairs whose class it owns (the same C kernels as one process);
@@ -31,6 +35,8 @@ from .. import head as _head
 from .. import matching as _matching
 from .._contract import (
     ARCH_KEYS,
+    IMPRINT_AT_EXTRA_KEY,
+    IMPRINT_EXTRA_KEY,
     INIT_MODES,
     NBR_EXTRA_KEY,
     NEIGHBOR_MODES,
@@ -43,7 +49,7 @@ from .._contract import (
     sharded_refusal,
 )
 from .._validate import as_labels, check_int, resolve_threads, shape_str
-from ..model import QAConvGS, StepResult, _identify_rows
+from ..model import _IMPRINT_REFRESH_MIN, QAConvGS, StepResult, _identify_rows, imprint_rows
 from ._head import sharded_head_backward, sharded_head_forward
 from .comm import Communicator, SingleProcessCommunicator
 from .layout import ShardLayout
@@ -77,33 +83,18 @@ class ShardedStepResult(StepResult):
 
 def _sharded_config(config: dict) -> dict:
     """A one-process model's config as ShardedQAConvGS arguments for a model whose rows are then loaded:
-    init="imprint" only says how the rows started, so it becomes "random" (see _check_no_unset_rows), and
     the candidate options take the values of SHARDED_ONLY (k_mined = k_batch = 0, weighted_extras False,
-    neighbors_by "cosine": the sharded step does not add candidates yet; the rows and head are unchanged)."""
+    neighbors_by "cosine": the sharded step does not add candidates yet; the rows, head, init and imprint
+    counts are unchanged)."""
     return {**config, **SHARDED_ONLY}
 
 
 def resume_config(model_cls: object, config: dict) -> dict:
     """The constructor arguments with which Trainer.from_checkpoint(comm=...) builds ``model_cls`` from a
-    checkpoint's config: converted by _sharded_config for a ShardedQAConvGS (a one-process init="imprint"
-    model's trained rows go on as they are, init="random"), as saved for any other class."""
+    checkpoint's config: converted by _sharded_config for a ShardedQAConvGS, as saved for any other class."""
     if isinstance(model_cls, type) and issubclass(model_cls, ShardedQAConvGS):
         return _sharded_config(config)
     return config
-
-
-def _check_no_unset_rows(rows: np.ndarray, config: dict, where: str) -> None:
-    """Refuse to shard an init="imprint" model with unset (all-zero, never imprinted) rows: the sharded
-    model does not imprint, and a zero row's normalisation gradient is 1/eps."""
-    if config.get("init") != "imprint" or not len(rows):
-        return
-    unset = np.flatnonzero(~np.asarray(rows).reshape(len(rows), -1).any(axis=1))
-    if unset.size:
-        raise ValueError(
-            f"{where}: {unset.size} class row(s) of this init='imprint' model are still unset (all zero, "
-            f"e.g. class {int(unset[0])}); ShardedQAConvGS supports only init='random' for now and cannot "
-            "imprint them (train in one process until every class has been imprinted, or call imprint())"
-        )
 
 
 def _draw_shard(rng: np.random.Generator, N: int, row: tuple[int, ...], lo: int, hi: int) -> np.ndarray:
@@ -124,13 +115,14 @@ def _draw_shard(rng: np.random.Generator, N: int, row: tuple[int, ...], lo: int,
 class ShardedQAConvGS(ModelBase):
     """One rank's part of a QAConvGS whose class table is split over `comm`'s ranks.
 
-    Same constructor arguments as QAConvGS, plus comm (default: single process) and layout (default:
-    ShardLayout.even), except that init must be "random" (the default here; imprinting is not supported yet,
-    and imprint_samples is only kept in config) and k_mined must be 0 (mining is not sharded yet). With
-    the same seed, the union of the shards equals QAConvGS(seed=seed, init="random")'s table and the head
-    is identical. A trained one-process model made with init="imprint" can still be sharded (from_model,
-    load, Trainer.load_checkpoint): its rows are taken as they are and training goes on without
-    imprinting, provided no row is still unset. With seed=None
+    Same constructor arguments and defaults as QAConvGS (init="imprint": rows start unset and each step
+    imprints the rows of its classes that have averaged fewer than imprint_samples samples, on the rank
+    owning them, exactly as one process would on the whole batch), plus comm (default: single process) and
+    layout (default: ShardLayout.even), except that the candidate options must keep the values of
+    SHARDED_ONLY (no mined, in-batch or weighted extra candidates, cosine neighbours: not sharded yet).
+    With the same seed, the union of the shards equals QAConvGS(seed=seed, init=init)'s table and the head
+    is identical; a one-process model shards with its rows and imprint counts as they are (from_model,
+    load, Trainer.load_checkpoint) and training goes on as it would have in one process. With seed=None
     rank 0 draws a seed and broadcasts it (stored in .seed).
     Collective methods (every rank must call them in the same order): the constructor, forward_backward,
     rows_for_step, identify, refresh_neighbors / local_neighbors when stale, gather_neighbors, gather_model,
@@ -154,7 +146,7 @@ class ShardedQAConvGS(ModelBase):
         seed: int | None = None,
         n_threads: int | None = None,
         *,
-        init: str = "random",
+        init: str = "imprint",
         imprint_samples: int = 64,
         k_mined: int = 0,
         k_batch: int = 0,
@@ -166,7 +158,6 @@ class ShardedQAConvGS(ModelBase):
     ) -> None:
         # validated as QAConvGS does, then refused unless they are the values SHARDED_ONLY names
         init = choice(init, "init", INIT_MODES)
-        # accepted (and kept in config) so that a one-process config builds this model unchanged
         imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)
         k_mined = check_int(k_mined, "k_mined", lo=0)
         k_batch = check_int(k_batch, "k_batch", lo=0)
@@ -174,8 +165,9 @@ class ShardedQAConvGS(ModelBase):
             raise TypeError(f"weighted_extras: expected a bool, got {type(weighted_extras).__name__}")
         weighted_extras = bool(weighted_extras)
         neighbors_by = choice(neighbors_by, "neighbors_by", NEIGHBOR_MODES)
-        given = dict(init=init, k_mined=k_mined, k_batch=k_batch, weighted_extras=weighted_extras,
-                     neighbors_by=neighbors_by)  # fmt: skip
+        given = dict(
+            k_mined=k_mined, k_batch=k_batch, weighted_extras=weighted_extras, neighbors_by=neighbors_by
+        )
         for name in SHARDED_ONLY:
             if (err := sharded_refusal(name, given[name])) is not None:
                 raise err
@@ -221,11 +213,17 @@ class ShardedQAConvGS(ModelBase):
         self._prepared: tuple | None = None  # (nbr version, local labels, counts, labels, candidates)
         self.neighbor_refreshes = 0
         self.neighbor_change = float("nan")  # as QAConvGS.neighbor_change, over the whole table
+        # samples averaged into each OWN row so far (init="imprint"); saved in checkpoints with the rows
+        self._imprinted = np.zeros(self.hi - self.lo, dtype=np.int64)
+        # imprinted classes of ALL ranks when the neighbour table was built (the same on every rank)
+        self._imprinted_at_refresh = 0
         if _init:
             rng = np.random.default_rng(self.seed)
             C, H, W = self.channels, self.height, self.width
             self._embed = _draw_shard(rng, N, (C, H, W), self.lo, self.hi)
             self._embed *= np.float32(1.0 / math.sqrt(C))  # as QAConvGS: float32 in-place scaling
+            if self.init == "imprint":
+                self._embed[...] = 0.0  # drawn first all the same, so that the head's draws match QAConvGS
             self._head = _head.init_head(H * W, self.fc, rng)
 
     # ------------------------------------------------------------------ construction from / to one process
@@ -237,28 +235,32 @@ class ShardedQAConvGS(ModelBase):
         """This rank's shard of a one-process model (every rank passes an equal model). Collective only
         through the seed broadcast when model.seed is None."""
         cfg = _sharded_config(model.config)
-        _check_no_unset_rows(model.class_embed, model.config, "model")
         seed = cfg.pop("seed")
         out = cls(**cfg, seed=0 if seed is None else seed, comm=comm, layout=layout, _init=False)
         out.seed = seed
         out._embed = np.array(model.class_embed[out.lo : out.hi], dtype=np.float32, copy=True)
         out._head = {k: np.array(v, copy=True) for k, v in model.head_state.items()}
+        out._imprinted = np.array(model._imprinted[out.lo : out.hi], dtype=np.int64, copy=True)
         out.training = model.training
         if not model.neighbors_stale:
             out._set_neighbors(model.class_neighbors[out.lo : out.hi])
+            out._imprinted_at_refresh = model._imprinted_at_refresh
         return out
 
     def gather_model(self) -> QAConvGS:
         """A one-process QAConvGS with the whole table, assembled on every rank. Collective; memory O(N*D)."""
         full = self.comm.allgather_concat(self._embed)
+        counts = self.comm.allgather_concat(self._imprinted)
         table = None if self.neighbors_stale else self.comm.allgather_concat(self._nbr)
         out = QAConvGS(**self.config)
         state = {k: np.array(v, copy=True) for k, v in self._head.items()}
         state["class_embed"] = full
         out.load_state_dict(state)
         out.training = self.training
+        saved = {IMPRINT_EXTRA_KEY: counts}
         if table is not None:
-            out._adopt_saved_neighbors({NBR_EXTRA_KEY: table})
+            saved.update({NBR_EXTRA_KEY: table, IMPRINT_AT_EXTRA_KEY: np.int64(self._imprinted_at_refresh)})
+        out._adopt_saved_neighbors(saved)
         return out
 
     # ------------------------------------------------------------------ state
@@ -281,6 +283,8 @@ class ShardedQAConvGS(ModelBase):
         out.seed = self.seed
         out._embed = self._embed.copy()
         out._head = {k: np.array(v, copy=True) for k, v in self._head.items()}
+        out._imprinted = self._imprinted.copy()
+        out._imprinted_at_refresh = self._imprinted_at_refresh
         out.training = self.training
         out.neighbor_change, out.neighbor_refreshes = self.neighbor_change, self.neighbor_refreshes
         if not self.neighbors_stale:
@@ -383,6 +387,9 @@ class ShardedQAConvGS(ModelBase):
 
     def refresh_neighbors(self) -> np.ndarray:
         """Recompute this rank's neighbour rows [hi - lo, k] (global ids). Collective."""
+        if self.init == "imprint":
+            mine = np.array([np.count_nonzero(self._imprinted)], np.int64)
+            self._imprinted_at_refresh = int(self.comm.allreduce_sum(mine)[0])
         table = sharded_class_neighbors(
             self._embed, self.k_nearest, self.comm, layout=self.layout, n_threads=self.n_threads
         )
@@ -457,13 +464,16 @@ class ShardedQAConvGS(ModelBase):
         return loaded, rx, ex
 
     def _assign(self, other: ShardedQAConvGS) -> None:
-        """Take other's rows, head and neighbour rows (same architecture and layout); hyperparameters stay."""
+        """Take other's rows, imprint counts, head and neighbour rows (same architecture and layout);
+        hyperparameters stay."""
         self._embed, self._head = other._embed, other._head
+        self._imprinted = other._imprinted
         self._prepared = None
         if other.neighbors_stale or other.k_nearest != self.k_nearest:
             self._nbr, self._nbr_stale = None, True
         else:
             self._set_neighbors(other._nbr)
+            self._imprinted_at_refresh = other._imprinted_at_refresh
 
     def save_training_checkpoint(self, path, extra: dict[str, np.ndarray]) -> None:
         """A sharded trainer checkpoint (distributed.checkpoint.save_trainer_sharded); collective."""
@@ -598,11 +608,19 @@ class ShardedQAConvGS(ModelBase):
         return acc.astype(np.float32)
 
     def _gather_candidates(self, y_r: np.ndarray) -> tuple[list[int], np.ndarray, np.ndarray]:
-        """(per-rank batch sizes, global labels [B], candidates [B, K]): the rank owning y_b supplies
-        [y_b, nbr[y_b]]. Collective."""
+        """(per-rank batch sizes, global labels [B], candidates [B, K]). Collective."""
+        counts, y = self._gather_labels(y_r)
+        return counts, y, self._candidates_of(y)
+
+    def _gather_labels(self, y_r: np.ndarray) -> tuple[list[int], np.ndarray]:
+        """(per-rank batch sizes, global labels [B] in rank order). Collective."""
+        counts = [int(c[0]) for c in self.comm.allgather(np.array([y_r.size], np.int64))]
+        return counts, self.comm.allgather_concat(y_r)
+
+    def _candidates_of(self, y: np.ndarray) -> np.ndarray:
+        """Candidates [B, K] of the global labels: the rank owning y_b supplies [y_b, nbr[y_b]] (the
+        neighbour rows are rebuilt first when stale). Collective."""
         comm, K = self.comm, self.num_candidates
-        counts = [int(c[0]) for c in comm.allgather(np.array([y_r.size], np.int64))]
-        y = comm.allgather_concat(y_r)
         nbr = self.local_neighbors
         mine = np.nonzero((y >= self.lo) & (y < self.hi))[0]
         rows = np.concatenate([y[mine, None], nbr[y[mine] - self.lo]], axis=1)
@@ -610,7 +628,7 @@ class ShardedQAConvGS(ModelBase):
         rows_all = comm.allgather_concat(rows.astype(np.int64).reshape(-1, K))
         cand = np.empty((y.size, K), np.int64)
         cand[pos_all] = rows_all
-        return counts, y, cand
+        return cand
 
     def rows_for_step(self, labels: object) -> np.ndarray:
         """Local row indices (into class_embed) that the next forward_backward with these labels reads
@@ -629,25 +647,113 @@ class ShardedQAConvGS(ModelBase):
         owned = cand[(cand >= self.lo) & (cand < self.hi)]
         return np.unique(owned) - self.lo
 
+    # ------------------------------------------------------------------ imprinting
+
+    def _counts_from_rows(self, counts: object = None) -> None:
+        """After new rows were loaded: the saved imprint counts of this rank's rows when they fit, else a
+        non-zero row counts as fully imprinted and a zero row as unset (QAConvGS._counts_from_rows)."""
+        c = None if counts is None else np.asarray(counts)
+        n = self.hi - self.lo
+        if c is not None and c.shape == (n,) and c.dtype.kind in "iu" and (c >= 0).all():
+            self._imprinted = c.astype(np.int64)
+        else:
+            nonzero = self._embed.reshape(n, -1).any(axis=1)
+            self._imprinted = np.where(nonzero, self.imprint_samples, 0).astype(np.int64)
+        self._imprinted_at_refresh = 0
+
+    def _imprint_in_step(self, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, tuple] | None:
+        """Imprint the open classes of the global batch (labels y [B]) that this rank owns, from the
+        all-gathered maps; decide with the all-reduced counts, as QAConvGS._imprint_in_step does, whether the
+        neighbour table is rebuilt. Collective. -> (the gathered maps [B, C, H, W], what to restore if
+        the step fails), or None when no class of the batch is open on any rank (nothing is gathered)."""
+        lo = self.lo
+        own = (y >= lo) & (y < self.hi)
+        ids = np.unique(y[own]) - lo
+        todo = ids[self._imprinted[ids] < self.imprint_samples]
+        # classes imprinted once this step is done: the ones so far plus the open ones seen for the first time
+        n_after = np.count_nonzero(self._imprinted) + np.count_nonzero(self._imprinted[todo] == 0)
+        opened, n_after = (int(v) for v in self.comm.allreduce_sum(np.array([todo.size, n_after], np.int64)))
+        if opened == 0:
+            return None
+        X_all = self.comm.allgather_concat(X)
+        undo = (
+            todo,
+            self._embed[todo].copy(),
+            self._imprinted[todo].copy(),
+            self._nbr,
+            self._nbr_stale,
+            self._nbr_version,
+            self._imprinted_at_refresh,
+            self.neighbor_refreshes,
+            self.neighbor_change,
+        )
+        if todo.size:
+            imprint_rows(self._embed, self._imprinted, X_all[own], y[own], self.imprint_samples,
+                         only_unset=True, lo=lo)  # fmt: skip
+        # kept unless built before any class was imprinted or the imprinted classes have doubled since
+        at = self._imprinted_at_refresh
+        if not self.neighbors_stale and (at == 0 or n_after >= max(2 * at, _IMPRINT_REFRESH_MIN)):
+            self._nbr_stale = True
+        return X_all, undo
+
+    def _restore_imprint(self, undo: tuple) -> None:
+        todo, rows, counts = undo[:3]
+        self._embed[todo] = rows
+        self._imprinted[todo] = counts
+        (
+            self._nbr,
+            self._nbr_stale,
+            self._nbr_version,
+            self._imprinted_at_refresh,
+            self.neighbor_refreshes,
+            self.neighbor_change,
+        ) = undo[3:]
+
+    # ------------------------------------------------------------------ the step
+
     def _forward_backward(self, X: np.ndarray, y_r: np.ndarray) -> ShardedStepResult:
-        comm, nt = self.comm, self.n_threads
-        nt = resolve_threads(nt)
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and np.array_equal(prepared[1], y_r):
+            _, _, counts, y, _ = prepared  # rows_for_step(labels) gathered them already
+        else:
+            counts, y = self._gather_labels(y_r)
+            prepared = None
+        if sum(counts) == 0:  # counts are the same on every rank: every rank raises
+            raise ValueError("features: the global batch is empty (every rank passed B_r = 0 samples)")
+        imprinted = None
+        if self.init == "imprint" and self.training:
+            imprinted = self._imprint_in_step(X, y)
+        try:
+            if prepared is not None and prepared[0] == self._nbr_version and not self.neighbors_stale:
+                cand = prepared[4]  # (imprinting above may have marked the table for a rebuild)
+            else:
+                cand = self._candidates_of(y)
+            return self._step(X, counts, y, cand, None if imprinted is None else imprinted[0])
+        except BaseException:
+            if imprinted is not None:
+                self._restore_imprint(imprinted[1])
+            raise
+
+    def _step(
+        self, X: np.ndarray, counts: list[int], y: np.ndarray, cand: np.ndarray, X_all: np.ndarray | None
+    ) -> ShardedStepResult:
+        """The step on validated inputs: this rank's maps X [B_r, ...], the per-rank batch sizes, the global
+        labels [B] and candidates [B, K]; X_all, the gathered maps when imprinting gathered them already."""
+        comm = self.comm
+        nt = resolve_threads(self.n_threads)
         me = comm.rank
         K = self.num_candidates
         Br = X.shape[0]
-        if Br:
-            Xn_r, norms_r = _matching.normalize(X, n_threads=nt)
-        else:  # the kernels refuse empty arrays; nothing to normalise here
-            Xn_r, norms_r = X.copy(), np.empty((0, self.S), np.float32)
-        prepared, self._prepared = self._prepared, None
-        if prepared is not None and prepared[0] == self._nbr_version and np.array_equal(prepared[1], y_r):
-            _, _, counts, y, cand = prepared  # rows_for_step(labels) gathered them already
-        else:
-            counts, y, cand = self._gather_candidates(y_r)
-        if sum(counts) == 0:  # counts are the same on every rank: every rank raises
-            raise ValueError("features: the global batch is empty (every rank passed B_r = 0 samples)")
         off = int(sum(counts[:me]))
-        Xn = comm.allgather_concat(Xn_r)
+        if X_all is not None:  # normalisation is per map: the bits of normalising here and gathering
+            Xn, norms = _matching.normalize(X_all, n_threads=nt)
+            Xn_r, norms_r = Xn[off : off + Br].copy(), norms[off : off + Br].copy()
+        else:
+            if Br:
+                Xn_r, norms_r = _matching.normalize(X, n_threads=nt)
+            else:  # the kernels refuse empty arrays; nothing to normalise here
+                Xn_r, norms_r = X.copy(), np.empty((0, self.S), np.float32)
+            Xn = comm.allgather_concat(Xn_r)
         B = y.size
 
         # the pairs this rank owns, in (b, j) order
@@ -658,6 +764,8 @@ class ShardedQAConvGS(ModelBase):
         S = self.S
         if ids.size:
             C = self.channels
+            if self._row_hook is not None:  # e.g. a lazy optimiser brings the rows read below up to date
+                self._row_hook(ids - self.lo)
             table = self._embed.reshape(-1, C, S)
             En, En_norms = _native.norm_forward_rows(table, ids - self.lo, nt)
             buckets = self._buckets(owned)
@@ -709,6 +817,11 @@ class ShardedQAConvGS(ModelBase):
             del En
             # in place over gEn; the class rows are re-read from the table (the same bits as En)
             grad_rows = _native.norm_backward_rows(gEn, table, ids - self.lo, En_norms, nt)
+            if self.init == "imprint":
+                # unset rows score as empty maps and stay unset (as in QAConvGS._step)
+                unset = ~(En_norms > 0).any(axis=1)
+                if unset.any():
+                    grad_rows[unset] = 0.0
             grad_rows = grad_rows.reshape((ids.size,) + X.shape[1:])
             gx_part = gx_part.reshape((ub.size,) + X.shape[1:])
         else:
