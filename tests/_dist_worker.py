@@ -48,6 +48,9 @@ def model_config(case: dict) -> dict:
         "triplet": case.get("triplet", "class"),
         "seed": case.get("seed", 0),
         "init": case.get("init", "random"),  # the one-process runs compared with it use the same start
+        "k_batch": case.get("k_batch", 0),
+        "weighted_extras": case.get("weighted_extras", False),
+        "neighbors_by": case.get("neighbors_by", "cosine"),
     }
 
 

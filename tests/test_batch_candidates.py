@@ -114,11 +114,9 @@ def test_k_batch_validation_and_plumbing(tmp_path):
     m.save(tmp_path / "m.npz")
     assert QAConvGS.load(tmp_path / "m.npz").config["k_batch"] == 6
     dims = dict(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=3)
-    msg = r"^k_batch: ShardedQAConvGS supports only k_batch=0 for now, got 2$"
-    with pytest.raises(ValueError, match=msg):
-        ShardedQAConvGS(**dims, k_batch=2)
+    assert ShardedQAConvGS(**dims, k_batch=2).num_candidates == 5
     assert ShardedQAConvGS(**dims).config["k_batch"] == 0
-    assert _sharded_config(qg.QAConvGS(**dims, k_batch=2).config)["k_batch"] == 0
+    assert _sharded_config(qg.QAConvGS(**dims, k_batch=2).config)["k_batch"] == 2
 
 
 def test_torch_adapter_passes_k_batch():
@@ -187,12 +185,11 @@ def test_weighted_extras_validation_and_plumbing(tmp_path):
     assert back.config["weighted_extras"] is True and back.extra_weight == m.extra_weight
     assert QAConvGS(6, C, H, W, k_nearest=2).config["weighted_extras"] is False
     dims = dict(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=3)
-    with pytest.raises(
-        ValueError, match="^weighted_extras: ShardedQAConvGS supports only weighted_extras=False"
-    ):
-        ShardedQAConvGS(**dims, weighted_extras=True)
+    with pytest.raises(ValueError, match=msg):
+        ShardedQAConvGS(**dims, weighted_extras=True)  # validated as QAConvGS does
     cfg = qg.QAConvGS(**dims, k_batch=2, triplet="batch", weighted_extras=True).config
-    assert _sharded_config(cfg)["weighted_extras"] is False
+    assert _sharded_config(cfg)["weighted_extras"] is True
+    assert ShardedQAConvGS(**cfg).extra_weight == qg.QAConvGS(**cfg).extra_weight == 1.5
 
 
 def test_torch_adapter_passes_weighted_extras():

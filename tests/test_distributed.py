@@ -144,6 +144,13 @@ def _cases(R: int, tmp: Path | None = None) -> list[dict]:
             **_TRAIN_IMPRINT,
             "counts": {1: [40], 2: [19, 21], 3: [13, 0, 27]}[R],
         },
+        {
+            "name": "train_extras",
+            "kind": "train",
+            **_TRAIN_IMPRINT,
+            **_EXTRAS,
+            "counts": {1: [40], 2: [21, 19], 3: [27, 13, 0]}[R],
+        },
         {"name": "torch_loss", "kind": "torch_loss", **_TORCH_LOSS, "counts": counts},
         {"name": "identify", **_IDENTIFY, "counts": {1: [9], 2: [0, 6], 3: [4, 0, 3]}[R]},
         {"name": "identify_errors", **_IDENTIFY, "kind": "identify_errors", "counts": [2] * R},
@@ -185,6 +192,9 @@ _TRAIN_IMPRINT = {
     "refresh_at": 4,
     "trainer": {"sparse_embed": True},
 }
+# the recommended restricted recipe on top: in-batch extras weighted for the classes they stand for,
+# aligned neighbours, the in-batch triplet
+_EXTRAS = {"k_batch": 6, "weighted_extras": True, "neighbors_by": "aligned", "triplet": "batch"}
 # QAConvGSLoss + torch.optim.SGD + NeighborRefresh, batch-hard triplet (the in-batch pairs cross ranks)
 _TORCH_LOSS = {**_TRAIN_SPARSE_CLIP, "steps": 3, "triplet": "batch"}
 # saved after `saved_at` steps on 2 ranks, resumed up to `steps` on any number of ranks
@@ -374,10 +384,11 @@ def test_torch_sharded_step_equals_one_process(torch_run, name):
     _check_step(case, res[name])
 
 
-@pytest.mark.parametrize("name", ["train", "train_sparse_clip", "train_imprint"])
+@pytest.mark.parametrize("name", ["train", "train_sparse_clip", "train_imprint", "train_extras"])
 def test_torch_trainer_steps_equal_one_process(torch_run, name):
     """Trainer steps (dense updates; lazy sparse updates with the global-norm clipping active; a
-    neighbour refresh mid-way; imprinting from the default start) give the one-process parameters."""
+    neighbour refresh mid-way; imprinting from the default start; weighted in-batch extras with aligned
+    neighbours) give the one-process parameters."""
     R, res = torch_run
     _check_train(next(c for c in _cases(R) if c["name"] == name), res[name])
 
@@ -641,18 +652,25 @@ def test_draw_shard_is_the_full_draw():
     assert rng.uniform() == ref.uniform()
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("fc", ["separate", "shared"])
-def test_sharded_head_single_process_matches_c_head(fc):
+def test_sharded_head_single_process_matches_c_head(fc, weighted):
+    """The NumPy head over all-reduced sums equals the C head, with and without per-pair statistics
+    weights (a weighted restricted step's extras)."""
     rng = np.random.default_rng(1)
     S, M = 10, 40
     mp, mg = rng.random((M, S), dtype=np.float32), rng.random((M, S), dtype=np.float32)
+    wts = None
+    if weighted:
+        wts = np.ones(M, np.float32)
+        wts[rng.random(M) < 0.4] = np.float32(37.5)
     h1 = qg.functional.init_head(S, fc, np.random.default_rng(2))
     h1["bn.weight"][...] = 1.3
     h1["logit_bn.weight"][...] = 0.7
     h2 = {k: np.array(v, copy=True) for k, v in h1.items()}
-    o1, c1 = qg.functional.head_forward(mp, mg, h1, fc=fc)
+    o1, c1 = qg.functional.head_forward(mp, mg, h1, fc=fc, weights=wts)
     comm = SingleProcessCommunicator()
-    o2, c2 = sharded_head_forward(mp, mg, h2, fc, comm)
+    o2, c2 = sharded_head_forward(mp, mg, h2, fc, comm, weights=wts)
     np.testing.assert_allclose(o2, o1, rtol=1e-6, atol=1e-6)
     for k in h1:
         np.testing.assert_allclose(np.asarray(h2[k]), np.asarray(h1[k]), rtol=1e-6)
@@ -1389,13 +1407,20 @@ def test_threads_trainer_equals_one_process(sparse, clip, counts):
     _check_train(case, _thread_train(case, counts))
 
 
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "extras"])
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
 @pytest.mark.parametrize("counts", [[19, 21], [13, 0, 27], [10, 10, 10, 10]], ids=["R2", "R3_empty", "R4"])
-def test_threads_imprint_trainer_equals_one_process(sparse, counts):
+def test_threads_imprint_trainer_equals_one_process(sparse, counts, extras):
     """From the default start (init="imprint"), Trainer steps on R thread ranks imprint the same rows with
     the same counts as one process, rebuild the neighbour table at the same steps (first step, the
-    doubling mid-epoch, on_epoch_start) and train to the same parameters."""
-    case = {**_TRAIN_IMPRINT, "counts": counts, "trainer": {"sparse_embed": sparse}}
+    doubling mid-epoch, on_epoch_start) and train to the same parameters; also with the recommended
+    restricted recipe (weighted in-batch extras, aligned neighbours, in-batch triplet)."""
+    case = {
+        **_TRAIN_IMPRINT,
+        **(_EXTRAS if extras else {}),
+        "counts": counts,
+        "trainer": {"sparse_embed": sparse},
+    }
 
     def run(model, sl):
         trainer = qg.Trainer(model, **W.TRAINER_KW, **case["trainer"])

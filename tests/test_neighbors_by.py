@@ -57,11 +57,10 @@ def test_neighbors_by_validation_and_plumbing(tmp_path):
     assert back.config["neighbors_by"] == "aligned"
     np.testing.assert_array_equal(back.refresh_neighbors(), m.refresh_neighbors())
     dims = dict(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=3)
-    with pytest.raises(
-        ValueError, match="^neighbors_by: ShardedQAConvGS supports only neighbors_by='cosine'"
-    ):
-        ShardedQAConvGS(**dims, neighbors_by="aligned")
-    assert _sharded_config(qg.QAConvGS(**dims, neighbors_by="aligned").config)["neighbors_by"] == "cosine"
+    cfg = _sharded_config(qg.QAConvGS(**dims, neighbors_by="aligned").config)
+    assert cfg["neighbors_by"] == "aligned"
+    s = ShardedQAConvGS.from_model(m)
+    np.testing.assert_array_equal(s.refresh_neighbors(), m.refresh_neighbors())
 
 
 def test_torch_adapter_passes_neighbors_by():

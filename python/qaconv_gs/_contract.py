@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -83,9 +84,6 @@ CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 # message, and a one-process config is converted to these values when a trained model is sharded.
 SHARDED_ONLY: dict[str, Any] = {
     "k_mined": 0,
-    "k_batch": 0,
-    "weighted_extras": False,
-    "neighbors_by": "cosine",
 }
 
 
@@ -153,6 +151,42 @@ def check_config(
         "margin": mg,
         "seed": sd,
         "n_threads": n_threads,
+    }
+
+
+def check_options(
+    cfg: dict[str, Any],
+    init: object = "imprint",
+    imprint_samples: object = 64,
+    k_mined: object = 0,
+    k_batch: object = 0,
+    weighted_extras: object = False,
+    neighbors_by: object = "cosine",
+) -> dict[str, Any]:
+    """The keyword-only options of QAConvGS / ShardedQAConvGS, validated (given check_config's `cfg`)."""
+    init = choice(init, "init", INIT_MODES)
+    neighbors_by = choice(neighbors_by, "neighbors_by", NEIGHBOR_MODES)
+    imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)
+    k_mined = check_int(k_mined, "k_mined", lo=0)
+    k_batch = check_int(k_batch, "k_batch", lo=0)
+    if not isinstance(weighted_extras, (bool, np.bool_)):
+        raise TypeError(f"weighted_extras: expected a bool, got {type(weighted_extras).__name__}")
+    weighted_extras = bool(weighted_extras)
+    if weighted_extras and cfg["triplet"] == "class" and cfg["triplet_weight"] > 0:
+        # the class ranking term takes the hardest negative of the raw scores; the corrected logits
+        # are for the softmax only, and one kernel call computes both
+        raise ValueError(
+            "weighted_extras: needs triplet='batch' or triplet_weight=0 (the class triplet's hardest "
+            f"negative would be taken over the corrected logits), got triplet='class', "
+            f"triplet_weight={cfg['triplet_weight']}"
+        )
+    return {
+        "init": init,
+        "imprint_samples": imprint_samples,
+        "k_mined": k_mined,
+        "k_batch": k_batch,
+        "weighted_extras": weighted_extras,
+        "neighbors_by": neighbors_by,
     }
 
 
@@ -304,6 +338,57 @@ class ModelBase:
     def embed_grad_sqnorm(self, result: Any) -> float:
         """Squared L2 norm of ``result``'s class-embedding gradient (a one-process step: its rows)."""
         return sqnorm(np.asarray(result.grad_embed_rows, dtype=np.float32))
+
+    # the candidate set of a training step (how the candidates are found is the subclass's)
+
+    @property
+    def batch_per_sample(self) -> int:
+        """Extra in-batch / random candidates per sample: k_batch, capped at N - 1 - k_nearest."""
+        return min(self.k_batch, self.num_classes - 1 - self.k_nearest)
+
+    @property
+    def mined_per_sample(self) -> int:
+        """Classes mined per sample: k_mined, capped at the classes left after the target, the k_nearest
+        neighbours and the batch_per_sample extras."""
+        return min(self.k_mined, self.num_classes - 1 - self.k_nearest - self.batch_per_sample)
+
+    @property
+    def extra_weight(self) -> float:
+        """With weighted_extras: the unscored classes each k_batch extra stands for, (N - 1 - k_nearest -
+        mined_per_sample) / batch_per_sample; 1.0 otherwise."""
+        r = self.batch_per_sample
+        if not self.weighted_extras or r == 0:
+            return 1.0
+        return (self.num_classes - 1 - self.k_nearest - self.mined_per_sample) / r
+
+    def _extra_columns(self) -> slice:
+        """The k_batch extras' columns of a step's [B, K] candidates (after the target and neighbours)."""
+        k0 = 1 + self.k_nearest
+        return slice(k0, k0 + self.batch_per_sample)
+
+    def _pair_weights(self, B: int) -> np.ndarray | None:
+        """[B, K] float32 head-statistics weights of the candidates (None when unweighted)."""
+        w = self.extra_weight
+        if w == 1.0:
+            return None
+        out = np.ones((B, self.num_candidates), dtype=np.float32)
+        out[:, self._extra_columns()] = np.float32(w)
+        return out
+
+    def _corrected_logits(self, scores: np.ndarray) -> np.ndarray:
+        """The class loss's logits: with weighted_extras, log(extra_weight) added to the extras' columns
+        (sampled softmax's log-count correction), so the restricted softmax estimates the full one."""
+        w = self.extra_weight
+        if w == 1.0:
+            return scores
+        out = np.array(scores, dtype=np.float32, copy=True).reshape(-1, self.num_candidates)
+        out[:, self._extra_columns()] += np.float32(math.log(w))
+        return out
+
+    @property
+    def num_candidates(self) -> int:
+        """K = 1 + k_nearest + batch_per_sample + mined_per_sample classes scored per training sample."""
+        return 1 + self.k_nearest + self.batch_per_sample + self.mined_per_sample
 
     # the loss terms of a training step (the scores, and the in-batch pairs of triplet="batch", are the
     # subclass's: a sharded model scores its own pairs and gathers them)

@@ -30,13 +30,11 @@ from ._contract import (
     HEAD_PARAM_KEYS,
     IMPRINT_AT_EXTRA_KEY,
     IMPRINT_EXTRA_KEY,
-    INIT_MODES,
     NBR_EXTRA_KEY,
-    NEIGHBOR_MODES,
     ModelBase,
     ModelConfig,
     check_config,
-    choice,
+    check_options,
     kept_entries,
 )
 from ._validate import as_float32, as_labels, check_int, resolve_threads, shape_str
@@ -404,14 +402,6 @@ class QAConvGS(ModelBase):
         weighted_extras: bool = False,
         neighbors_by: str = "cosine",
     ) -> None:
-        init = choice(init, "init", INIT_MODES)
-        neighbors_by = choice(neighbors_by, "neighbors_by", NEIGHBOR_MODES)
-        imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)
-        k_mined = check_int(k_mined, "k_mined", lo=0)
-        k_batch = check_int(k_batch, "k_batch", lo=0)
-        if not isinstance(weighted_extras, (bool, np.bool_)):
-            raise TypeError(f"weighted_extras: expected a bool, got {type(weighted_extras).__name__}")
-        weighted_extras = bool(weighted_extras)
         cfg = check_config(
             num_classes,
             channels,
@@ -425,23 +415,8 @@ class QAConvGS(ModelBase):
             seed,
             n_threads,
         )
-        if weighted_extras and cfg["triplet"] == "class" and cfg["triplet_weight"] > 0:
-            # the class ranking term takes the hardest negative of the raw scores; the corrected logits
-            # are for the softmax only, and one kernel call computes both
-            raise ValueError(
-                "weighted_extras: needs triplet='batch' or triplet_weight=0 (the class triplet's hardest "
-                f"negative would be taken over the corrected logits), got triplet='class', "
-                f"triplet_weight={cfg['triplet_weight']}"
-            )
-        self._cfg = ModelConfig(
-            **cfg,
-            init=init,
-            imprint_samples=imprint_samples,
-            k_mined=k_mined,
-            k_batch=k_batch,
-            weighted_extras=weighted_extras,
-            neighbors_by=neighbors_by,
-        )
+        opts = check_options(cfg, init, imprint_samples, k_mined, k_batch, weighted_extras, neighbors_by)
+        self._cfg = ModelConfig(**cfg, **opts)
         N, C, H, W = cfg["num_classes"], cfg["channels"], cfg["height"], cfg["width"]
         self.training = True
         self._comm = None  # the contract's communicator, made on first use (see comm)
@@ -464,55 +439,6 @@ class QAConvGS(ModelBase):
         self.neighbor_change = float("nan")
 
     # ------------------------------------------------------------------ configuration and state
-
-    @property
-    def batch_per_sample(self) -> int:
-        """Extra in-batch / random candidates per sample: k_batch, capped at N - 1 - k_nearest."""
-        return min(self.k_batch, self.num_classes - 1 - self.k_nearest)
-
-    @property
-    def mined_per_sample(self) -> int:
-        """Classes mined per sample: k_mined, capped at the classes left after the target, the k_nearest
-        neighbours and the batch_per_sample extras."""
-        return min(self.k_mined, self.num_classes - 1 - self.k_nearest - self.batch_per_sample)
-
-    @property
-    def extra_weight(self) -> float:
-        """With weighted_extras: the unscored classes each k_batch extra stands for, (N - 1 - k_nearest -
-        mined_per_sample) / batch_per_sample; 1.0 otherwise."""
-        r = self.batch_per_sample
-        if not self.weighted_extras or r == 0:
-            return 1.0
-        return (self.num_classes - 1 - self.k_nearest - self.mined_per_sample) / r
-
-    def _extra_columns(self) -> slice:
-        """The k_batch extras' columns of a step's [B, K] candidates (after the target and neighbours)."""
-        k0 = 1 + self.k_nearest
-        return slice(k0, k0 + self.batch_per_sample)
-
-    def _pair_weights(self, B: int) -> np.ndarray | None:
-        """[B, K] float32 head-statistics weights of the candidates (None when unweighted)."""
-        w = self.extra_weight
-        if w == 1.0:
-            return None
-        out = np.ones((B, self.num_candidates), dtype=np.float32)
-        out[:, self._extra_columns()] = np.float32(w)
-        return out
-
-    def _corrected_logits(self, scores: np.ndarray) -> np.ndarray:
-        """The class loss's logits: with weighted_extras, log(extra_weight) added to the extras' columns
-        (sampled softmax's log-count correction), so the restricted softmax estimates the full one."""
-        w = self.extra_weight
-        if w == 1.0:
-            return scores
-        out = np.array(scores, dtype=np.float32, copy=True).reshape(-1, self.num_candidates)
-        out[:, self._extra_columns()] += np.float32(math.log(w))
-        return out
-
-    @property
-    def num_candidates(self) -> int:
-        """K = 1 + k_nearest + batch_per_sample + mined_per_sample classes scored per training sample."""
-        return 1 + self.k_nearest + self.batch_per_sample + self.mined_per_sample
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> QAConvGS:

@@ -37,19 +37,17 @@ from .._contract import (
     ARCH_KEYS,
     IMPRINT_AT_EXTRA_KEY,
     IMPRINT_EXTRA_KEY,
-    INIT_MODES,
     NBR_EXTRA_KEY,
-    NEIGHBOR_MODES,
     SHARDED_ONLY,
     ModelBase,
     ModelConfig,
     check_config,
-    choice,
+    check_options,
     kept_entries,
     sharded_refusal,
 )
 from .._validate import as_labels, check_int, resolve_threads, shape_str
-from ..model import _IMPRINT_REFRESH_MIN, QAConvGS, StepResult, _identify_rows, imprint_rows
+from ..model import _IMPRINT_REFRESH_MIN, QAConvGS, StepResult, _batch_extras, _identify_rows, imprint_rows
 from ._head import sharded_head_backward, sharded_head_forward
 from .comm import Communicator, SingleProcessCommunicator
 from .layout import ShardLayout
@@ -83,9 +81,8 @@ class ShardedStepResult(StepResult):
 
 def _sharded_config(config: dict) -> dict:
     """A one-process model's config as ShardedQAConvGS arguments for a model whose rows are then loaded:
-    the candidate options take the values of SHARDED_ONLY (k_mined = k_batch = 0, weighted_extras False,
-    neighbors_by "cosine": the sharded step does not add candidates yet; the rows, head, init and imprint
-    counts are unchanged)."""
+    the options the sharded step does not have take the values of SHARDED_ONLY (k_mined = 0: no mined
+    candidates; the rows, head, imprint counts and every other option are unchanged)."""
     return {**config, **SHARDED_ONLY}
 
 
@@ -118,8 +115,8 @@ class ShardedQAConvGS(ModelBase):
     Same constructor arguments and defaults as QAConvGS (init="imprint": rows start unset and each step
     imprints the rows of its classes that have averaged fewer than imprint_samples samples, on the rank
     owning them, exactly as one process would on the whole batch), plus comm (default: single process) and
-    layout (default: ShardLayout.even), except that the candidate options must keep the values of
-    SHARDED_ONLY (no mined, in-batch or weighted extra candidates, cosine neighbours: not sharded yet).
+    layout (default: ShardLayout.even), except that k_mined must be 0 (per-sample mining is not sharded
+    yet; SHARDED_ONLY). In-batch extras (k_batch, weighted_extras) and aligned neighbours are as QAConvGS's.
     With the same seed, the union of the shards equals QAConvGS(seed=seed, init=init)'s table and the head
     is identical; a one-process model shards with its rows and imprint counts as they are (from_model,
     load, Trainer.load_checkpoint) and training goes on as it would have in one process. With seed=None
@@ -156,21 +153,6 @@ class ShardedQAConvGS(ModelBase):
         layout: ShardLayout | None = None,
         _init: bool = True,
     ) -> None:
-        # validated as QAConvGS does, then refused unless they are the values SHARDED_ONLY names
-        init = choice(init, "init", INIT_MODES)
-        imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)
-        k_mined = check_int(k_mined, "k_mined", lo=0)
-        k_batch = check_int(k_batch, "k_batch", lo=0)
-        if not isinstance(weighted_extras, (bool, np.bool_)):
-            raise TypeError(f"weighted_extras: expected a bool, got {type(weighted_extras).__name__}")
-        weighted_extras = bool(weighted_extras)
-        neighbors_by = choice(neighbors_by, "neighbors_by", NEIGHBOR_MODES)
-        given = dict(
-            k_mined=k_mined, k_batch=k_batch, weighted_extras=weighted_extras, neighbors_by=neighbors_by
-        )
-        for name in SHARDED_ONLY:
-            if (err := sharded_refusal(name, given[name])) is not None:
-                raise err
         self.comm = SingleProcessCommunicator() if comm is None else comm
         if not isinstance(self.comm, Communicator):
             raise TypeError(f"comm: expected a qaconv_gs.distributed.Communicator, got {type(comm).__name__}")
@@ -187,14 +169,13 @@ class ShardedQAConvGS(ModelBase):
             seed,
             n_threads,
         )
+        # validated as QAConvGS does, then refused unless they are the values SHARDED_ONLY names
+        opts = check_options(cfg, init, imprint_samples, k_mined, k_batch, weighted_extras, neighbors_by)
+        for name in SHARDED_ONLY:
+            if (err := sharded_refusal(name, opts[name])) is not None:
+                raise err
         N = cfg["num_classes"]
-        self._cfg = ModelConfig(
-            **cfg,
-            init=init,
-            imprint_samples=imprint_samples,
-            k_mined=k_mined,
-            k_batch=k_batch,
-        )
+        self._cfg = ModelConfig(**cfg, **opts)
         if seed is None:
             entropy = np.random.SeedSequence().entropy if self.comm.rank == 0 else 0
             seed = int(self.comm.broadcast(np.array(entropy % (1 << 63), dtype=np.int64), 0))
@@ -264,10 +245,6 @@ class ShardedQAConvGS(ModelBase):
         return out
 
     # ------------------------------------------------------------------ state
-
-    @property
-    def num_candidates(self) -> int:
-        return self.k_nearest + 1
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of this rank's state: class_embed (its rows [hi - lo, C, H, W]) and the head's entries
@@ -390,8 +367,15 @@ class ShardedQAConvGS(ModelBase):
         if self.init == "imprint":
             mine = np.array([np.count_nonzero(self._imprinted)], np.int64)
             self._imprinted_at_refresh = int(self.comm.allreduce_sum(mine)[0])
+        rows = self._embed
+        if self.neighbors_by == "aligned":  # as QAConvGS: cosine of the location-normalised rows
+            C, S = self.channels, self.S
+            rows = rows.reshape(self.hi - self.lo, C, S)
+            if rows.shape[0]:  # (the kernel refuses an empty block: a rank may own no class)
+                rows = _native.norm_forward(rows, resolve_threads(self.n_threads))[0]
+            rows = rows.reshape(self.hi - self.lo, C * S)
         table = sharded_class_neighbors(
-            self._embed, self.k_nearest, self.comm, layout=self.layout, n_threads=self.n_threads
+            rows, self.k_nearest, self.comm, layout=self.layout, n_threads=self.n_threads
         )
         table = np.ascontiguousarray(table, dtype=np.int64)
         self.neighbor_change = self._global_change(self._nbr, table)
@@ -619,8 +603,9 @@ class ShardedQAConvGS(ModelBase):
 
     def _candidates_of(self, y: np.ndarray) -> np.ndarray:
         """Candidates [B, K] of the global labels: the rank owning y_b supplies [y_b, nbr[y_b]] (the
-        neighbour rows are rebuilt first when stale). Collective."""
-        comm, K = self.comm, self.num_candidates
+        neighbour rows are rebuilt first when stale); every rank then appends the same batch_per_sample
+        in-batch / random extras (drawn from the global labels, as QAConvGS does). Collective."""
+        comm, K = self.comm, 1 + self.k_nearest
         nbr = self.local_neighbors
         mine = np.nonzero((y >= self.lo) & (y < self.hi))[0]
         rows = np.concatenate([y[mine, None], nbr[y[mine] - self.lo]], axis=1)
@@ -628,6 +613,9 @@ class ShardedQAConvGS(ModelBase):
         rows_all = comm.allgather_concat(rows.astype(np.int64).reshape(-1, K))
         cand = np.empty((y.size, K), np.int64)
         cand[pos_all] = rows_all
+        r = self.batch_per_sample
+        if r:
+            cand = np.concatenate([cand, _batch_extras(y, cand, r, self.num_classes, self.seed)], axis=1)
         return cand
 
     def rows_for_step(self, labels: object) -> np.ndarray:
@@ -774,7 +762,10 @@ class ShardedQAConvGS(ModelBase):
             En = np.empty((0,) + X.shape[1:], np.float32)
             mp = mg = np.empty((0, S), np.float32)
         head = self._head if self.training else {k: np.array(v, copy=True) for k, v in self._head.items()}
-        out_r, hcache = sharded_head_forward(mp, mg, head, self.fc, comm)
+        weights = self._pair_weights(B)
+        if weights is not None:
+            weights = weights[pb, pj]
+        out_r, hcache = sharded_head_forward(mp, mg, head, self.fc, comm, weights=weights)
 
         flat_all = comm.allgather_concat((pb * K + pj).astype(np.int64))
         out_all = comm.allgather_concat(out_r)
@@ -785,7 +776,7 @@ class ShardedQAConvGS(ModelBase):
         extra_head = None
         extra_own = None  # [B_r] feature-grad contribution computed here for own samples
         extra_part = None  # (sample ids, rows) partials for any sample
-        cl, loss_t, acc_t = self._class_loss(scores, nt)
+        cl, loss_t, acc_t = self._class_loss(self._corrected_logits(scores), nt)
         if self.triplet == "batch" and B >= 2:
             if Br:
                 bmp, bmg, bap, bag = _matching.pair_maxima(Xn_r, Xn, return_argmax=True, n_threads=nt)
