@@ -49,6 +49,7 @@ def model_config(case: dict) -> dict:
         "seed": case.get("seed", 0),
         "init": case.get("init", "random"),  # the one-process runs compared with it use the same start
         "k_batch": case.get("k_batch", 0),
+        "k_mined": case.get("k_mined", 0),
         "weighted_extras": case.get("weighted_extras", False),
         "neighbors_by": case.get("neighbors_by", "cosine"),
     }

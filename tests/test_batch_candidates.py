@@ -9,7 +9,7 @@ import pytest
 import qaconv_gs as qg
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qaconv_gs.distributed.model import ShardedQAConvGS, _sharded_config
+from qaconv_gs.distributed.model import ShardedQAConvGS
 from qaconv_gs.model import QAConvGS
 from test_mining import assert_step_matches_oracle
 
@@ -116,7 +116,7 @@ def test_k_batch_validation_and_plumbing(tmp_path):
     dims = dict(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=3)
     assert ShardedQAConvGS(**dims, k_batch=2).num_candidates == 5
     assert ShardedQAConvGS(**dims).config["k_batch"] == 0
-    assert _sharded_config(qg.QAConvGS(**dims, k_batch=2).config)["k_batch"] == 2
+    assert ShardedQAConvGS.from_model(qg.QAConvGS(**dims, k_batch=2)).config["k_batch"] == 2
 
 
 def test_torch_adapter_passes_k_batch():
@@ -188,7 +188,7 @@ def test_weighted_extras_validation_and_plumbing(tmp_path):
     with pytest.raises(ValueError, match=msg):
         ShardedQAConvGS(**dims, weighted_extras=True)  # validated as QAConvGS does
     cfg = qg.QAConvGS(**dims, k_batch=2, triplet="batch", weighted_extras=True).config
-    assert _sharded_config(cfg)["weighted_extras"] is True
+    assert ShardedQAConvGS(**cfg).config == cfg
     assert ShardedQAConvGS(**cfg).extra_weight == qg.QAConvGS(**cfg).extra_weight == 1.5
 
 

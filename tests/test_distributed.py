@@ -148,7 +148,7 @@ def _cases(R: int, tmp: Path | None = None) -> list[dict]:
             "name": "train_extras",
             "kind": "train",
             **_TRAIN_IMPRINT,
-            **_EXTRAS,
+            **_MINED,
             "counts": {1: [40], 2: [21, 19], 3: [27, 13, 0]}[R],
         },
         {"name": "torch_loss", "kind": "torch_loss", **_TORCH_LOSS, "counts": counts},
@@ -195,6 +195,8 @@ _TRAIN_IMPRINT = {
 # the recommended restricted recipe on top: in-batch extras weighted for the classes they stand for,
 # aligned neighbours, the in-batch triplet
 _EXTRAS = {"k_batch": 6, "weighted_extras": True, "neighbors_by": "aligned", "triplet": "batch"}
+# and per-sample mined classes (each rank mines its rows, the lists are merged)
+_MINED = {**_EXTRAS, "k_mined": 4}
 # QAConvGSLoss + torch.optim.SGD + NeighborRefresh, batch-hard triplet (the in-batch pairs cross ranks)
 _TORCH_LOSS = {**_TRAIN_SPARSE_CLIP, "steps": 3, "triplet": "batch"}
 # saved after `saved_at` steps on 2 ranks, resumed up to `steps` on any number of ranks
@@ -825,22 +827,23 @@ def test_sharded_checkpoint_in_process(tmp_path):
 
 
 def test_sharded_options_and_configs_round_trip():
-    """ShardedQAConvGS validates the options as QAConvGS does, refuses the candidate options it does not
-    shard yet (SHARDED_ONLY) and keeps every option in config, so configs build either model."""
+    """ShardedQAConvGS validates the options as QAConvGS does and keeps every option in config, so configs
+    build either model."""
     dims = dict(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=3)
     with pytest.raises(ValueError, match="init"):
         ShardedQAConvGS(**dims, init="zeros")
     with pytest.raises(ValueError, match="imprint_samples"):
         ShardedQAConvGS(**dims, imprint_samples=0)
-    with pytest.raises(
-        ValueError, match=r"^k_mined: ShardedQAConvGS supports only k_mined=0 for now, got 4$"
-    ):
-        ShardedQAConvGS(**dims, k_mined=4)
     with pytest.raises(TypeError, match="k_mined"):
         ShardedQAConvGS(**dims, k_mined=1.5)
+    with pytest.raises(ValueError, match="^weighted_extras: needs triplet='batch'"):
+        ShardedQAConvGS(**dims, k_batch=1, weighted_extras=True)
     for init in ("imprint", "random"):
-        s = ShardedQAConvGS(**dims, init=init, imprint_samples=5)
-        assert s.config["k_mined"] == 0 and s.config["imprint_samples"] == 5
+        s = ShardedQAConvGS(
+            **dims, init=init, imprint_samples=5, k_mined=1, k_batch=1, neighbors_by="aligned"
+        )
+        assert s.config["k_mined"] == 1 and s.config["imprint_samples"] == 5
+        assert s.num_candidates == qg.QAConvGS(**s.config).num_candidates == 5
         one = qg.QAConvGS.from_config(s.config)
         assert one.config == s.config and one.init == init
         np.testing.assert_array_equal(one.class_embed, s.class_embed)
@@ -1407,17 +1410,18 @@ def test_threads_trainer_equals_one_process(sparse, clip, counts):
     _check_train(case, _thread_train(case, counts))
 
 
-@pytest.mark.parametrize("extras", [False, True], ids=["plain", "extras"])
+@pytest.mark.parametrize("extras", [{}, _EXTRAS, _MINED], ids=["plain", "extras", "mined"])
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
 @pytest.mark.parametrize("counts", [[19, 21], [13, 0, 27], [10, 10, 10, 10]], ids=["R2", "R3_empty", "R4"])
 def test_threads_imprint_trainer_equals_one_process(sparse, counts, extras):
     """From the default start (init="imprint"), Trainer steps on R thread ranks imprint the same rows with
     the same counts as one process, rebuild the neighbour table at the same steps (first step, the
     doubling mid-epoch, on_epoch_start) and train to the same parameters; also with the recommended
-    restricted recipe (weighted in-batch extras, aligned neighbours, in-batch triplet)."""
+    restricted recipe (weighted in-batch extras, aligned neighbours, in-batch triplet) and with mined
+    classes."""
     case = {
         **_TRAIN_IMPRINT,
-        **(_EXTRAS if extras else {}),
+        **extras,
         "counts": counts,
         "trainer": {"sparse_embed": sparse},
     }

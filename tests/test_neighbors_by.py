@@ -7,7 +7,7 @@ import numpy as np
 import oracle
 import pytest
 import qaconv_gs as qg
-from qaconv_gs.distributed.model import ShardedQAConvGS, _sharded_config
+from qaconv_gs.distributed.model import ShardedQAConvGS
 from qaconv_gs.model import QAConvGS
 
 C, H, W = 4, 2, 3
@@ -57,8 +57,7 @@ def test_neighbors_by_validation_and_plumbing(tmp_path):
     assert back.config["neighbors_by"] == "aligned"
     np.testing.assert_array_equal(back.refresh_neighbors(), m.refresh_neighbors())
     dims = dict(num_classes=6, channels=2, height=1, width=2, k_nearest=2, seed=3)
-    cfg = _sharded_config(qg.QAConvGS(**dims, neighbors_by="aligned").config)
-    assert cfg["neighbors_by"] == "aligned"
+    assert ShardedQAConvGS(**dims, neighbors_by="aligned").config["neighbors_by"] == "aligned"
     s = ShardedQAConvGS.from_model(m)
     np.testing.assert_array_equal(s.refresh_neighbors(), m.refresh_neighbors())
 

@@ -79,22 +79,6 @@ class ModelConfig:
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
-# The one value ShardedQAConvGS accepts for each option it does not implement yet (one-process models take
-# any): its constructor (also behind the sharded torch loss) refuses anything else with sharded_refusal's
-# message, and a one-process config is converted to these values when a trained model is sharded.
-SHARDED_ONLY: dict[str, Any] = {
-    "k_mined": 0,
-}
-
-
-def sharded_refusal(name: str, value: object) -> ValueError | None:
-    """The ValueError for a (validated) option value the sharded model does not support yet, or None."""
-    allowed = SHARDED_ONLY[name]
-    if value == allowed:
-        return None
-    return ValueError(f"{name}: ShardedQAConvGS supports only {name}={allowed!r} for now, got {value!r}")
-
-
 def choice(value: object, name: str, options: tuple[str, ...]) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name}: expected one of {options}, got {type(value).__name__}")

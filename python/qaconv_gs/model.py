@@ -288,6 +288,37 @@ def _top_per_row(sc: np.ndarray, ids: np.ndarray, m: int) -> tuple[np.ndarray, n
     return ids[r[pick], c[pick]].reshape(B, m), sc[r[pick], c[pick]].reshape(B, m)
 
 
+def mine_classes(
+    Xn: np.ndarray, rows: np.ndarray, lo: int, exclude: np.ndarray, m: int, nt: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample mining over the class rows [n, C, S] (classes lo .. lo + n - 1): for each normalised map
+    of Xn [B, C, S], the m classes outside its row of `exclude` [B, K0] (global ids) whose
+    location-normalised row has the highest aligned correlation with the map (sum over locations of the
+    dot products at the same location: QAConv's score without the search over positions, a cheap proxy of
+    its hardest classes). -> (ids [B, min(m, n)] int64, scores [B, min(m, n)] float32), best first, ties
+    to the lower id (an excluded class scores -inf, last).
+
+    Blocked over classes: memory O(B * (m + block)); cost one [B, C*S] x [C*S, n] product. A sharded
+    model mines its own rows and merges the ranks' lists with _top_per_row: the lists of one process."""
+    B = Xn.shape[0]
+    n, C, S = rows.shape
+    q = Xn.reshape(B, C * S)
+    best_ids = np.empty((B, 0), dtype=np.int64)
+    best_sc = np.empty((B, 0), dtype=np.float32)
+    for s in range(0, n, _MINE_BLOCK):
+        e = min(n, s + _MINE_BLOCK)
+        En, _ = _native.norm_forward(rows[s:e], nt)
+        sc = q @ En.reshape(e - s, C * S).T
+        r, j = np.nonzero((exclude >= lo + s) & (exclude < lo + e))
+        sc[r, exclude[r, j] - lo - s] = -np.inf
+        ids = np.concatenate(
+            [best_ids, np.broadcast_to(np.arange(lo + s, lo + e, dtype=np.int64), (B, e - s))], axis=1
+        )
+        cat = np.concatenate([best_sc, sc], axis=1)
+        best_ids, best_sc = _top_per_row(cat, ids, m)
+    return best_ids, best_sc
+
+
 class _Forward(NamedTuple):
     """The shared front half of QAConvGS.scores() and the training step (B samples, K candidates each,
     R distinct candidate classes)."""
@@ -760,31 +791,12 @@ class QAConvGS(ModelBase):
 
     def _mine(self, Xn: np.ndarray, exclude: np.ndarray, m: int, nt: int | None) -> np.ndarray:
         """[B, m] int64: for each sample, the m classes outside its row of `exclude` whose location-normalised
-        embedding has the highest aligned correlation with the sample's normalised map (sum over locations of
-        the dot products at the same location: QAConv's score without the search over positions, a cheap
-        proxy of its hardest classes), best first, ties to the lower class id.
-
-        Blocked over classes: memory O(B * (m + block)); cost one [B, C*S] x [C*S, N] product per step (S
-        times less than scoring every class with QAConv). Rows are read as they are (a lazily updated
-        row may be a few steps stale here; the rows then scored are brought up to date)."""
-        B = Xn.shape[0]
+        embedding has the highest aligned correlation with the sample's normalised map (see mine_classes),
+        best first, ties to the lower class id. Rows are read as they are (a lazily updated row may be a
+        few steps stale here; the rows then scored are brought up to date)."""
         C, S = self.channels, self.S
-        q = Xn.reshape(B, C * S)
-        best_ids = np.empty((B, 0), dtype=np.int64)
-        best_sc = np.empty((B, 0), dtype=np.float32)
-        table = self._embed.reshape(self.num_classes, C, S)
-        for s in range(0, self.num_classes, _MINE_BLOCK):
-            e = min(self.num_classes, s + _MINE_BLOCK)
-            En, _ = _native.norm_forward(table[s:e], nt)
-            sc = q @ En.reshape(e - s, C * S).T
-            r, j = np.nonzero((exclude >= s) & (exclude < e))
-            sc[r, exclude[r, j] - s] = -np.inf
-            ids = np.concatenate(
-                [best_ids, np.broadcast_to(np.arange(s, e, dtype=np.int64), (B, e - s))], axis=1
-            )
-            cat = np.concatenate([best_sc, sc], axis=1)
-            best_ids, best_sc = _top_per_row(cat, ids, m)
-        return np.ascontiguousarray(best_ids)
+        ids, _ = mine_classes(Xn, self._embed.reshape(self.num_classes, C, S), 0, exclude, m, nt)
+        return np.ascontiguousarray(ids)
 
     # The step below calls the private bindings directly: the public matching wrappers re-validate
     # (finiteness scans, dtype/shape coercion) arrays this method has just produced, which cost up to

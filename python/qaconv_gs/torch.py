@@ -169,7 +169,7 @@ def _build() -> dict[str, Any]:
             )
             if comm is None:
                 core = QAConvGS(num_classes, channels, height, width, **kwargs, init=init)
-            else:  # it refuses the candidate options it cannot do yet (SHARDED_ONLY)
+            else:
                 core = ShardedQAConvGS(num_classes, channels, height, width, **kwargs, init=init, comm=comm)
             self._init_from(core)
 

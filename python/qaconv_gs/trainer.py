@@ -450,9 +450,6 @@ class Trainer:
                 from .distributed import ShardedQAConvGS as model_cls
         if comm is not None:
             model_overrides["comm"] = comm
-            from .distributed.model import resume_config
-
-            config = resume_config(model_cls, config)
         model = model_cls(**{**config, **model_overrides})
         hyper = meta["hyper"]
         if schedule is None:

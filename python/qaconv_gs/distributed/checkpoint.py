@@ -190,14 +190,12 @@ def save_sharded(model, path: str | os.PathLike, *, row_extra=None, extra=None) 
 
 def shard_checkpoint(model: QAConvGS, path: str | os.PathLike, world_size: int) -> None:
     """Write a one-process model as a sharded checkpoint for `world_size` ranks (offline, no communicator)."""
-    from .model import _sharded_config
-
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     layout = ShardLayout.even(model.num_classes, int(world_size))
     gen = secrets.token_hex(8)
     nbr = None if model.neighbors_stale else model.class_neighbors
-    config = _sharded_config(model.config)  # ShardedQAConvGS(**config) must accept it
+    config = model.config
     names = []
     for r in range(layout.world_size):
         lo, hi = layout.range(r)
@@ -253,13 +251,13 @@ def load_sharded(
 
     With return_extra: (model, row_extra, extra): row_extra re-sharded to this rank's rows (dict), extra
     the replicated arrays (for a one-process .npz: {} and its extra arrays)."""
-    from .model import ShardedQAConvGS, _sharded_config
+    from .model import ShardedQAConvGS
 
     comm = SingleProcessCommunicator() if comm is None else comm
     path = os.fspath(path)
     if os.path.isfile(path):  # one-process checkpoint: keep our rows
         config, state, extra = load_checkpoint(path)
-        model = ShardedQAConvGS(**_sharded_config(config), comm=comm, layout=layout, _init=False)
+        model = ShardedQAConvGS(**config, comm=comm, layout=layout, _init=False)
         rows = np.asarray(state["class_embed"], np.float32)
         if rows.shape[0] != model.num_classes:
             raise ValueError(f"{path}: class_embed has {rows.shape[0]} rows, config says {model.num_classes}")
@@ -276,7 +274,7 @@ def load_sharded(
         return (model, {}, extra) if return_extra else model
     m = _read_manifest(path)
     gen = m["generation"]
-    model = ShardedQAConvGS(**_sharded_config(m["config"]), comm=comm, layout=layout, _init=False)
+    model = ShardedQAConvGS(**m["config"], comm=comm, layout=layout, _init=False)
     C, H, W = model.channels, model.height, model.width
     lo, hi = model.lo, model.hi
     embed = np.empty((hi - lo, C, H, W), np.float32)

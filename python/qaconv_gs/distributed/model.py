@@ -38,16 +38,23 @@ from .._contract import (
     IMPRINT_AT_EXTRA_KEY,
     IMPRINT_EXTRA_KEY,
     NBR_EXTRA_KEY,
-    SHARDED_ONLY,
     ModelBase,
     ModelConfig,
     check_config,
     check_options,
     kept_entries,
-    sharded_refusal,
 )
 from .._validate import as_labels, check_int, resolve_threads, shape_str
-from ..model import _IMPRINT_REFRESH_MIN, QAConvGS, StepResult, _batch_extras, _identify_rows, imprint_rows
+from ..model import (
+    _IMPRINT_REFRESH_MIN,
+    QAConvGS,
+    StepResult,
+    _batch_extras,
+    _identify_rows,
+    _top_per_row,
+    imprint_rows,
+    mine_classes,
+)
 from ._head import sharded_head_backward, sharded_head_forward
 from .comm import Communicator, SingleProcessCommunicator
 from .layout import ShardLayout
@@ -79,21 +86,6 @@ class ShardedStepResult(StepResult):
         return 0 if self.all_candidates is None else int(self.all_candidates.shape[0])
 
 
-def _sharded_config(config: dict) -> dict:
-    """A one-process model's config as ShardedQAConvGS arguments for a model whose rows are then loaded:
-    the options the sharded step does not have take the values of SHARDED_ONLY (k_mined = 0: no mined
-    candidates; the rows, head, imprint counts and every other option are unchanged)."""
-    return {**config, **SHARDED_ONLY}
-
-
-def resume_config(model_cls: object, config: dict) -> dict:
-    """The constructor arguments with which Trainer.from_checkpoint(comm=...) builds ``model_cls`` from a
-    checkpoint's config: converted by _sharded_config for a ShardedQAConvGS, as saved for any other class."""
-    if isinstance(model_cls, type) and issubclass(model_cls, ShardedQAConvGS):
-        return _sharded_config(config)
-    return config
-
-
 def _draw_shard(rng: np.random.Generator, N: int, row: tuple[int, ...], lo: int, hi: int) -> np.ndarray:
     """Rows [lo, hi) of rng.standard_normal((N,) + row, float32), drawn in chunks (same stream and same
     generator state afterwards as the one big draw; memory O(chunk + shard))."""
@@ -115,8 +107,9 @@ class ShardedQAConvGS(ModelBase):
     Same constructor arguments and defaults as QAConvGS (init="imprint": rows start unset and each step
     imprints the rows of its classes that have averaged fewer than imprint_samples samples, on the rank
     owning them, exactly as one process would on the whole batch), plus comm (default: single process) and
-    layout (default: ShardLayout.even), except that k_mined must be 0 (per-sample mining is not sharded
-    yet; SHARDED_ONLY). In-batch extras (k_batch, weighted_extras) and aligned neighbours are as QAConvGS's.
+    layout (default: ShardLayout.even). Every option does what it does in QAConvGS: in-batch extras
+    (k_batch, weighted_extras), aligned neighbours, and mining (k_mined: each rank mines its own rows for
+    the whole global batch and the ranks' lists are merged).
     With the same seed, the union of the shards equals QAConvGS(seed=seed, init=init)'s table and the head
     is identical; a one-process model shards with its rows and imprint counts as they are (from_model,
     load, Trainer.load_checkpoint) and training goes on as it would have in one process. With seed=None
@@ -169,11 +162,7 @@ class ShardedQAConvGS(ModelBase):
             seed,
             n_threads,
         )
-        # validated as QAConvGS does, then refused unless they are the values SHARDED_ONLY names
         opts = check_options(cfg, init, imprint_samples, k_mined, k_batch, weighted_extras, neighbors_by)
-        for name in SHARDED_ONLY:
-            if (err := sharded_refusal(name, opts[name])) is not None:
-                raise err
         N = cfg["num_classes"]
         self._cfg = ModelConfig(**cfg, **opts)
         if seed is None:
@@ -215,7 +204,7 @@ class ShardedQAConvGS(ModelBase):
     ) -> ShardedQAConvGS:
         """This rank's shard of a one-process model (every rank passes an equal model). Collective only
         through the seed broadcast when model.seed is None."""
-        cfg = _sharded_config(model.config)
+        cfg = model.config
         seed = cfg.pop("seed")
         out = cls(**cfg, seed=0 if seed is None else seed, comm=comm, layout=layout, _init=False)
         out.seed = seed
@@ -712,36 +701,66 @@ class ShardedQAConvGS(ModelBase):
         if self.init == "imprint" and self.training:
             imprinted = self._imprint_in_step(X, y)
         try:
+            maps = self._normalized(X, counts, None if imprinted is None else imprinted[0])
             if prepared is not None and prepared[0] == self._nbr_version and not self.neighbors_stale:
                 cand = prepared[4]  # (imprinting above may have marked the table for a rebuild)
             else:
                 cand = self._candidates_of(y)
-            return self._step(X, counts, y, cand, None if imprinted is None else imprinted[0])
+            m = self.mined_per_sample
+            if m:
+                C, S = self.channels, self.S
+                cand = np.concatenate([cand, self._mine(maps[0].reshape(-1, C, S), cand, m)], axis=1)
+            return self._step(X, counts, y, cand, maps)
         except BaseException:
             if imprinted is not None:
                 self._restore_imprint(imprinted[1])
             raise
 
+    def _normalized(
+        self, X: np.ndarray, counts: list[int], X_all: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(the normalised maps of the global batch [B, C, H, W], this rank's [B_r, ...], their location
+        norms [B_r, S]). Collective (one all-gather) unless imprinting gathered the raw maps, X_all, already:
+        normalisation is per map, so normalising them here gives the same bits."""
+        nt = resolve_threads(self.n_threads)
+        Br = X.shape[0]
+        if X_all is not None:
+            off = int(sum(counts[: self.comm.rank]))
+            Xn, norms = _matching.normalize(X_all, n_threads=nt)
+            return Xn, Xn[off : off + Br].copy(), norms[off : off + Br].copy()
+        if Br:
+            Xn_r, norms_r = _matching.normalize(X, n_threads=nt)
+        else:  # the kernels refuse empty arrays; nothing to normalise here
+            Xn_r, norms_r = X.copy(), np.empty((0, self.S), np.float32)
+        return self.comm.allgather_concat(Xn_r), Xn_r, norms_r
+
+    def _mine(self, Xn: np.ndarray, exclude: np.ndarray, m: int) -> np.ndarray:
+        """[B, m] int64: QAConvGS._mine over the whole table: each rank mines its own rows for every sample
+        of the global batch (Xn [B, C, S]), the ranks' lists are all-gathered and merged (score desc, id
+        asc). Collective; memory O(B * (m + block)) per rank, never another rank's rows."""
+        nt = resolve_threads(self.n_threads)
+        B = Xn.shape[0]
+        if self.hi > self.lo:
+            rows = self._embed.reshape(self.hi - self.lo, self.channels, self.S)
+            ids, sc = mine_classes(Xn, rows, self.lo, exclude, m, nt)
+        else:
+            ids, sc = np.empty((B, 0), np.int64), np.empty((B, 0), np.float32)
+        all_ids = np.concatenate(self.comm.allgather(ids), axis=1)
+        all_sc = np.concatenate(self.comm.allgather(sc), axis=1)
+        return np.ascontiguousarray(_top_per_row(all_sc, all_ids, m)[0])
+
     def _step(
-        self, X: np.ndarray, counts: list[int], y: np.ndarray, cand: np.ndarray, X_all: np.ndarray | None
+        self, X: np.ndarray, counts: list[int], y: np.ndarray, cand: np.ndarray, maps: tuple
     ) -> ShardedStepResult:
         """The step on validated inputs: this rank's maps X [B_r, ...], the per-rank batch sizes, the global
-        labels [B] and candidates [B, K]; X_all, the gathered maps when imprinting gathered them already."""
+        labels [B], candidates [B, K] and normalised maps (_normalized)."""
         comm = self.comm
         nt = resolve_threads(self.n_threads)
         me = comm.rank
         K = self.num_candidates
         Br = X.shape[0]
         off = int(sum(counts[:me]))
-        if X_all is not None:  # normalisation is per map: the bits of normalising here and gathering
-            Xn, norms = _matching.normalize(X_all, n_threads=nt)
-            Xn_r, norms_r = Xn[off : off + Br].copy(), norms[off : off + Br].copy()
-        else:
-            if Br:
-                Xn_r, norms_r = _matching.normalize(X, n_threads=nt)
-            else:  # the kernels refuse empty arrays; nothing to normalise here
-                Xn_r, norms_r = X.copy(), np.empty((0, self.S), np.float32)
-            Xn = comm.allgather_concat(Xn_r)
+        Xn, Xn_r, norms_r = maps
         B = y.size
 
         # the pairs this rank owns, in (b, j) order
