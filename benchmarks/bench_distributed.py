@@ -73,7 +73,7 @@ def worker(args: argparse.Namespace) -> None:
         "k_nearest": cfg["k"],
         "seed": 0,
         "n_threads": args.threads,
-        "init": "random",  # the sharded model's only start; the one-process comparison below uses it too
+        "init": "random",  # every timed step does the same work (no imprinting); the comparison uses it too
     }
     model = ShardedQAConvGS(**model_kw, comm=comm)
     comm.barrier()
