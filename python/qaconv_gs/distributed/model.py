@@ -609,7 +609,9 @@ class ShardedQAConvGS(ModelBase):
 
     def rows_for_step(self, labels: object) -> np.ndarray:
         """Local row indices (into class_embed) that the next forward_backward with these labels reads
-        and updates: this rank's classes among the candidates of the global batch. Collective.
+        and updates: this rank's classes among the candidates of the global batch (besides mined classes,
+        and the new neighbours when that step's imprinting rebuilds the table: the row hook reports every
+        row the step reads). Collective.
 
         For an optimiser with lazily applied updates (Trainer(sparse_embed=True) catches rows up before
         the forward): the gathered labels and candidates are kept and reused by that forward_backward."""
