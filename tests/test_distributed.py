@@ -1712,6 +1712,14 @@ def test_sharded_save_sweeps_temporaries_of_killed_saves(tmp_path):
         {"margin": float("nan")},
         {"seed": -1},
         {"n_threads": 0},
+        {"init": "zeros"},
+        {"init": None},
+        {"imprint_samples": 0},
+        {"k_mined": -1},
+        {"k_batch": 1.5},
+        {"weighted_extras": 1},
+        {"k_batch": 1, "weighted_extras": True},
+        {"neighbors_by": "dot"},
     ],
 )
 def test_sharded_constructor_validates_like_qaconvgs(bad):
