@@ -271,6 +271,17 @@ class ModelBase:
     _row_hook: Callable[[np.ndarray], Any] | None = None
     _EMPTY_BATCH_OK = False  # may a forward_backward batch be empty (a rank without samples)?
     training: bool
+    # imprinting: the samples averaged into each of this model's rows, and the imprinted classes (of all
+    # ranks) when the neighbour table was built; _TABLE_STATE is what a rebuild of that table changes
+    _imprinted: np.ndarray
+    _imprinted_at_refresh: int
+    _TABLE_STATE: tuple[str, ...] = (
+        "_nbr",
+        "_nbr_stale",
+        "_imprinted_at_refresh",
+        "neighbor_refreshes",
+        "neighbor_change",
+    )
 
     @property
     def config(self) -> dict[str, Any]:
@@ -322,6 +333,33 @@ class ModelBase:
     def embed_grad_sqnorm(self, result: Any) -> float:
         """Squared L2 norm of ``result``'s class-embedding gradient (a one-process step: its rows)."""
         return sqnorm(np.asarray(result.grad_embed_rows, dtype=np.float32))
+
+    # imprinting's bookkeeping (the arithmetic is model.imprint_rows)
+
+    def _counts_from_rows(self, counts: object = None) -> None:
+        """After new rows were loaded: the saved imprint counts of this model's rows when they fit, else a
+        loaded non-zero row counts as fully imprinted and a zero row as unset."""
+        n = self._embed.shape[0]
+        c = None if counts is None else np.asarray(counts)
+        if c is not None and c.shape == (n,) and c.dtype.kind in "iu" and (c >= 0).all():
+            self._imprinted = c.astype(np.int64)
+        else:
+            nonzero = self._embed.reshape(n, -1).any(axis=1)
+            self._imprinted = np.where(nonzero, self.imprint_samples, 0).astype(np.int64)
+        self._imprinted_at_refresh = 0
+
+    def _snapshot_rows(self, rows: np.ndarray) -> tuple:
+        """What imprinting `rows` (row indices) and the table rebuild it may cause change, for
+        _restore_imprint: a step that raises leaves them as they were."""
+        table = {a: getattr(self, a) for a in self._TABLE_STATE}
+        return rows, self._embed[rows].copy(), self._imprinted[rows].copy(), table
+
+    def _restore_imprint(self, undo: tuple) -> None:
+        rows, embed, counts, table = undo
+        self._embed[rows] = embed
+        self._imprinted[rows] = counts
+        for a, v in table.items():
+            setattr(self, a, v)
 
     # the candidate set of a training step (how the candidates are found is the subclass's)
 

@@ -288,6 +288,14 @@ def _top_per_row(sc: np.ndarray, ids: np.ndarray, m: int) -> tuple[np.ndarray, n
     return ids[r[pick], c[pick]].reshape(B, m), sc[r[pick], c[pick]].reshape(B, m)
 
 
+def imprint_rebuilds(at: int, n: int) -> bool:
+    """Whether a step's imprinting, after which n classes are imprinted, rebuilds a neighbour table that
+    was built when `at` were: when it was built before any class was imprinted, or when the imprinted
+    classes have at least doubled since (and reach _IMPRINT_REFRESH_MIN). The first epoch then gets hard
+    neighbours after O(log N) rebuilds instead of a class_neighbors call per step."""
+    return at == 0 or n >= max(2 * at, _IMPRINT_REFRESH_MIN)
+
+
 def mine_classes(
     Xn: np.ndarray, rows: np.ndarray, lo: int, exclude: np.ndarray, m: int, nt: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -944,45 +952,11 @@ class QAConvGS(ModelBase):
         _lap(laps, "result")
         return out
 
-    def _counts_from_rows(self, counts: object = None) -> None:
-        """After new rows were loaded: the saved imprint counts when they fit, else a loaded non-zero row
-        counts as fully imprinted and a zero row as unset."""
-        c = None if counts is None else np.asarray(counts)
-        if c is not None and c.shape == (self.num_classes,) and c.dtype.kind in "iu" and (c >= 0).all():
-            self._imprinted = c.astype(np.int64)
-        else:
-            nonzero = self._embed.reshape(self.num_classes, -1).any(axis=1)
-            self._imprinted = np.where(nonzero, self.imprint_samples, 0).astype(np.int64)
-        self._imprinted_at_refresh = 0
-
     def _imprint_snapshot(self, y: np.ndarray) -> tuple | None:
         """What the step's imprinting may change (None when no row of the step's classes is open)."""
         ids = np.unique(y)
         todo = ids[self._imprinted[ids] < self.imprint_samples]
-        if todo.size == 0:
-            return None
-        return (
-            todo,
-            self._embed[todo].copy(),
-            self._imprinted[todo].copy(),
-            self._nbr,
-            self._nbr_stale,
-            self._imprinted_at_refresh,
-            self.neighbor_refreshes,
-            self.neighbor_change,
-        )
-
-    def _restore_imprint(self, undo: tuple) -> None:
-        todo, rows, counts = undo[:3]
-        self._embed[todo] = rows
-        self._imprinted[todo] = counts
-        (
-            self._nbr,
-            self._nbr_stale,
-            self._imprinted_at_refresh,
-            self.neighbor_refreshes,
-            self.neighbor_change,
-        ) = undo[3:]
+        return self._snapshot_rows(todo) if todo.size else None
 
     def _imprint_in_step(self, X: np.ndarray, y: np.ndarray) -> None:
         """Imprint the step's open classes. The neighbour table is kept (rebuilding it whenever a class
@@ -993,9 +967,7 @@ class QAConvGS(ModelBase):
         stale = self._nbr_stale
         if self._imprint(X, y, only_unset=True).size and not stale:
             self._nbr_stale = False
-            n = int(np.count_nonzero(self._imprinted))
-            at = self._imprinted_at_refresh
-            if at == 0 or n >= max(2 * at, _IMPRINT_REFRESH_MIN):
+            if imprint_rebuilds(self._imprinted_at_refresh, int(np.count_nonzero(self._imprinted))):
                 self._nbr_stale = True
 
     def scores(self, features: object, labels: object) -> tuple[np.ndarray, np.ndarray]:

@@ -46,12 +46,12 @@ from .._contract import (
 )
 from .._validate import as_labels, check_int, resolve_threads, shape_str
 from ..model import (
-    _IMPRINT_REFRESH_MIN,
     QAConvGS,
     StepResult,
     _batch_extras,
     _identify_rows,
     _top_per_row,
+    imprint_rebuilds,
     imprint_rows,
     mine_classes,
 )
@@ -121,6 +121,7 @@ class ShardedQAConvGS(ModelBase):
     """
 
     _EMPTY_BATCH_OK = True  # a rank may have no sample in a step; the global batch must not be empty
+    _TABLE_STATE = ModelBase._TABLE_STATE + ("_nbr_version",)
 
     def __init__(
         self,
@@ -628,18 +629,6 @@ class ShardedQAConvGS(ModelBase):
 
     # ------------------------------------------------------------------ imprinting
 
-    def _counts_from_rows(self, counts: object = None) -> None:
-        """After new rows were loaded: the saved imprint counts of this rank's rows when they fit, else a
-        non-zero row counts as fully imprinted and a zero row as unset (QAConvGS._counts_from_rows)."""
-        c = None if counts is None else np.asarray(counts)
-        n = self.hi - self.lo
-        if c is not None and c.shape == (n,) and c.dtype.kind in "iu" and (c >= 0).all():
-            self._imprinted = c.astype(np.int64)
-        else:
-            nonzero = self._embed.reshape(n, -1).any(axis=1)
-            self._imprinted = np.where(nonzero, self.imprint_samples, 0).astype(np.int64)
-        self._imprinted_at_refresh = 0
-
     def _imprint_in_step(self, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, tuple] | None:
         """Imprint the open classes of the global batch (labels y [B]) that this rank owns, from the
         all-gathered maps; decide with the all-reduced counts, as QAConvGS._imprint_in_step does, whether the
@@ -655,38 +644,13 @@ class ShardedQAConvGS(ModelBase):
         if opened == 0:
             return None
         X_all = self.comm.allgather_concat(X)
-        undo = (
-            todo,
-            self._embed[todo].copy(),
-            self._imprinted[todo].copy(),
-            self._nbr,
-            self._nbr_stale,
-            self._nbr_version,
-            self._imprinted_at_refresh,
-            self.neighbor_refreshes,
-            self.neighbor_change,
-        )
+        undo = self._snapshot_rows(todo)
         if todo.size:
             imprint_rows(self._embed, self._imprinted, X_all[own], y[own], self.imprint_samples,
                          only_unset=True, lo=lo)  # fmt: skip
-        # kept unless built before any class was imprinted or the imprinted classes have doubled since
-        at = self._imprinted_at_refresh
-        if not self.neighbors_stale and (at == 0 or n_after >= max(2 * at, _IMPRINT_REFRESH_MIN)):
+        if not self.neighbors_stale and imprint_rebuilds(self._imprinted_at_refresh, n_after):
             self._nbr_stale = True
         return X_all, undo
-
-    def _restore_imprint(self, undo: tuple) -> None:
-        todo, rows, counts = undo[:3]
-        self._embed[todo] = rows
-        self._imprinted[todo] = counts
-        (
-            self._nbr,
-            self._nbr_stale,
-            self._nbr_version,
-            self._imprinted_at_refresh,
-            self.neighbor_refreshes,
-            self.neighbor_change,
-        ) = undo[3:]
 
     # ------------------------------------------------------------------ the step
 
