@@ -36,8 +36,9 @@ Reported on the held-out fonts:
         "k=32,batch=32,wx=1,nb=aligned,$PK"
     python benchmarks/bench_learning.py --merge out/A/bench_learning.json out/B/... out/C/... out/D/...
     # more seeds (--seed S draws other syllables and another CNN start; --seeds 0,1,2 runs them one after
-    # the other and ends with the summary below), then every run together: each method per seed and its
-    # mean, restricted / full ratios (with a 95 % t-interval) and margins over the baselines per seed
+    # the other, --jobs 2 two at a time in their own processes, and ends with the summary below), then every
+    # run together: each method per seed and its mean, restricted / full ratios (with a 95 % t-interval)
+    # and margins over the baselines per seed
     python benchmarks/bench_learning.py --merge benchmarks/results/learning/*.json
 
 benchmarks/results/learning/ keeps the JSON of the runs the README's learning tables come from.
@@ -600,6 +601,13 @@ def main(argv=None) -> int:
         help="comma-separated seeds, run one after the other (overrides --seed): one JSON per seed and the "
         "summary over seeds that --merge prints",
     )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="with --seeds: run up to this many seeds at once, each in its own process with --threads "
+        "threads (its log and JSON under QG_BENCH_OUT/seedS/); the results are those of one-by-one runs",
+    )
     ap.add_argument("--quick", action="store_true", help="300 classes, 2 epochs")
     ap.add_argument(
         "--merge",
@@ -623,6 +631,10 @@ def main(argv=None) -> int:
     seeds = [args.seed] if args.seeds is None else [int(v) for v in args.seeds.split(",")]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--seeds: a seed is listed twice: {args.seeds}")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs: expected >= 1, got {args.jobs}")
+    if args.jobs > 1 and len(seeds) > 1:
+        return run_seeds_in_processes(args, seeds)
     payloads = []
     for seed in seeds:
         payloads.append(run_seed(torch, args, seed))
@@ -635,6 +647,49 @@ def main(argv=None) -> int:
     for p in plot(rows, N, "bench_learning"):
         print(f"wrote {p}")
     return 0
+
+
+def run_seeds_in_processes(args, seeds: list) -> int:
+    """--seeds with --jobs J > 1: each seed is a child run of this script (--seed S, the same options) in
+    its own process, at most J at a time; then the summary over seeds, as one-by-one runs end. A seed's run
+    depends only on its options and seed, so its numbers are those of a one-by-one run."""
+    import json
+    import os
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    import qaconv_gs
+
+    common = ["--classes", str(args.classes), "--epochs", str(args.epochs), "--lr", repr(args.lr),
+              "--ks", args.ks, "--cosface", args.cosface, "--methods", args.methods,
+              "--variants", args.variants, "--threads", str(args.threads)]  # fmt: skip
+    if args.random_init:
+        common.append("--random-init")
+    pkg = str(Path(qaconv_gs.__file__).resolve().parents[1])  # the qaconv_gs this process imported
+
+    def child(seed: int) -> tuple[int, Path]:
+        out = OUT_DIR / f"seed{seed}"
+        out.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, QG_BENCH_OUT=str(out), OMP_NUM_THREADS=str(args.threads))
+        env["PYTHONPATH"] = os.pathsep.join([pkg, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        with open(out / "bench_learning.log", "w") as log:
+            cmd = [sys.executable, str(Path(__file__).resolve()), *common, "--seed", str(seed)]
+            rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        state = "done" if rc == 0 else f"FAILED (exit {rc})"
+        print(f"seed {seed}: {state}, log {out / 'bench_learning.log'}", flush=True)
+        return rc, out
+
+    print(f"bench_learning: seeds {seeds}, {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = list(pool.map(child, seeds))
+    failed = [s for s, (rc, _) in zip(seeds, done) if rc != 0]
+    if failed:
+        raise SystemExit(f"--jobs: the runs of seeds {failed} failed (see their logs above)")
+    payloads = []
+    for seed, (_, out) in zip(seeds, done):
+        payloads.append(json.loads((out / "bench_learning.json").read_text()))
+        print(f"wrote {write_json(f'bench_learning_seed{seed}', payloads[-1])}")
+    return merge_runs(payloads, [f"seed {s}" for s in seeds])
 
 
 def run_seed(torch, args, seed: int) -> dict:

@@ -89,7 +89,8 @@ def test_training_does_not_make_matching_worse(runs):
 
 def test_bench_learning_runs_several_seeds(tmp_path, monkeypatch, capsys):
     """benchmarks/bench_learning.py --seeds: one JSON per seed, each recording its seed, and the summary
-    over seeds (tiny: 20 syllables, 1 epoch; accuracy is not asserted here)."""
+    over seeds (tiny: 20 syllables, 1 epoch; accuracy is not asserted here); with --jobs 2 the seeds run
+    in two processes at once and give the same numbers."""
     import json
 
     from benchmarks import _common
@@ -111,3 +112,18 @@ def test_bench_learning_runs_several_seeds(tmp_path, monkeypatch, capsys):
     assert sorted(merged["rows_by_seed"]) == ["3", "4"]
     with pytest.raises(SystemExit, match="listed twice"):
         bl.main(["--seeds", "1,1"])
+    with pytest.raises(SystemExit, match="--jobs"):
+        bl.main(["--seeds", "1,2", "--jobs", "0"])
+
+    # --jobs 2: each seed in its own process, two at a time; the numbers are those of the runs above
+    par = tmp_path / "par"
+    monkeypatch.setattr(_common, "OUT_DIR", par)
+    monkeypatch.setattr(bl, "OUT_DIR", par)
+    assert bl.main(argv + ["--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "seeds [3, 4], 2 at a time" in out and "95 % t-interval of the mean" in out
+    for s in (3, 4):
+        got = json.loads((par / f"bench_learning_seed{s}.json").read_text())
+        assert (par / f"seed{s}" / "bench_learning.log").is_file()
+        keys = ("method", "identification", "retrieval", "final_loss")
+        assert [[r[k] for k in keys] for r in got["rows"]] == [[r[k] for k in keys] for r in runs[s]["rows"]]
