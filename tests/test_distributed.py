@@ -897,10 +897,18 @@ def test_sharded_imprint_state_round_trips(tmp_path):
     t = qg.Trainer.from_checkpoint(tmp_path / "trainer.npz", comm=SingleProcessCommunicator())
     assert isinstance(t.model, ShardedQAConvGS)
     _check_same_imprint_state(t.model.gather_model(), model)
-    # a file without imprint counts (init="random" saves none): its rows count as fully imprinted
+    # a file without imprint counts (init="random" saves none, one-process or sharded): its rows count as
+    # fully imprinted, so an init="imprint" model that loads them does not overwrite them
     rnd = qg.QAConvGS(**{**model.config, "init": "random"})
     rnd.save(tmp_path / "random.npz")
     assert (load_sharded(tmp_path / "random.npz")._imprinted == 2).all()
+    ShardedQAConvGS.from_model(rnd).save(tmp_path / "random_dir")
+    assert (load_sharded(tmp_path / "random_dir")._imprinted == 2).all()
+    into = ShardedQAConvGS(**model.config)  # init="imprint", every row unset
+    into.load_checkpoint(tmp_path / "random_dir")
+    X = np.random.default_rng(1).standard_normal((4, 2, 1, 2)).astype(np.float32)
+    into.forward_backward(X, [0, 1, 2, 3])  # nothing is open: the loaded rows are not imprinted over
+    np.testing.assert_array_equal(into.class_embed, rnd.class_embed)
 
 
 def test_sharded_checkpoint_errors(tmp_path):

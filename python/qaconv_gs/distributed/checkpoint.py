@@ -83,11 +83,9 @@ def _write_shard(
     path: str, gen: str, config: dict, r: int, R: int, lo: int, hi: int, rows, nbr, counts, row_extra=None
 ) -> str:
     name = f"shard-{gen}-{r:05d}-of-{R:05d}.npz"
-    extra = {
-        _SHARD_KEY: np.array([lo, hi, r, R], np.int64),
-        _GEN_KEY: _gen_array(gen),
-        _IMPRINT_EXTRA_KEY: np.asarray(counts, np.int64),
-    }
+    extra = {_SHARD_KEY: np.array([lo, hi, r, R], np.int64), _GEN_KEY: _gen_array(gen)}
+    if counts is not None:  # init="imprint" only, as QAConvGS.save: other files count loaded rows as set
+        extra[_IMPRINT_EXTRA_KEY] = np.asarray(counts, np.int64)
     if nbr is not None:
         extra[_NBR_EXTRA_KEY] = np.asarray(nbr, np.int64)
     for k, v in (row_extra or {}).items():
@@ -177,7 +175,7 @@ def save_sharded(model, path: str | os.PathLike, *, row_extra=None, extra=None) 
     comm.barrier()  # the directory exists
     name = _write_shard(
         path, gen, config, comm.rank, comm.size, model.lo, model.hi, model.class_embed, nbr,
-        model._imprinted, rx,
+        model._imprinted if model.init == "imprint" else None, rx,
     )  # fmt: skip
     names = [bytes(b).decode() for b in comm.allgather(np.frombuffer(name.encode(), np.uint8))]
     if comm.rank == 0:
@@ -200,7 +198,8 @@ def shard_checkpoint(model: QAConvGS, path: str | os.PathLike, world_size: int) 
     for r in range(layout.world_size):
         lo, hi = layout.range(r)
         rows_nbr = None if nbr is None else nbr[lo:hi]
-        parts = (model.class_embed[lo:hi], rows_nbr, model._imprinted[lo:hi])
+        counts = model._imprinted[lo:hi] if model.init == "imprint" else None
+        parts = (model.class_embed[lo:hi], rows_nbr, counts)
         names.append(_write_shard(path, gen, config, r, layout.world_size, lo, hi, *parts))
     at = {} if nbr is None else {_IMPRINT_AT_EXTRA_KEY: np.array(model._imprinted_at_refresh, np.int64)}
     head = _write_head(path, gen, config, model.head_state, at)
