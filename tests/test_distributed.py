@@ -1473,6 +1473,24 @@ def test_threads_imprint_trainer_equals_one_process(sparse, counts, extras):
     np.testing.assert_array_equal(np.concatenate([d["nbr"] for d in ranks]), want["nbr"])
 
 
+def test_threads_mining_with_a_rank_that_owns_no_class():
+    """k_mined on 3 thread ranks where rank 0 owns no class (it mines nothing and merges the others'
+    lists): the step's candidates are the one-process candidates, its loss within 1e-5."""
+    case = {**_TRAIN_IMPRINT, **_MINED, "counts": [13, 0, 27]}
+    X, y, counts = W.make_batch(case)
+    want = qg.QAConvGS(**W.model_config(case)).forward_backward(X, y)
+    layout = ShardLayout(case["N"], 3, (0, 0, 60, case["N"]))
+
+    def rank(c):
+        m = ShardedQAConvGS(**W.model_config(case), comm=c, layout=layout)
+        sl = W._slice(counts, c.rank)
+        return m.forward_backward(X[sl], y[sl])
+
+    for got in run_threads(3, rank):
+        np.testing.assert_array_equal(got.all_candidates, want.candidates)
+        np.testing.assert_allclose(got.loss, want.loss, rtol=RTOL)
+
+
 def test_sharded_step_that_fails_leaves_its_imprinting_undone():
     """A step that raises after imprinting (here: from the optimiser's row hook) leaves the rows, counts
     and neighbour table as they were, as QAConvGS does; the same step then succeeds."""

@@ -41,6 +41,15 @@ IMPRINT_EXTRA_KEY = "_qaconv_gs.imprint_counts"
 IMPRINT_AT_EXTRA_KEY = "_qaconv_gs.imprinted_at_refresh"
 
 
+def saved_refresh_count(at: object, num_classes: int) -> int | None:
+    """The IMPRINT_AT_EXTRA_KEY value of a checkpoint as an int, or None when absent (older files) or not
+    a count in [0, num_classes]."""
+    if at is None:
+        return None
+    a = np.asarray(at)
+    return int(a) if a.shape == () and a.dtype.kind in "iu" and 0 <= int(a) <= num_classes else None
+
+
 # --------------------------------------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------------------------------------
@@ -140,14 +149,15 @@ def check_config(
 
 def check_options(
     cfg: dict[str, Any],
-    init: object = "imprint",
-    imprint_samples: object = 64,
-    k_mined: object = 0,
-    k_batch: object = 0,
-    weighted_extras: object = False,
-    neighbors_by: object = "cosine",
+    init: object,
+    imprint_samples: object,
+    k_mined: object,
+    k_batch: object,
+    weighted_extras: object,
+    neighbors_by: object,
 ) -> dict[str, Any]:
-    """The keyword-only options of QAConvGS / ShardedQAConvGS, validated (given check_config's `cfg`)."""
+    """The keyword-only options of QAConvGS / ShardedQAConvGS, validated (given check_config's `cfg`); the
+    defaults are the constructors' (and ModelConfig's)."""
     init = choice(init, "init", INIT_MODES)
     neighbors_by = choice(neighbors_by, "neighbors_by", NEIGHBOR_MODES)
     imprint_samples = check_int(imprint_samples, "imprint_samples", lo=1)

@@ -36,6 +36,7 @@ from ._contract import (
     check_config,
     check_options,
     kept_entries,
+    saved_refresh_count,
 )
 from ._validate import as_float32, as_labels, check_int, resolve_threads, shape_str
 
@@ -673,7 +674,7 @@ class QAConvGS(ModelBase):
         counts = extra.pop(_IMPRINT_EXTRA_KEY, None)
         if counts is not None:
             self._counts_from_rows(counts)
-        at = np.asarray(extra.pop(_IMPRINT_AT_EXTRA_KEY, -1))
+        at = saved_refresh_count(extra.pop(_IMPRINT_AT_EXTRA_KEY, None), self.num_classes)
         nbr = extra.pop(_NBR_EXTRA_KEY, None)
         if nbr is not None:
             nbr = np.asarray(nbr)
@@ -687,9 +688,7 @@ class QAConvGS(ModelBase):
                 table.setflags(write=False)
                 self._nbr, self._nbr_stale = table, False
                 # without the saved count (older files), take the table as built from the rows as they are
-                known = at.shape == () and at.dtype.kind in "iu" and 0 <= int(at) <= self.num_classes
-                n_now = int(np.count_nonzero(self._imprinted))
-                self._imprinted_at_refresh = int(at) if known else n_now
+                self._imprinted_at_refresh = int(np.count_nonzero(self._imprinted)) if at is None else at
         return extra
 
     # ------------------------------------------------------------------ modes and neighbours

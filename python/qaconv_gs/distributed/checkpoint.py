@@ -30,6 +30,7 @@ import numpy as np
 from .._contract import IMPRINT_AT_EXTRA_KEY as _IMPRINT_AT_EXTRA_KEY
 from .._contract import IMPRINT_EXTRA_KEY as _IMPRINT_EXTRA_KEY
 from .._contract import NBR_EXTRA_KEY as _NBR_EXTRA_KEY
+from .._contract import saved_refresh_count
 from ..checkpoint import (
     _HOST,
     TRAINER_ROW_KEYS,
@@ -269,8 +270,7 @@ def load_sharded(
         nbr = extra.get(_NBR_EXTRA_KEY)
         if nbr is not None and np.asarray(nbr).shape == (model.num_classes, model.k_nearest):
             _adopt_neighbors(model, np.asarray(nbr)[model.lo : model.hi], extra.get(_IMPRINT_AT_EXTRA_KEY))
-        extra = {k: v for k, v in extra.items() if not k.startswith("_qaconv_gs.")}
-        return (model, {}, extra) if return_extra else model
+        return (model, {}, _public(extra)) if return_extra else model
     m = _read_manifest(path)
     gen = m["generation"]
     model = ShardedQAConvGS(**m["config"], comm=comm, layout=layout, _init=False)
@@ -320,19 +320,23 @@ def load_sharded(
             _, ex0 = _load_file(path, m["shards"][0]["file"], gen)
             v = np.asarray(ex0[_ROW_PREFIX + k])
             rx[k] = np.empty((0,) + v.shape[1:], v.dtype)
-    return model, rx, {k: v for k, v in head_extra.items() if not k.startswith("_qaconv_gs.")}
+    return model, rx, _public(head_extra)
 
 
 def _adopt_neighbors(model: Any, rows: np.ndarray, at: object) -> None:
     """Take saved neighbour rows with the number of imprinted classes when they were built. Without that
     number (files older than it) an init="imprint" model drops the rows instead: it would need every
     rank's counts (a collective) to take them as built now, and the next step rebuilds them."""
-    at = None if at is None else np.asarray(at)
-    known = at is not None and at.shape == () and at.dtype.kind in "iu" and 0 <= int(at) <= model.num_classes
-    if not known and model.init == "imprint":
+    count = saved_refresh_count(at, model.num_classes)
+    if count is None and model.init == "imprint":
         return
     model._set_neighbors(rows)
-    model._imprinted_at_refresh = int(at) if known else 0
+    model._imprinted_at_refresh = 0 if count is None else count
+
+
+def _public(extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A file's extra arrays without the reserved '_qaconv_gs.' ones (what callers passed as extra)."""
+    return {k: v for k, v in extra.items() if not k.startswith("_qaconv_gs.")}
 
 
 def load_sharded_model(path: str | os.PathLike) -> QAConvGS:
@@ -351,7 +355,7 @@ def read_head(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     path = os.fspath(path)
     m = _read_manifest(path)
     _, extra = _load_file(path, m["head"], m["generation"])
-    return dict(m["config"]), {k: v for k, v in extra.items() if not k.startswith("_qaconv_gs.")}
+    return dict(m["config"]), _public(extra)
 
 
 def load_sharded_whole(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray]]:

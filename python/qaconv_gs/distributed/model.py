@@ -704,13 +704,8 @@ class ShardedQAConvGS(ModelBase):
         """[B, m] int64: QAConvGS._mine over the whole table: each rank mines its own rows for every sample
         of the global batch (Xn [B, C, S]), the ranks' lists are all-gathered and merged (score desc, id
         asc). Collective; memory O(B * (m + block)) per rank, never another rank's rows."""
-        nt = resolve_threads(self.n_threads)
-        B = Xn.shape[0]
-        if self.hi > self.lo:
-            rows = self._embed.reshape(self.hi - self.lo, self.channels, self.S)
-            ids, sc = mine_classes(Xn, rows, self.lo, exclude, m, nt)
-        else:
-            ids, sc = np.empty((B, 0), np.int64), np.empty((B, 0), np.float32)
+        rows = self._embed.reshape(self.hi - self.lo, self.channels, self.S)  # a rank may own none: [B, 0]
+        ids, sc = mine_classes(Xn, rows, self.lo, exclude, m, resolve_threads(self.n_threads))
         all_ids = np.concatenate(self.comm.allgather(ids), axis=1)
         all_sc = np.concatenate(self.comm.allgather(sc), axis=1)
         return np.ascontiguousarray(_top_per_row(all_sc, all_ids, m)[0])
