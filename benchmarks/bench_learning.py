@@ -45,7 +45,7 @@ benchmarks/results/learning/ keeps the JSON of the runs the README's learning ta
 
 --variants keys: k, init, mined (k_mined), batch (k_batch), wx=1 (weighted_extras), nb (neighbors_by:
 cosine / aligned), triplet, sampler (random / pk / graph), tw (triplet_weight), margin, fc, refresh
-(neighbour rebuilds per epoch).
+(neighbour rebuilds per epoch), group (with sampler=graph: GraphSampler's group_size, classes per centre).
 
 Writes bench_out/bench_learning.json and docs-ready PNGs (accuracy per method, accuracy and loss-step time
 against k; with --merge of several seeds also each method per seed) under bench_out/ (QG_BENCH_OUT).
@@ -54,6 +54,7 @@ against k; with --merge of several seeds also each method per seed) under bench_
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -136,10 +137,11 @@ class QAConvGSMethod(Method):
         refresh=1,
         weighted_extras=False,
         neighbors_by="cosine",
+        group=None,
     ):
         from qaconv_gs.torch import QAConvGSLoss
 
-        self.k, self.sampler, self.refresh = k, sampler, refresh
+        self.k, self.sampler, self.refresh, self.group = k, sampler, refresh, group
         self.crit = QAConvGSLoss(
             N,
             FEAT_C,
@@ -177,7 +179,12 @@ class QAConvGSMethod(Method):
         ]
         extras += [
             f"{n}={v:g}"
-            for n, v, d in (("w", tw, 0.5), ("margin", margin, 1.0), ("refresh", refresh, 1))
+            for n, v, d in (
+                ("w", tw, 0.5),
+                ("margin", margin, 1.0),
+                ("refresh", refresh, 1),
+                ("group", group, None),
+            )
             if v != d
         ]
         if extras:
@@ -353,10 +360,21 @@ def run_method(torch, method, data, args, seed):
             batches = graph_batches(torch, backbone, x_tr, y_tr, N, bs, steps_per_epoch, seed + epoch)
             method.train(True)
         elif method.sampler == "graph":
-            # QAConv-GS's own graph sampling: a centre class and its nearest classes by the class embeddings
-            nbr = method.crit.class_neighbors
-            sampler = qg.GraphSampler(y_tr, batch_size=bs, num_instances=2, neighbors=nbr, seed=seed + epoch)
-            batches = [idx for _, idx in zip(range(steps_per_epoch), sampler)]
+            # QAConv-GS's own graph sampling: a centre class and its nearest classes by the class embeddings;
+            # with group=g, 32 / g centres per batch, each with its g - 1 nearest classes. Before the first
+            # epoch no row is imprinted (the table is meaningless), so grouped batches start as P x K.
+            nbr = method.crit.class_neighbors if epoch or method.group is None else None
+            sampler = qg.GraphSampler(
+                y_tr,
+                batch_size=bs,
+                num_instances=2,
+                neighbors=nbr,
+                seed=seed + epoch,
+                group_size=method.group,
+            )
+            # a grouped epoch of the sampler is shorter than the benchmark's: its passes follow each other
+            passes = itertools.chain.from_iterable(iter(sampler) for _ in itertools.count())
+            batches = list(itertools.islice(passes, steps_per_epoch))
         elif method.sampler == "pk":
             # P random classes x 2 instances (batch-hard triplets need positives in the batch): the
             # package's sampler without a neighbour table
@@ -436,6 +454,7 @@ VARIANT_ARGS = {
     "margin": ("margin", float),
     "fc": ("fc", str),
     "refresh": ("refresh", int),
+    "group": ("group", int),
 }
 
 

@@ -175,3 +175,44 @@ def test_huge_class_ids_cost_no_dense_tables():
     assert len(batches) == 3 and all(b.size == 4 for b in batches)
     with pytest.raises(ValueError, match="neighbors: expected at least"):
         GraphSampler(np.array([0, 10**12]), 4, 2, neighbors=np.zeros((4, 2), np.int64))
+
+
+def test_groups_of_centres_and_their_nearest():
+    y = labels_with_counts([3] * 8 + [0] + [3] * 3)  # class 8 has no samples
+    table = np.array([[1, 2, 3], [0, 2, 3], [8, 0, 3], [2, 1, 0], [5, 6, 7], [4, 6, 7], [7, 5, 4], [6, 5, 4],
+                      [0, 1, 2], [10, 11, 0], [9, 11, 0], [10, 9, 0]])  # fmt: skip
+    s = GraphSampler(y, batch_size=16, num_instances=2, neighbors=table, seed=0, group_size=3)
+    rng = np.random.default_rng(0)
+    # groups of 3, 3 and the remaining 2 of P = 8: a centre, then its nearest not yet in the batch (class
+    # 8, without samples, is skipped); a centre already in the batch still leads its group, and what a
+    # group cannot fill (0's row has only 1 new class) passes to the next group
+    assert s.batch_classes([2, 0, 4], table, rng) == [2, 0, 3, 1, 4, 5, 6, 7]
+    assert s.batch_classes([1, 0, 9], table, rng)[:7] == [1, 0, 2, 3, 9, 10, 11]  # + 1 random filler
+    got = s.batch_classes([1, 0, 9], table, np.random.default_rng(0))
+    assert len(got) == len(set(got)) == 8 and 8 not in got
+    # an epoch: 11 classes with samples, 3 centres per batch -> 4 batches; every class leads a group once
+    assert len(s) == 4
+    led = Counter()
+    for b in s:
+        cls = batch_classes(b, y, 2)
+        assert len(cls) == len(set(cls)) == 8 and 8 not in cls
+        led.update(cls)
+    assert set(led) == set(range(12)) - {8}
+    # group_size=1: batches of P random centres, each class exactly once per epoch (the last batch is
+    # topped up with random others)
+    one = GraphSampler(y, 8, 2, neighbors=table, seed=1, group_size=1)
+    seen = [c for b in one for c in batch_classes(b, y, 2)]
+    assert len(one) == 3 and set(seen[:8]).isdisjoint(seen[8:8]) and sorted(set(seen)) == sorted(led)
+    assert sorted(seen[:8]) == sorted(set(seen[:8]))
+    assert "group_size=1" in repr(one) and "group_size" not in repr(GraphSampler(y, 8, 2, seed=0))
+    with pytest.raises(ValueError, match="group_size"):
+        GraphSampler(y, 8, 2, group_size=0)
+
+
+def test_default_group_is_the_whole_batch():
+    # group_size=P is the QAConv-GS sampler bit for bit (the default)
+    y = labels_with_counts([3] * 20)
+    table = knn_table(20, 6)
+    a = list(GraphSampler(y, 8, 2, neighbors=table, seed=2))
+    b = list(GraphSampler(y, 8, 2, neighbors=table, seed=2, group_size=4))
+    assert len(a) == len(b) == 20 and all(np.array_equal(u, v) for u, v in zip(a, b))

@@ -1,4 +1,4 @@
-"""GraphSampler: QAConv-GS batches made of a centre class and its nearest classes."""
+"""GraphSampler: QAConv-GS batches made of centre classes and their nearest classes."""
 
 from __future__ import annotations
 
@@ -13,16 +13,19 @@ NeighborSource = Union[None, np.ndarray, Callable[[], object]]
 
 
 class GraphSampler:
-    """Graph sampling for QAConv-GS: every batch is one centre class plus its nearest classes.
+    """Graph sampling for QAConv-GS: every batch is a centre class plus its nearest classes, or with
+    ``group_size`` several such groups.
 
     One epoch (one pass of ``iter(sampler)``):
 
     1. every class that has samples is a centre exactly once, in a shuffled order;
-    2. the batch of a centre ``c`` holds ``P = batch_size // num_instances`` classes: ``c`` first, then
-       ``neighbors[c, 0], neighbors[c, 1], ...`` in order, skipping classes already in the batch and classes
-       without samples. If the table row runs out before ``P`` classes, the batch is filled with random other
-       classes (so batches keep their size); with ``neighbors=None`` every batch is the centre plus random
-       classes (a plain P x K sampler);
+    2. a batch holds ``P = batch_size // num_instances`` classes, made of ``ceil(P / group_size)`` groups
+       (one group, the whole batch, by default), each led by the next centre of that order. The group of a
+       centre ``c`` is ``c`` first, then ``neighbors[c, 0], neighbors[c, 1], ...`` in order, skipping classes
+       already in the batch and classes without samples, until the batch holds ``group_size`` classes per
+       group so far (the last group of a batch takes what is left of ``P``). If a table row runs out first, or the centres run out
+       at the end of the epoch, the batch is filled with random other classes (so batches keep their size);
+       with ``neighbors=None`` every batch is its centres plus random classes (a plain P x K sampler);
     3. each class contributes ``num_instances`` samples, read through a per-class cyclic pointer over a list
        of its sample indices shuffled at the start of the epoch (a class with fewer samples repeats them);
     4. the whole batches are shuffled (batch order only; each batch stays contiguous).
@@ -41,10 +44,16 @@ class GraphSampler:
             the start of every epoch, so ``neighbors=lambda: model.class_neighbors`` makes the graph follow
             the model's current class embeddings epoch by epoch.
         seed: int seed; None draws one from the OS entropy pool at construction.
+        group_size: classes per group, 1 <= group_size; None (default) = ``P``, QAConv-GS's batch of one
+            centre and its ``P - 1`` nearest classes. A small group (e.g. 2: each centre with its nearest
+            class) puts a hard negative class in the batch for every sample while the groups themselves are
+            random, so the batch stays a near-uniform sample of the classes (what the weighted in-batch
+            extras of ``QAConvGS(k_batch=..., weighted_extras=True)`` assume) and an epoch is
+            ``P / group_size`` times shorter.
 
     Iterating yields int64 index arrays of length ``P * num_instances`` (fewer only when the data set has
     fewer than ``P`` classes). ``len(sampler)`` is the number of batches per epoch (= number of classes with
-    samples).
+    samples, divided by the groups per batch and rounded up).
     """
 
     def __init__(
@@ -54,6 +63,7 @@ class GraphSampler:
         num_instances: int = 2,
         neighbors: NeighborSource = None,
         seed: int | None = None,
+        group_size: int | None = None,
     ) -> None:
         self.labels = as_labels(labels, "labels")
         if self.labels.size == 0:
@@ -67,6 +77,12 @@ class GraphSampler:
                 f"batch_size: expected >= num_instances = {self.num_instances}, got {self.batch_size}"
             )
         self.classes_per_batch = self.batch_size // self.num_instances
+        P = self.classes_per_batch
+        self.group_size = P if group_size is None else min(check_int(group_size, "group_size", lo=1), P)
+        #: classes each group of a batch adds (the last group takes the remainder of P)
+        self._group_sizes = [self.group_size] * (P // self.group_size) + (
+            [P % self.group_size] * (P % self.group_size > 0)
+        )
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**63))
         self.seed = check_int(seed, "seed", lo=0)
@@ -119,16 +135,25 @@ class GraphSampler:
         self.epoch = check_int(epoch, "epoch", lo=0)
 
     def __len__(self) -> int:
-        return int(self.classes.size)
+        return -(-int(self.classes.size) // len(self._group_sizes))
 
-    def batch_classes(self, centre: int, table: np.ndarray | None, rng: np.random.Generator) -> list[int]:
-        """Classes of the batch centred on ``centre`` (centre first, then neighbours in order)."""
+    def batch_classes(self, centres, table: np.ndarray | None, rng: np.random.Generator) -> list[int]:
+        """Classes of the batch led by ``centres`` (one class id or a sequence, at most one per group): each
+        centre, then its neighbours in order, group by group; random classes fill what is left."""
         want = min(self.classes_per_batch, int(self.classes.size))
-        members = [int(centre)]
-        seen = {int(centre)}
-        if table is not None and centre < table.shape[0]:
+        members: list[int] = []
+        seen: set[int] = set()
+        # group i fills the batch up to the first i + 1 group sizes, so a group that found fewer new classes
+        # (its centre already taken, a short row) leaves its share to the next group, not to random fillers
+        for centre, stop in zip(np.atleast_1d(centres), np.cumsum(self._group_sizes)):
+            centre, stop = int(centre), min(int(stop), want)
+            if centre not in seen:
+                members.append(centre)
+                seen.add(centre)
+            if table is None or centre >= table.shape[0]:
+                continue
             for c in table[centre]:
-                if len(members) >= want:
+                if len(members) >= stop:
                     break
                 c = int(c)
                 if c in seen or c not in self.class_indices:
@@ -148,9 +173,10 @@ class GraphSampler:
         pools = {c: rng.permutation(idx) for c, idx in self.class_indices.items()}
         pointers = dict.fromkeys(pools, 0)
         batches = []
-        for centre in rng.permutation(self.classes):
+        centres, per = rng.permutation(self.classes), len(self._group_sizes)
+        for i in range(0, centres.size, per):
             parts = []
-            for c in self.batch_classes(int(centre), table, rng):
+            for c in self.batch_classes(centres[i : i + per], table, rng):
                 pool, p = pools[c], pointers[c]
                 take = (p + np.arange(self.num_instances)) % pool.size
                 parts.append(pool[take])
@@ -164,7 +190,8 @@ class GraphSampler:
         return (
             f"GraphSampler(samples={self.labels.size}, classes={self.classes.size}, "
             f"batch_size={self.batch_size}, "
-            f"num_instances={self.num_instances}, neighbors={source}, seed={self.seed})"
+            f"num_instances={self.num_instances}, neighbors={source}, seed={self.seed}"
+            + (f", group_size={self.group_size})" if self.group_size < self.classes_per_batch else ")")
         )
 
 
