@@ -596,7 +596,8 @@ def report(rows: list, N: int) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # no abbreviations: --jobs children get this command line back without --seeds / --jobs / --seed
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--classes", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.05)
@@ -653,7 +654,7 @@ def main(argv=None) -> int:
     if args.jobs < 1:
         raise SystemExit(f"--jobs: expected >= 1, got {args.jobs}")
     if args.jobs > 1 and len(seeds) > 1:
-        return run_seeds_in_processes(args, seeds)
+        return run_seeds_in_processes(args, seeds, argv)
     payloads = []
     for seed in seeds:
         payloads.append(run_seed(torch, args, seed))
@@ -668,7 +669,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_seeds_in_processes(args, seeds: list) -> int:
+def child_argv(argv: list) -> list:
+    """The command line of a --jobs child: this run's options without --seeds / --jobs / --seed (the child
+    gets its own --seed), so every option reaches the child as it was given."""
+    out, drop = [], ("--seeds", "--jobs", "--seed")
+    it = iter(argv)
+    for a in it:
+        if a in drop:
+            next(it, None)  # its value
+        elif not a.startswith(tuple(d + "=" for d in drop)):
+            out.append(a)
+    return out
+
+
+def run_seeds_in_processes(args, seeds: list, argv=None) -> int:
     """--seeds with --jobs J > 1: each seed is a child run of this script (--seed S, the same options) in
     its own process, at most J at a time; then the summary over seeds, as one-by-one runs end. A seed's run
     depends only on its options and seed, so its numbers are those of a one-by-one run."""
@@ -679,11 +693,7 @@ def run_seeds_in_processes(args, seeds: list) -> int:
 
     import qaconv_gs
 
-    common = ["--classes", str(args.classes), "--epochs", str(args.epochs), "--lr", repr(args.lr),
-              "--ks", args.ks, "--cosface", args.cosface, "--methods", args.methods,
-              "--variants", args.variants, "--threads", str(args.threads)]  # fmt: skip
-    if args.random_init:
-        common.append("--random-init")
+    common = child_argv(sys.argv[1:] if argv is None else list(argv))
     pkg = str(Path(qaconv_gs.__file__).resolve().parents[1])  # the qaconv_gs this process imported
 
     def child(seed: int) -> tuple[int, Path]:

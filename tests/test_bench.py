@@ -221,6 +221,31 @@ def test_bench_learning_variants_parse_and_build():
     assert (core := m.crit._core).batch_per_sample == 4 and core.weighted_extras
     with pytest.raises(SystemExit, match="unknown keys \\['kk'\\]"):
         bl.parse_variant("kk=8")
+    m = bl.method_from_variant(
+        torch, 50, bl.parse_variant("k=8,batch=4,wx=1,triplet=batch,sampler=graph,group=4"), 0
+    )
+    assert (m.sampler, m.group) == ("graph", 4) and "group=4" in m.name
+
+
+def test_bench_learning_children_get_every_option_but_the_seeds():
+    from benchmarks import bench_learning as bl
+
+    argv = [
+        "--quick",
+        "--seeds",
+        "1,2",
+        "--variants",
+        "k=8;k=N-1",
+        "--jobs=2",
+        "--threads",
+        "1",
+        "--seed",
+        "3",
+    ]
+    assert bl.child_argv(argv) == ["--quick", "--variants", "k=8;k=N-1", "--threads", "1"]
+    assert bl.child_argv(["--seeds=4,5", "--random-init", "--lr", "0.1"]) == ["--random-init", "--lr", "0.1"]
+    with pytest.raises(SystemExit):  # abbreviations would slip past child_argv
+        bl.main(["--see", "1,2", "--merge", "x.json"])
 
 
 def test_diagnose_learning_analyse_runs_on_a_saved_model(tmp_path, capsys):

@@ -23,8 +23,9 @@ class GraphSampler:
        (one group, the whole batch, by default), each led by the next centre of that order. The group of a
        centre ``c`` is ``c`` first, then ``neighbors[c, 0], neighbors[c, 1], ...`` in order, skipping classes
        already in the batch and classes without samples, until the batch holds ``group_size`` classes per
-       group so far (the last group of a batch takes what is left of ``P``). If a table row runs out first, or the centres run out
-       at the end of the epoch, the batch is filled with random other classes (so batches keep their size);
+       group so far (the last group of a batch takes what is left of ``P``). If the table rows run out
+       first, or the centres at the end of the epoch, the batch is filled with random other classes (so
+       batches keep their size);
        with ``neighbors=None`` every batch is its centres plus random classes (a plain P x K sampler);
     3. each class contributes ``num_instances`` samples, read through a per-class cyclic pointer over a list
        of its sample indices shuffled at the start of the epoch (a class with fewer samples repeats them);
