@@ -25,8 +25,8 @@ class GraphSampler:
        already in the batch and classes without samples, until the batch holds ``group_size`` classes per
        group so far (the last group of a batch takes what is left of ``P``). If the table rows run out
        first, or the centres at the end of the epoch, the batch is filled with random other classes (so
-       batches keep their size);
-       with ``neighbors=None`` every batch is its centres plus random classes (a plain P x K sampler);
+       batches keep their size); with ``neighbors=None`` every batch is its centres plus random classes (a
+       plain P x K sampler);
     3. each class contributes ``num_instances`` samples, read through a per-class cyclic pointer over a list
        of its sample indices shuffled at the start of the epoch (a class with fewer samples repeats them);
     4. the whole batches are shuffled (batch order only; each batch stays contiguous).
@@ -81,9 +81,9 @@ class GraphSampler:
         P = self.classes_per_batch
         self.group_size = P if group_size is None else min(check_int(group_size, "group_size", lo=1), P)
         #: classes each group of a batch adds (the last group takes the remainder of P)
-        self._group_sizes = [self.group_size] * (P // self.group_size) + (
-            [P % self.group_size] * (P % self.group_size > 0)
-        )
+        self._group_sizes = [self.group_size] * (P // self.group_size)
+        if P % self.group_size:
+            self._group_sizes.append(P % self.group_size)
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**63))
         self.seed = check_int(seed, "seed", lo=0)
