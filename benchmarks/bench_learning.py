@@ -853,6 +853,24 @@ def seed_summary(by_seed: dict, N: int) -> None:
                     f"{int((ri >= 0.99).sum())} / {int((rt >= 0.99).sum())} of {len(rs)} seeds >= 0.99x)"
                 )
             print(f"- {m} vs {fm}: {per}; mean {ri.mean():.3f}x / {rt.mean():.3f}x{spread}")
+    best_full = best_full_ratios(by_seed, N, several)
+    if best_full:
+        print()
+        print(
+            "restricted / the best full-scoring run of the same seed, per measure (any recipe: the strictest "
+            "reference the seed has): identification, retrieval"
+        )
+        for m, rs in best_full.items():
+            ri, rt = np.array([i for _, i, _ in rs]), np.array([t for _, _, t in rs])
+            lo_i, hi_i = t_interval(ri) if len(rs) > 1 else (ri[0], ri[0])
+            lo_t, hi_t = t_interval(rt) if len(rs) > 1 else (rt[0], rt[0])
+            print(
+                f"- {m}: "
+                + ", ".join(f"seed {s} {i:.3f}x / {t:.3f}x" for s, i, t in rs)
+                + f"; mean {ri.mean():.3f}x / {rt.mean():.3f}x (95 % t-interval [{lo_i:.3f}, {hi_i:.3f}] / "
+                f"[{lo_t:.3f}, {hi_t:.3f}]; {int((ri >= 0.99).sum())} / {int((rt >= 0.99).sum())} of "
+                f"{len(rs)} seeds >= 0.99x)"
+            )
     lines = []
     for m in methods:
         if is_baseline(m) or m not in several:
@@ -878,6 +896,24 @@ def seed_summary(by_seed: dict, N: int) -> None:
             "run on two seeds or more)"
         )
         print("\n".join(lines))
+
+
+def best_full_ratios(by_seed: dict, N: int, several: list) -> dict:
+    """{restricted method: [(seed, identification ratio, retrieval ratio)]}: each restricted qaconv-gs row
+    run on two seeds or more against the best full-scoring (k = N-1) row of its seed, identification and
+    retrieval each against the best full row for that measure."""
+    out: dict = {}
+    for s in sorted(by_seed):
+        fulls = [r for r in by_seed[s] if r.get("k") == N - 1]
+        if not fulls:
+            continue
+        fi = max(r["identification"] for r in fulls)
+        ft = max(r["retrieval"] for r in fulls)
+        for r in by_seed[s]:
+            if r.get("k") is None or r["k"] >= N - 1 or r["method"] not in several:
+                continue
+            out.setdefault(r["method"], []).append((s, r["identification"] / fi, r["retrieval"] / ft))
+    return out
 
 
 def plot_seeds(by_seed: dict, path_prefix: str) -> list:

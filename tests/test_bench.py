@@ -305,6 +305,10 @@ def test_bench_learning_merge_summarises_seeds(tmp_path, capsys, monkeypatch):
     paths = [
         _learning_run(tmp_path / "a.json", 0, seed_rows(0, (0.6, 0.5), (0.8, 0.5), 0.4)),
         _learning_run(tmp_path / "b.json", 1, seed_rows(1, (0.8, 0.5), (0.8, 0.4), 0.6)),
+        # seed 1 also has full scoring with another recipe: better identification, worse retrieval
+        _learning_run(
+            tmp_path / "c.json", 1, [_learning_row("qaconv-gs k=N-1 (other)", 1.0, 0.2, k=9, config="other")]
+        ),
     ]
     assert bl.main(["--merge", *paths]) == 0
     out = capsys.readouterr().out
@@ -312,6 +316,9 @@ def test_bench_learning_merge_summarises_seeds(tmp_path, capsys, monkeypatch):
     assert "seed 0 0.750x / 1.000x, seed 1 1.000x / 1.250x; mean 0.875x / 1.125x" in out
     # mean 0.875 / 1.125, sd 0.177 / 0.177 over 2 seeds: t(1) = 12.706, half-width 12.706 * 0.125 = 1.588
     assert "95 % t-interval of the mean [-0.713, 2.463] / [-0.463, 2.713]; 1 / 2 of 2 seeds >= 0.99x" in out
+    # against the best full run of each seed, per measure: seed 1's identification is against the other
+    # recipe's 1.0, its retrieval against the twin's 0.4
+    assert "- qaconv-gs k=3+3 batch (batch, pk): seed 0 0.750x / 1.000x, seed 1 0.800x / 1.250x; mean" in out
     # the best baseline of each seed: qaconv2.1 on seed 1 (0.6), cosface on seed 0 (0.45)
     assert "above the best baseline on 1 of 2 seeds, mean margin -0.025: seed 0 +0.050 (cosface" in out
     assert "| qaconv2.1 | - / 0.400 | - / 0.600 | - / 0.500 (2) |" in out
