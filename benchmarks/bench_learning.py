@@ -487,7 +487,9 @@ def load_data(num_classes: int, seed: int):
 
 def short_name(method: str) -> str:
     """A method's name for tick labels: the batch-triplet recipe's arguments spelt out are unreadable."""
-    return method.replace("batch, pk, shared, ", "P x K, ").replace(", w=1, margin=16", "")
+    name = method.replace("batch, pk, shared, ", "P x K, ").replace("batch, graph, shared, ", "graph, ")
+    # the recipe's margin is always 16; its triplet weight is 1 (w=1) or the default 0.5
+    return name.replace(", w=1, margin=16", ", tw=1").replace(", margin=16", ", tw=0.5")
 
 
 def plot(rows, N, path_prefix):
@@ -930,8 +932,11 @@ def plot_seeds(by_seed: dict, path_prefix: str) -> list:
     if not methods:
         return []
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    names = [short_name(m).replace("qaconv-gs ", "") for m in methods]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    # methods run on fewer seeds say so: their mean is over those seeds only
+    names = [
+        short_name(m).replace("qaconv-gs ", "") + f" ({sum((s, m) in cell for s in seeds)})" for m in methods
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     for ax, key in zip(axes, ("identification", "retrieval")):
         for i, m in enumerate(methods):
             vals = [cell[s, m][key] for s in seeds if (s, m) in cell and cell[s, m][key] is not None]
@@ -941,7 +946,7 @@ def plot_seeds(by_seed: dict, path_prefix: str) -> list:
             ax.plot([i] * len(vals), vals, "k.", ms=6)
         ax.set_xticks(np.arange(len(methods)))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
-        ax.set_title(f"{key}: mean of seeds (bar), each seed (dot)", fontsize=9)
+        ax.set_title(f"{key}: mean of seeds (bar), each seed (dot); (n) = seeds run", fontsize=9)
         ax.set_ylim(0.5, 0.75)
     axes[0].set_ylabel("held-out fonts, top-1")
     fig.suptitle(f"Hangul glyphs, seeds {', '.join(map(str, seeds))}", fontsize=10)
