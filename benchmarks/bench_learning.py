@@ -887,9 +887,14 @@ def seed_summary(by_seed: dict, N: int) -> None:
         if margins:
             wins = sum(d > 0 for _, d, _ in margins)
             per = ", ".join(f"seed {s} {d:+.3f} ({b})" for s, d, b in margins)
+            d = np.array([d for _, d, _ in margins])
+            spread = ""
+            if d.size > 1:
+                lo, hi = t_interval(d)
+                spread = f" (95 % t-interval [{lo:+.3f}, {hi:+.3f}])"
             lines.append(
                 f"- {m}: above the best baseline on {wins} of {len(margins)} seeds, mean margin "
-                f"{np.mean([d for _, d, _ in margins]):+.3f}: {per}"
+                f"{d.mean():+.3f}{spread}: {per}"
             )
     if lines:
         print()

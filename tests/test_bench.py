@@ -320,7 +320,9 @@ def test_bench_learning_merge_summarises_seeds(tmp_path, capsys, monkeypatch):
     # recipe's 1.0, its retrieval against the twin's 0.4
     assert "- qaconv-gs k=3+3 batch (batch, pk): seed 0 0.750x / 1.000x, seed 1 0.800x / 1.250x; mean" in out
     # the best baseline of each seed: qaconv2.1 on seed 1 (0.6), cosface on seed 0 (0.45)
-    assert "above the best baseline on 1 of 2 seeds, mean margin -0.025: seed 0 +0.050 (cosface" in out
+    # margins +0.05 and -0.10: sd 0.106, half-width 12.706 * 0.075 = 0.953
+    want = "above the best baseline on 1 of 2 seeds, mean margin -0.025 (95 % t-interval [-0.978, +0.928]): "
+    assert want + "seed 0 +0.050 (cosface" in out
     assert "| qaconv2.1 | - / 0.400 | - / 0.600 | - / 0.500 (2) |" in out
     saved = json.loads((tmp_path / "out" / "bench_learning.json").read_text())
     assert sorted(saved["rows_by_seed"]) == ["0", "1"]
