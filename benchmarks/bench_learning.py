@@ -35,6 +35,13 @@ Reported on the held-out fonts:
     QG_BENCH_OUT=out/D python benchmarks/bench_learning.py --threads 1 --methods none --variants \
         "k=32,batch=32,wx=1,nb=aligned,$PK"
     python benchmarks/bench_learning.py --merge out/A/bench_learning.json out/B/... out/C/... out/D/...
+    # the same configuration with the triplet weighted 0.5 (the default), on twelve seeds two at a time,
+    # and its full-scoring twin (README "Triplet weight 0.5")
+    PK05=triplet=batch,sampler=pk,margin=16,fc=shared
+    python benchmarks/bench_learning.py --threads 1 --seeds 0,1,2,3,4,5,6,7,8,9,10,11 --jobs 2 \
+        --methods none --variants "k=32,batch=32,wx=1,nb=aligned,$PK05"
+    python benchmarks/bench_learning.py --threads 1 --seeds 0,1,2,3 --jobs 2 --methods none \
+        --variants "k=N-1,$PK05"
     # more seeds (--seed S draws other syllables and another CNN start; --seeds 0,1,2 runs them one after
     # the other, --jobs 2 two at a time in their own processes, and ends with the summary below), then every
     # run together: each method per seed and its mean, restricted / full ratios (with a 95 % t-interval)
