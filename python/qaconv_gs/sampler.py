@@ -80,10 +80,8 @@ class GraphSampler:
         self.classes_per_batch = self.batch_size // self.num_instances
         P = self.classes_per_batch
         self.group_size = P if group_size is None else min(check_int(group_size, "group_size", lo=1), P)
-        #: classes each group of a batch adds (the last group takes the remainder of P)
-        self._group_sizes = [self.group_size] * (P // self.group_size)
-        if P % self.group_size:
-            self._group_sizes.append(P % self.group_size)
+        #: the batch size each group fills up to: g, 2g, ..., then P (the last group takes the rest)
+        self._group_stops = [*range(self.group_size, P, self.group_size), P]
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**63))
         self.seed = check_int(seed, "seed", lo=0)
@@ -136,7 +134,7 @@ class GraphSampler:
         self.epoch = check_int(epoch, "epoch", lo=0)
 
     def __len__(self) -> int:
-        return -(-int(self.classes.size) // len(self._group_sizes))
+        return -(-int(self.classes.size) // len(self._group_stops))
 
     def batch_classes(self, centres, table: np.ndarray | None, rng: np.random.Generator) -> list[int]:
         """Classes of the batch led by ``centres`` (one class id or a sequence, at most one per group): each
@@ -144,10 +142,10 @@ class GraphSampler:
         want = min(self.classes_per_batch, int(self.classes.size))
         members: list[int] = []
         seen: set[int] = set()
-        # group i fills the batch up to the first i + 1 group sizes, so a group that found fewer new classes
-        # (its centre already taken, a short row) leaves its share to the next group, not to random fillers
-        for centre, stop in zip(np.atleast_1d(centres), np.cumsum(self._group_sizes)):
-            centre, stop = int(centre), min(int(stop), want)
+        # group i fills the batch up to its stop, so a group that found fewer new classes (its centre already
+        # taken, a short row) leaves its share to the next group, not to random fillers
+        for centre, stop in zip(np.atleast_1d(centres), self._group_stops):
+            centre, stop = int(centre), min(stop, want)
             if centre not in seen:
                 members.append(centre)
                 seen.add(centre)
@@ -174,7 +172,7 @@ class GraphSampler:
         pools = {c: rng.permutation(idx) for c, idx in self.class_indices.items()}
         pointers = dict.fromkeys(pools, 0)
         batches = []
-        centres, per = rng.permutation(self.classes), len(self._group_sizes)
+        centres, per = rng.permutation(self.classes), len(self._group_stops)
         for i in range(0, centres.size, per):
             parts = []
             for c in self.batch_classes(centres[i : i + per], table, rng):
