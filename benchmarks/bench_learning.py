@@ -850,18 +850,7 @@ def seed_summary(by_seed: dict, N: int) -> None:
             "restricted / full twin, same seed (methods run on two seeds or more): identification, retrieval"
         )
         for (m, fm), rs in ratios.items():
-            per = ", ".join(f"seed {s} {i:.3f}x / {t:.3f}x" for s, i, t in rs)
-            ri = np.array([i for _, i, _ in rs])
-            rt = np.array([t for _, _, t in rs])
-            spread = ""
-            if len(rs) > 1:
-                lo_i, hi_i = t_interval(ri)
-                lo_t, hi_t = t_interval(rt)
-                spread = (
-                    f" (95 % t-interval of the mean [{lo_i:.3f}, {hi_i:.3f}] / [{lo_t:.3f}, {hi_t:.3f}]; "
-                    f"{int((ri >= 0.99).sum())} / {int((rt >= 0.99).sum())} of {len(rs)} seeds >= 0.99x)"
-                )
-            print(f"- {m} vs {fm}: {per}; mean {ri.mean():.3f}x / {rt.mean():.3f}x{spread}")
+            print(f"- {m} vs {fm}: {ratio_summary(rs)}")
     best_full = best_full_ratios(by_seed, N, several)
     if best_full:
         print()
@@ -870,16 +859,7 @@ def seed_summary(by_seed: dict, N: int) -> None:
             "reference the seed has): identification, retrieval"
         )
         for m, rs in best_full.items():
-            ri, rt = np.array([i for _, i, _ in rs]), np.array([t for _, _, t in rs])
-            lo_i, hi_i = t_interval(ri) if len(rs) > 1 else (ri[0], ri[0])
-            lo_t, hi_t = t_interval(rt) if len(rs) > 1 else (rt[0], rt[0])
-            print(
-                f"- {m}: "
-                + ", ".join(f"seed {s} {i:.3f}x / {t:.3f}x" for s, i, t in rs)
-                + f"; mean {ri.mean():.3f}x / {rt.mean():.3f}x (95 % t-interval [{lo_i:.3f}, {hi_i:.3f}] / "
-                f"[{lo_t:.3f}, {hi_t:.3f}]; {int((ri >= 0.99).sum())} / {int((rt >= 0.99).sum())} of "
-                f"{len(rs)} seeds >= 0.99x)"
-            )
+            print(f"- {m}: {ratio_summary(rs)}")
     lines = []
     for m in methods:
         if is_baseline(m) or m not in several:
@@ -910,6 +890,22 @@ def seed_summary(by_seed: dict, N: int) -> None:
             "run on two seeds or more)"
         )
         print("\n".join(lines))
+
+
+def ratio_summary(rs: list) -> str:
+    """Per-seed (seed, identification ratio, retrieval ratio) as one line: each seed, the mean, and over two
+    seeds or more the 95 % t-interval of the mean and how many seeds reach 0.99x."""
+    per = ", ".join(f"seed {s} {i:.3f}x / {t:.3f}x" for s, i, t in rs)
+    ri, rt = np.array([i for _, i, _ in rs]), np.array([t for _, _, t in rs])
+    spread = ""
+    if len(rs) > 1:
+        lo_i, hi_i = t_interval(ri)
+        lo_t, hi_t = t_interval(rt)
+        spread = (
+            f" (95 % t-interval of the mean [{lo_i:.3f}, {hi_i:.3f}] / [{lo_t:.3f}, {hi_t:.3f}]; "
+            f"{int((ri >= 0.99).sum())} / {int((rt >= 0.99).sum())} of {len(rs)} seeds >= 0.99x)"
+        )
+    return f"{per}; mean {ri.mean():.3f}x / {rt.mean():.3f}x{spread}"
 
 
 def best_full_ratios(by_seed: dict, N: int, several: list) -> dict:
